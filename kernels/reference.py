@@ -1,0 +1,261 @@
+"""NumPy reference kernels: the definition of correct for every backend.
+
+Written for clarity, not speed. Every other backend (``numba_cpu``,
+``cupy_gpu``) exports exactly these public names with the same parameters and
+defaults, and is tested against this module.
+
+Conventions shared by every kernel
+----------------------------------
+* Arrays are C-contiguous, float32 or float64 (one dtype per call); class
+  labels are integer arrays of shape ``(B,)`` with values in ``[0, K)``.
+* ``out=`` / ``grad=`` / ``dx=`` buffers are optional; when given, the result
+  is written into them and they are returned. Kernels never keep references.
+* Losses return ``(loss, grad)``: ``loss`` is a 0-d array holding the *sum*
+  over the batch of the per-sample losses (so nothing forces a device sync),
+  and ``grad`` is ``grad_scale * d(loss)/d(logits)``; the framework passes
+  ``grad_scale = 1/B`` for a mean reduction and ``1`` for a sum.
+* Optimizer steps update their arrays in place and return nothing. The
+  effective gradient is ``g + l2 * w + l1 * sign(w)``.
+* Activations are named ``identity``, ``sigmoid``, ``tanh``, ``relu`` and
+  ``leaky_relu`` (negative slope ``LEAKY_SLOPE``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
+LEAKY_SLOPE = 0.01
+# Smallest probability fed to log() by sigmoid_bce: guards against log(0).
+LOG_EPS = 1e-12
+
+
+def _check_act(act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def _put(out, value):
+    """Write ``value`` into ``out`` if given, else return ``value`` as is."""
+    if out is None:
+        return value
+    out[...] = value
+    return out
+
+
+# --------------------------------------------------------------------- dense
+def matmul(a, b, out=None, trans_a=False, trans_b=False):
+    """``op(a) @ op(b)`` where ``op`` transposes when asked. (M,K)@(K,N) -> (M,N)."""
+    a = a.T if trans_a else a
+    b = b.T if trans_b else b
+    return np.matmul(a, b, out=out)
+
+
+def bias_act(z, b, act, out=None):
+    """Forward of a dense layer's tail: ``act(z + b)``. z: (B,N), b: (N,) -> (B,N)."""
+    _check_act(act)
+    s = z + b
+    if act == "identity":
+        y = s
+    elif act == "sigmoid":
+        y = 1.0 / (1.0 + np.exp(-s))
+    elif act == "tanh":
+        y = np.tanh(s)
+    elif act == "relu":
+        y = np.maximum(s, 0)
+    else:
+        y = np.where(s > 0, s, s * LEAKY_SLOPE)
+    return _put(out, y.astype(z.dtype, copy=False))
+
+
+def act_grad(grad_out, y, act, out=None):
+    """Backward Hadamard product ``grad_out * act'(.)``, the derivative taken from
+    the activation's *output* y. grad_out, y: (B,N) -> (B,N)."""
+    _check_act(act)
+    if act == "identity":
+        d = np.ones_like(y)
+    elif act == "sigmoid":
+        d = y * (1 - y)
+    elif act == "tanh":
+        d = 1 - y * y
+    elif act == "relu":
+        d = (y > 0).astype(y.dtype)
+    else:
+        d = np.where(y > 0, 1, LEAKY_SLOPE).astype(y.dtype)
+    return _put(out, grad_out * d)
+
+
+def bias_grad(grad_z, out=None):
+    """Column sums of the upstream gradient: d loss / d bias. (B,N) -> (N,)."""
+    return _put(out, grad_z.sum(axis=0))
+
+
+def gather_rows(src, idx, out=None):
+    """Minibatch gather ``src[idx]``. src: (N,...), idx: (B,) int -> (B,...)."""
+    return _put(out, src[idx])
+
+
+# -------------------------------------------------------------------- losses
+def _one_hot(labels, k, dtype):
+    t = np.zeros((labels.shape[0], k), dtype=dtype)
+    t[np.arange(labels.shape[0]), labels] = 1
+    return t
+
+
+def softmax(logits, out=None):
+    """Row-wise softmax, stabilised by subtracting the row max. (B,K) -> (B,K)."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return _put(out, e / e.sum(axis=1, keepdims=True))
+
+
+def softmax_xent(logits, labels, grad=None, grad_scale=1.0):
+    """Softmax cross-entropy from integer labels, fused with its gradient.
+
+    loss = sum_i [logsumexp(z_i) - z_i[y_i]];  grad = grad_scale * (softmax(z) - onehot(y)).
+    logits: (B,K) float, labels: (B,) int -> (0-d loss, (B,K) grad)."""
+    rows = np.arange(logits.shape[0])
+    m = logits.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
+    loss = np.asarray((lse - logits[rows, labels]).sum(), dtype=logits.dtype)
+    g = softmax(logits) - _one_hot(labels, logits.shape[1], logits.dtype)
+    return loss, _put(grad, (g * grad_scale).astype(logits.dtype, copy=False))
+
+
+def sigmoid_bce(logits, labels, grad=None, grad_scale=1.0):
+    """Logistic cost: sigmoid outputs against one-hot targets, summed over classes.
+
+    loss = -sum_ik [t log p + (1-t) log(1-p)], p = sigmoid(z), with p clipped to
+    [LOG_EPS, 1-LOG_EPS] so log(0) never happens; grad = grad_scale * (p - t).
+    logits: (B,K) float, labels: (B,) int -> (0-d loss, (B,K) grad)."""
+    t = _one_hot(labels, logits.shape[1], logits.dtype)
+    p = 1.0 / (1.0 + np.exp(-logits))
+    pc = np.clip(p, LOG_EPS, 1 - LOG_EPS)
+    loss = np.asarray(-(t * np.log(pc) + (1 - t) * np.log(1 - pc)).sum(), dtype=logits.dtype)
+    return loss, _put(grad, ((p - t) * grad_scale).astype(logits.dtype, copy=False))
+
+
+def mse(pred, labels, grad=None, grad_scale=1.0):
+    """Half squared error against one-hot targets.
+
+    loss = 0.5 * sum_ik (pred - t)^2;  grad = grad_scale * (pred - t).
+    pred: (B,K) float, labels: (B,) int -> (0-d loss, (B,K) grad)."""
+    d = pred - _one_hot(labels, pred.shape[1], pred.dtype)
+    loss = np.asarray(0.5 * (d * d).sum(), dtype=pred.dtype)
+    return loss, _put(grad, (d * grad_scale).astype(pred.dtype, copy=False))
+
+
+def correct_count(scores, labels):
+    """Number of rows whose argmax equals the label (first max wins). -> 0-d int64."""
+    return np.asarray((scores.argmax(axis=1) == labels).sum(), dtype=np.int64)
+
+
+# ---------------------------------------------------------------- optimizers
+def _effective_grad(w, g, l2, l1):
+    return g + l2 * w + l1 * np.sign(w)
+
+
+def sgd_step(w, g, lr, l2=0.0, l1=0.0):
+    """Plain gradient descent: w -= lr * g_eff. In place."""
+    w -= (lr * _effective_grad(w, g, l2, l1)).astype(w.dtype)
+
+
+def momentum_step(w, g, v, lr, mu=0.9, nesterov=False, l2=0.0, l1=0.0):
+    """Heavy-ball momentum (PyTorch convention): v = mu*v + g_eff;
+    w -= lr * (g_eff + mu*v if nesterov else v). In place on w and v."""
+    ge = _effective_grad(w, g, l2, l1)
+    v[...] = mu * v + ge
+    w -= (lr * (ge + mu * v if nesterov else v)).astype(w.dtype)
+
+
+def adagrad_step(w, g, h, lr, eps=1e-8, l2=0.0, l1=0.0):
+    """AdaGrad: h += g_eff^2; w -= lr * g_eff / (sqrt(h) + eps). In place."""
+    ge = _effective_grad(w, g, l2, l1)
+    h += ge * ge
+    w -= (lr * ge / (np.sqrt(h) + eps)).astype(w.dtype)
+
+
+def rmsprop_step(w, g, s, lr, rho=0.9, eps=1e-8, l2=0.0, l1=0.0):
+    """RMSProp: s = rho*s + (1-rho)*g_eff^2; w -= lr * g_eff / (sqrt(s) + eps). In place."""
+    ge = _effective_grad(w, g, l2, l1)
+    s[...] = rho * s + (1 - rho) * ge * ge
+    w -= (lr * ge / (np.sqrt(s) + eps)).astype(w.dtype)
+
+
+def adam_step(w, g, m, v, lr, t, beta1=0.9, beta2=0.999, eps=1e-8, l2=0.0, l1=0.0):
+    """Adam with bias correction at step t (1-based). In place on w, m, v.
+
+    m = b1*m + (1-b1)*g_eff; v = b2*v + (1-b2)*g_eff^2;
+    w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)."""
+    ge = _effective_grad(w, g, l2, l1)
+    m[...] = beta1 * m + (1 - beta1) * ge
+    v[...] = beta2 * v + (1 - beta2) * ge * ge
+    m_hat = m / (1 - beta1**t)
+    v_hat = v / (1 - beta2**t)
+    w -= (lr * m_hat / (np.sqrt(v_hat) + eps)).astype(w.dtype)
+
+
+# ------------------------------------------------------------------- dropout
+def hash_uniform(seed, n):
+    """Counter-based uniform numbers in [0,1): element i gets hash(seed, i).
+
+    The hash is Wellons' "lowbias32" integer mixer on 32-bit unsigned ints;
+    every backend computes the identical stream, so dropout masks agree bit
+    for bit across numpy, numba and CUDA. -> (n,) float64."""
+
+    def mix(x):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
+
+    key = mix(np.asarray(seed & 0xFFFFFFFF, dtype=np.uint32))
+    h = mix(np.arange(n, dtype=np.uint32) ^ key)
+    return (h >> np.uint32(8)).astype(np.float64) * (1.0 / (1 << 24))
+
+
+def dropout_forward(x, p, seed, out=None, mask=None):
+    """Inverted dropout: element i kept when hash_uniform(seed)[i] >= p, kept
+    values scaled by 1/(1-p). Returns (out, mask) with mask holding 0 or
+    1/(1-p) in x's dtype. x: (B,N), p in [0,1), seed: int -> ((B,N), (B,N))."""
+    u = hash_uniform(seed, x.size).reshape(x.shape)
+    mk = np.where(u >= p, 1.0 / (1.0 - p), 0.0).astype(x.dtype)
+    mask = _put(mask, mk)
+    return _put(out, x * mask), mask
+
+
+def dropout_backward(grad_out, mask, out=None):
+    """d loss / d x of dropout: grad_out * mask. (B,N) -> (B,N)."""
+    return _put(out, grad_out * mask)
+
+
+# ---------------------------------------------------------------- batch norm
+def batchnorm_forward(x, gamma, beta, eps=1e-5, out=None, xhat=None):
+    """Training-mode batch norm over the batch axis.
+
+    Returns (out, xhat, mean, var): out = gamma*xhat + beta with
+    xhat = (x - mean)/sqrt(var + eps), var the biased batch variance.
+    x: (B,N), gamma/beta: (N,) -> (B,N), (B,N), (N,), (N,)."""
+    mean = x.mean(axis=0)
+    var = ((x - mean) ** 2).mean(axis=0)
+    xh = _put(xhat, ((x - mean) / np.sqrt(var + eps)).astype(x.dtype, copy=False))
+    return _put(out, gamma * xh + beta), xh, mean.astype(x.dtype), var.astype(x.dtype)
+
+
+def batchnorm_inference(x, gamma, beta, mean, var, eps=1e-5, out=None):
+    """Inference-mode batch norm with running statistics. x: (B,N) -> (B,N)."""
+    y = gamma * (x - mean) / np.sqrt(var + eps) + beta
+    return _put(out, y.astype(x.dtype, copy=False))
+
+
+def batchnorm_backward(grad_out, xhat, gamma, var, eps=1e-5, dx=None):
+    """Backward of training-mode batch norm. Returns (dx, dgamma, dbeta).
+
+    dx = gamma/sqrt(var+eps) * (dy - mean(dy) - xhat * mean(dy * xhat)).
+    grad_out, xhat: (B,N), gamma, var: (N,) -> (B,N), (N,), (N,)."""
+    dbeta = grad_out.sum(axis=0)
+    dgamma = (grad_out * xhat).sum(axis=0)
+    b = grad_out.shape[0]
+    g = gamma / np.sqrt(var + eps)
+    d = g * (grad_out - dbeta / b - xhat * (dgamma / b))
+    return _put(dx, d.astype(grad_out.dtype, copy=False)), dgamma, dbeta
