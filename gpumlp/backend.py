@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -117,9 +118,7 @@ def get_backend(name: str | Backend | None = None) -> Backend:
             return be
         raise AssertionError("numpy backend always loads")  # pragma: no cover
     if name not in _REGISTRY:
-        raise BackendUnavailable(
-            f"unknown backend {name!r}; choose one of auto, {', '.join(_REGISTRY)}"
-        )
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of auto, {', '.join(_REGISTRY)}")
     if name not in _CACHE:
         _CACHE[name] = _REGISTRY[name]()
     return _CACHE[name]

@@ -1,0 +1,208 @@
+"""Layers: Dense (matmul + fused bias/activation), Activation, Dropout, BatchNorm.
+
+Each layer says *what* to compute and calls the backend's kernels for *how*.
+A layer owns ``params`` and matching ``grads`` (same keys), keeps what its
+backward pass needs from the last forward, and reuses per-shape workspaces so
+the training step allocates nothing after the first batch of each shape.
+
+    forward(x, train) -> y          x: (B, n_in)  -> y: (B, n_out)
+    backward(dy, need_dx) -> dx     dy: (B, n_out) -> dx: (B, n_in) or None
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gpumlp.backend import Backend
+from gpumlp.kernels.reference import ACTIVATIONS
+
+INITS = ("normal", "xavier", "he")
+
+
+def init_weights(rng: np.random.Generator, n_in: int, n_out: int, init: str) -> np.ndarray:
+    """Host float64 (n_in, n_out) weights: ``normal`` N(0, 0.1²), ``xavier``
+    N(0, 2/(n_in+n_out)) (Glorot), ``he`` N(0, 2/n_in)."""
+    std = {"normal": 0.1, "xavier": np.sqrt(2.0 / (n_in + n_out)), "he": np.sqrt(2.0 / n_in)}.get(init)
+    if std is None:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    return rng.normal(0.0, std, size=(n_in, n_out))
+
+
+class Layer:
+    """Base class: parameter bookkeeping and per-shape workspace buffers."""
+
+    params: dict[str, Any]
+    grads: dict[str, Any]
+    decayed: tuple[str, ...] = ()  # params that L1/L2 regularisation applies to
+    state_names: tuple[str, ...] = ()  # non-trained arrays saved with the model
+
+    def build(self, be: Backend, n_in: int, dtype: np.dtype, rng: np.random.Generator) -> int:
+        """Allocate parameters for inputs of width n_in; return the output width."""
+        self.be, self.dtype = be, dtype
+        self.params, self.grads, self._workspace = {}, {}, {}
+        return n_in
+
+    def _ws(self, name: str, shape: tuple[int, ...]):
+        buf = self._workspace.get((name, shape))
+        if buf is None:
+            buf = self._workspace[(name, shape)] = self.be.xp.empty(shape, dtype=self.dtype)
+        return buf
+
+    def _add_param(self, name: str, host_value: np.ndarray) -> None:
+        self.params[name] = self.be.asarray(host_value, dtype=self.dtype)
+        self.grads[name] = self.be.xp.zeros_like(self.params[name])
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments."""
+        return {}
+
+
+class Dense(Layer):
+    """Fully connected layer ``y = act(x @ W + b)``; the bias add and activation
+    run as one fused kernel, the backward Hadamard product as another."""
+
+    decayed = ("W",)
+
+    def __init__(self, n_out: int, act: str = "identity", init: str = "xavier"):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        self.n_out, self.act, self.init = int(n_out), act, init
+
+    def build(self, be, n_in, dtype, rng):
+        super().build(be, n_in, dtype, rng)
+        self._add_param("W", init_weights(rng, n_in, self.n_out, self.init))
+        self._add_param("b", np.zeros(self.n_out))
+        return self.n_out
+
+    def forward(self, x, train: bool):
+        k = self.be.k
+        y = k.matmul(x, self.params["W"], out=self._ws("y", (x.shape[0], self.n_out)))
+        k.bias_act(y, self.params["b"], self.act, out=y)
+        self._x, self._y = x, y
+        return y
+
+    def backward(self, dy, need_dx: bool):
+        k, x = self.be.k, self._x
+        dz = dy if self.act == "identity" else k.act_grad(dy, self._y, self.act, out=self._ws("dz", dy.shape))
+        k.matmul(x, dz, out=self.grads["W"], trans_a=True)
+        k.bias_grad(dz, out=self.grads["b"])
+        if not need_dx:
+            return None
+        return k.matmul(dz, self.params["W"], out=self._ws("dx", x.shape), trans_b=True)
+
+    def config(self):
+        return {"n_out": self.n_out, "act": self.act, "init": self.init}
+
+
+class Activation(Layer):
+    """Elementwise activation on its own (e.g. after BatchNorm)."""
+
+    def __init__(self, act: str):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
+        self.act = act
+
+    def build(self, be, n_in, dtype, rng):
+        super().build(be, n_in, dtype, rng)
+        self._zero_bias = be.xp.zeros(n_in, dtype=dtype)
+        return n_in
+
+    def forward(self, x, train: bool):
+        self._y = self.be.k.bias_act(x, self._zero_bias, self.act, out=self._ws("y", x.shape))
+        return self._y
+
+    def backward(self, dy, need_dx: bool):
+        return self.be.k.act_grad(dy, self._y, self.act, out=self._ws("dx", dy.shape))
+
+    def config(self):
+        return {"act": self.act}
+
+
+class Dropout(Layer):
+    """Inverted dropout with rate p. Masks come from a counter-based hash of
+    (seed, step), so they are identical on every backend and reproducible on
+    resume; in eval mode the layer is the identity."""
+
+    state_names = ("step",)
+
+    def __init__(self, p: float, seed: int = 0):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+        self.p, self.seed = float(p), int(seed)
+
+    def build(self, be, n_in, dtype, rng):
+        super().build(be, n_in, dtype, rng)
+        self.step = 0
+        return n_in
+
+    def forward(self, x, train: bool):
+        if not train or self.p == 0.0:
+            self._mask = None
+            return x
+        self.step += 1
+        seed = (self.seed * 0x9E3779B1 + self.step) & 0xFFFFFFFF
+        y, self._mask = self.be.k.dropout_forward(
+            x, self.p, seed, out=self._ws("y", x.shape), mask=self._ws("mask", x.shape)
+        )
+        return y
+
+    def backward(self, dy, need_dx: bool):
+        if self._mask is None:
+            return dy
+        return self.be.k.dropout_backward(dy, self._mask, out=self._ws("dx", dy.shape))
+
+    def config(self):
+        return {"p": self.p, "seed": self.seed}
+
+
+class BatchNorm(Layer):
+    """Batch normalisation over the batch axis with learned scale/shift and
+    running statistics (``momentum`` weights the old value) for eval mode."""
+
+    state_names = ("running_mean", "running_var")
+
+    def __init__(self, momentum: float = 0.9, eps: float = 1e-5):
+        self.momentum, self.eps = float(momentum), float(eps)
+
+    def build(self, be, n_in, dtype, rng):
+        super().build(be, n_in, dtype, rng)
+        self._add_param("gamma", np.ones(n_in))
+        self._add_param("beta", np.zeros(n_in))
+        self.running_mean = be.xp.zeros(n_in, dtype=dtype)
+        self.running_var = be.xp.ones(n_in, dtype=dtype)
+        return n_in
+
+    def forward(self, x, train: bool):
+        k, p = self.be.k, self.params
+        out = self._ws("y", x.shape)
+        if not train:
+            return k.batchnorm_inference(
+                x, p["gamma"], p["beta"], self.running_mean, self.running_var, self.eps, out=out
+            )
+        y, self._xhat, mean, self._var = k.batchnorm_forward(
+            x, p["gamma"], p["beta"], self.eps, out=out, xhat=self._ws("xhat", x.shape)
+        )
+        m, b = self.momentum, x.shape[0]
+        self.running_mean *= m
+        self.running_mean += (1 - m) * mean
+        self.running_var *= m
+        self.running_var += ((1 - m) * b / max(b - 1, 1)) * self._var  # unbiased, like PyTorch
+        return y
+
+    def backward(self, dy, need_dx: bool):
+        dx, dgamma, dbeta = self.be.k.batchnorm_backward(
+            dy, self._xhat, self.params["gamma"], self._var, self.eps, dx=self._ws("dx", dy.shape)
+        )
+        self.grads["gamma"][...] = dgamma
+        self.grads["beta"][...] = dbeta
+        return dx
+
+    def config(self):
+        return {"momentum": self.momentum, "eps": self.eps}
+
+
+LAYER_TYPES = {cls.__name__: cls for cls in (Dense, Activation, Dropout, BatchNorm)}

@@ -1,0 +1,197 @@
+"""MLP: a stack of layers built from a spec like ``"784-100-10"``, with
+scikit-learn style ``fit / predict / predict_proba / score`` and save/load."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from gpumlp import checkpoint
+from gpumlp.backend import Backend, get_backend, resolve_dtype
+from gpumlp.layers import LAYER_TYPES, Activation, BatchNorm, Dense, Dropout, Layer
+from gpumlp.losses import get_loss
+from gpumlp.validate import check_features, check_labels
+
+
+def parse_spec(spec: str | Sequence[int]) -> list[int]:
+    """``"784-100-10"`` or ``[784, 100, 10]`` -> layer widths (input, hidden..., classes)."""
+    try:
+        widths = [int(s) for s in (spec.split("-") if isinstance(spec, str) else spec)]
+    except (TypeError, ValueError):
+        raise ValueError(f"bad layer spec {spec!r}: expected widths joined by '-', e.g. 784-100-10") from None
+    if len(widths) < 2 or min(widths) < 1:
+        raise ValueError(f"bad layer spec {spec!r}: need at least input and output widths, all >= 1")
+    if widths[-1] < 2:
+        raise ValueError(f"bad layer spec {spec!r}: the output layer needs >= 2 classes")
+    return widths
+
+
+def _default_init(act: str) -> str:
+    return "he" if act in ("relu", "leaky_relu") else "xavier"
+
+
+class MLP:
+    """Multilayer perceptron for classification.
+
+    spec: widths ``"784-100-10"``; act: hidden activation; loss: ``softmax_xent``,
+    ``logistic`` (sigmoid cross-entropy, the classic seed cost) or ``mse``;
+    init: ``normal`` | ``xavier`` | ``he`` (default by activation); dropout: rate
+    after each hidden layer; batchnorm: normalise each hidden pre-activation;
+    dtype: float32 | float64; backend: name or Backend (default ``auto``)."""
+
+    def __init__(
+        self,
+        spec: str | Sequence[int] = "784-100-10",
+        act: str = "relu",
+        loss: str = "softmax_xent",
+        init: str | None = None,
+        dropout: float = 0.0,
+        batchnorm: bool = False,
+        dtype: str = "float32",
+        backend: str | Backend | None = None,
+        seed: int = 0,
+    ):
+        self.widths = parse_spec(spec)
+        self.act, self.loss = act, get_loss(loss)
+        self.init = init or _default_init(act)
+        self.dropout, self.batchnorm, self.seed = float(dropout), bool(batchnorm), int(seed)
+        self.dtype = resolve_dtype(dtype)
+        self.be = get_backend(backend)
+        layers: list[Layer] = []
+        for i, width in enumerate(self.widths[1:-1]):
+            if self.batchnorm:
+                layers += [Dense(width, "identity", self.init), BatchNorm(), Activation(act)]
+            else:
+                layers.append(Dense(width, act, self.init))
+            if self.dropout > 0:
+                layers.append(Dropout(self.dropout, seed=self.seed * 1000 + i))
+        layers.append(Dense(self.widths[-1], self.loss.output_act, self.init))
+        self.layers = layers
+        rng = np.random.default_rng(self.seed)
+        n = self.widths[0]
+        for layer in self.layers:
+            n = layer.build(self.be, n, self.dtype, rng)
+
+    # ----------------------------------------------------------- structure
+    @property
+    def n_features(self) -> int:
+        return self.widths[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self.widths[-1]
+
+    def parameters(self) -> list[tuple[str, object, object, bool]]:
+        """[(name, param, grad, decayed)] for every trainable array, in a fixed order."""
+        return [
+            (f"{i}.{name}", w, layer.grads[name], name in layer.decayed)
+            for i, layer in enumerate(self.layers)
+            for name, w in layer.params.items()
+        ]
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments (everything but the backend)."""
+        return {
+            "spec": "-".join(map(str, self.widths)),
+            "act": self.act,
+            "loss": self.loss.name,
+            "init": self.init,
+            "dropout": self.dropout,
+            "batchnorm": self.batchnorm,
+            "dtype": self.dtype.name,
+            "seed": self.seed,
+        }
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{type(la).__name__}({la.config()})" for la in self.layers)
+        return f"MLP({self.config()['spec']}, backend={self.be.name}, layers=[{inner}])"
+
+    # ------------------------------------------------------------- compute
+    def forward(self, x, train: bool = False):
+        """Device (B, n_features) -> device (B, n_classes) scores."""
+        for layer in self.layers:
+            x = layer.forward(x, train)
+        return x
+
+    def backward(self, grad) -> None:
+        """Back-propagate d loss / d scores (B, n_classes), filling every layer's grads."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            grad = self.layers[i].backward(grad, need_dx=i > 0)
+
+    def fit(self, X, y, **kwargs):
+        """Train on host arrays X (n, n_features), y (n,) int; kwargs as :func:`gpumlp.train.fit`.
+        Returns the :class:`gpumlp.train.History`."""
+        from gpumlp.train import fit
+
+        return fit(self, X, y, **kwargs)
+
+    def decision_function(self, X, batch_size: int = 4096) -> np.ndarray:
+        """Host (n, n_features) -> host (n, n_classes) raw scores, evaluated in chunks."""
+        X = check_features(X, self.n_features)
+        out = np.empty((X.shape[0], self.n_classes), dtype=self.dtype)
+        for s in range(0, X.shape[0], batch_size):
+            xb = self.be.asarray(X[s : s + batch_size], dtype=self.dtype)
+            out[s : s + batch_size] = self.be.to_host(self.forward(xb, train=False))
+        return out
+
+    def predict_proba(self, X, batch_size: int = 4096) -> np.ndarray:
+        """Host (n, n_features) -> (n, n_classes) class probabilities (outputs for MSE)."""
+        scores = self.be.asarray(self.decision_function(X, batch_size))
+        return self.be.to_host(self.loss.probabilities(self.be, scores))
+
+    def predict(self, X, batch_size: int = 4096) -> np.ndarray:
+        """Host (n, n_features) -> (n,) int64 predicted classes."""
+        return self.decision_function(X, batch_size).argmax(axis=1)
+
+    def score(self, X, y) -> float:
+        """Accuracy in [0, 1] on host data."""
+        y = check_labels(y, np.asarray(X).shape[0], self.n_classes)
+        return float((self.predict(X) == y).mean())
+
+    # ------------------------------------------------------------ save/load
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Host copies of every parameter and layer state, keyed 'param/i.name' / 'state/i.name'."""
+        arrays = {f"param/{name}": self.be.to_host(w) for name, w, _, _ in self.parameters()}
+        for i, layer in enumerate(self.layers):
+            for name in layer.state_names:
+                arrays[f"state/{i}.{name}"] = self.be.to_host(getattr(layer, name))
+        return arrays
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Inverse of :meth:`state_arrays`: copy host arrays into this model."""
+        for name, w, _, _ in self.parameters():
+            src = arrays[f"param/{name}"]
+            if src.shape != w.shape:
+                raise ValueError(f"parameter {name} has shape {src.shape} in the file, model wants {w.shape}")
+            w[...] = self.be.asarray(src, dtype=self.dtype)
+        for i, layer in enumerate(self.layers):
+            for name in layer.state_names:
+                value = arrays[f"state/{i}.{name}"]
+                if value.ndim == 0:
+                    setattr(layer, name, value.item())
+                else:
+                    getattr(layer, name)[...] = self.be.asarray(value, dtype=self.dtype)
+
+    def save(self, path: str | os.PathLike, extra_arrays: dict | None = None, extra_meta: dict | None = None):
+        """Atomically write config + weights (+ any training state) to ``path`` (.npz)."""
+        layers = [[type(la).__name__, la.config()] for la in self.layers]
+        meta = {"format": "gpumlp-1", "model": self.config(), "layers": layers, **(extra_meta or {})}
+        return checkpoint.write(path, {**self.state_arrays(), **(extra_arrays or {})}, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str | Backend | None = None) -> MLP:
+        """Rebuild a model saved by :meth:`save` on the given backend."""
+        arrays, meta = checkpoint.read(path)
+        if meta.get("format") != "gpumlp-1":
+            raise checkpoint.CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+        model = cls(**meta["model"], backend=backend)
+        saved = [name for name, _ in meta["layers"]]
+        if saved != [type(la).__name__ for la in model.layers] or not set(saved) <= set(LAYER_TYPES):
+            raise checkpoint.CheckpointError(f"{path}: layer list {saved} does not match the config")
+        model.load_state_arrays(arrays)
+        return model
+
+
+__all__ = ["MLP", "parse_spec", "Dense", "Dropout", "BatchNorm", "Activation"]

@@ -1,0 +1,292 @@
+"""The one training loop, shared by every backend.
+
+Per epoch: a seeded host permutation (identical on every backend) is uploaded
+once; each minibatch is gathered on the device into a preallocated buffer;
+forward, fused loss+gradient, backward, optional clipping, one fused optimizer
+kernel per parameter. Loss and accuracy accumulate on the device and are read
+once per epoch, so nothing synchronises inside an epoch. After each epoch:
+NaN check, validation, history, callbacks, early stopping, atomic checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from gpumlp import checkpoint
+from gpumlp.augment import shift_images
+from gpumlp.optim import Optimizer, Schedule, clip_grad_norm
+from gpumlp.validate import check_features, check_labels
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or inf."""
+
+
+@dataclass
+class History:
+    """Per-epoch records (dicts with epoch, loss, train_acc, valid_loss, valid_acc,
+    lr, seconds) and why training stopped."""
+
+    records: list[dict] = field(default_factory=list)
+    stop_reason: str = ""
+
+    def __getitem__(self, key: str) -> list:
+        return [r[key] for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def to_dict(self) -> dict:
+        """JSON-able form."""
+        return {"records": self.records, "stop_reason": self.stop_reason}
+
+
+def evaluate(model, Xd, yd, batch_size: int = 2000) -> tuple[float, float]:
+    """Mean loss and accuracy of device arrays Xd (n, F), yd (n,) int32, in eval mode."""
+    be, n = model.be, Xd.shape[0]
+    loss_sum = be.xp.zeros((), dtype=np.float64)
+    correct = be.xp.zeros((), dtype=np.int64)
+    for s in range(0, n, batch_size):
+        scores = model.forward(Xd[s : s + batch_size], train=False)
+        loss, _ = model.loss(be, scores, yd[s : s + batch_size])
+        loss_sum += loss
+        correct += be.k.correct_count(scores, yd[s : s + batch_size])
+    return float(be.to_host(loss_sum)) / n, int(be.to_host(correct)) / n
+
+
+@dataclass
+class _State:
+    """Everything besides the model that an exact resume needs."""
+
+    epoch: int
+    step: int
+    rng: np.random.Generator
+    history: History
+    best: tuple[float, int, dict | None] = (-1.0, -1, None)  # (valid acc, epoch, host weights)
+
+
+def _save_checkpoint(path, model, opt: Optimizer, opt_state: list, st: _State) -> None:
+    arrays = {
+        f"opt/{name}/{j}": model.be.to_host(a)
+        for (name, *_), states in zip(model.parameters(), opt_state)
+        for j, a in enumerate(states)
+    }
+    meta = {
+        "train": {
+            "epoch": st.epoch,
+            "step": st.step,
+            "rng": st.rng.bit_generator.state,
+            "history": st.history.to_dict(),
+            "optimizer": opt.to_dict(),
+        }
+    }
+    model.save(path, extra_arrays=arrays, extra_meta=meta)
+
+
+def _load_checkpoint(path, model, opt_state: list) -> _State:
+    arrays, meta = checkpoint.read(path)
+    if "train" not in meta:
+        raise checkpoint.CheckpointError(f"{path} holds a model but no training state; cannot resume")
+    if meta["model"] != model.config():
+        raise checkpoint.CheckpointError(
+            f"{path} was written for model {meta['model']}, not {model.config()}; "
+            "use the same model flags to resume, or a new --out directory"
+        )
+    model.load_state_arrays(arrays)
+    for (name, w, *_), states in zip(model.parameters(), opt_state):
+        for j, a in enumerate(states):
+            a[...] = model.be.asarray(arrays[f"opt/{name}/{j}"], dtype=w.dtype)
+    tr = meta["train"]
+    rng = np.random.default_rng()
+    rng.bit_generator.state = tr["rng"]
+    hist = History(**tr["history"])
+    return _State(epoch=tr["epoch"], step=tr["step"], rng=rng, history=hist)
+
+
+def _split_validation(X, y, X_valid, y_valid, valid_split: int):
+    if X_valid is not None or not valid_split:
+        return X, y, X_valid, y_valid
+    if not 0 < valid_split < X.shape[0]:
+        raise ValueError(f"valid_split={valid_split} must be between 1 and n_samples-1 ({X.shape[0] - 1})")
+    cut = X.shape[0] - valid_split  # the last rows validate, as in the classic 55k/5k MNIST split
+    return X[:cut], y[:cut], X[cut:], y[cut:]
+
+
+def fit(
+    model,
+    X,
+    y,
+    *,
+    epochs: int = 10,
+    batch_size: int = 100,
+    optimizer: str | Optimizer = "sgd",
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    clip_norm: float | None = None,
+    schedule: str | Schedule = "constant",
+    reduction: str = "mean",
+    shuffle: bool = True,
+    seed: int = 0,
+    X_valid=None,
+    y_valid=None,
+    valid_split: int = 0,
+    tol: float | None = None,
+    patience: int | None = None,
+    augment_shift: int = 0,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    verbose: bool = False,
+    callbacks: Sequence[Callable[[dict, object], bool | None]] = (),
+) -> History:
+    """Train ``model`` on host arrays X (n, n_features) and integer labels y (n,).
+
+    Minibatch SGD family (``batch_size=1`` is stochastic, ``batch_size>=n`` full
+    batch); ``reduction`` ``mean`` averages the gradient over a minibatch,
+    ``sum`` adds it up (the classic seed recipe). Stops after ``epochs``, when
+    the training loss changes by less than ``tol``, or after ``patience``
+    epochs without a better validation accuracy (then the best weights are
+    restored). ``augment_shift`` shifts 28x28 images by up to that many pixels
+    each epoch. With ``checkpoint_path`` the state is saved atomically after
+    each epoch; ``resume=True`` continues from it exactly.
+    ``callbacks`` get (epoch record, model) and may return True to stop."""
+    be, xp, k = model.be, model.be.xp, model.be.k
+    X = check_features(X, model.n_features)
+    y = check_labels(y, X.shape[0], model.n_classes)
+    X, y, X_valid, y_valid = _split_validation(X, y, X_valid, y_valid, valid_split)
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+    opt = (
+        optimizer
+        if isinstance(optimizer, Optimizer)
+        else Optimizer(optimizer, lr=lr, momentum=momentum, l1=l1, l2=l2)
+    )
+    sched = schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+    params = model.parameters()
+    opt_state = [opt.init_state(be, w) for _, w, _, _ in params]
+
+    n, B = X.shape[0], min(batch_size, X.shape[0])
+    Xd = be.asarray(X, dtype=model.dtype)
+    valid = None
+    if X_valid is not None:
+        Xv = check_features(X_valid, model.n_features, "X_valid")
+        valid = (
+            be.asarray(Xv, dtype=model.dtype),
+            be.asarray(check_labels(y_valid, Xv.shape[0], model.n_classes, "y_valid")),
+        )
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    if resume and ckpt and ckpt.exists():
+        st = _load_checkpoint(ckpt, model, opt_state)
+    else:
+        st = _State(epoch=0, step=0, rng=np.random.default_rng(seed), history=History())
+
+    # Per-shape buffers, created once: the full batch and the last partial one.
+    x_buf = {b: xp.empty((b, model.n_features), dtype=model.dtype) for b in {B, n % B or B}}
+    g_buf = {b: xp.empty((b, model.n_classes), dtype=model.dtype) for b in x_buf}
+    bar = tqdm(total=epochs, initial=st.epoch, disable=not progress, unit="epoch", file=sys.stderr)
+    try:
+        while st.epoch < epochs and not st.history.stop_reason:
+            t0 = time.perf_counter()
+            epoch_lr = sched.lr(opt.lr, st.epoch)
+            perm = st.rng.permutation(n) if shuffle else np.arange(n)
+            if augment_shift:
+                Xd = be.asarray(shift_images(X, augment_shift, st.rng), dtype=model.dtype)
+            perm_d, y_d = be.asarray(perm.astype(np.int32)), be.asarray(y[perm])
+            loss_sum = xp.zeros((), dtype=np.float64)
+            correct = xp.zeros((), dtype=np.int64)
+            for s in range(0, n, B):
+                b = min(B, n - s)
+                xb = k.gather_rows(Xd, perm_d[s : s + b], out=x_buf[b])
+                yb = y_d[s : s + b]
+                scores = model.forward(xb, train=True)
+                loss, grad = model.loss(
+                    be, scores, yb, grad=g_buf[b], grad_scale=1.0 / b if reduction == "mean" else 1.0
+                )
+                loss_sum += loss
+                correct += k.correct_count(scores, yb)
+                model.backward(grad)
+                if clip_norm:
+                    clip_grad_norm(be, [g for _, _, g, _ in params], clip_norm)
+                st.step += 1
+                for (_, w, g, decayed), state in zip(params, opt_state):
+                    opt.update(be, w, g, state, epoch_lr, st.step, decayed)
+            be.synchronize()
+            train_loss = float(be.to_host(loss_sum)) / n
+            if not math.isfinite(train_loss):
+                saved = (
+                    f"the last good checkpoint is {ckpt}"
+                    if ckpt and ckpt.exists()
+                    else "no checkpoint was saved"
+                )
+                raise TrainingDiverged(
+                    f"training diverged: the loss became {train_loss} in epoch {st.epoch + 1} "
+                    f"(lr {epoch_lr:g}); {saved}. Lower the learning rate, add clip_norm, or check the data."
+                )
+            rec = {
+                "epoch": st.epoch + 1,
+                "loss": train_loss,
+                "train_acc": int(be.to_host(correct)) / n,
+                "lr": epoch_lr,
+            }
+            if valid is not None:
+                rec["valid_loss"], rec["valid_acc"] = evaluate(model, *valid)
+            rec["seconds"] = time.perf_counter() - t0
+            st.history.records.append(rec)
+            st.epoch += 1
+            st.history.stop_reason = _stop_reason(st, rec, model, tol, patience, epochs)
+            if any(cb(rec, model) for cb in callbacks):
+                st.history.stop_reason = "callback"
+            if ckpt:
+                _save_checkpoint(ckpt, model, opt, opt_state, st)
+            bar.update(1)
+            bar.set_postfix({key: f"{v:.4f}" for key, v in rec.items() if key not in ("epoch", "lr")})
+            if verbose:
+                bar.write(format_record(rec, epochs), file=sys.stderr)
+    finally:
+        bar.close()
+    if patience and st.best[2] is not None:
+        model.load_state_arrays(st.best[2])
+    st.history.stop_reason = st.history.stop_reason or "epochs"
+    return st.history
+
+
+def _stop_reason(st: _State, rec: dict, model, tol, patience, epochs) -> str:
+    recs = st.history.records
+    if tol is not None and len(recs) > 1 and abs(recs[-2]["loss"] - rec["loss"]) < tol:
+        return f"converged: loss changed by less than tol={tol}"
+    if patience and "valid_acc" in rec:
+        if rec["valid_acc"] > st.best[0]:
+            st.best = (rec["valid_acc"], rec["epoch"], model.state_arrays())
+        elif rec["epoch"] - st.best[1] >= patience:
+            return (
+                f"early stop: no better validation accuracy for {patience} epochs (best epoch {st.best[1]})"
+            )
+    return ""
+
+
+def format_record(rec: dict, epochs: int) -> str:
+    """One human-readable line for an epoch record."""
+    parts = [
+        f"epoch {rec['epoch']:>{len(str(epochs))}}/{epochs}",
+        f"loss {rec['loss']:.4f}",
+        f"train {100 * rec['train_acc']:.2f}%",
+    ]
+    if "valid_acc" in rec:
+        parts.append(f"valid {100 * rec['valid_acc']:.2f}%")
+    parts.append(f"{rec['seconds']:.2f}s")
+    return " | ".join(parts)
