@@ -153,10 +153,10 @@ class MLP:
     # ------------------------------------------------------------ save/load
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Host copies of every parameter and layer state, keyed 'param/i.name' / 'state/i.name'."""
-        arrays = {f"param/{name}": self.be.to_host(w) for name, w, _, _ in self.parameters()}
+        arrays = {f"param/{name}": np.array(self.be.to_host(w)) for name, w, _, _ in self.parameters()}
         for i, layer in enumerate(self.layers):
             for name in layer.state_names:
-                arrays[f"state/{i}.{name}"] = self.be.to_host(getattr(layer, name))
+                arrays[f"state/{i}.{name}"] = np.array(self.be.to_host(getattr(layer, name)))
         return arrays
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
