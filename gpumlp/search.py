@@ -1,0 +1,167 @@
+"""Hyper-parameter search: grid and random search, refined coarse to fine.
+
+Trials run on any ``concurrent.futures.Executor``: a local process pool by
+default, or e.g. a ``dask.distributed`` Client (its ``submit`` fits the same
+interface) to spread trials over a cluster. Each trial builds a fresh MLP on
+its worker's best backend, trains it, and reports validation accuracy.
+
+A search space maps a parameter name (any :class:`gpumlp.model.MLP` or
+:func:`gpumlp.train.fit` keyword) to either a list of choices or a range
+``("log", lo, hi)`` / ``("uniform", lo, hi)`` / ``("int", lo, hi)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+import os
+from collections.abc import Mapping
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpumlp.model import MLP
+from gpumlp.train import fit
+
+RANGE_KINDS = ("log", "uniform", "int")
+_MODEL_KEYS = set(inspect.signature(MLP.__init__).parameters) - {"self"}
+_FIT_KEYS = set(inspect.signature(fit).parameters) - {"model", "X", "y"}
+
+
+def _is_range(spec) -> bool:
+    return isinstance(spec, tuple) and len(spec) == 3 and spec[0] in RANGE_KINDS
+
+
+def _check_space(space: Mapping) -> None:
+    for name, spec in space.items():
+        if _is_range(spec):
+            if not spec[1] < spec[2] or (spec[0] == "log" and spec[1] <= 0):
+                raise ValueError(f"search range for {name!r} must have lo < hi (and lo > 0 for log): {spec}")
+        elif not (isinstance(spec, list) and spec):
+            raise ValueError(
+                f"search space entry {name!r} must be a non-empty list of choices or a "
+                f"(kind, lo, hi) range with kind in {RANGE_KINDS}; got {spec!r}"
+            )
+
+
+def grid(space: Mapping) -> list[dict]:
+    """Every combination of the listed choices (ranges are not allowed in a grid)."""
+    _check_space(space)
+    ranged = [k for k, v in space.items() if _is_range(v)]
+    if ranged:
+        raise ValueError(f"grid search needs lists of choices, not ranges: {ranged}")
+    keys = list(space)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(space[k] for k in keys))]
+
+
+def sample(space: Mapping, n: int, seed: int = 0) -> list[dict]:
+    """n random configurations: choices uniformly, ranges log-uniform/uniform/integer."""
+    _check_space(space)
+    rng = np.random.default_rng(seed)
+
+    def draw(spec):
+        if not _is_range(spec):
+            return spec[rng.integers(len(spec))]
+        kind, lo, hi = spec
+        if kind == "log":
+            return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        if kind == "int":
+            return int(rng.integers(lo, hi + 1))
+        return float(rng.uniform(lo, hi))
+
+    return [{k: draw(v) for k, v in space.items()} for _ in range(n)]
+
+
+def refine(space: Mapping, best: Mapping, shrink: float = 0.3) -> dict:
+    """A narrower space centred on ``best``: each range keeps ``shrink`` of its
+    width (in log space for ``log``), clipped to the old bounds; choices are fixed."""
+    out = {}
+    for k, spec in space.items():
+        if not _is_range(spec):
+            out[k] = [best[k]]
+            continue
+        kind, lo, hi = spec
+        f = (math.log if kind == "log" else float)(best[k])
+        a, b = (math.log(lo), math.log(hi)) if kind == "log" else (lo, hi)
+        half = (b - a) * shrink / 2
+        na, nb = max(a, f - half), min(b, f + half)
+        if kind == "log":
+            out[k] = ("log", math.exp(na), math.exp(nb))
+        elif kind == "int":
+            out[k] = ("int", int(math.floor(na)), max(int(math.ceil(nb)), int(math.floor(na)) + 1))
+        else:
+            out[k] = ("uniform", na, nb)
+    return out
+
+
+def run_trial(params: dict, base: dict, data: tuple) -> dict:
+    """Train one model: ``base`` defaults overridden by ``params``; data is
+    (X, y, X_valid, y_valid). Returns params plus valid_acc, epochs and seconds."""
+    merged = {**base, **params}
+    model = MLP(**{k: v for k, v in merged.items() if k in _MODEL_KEYS})
+    X, y, Xv, yv = data
+    hist = model.fit(
+        X, y, X_valid=Xv, y_valid=yv, **{k: v for k, v in merged.items() if k not in _MODEL_KEYS}
+    )
+    return {
+        "params": params,
+        "valid_acc": max(hist["valid_acc"]),
+        "epochs": len(hist),
+        "seconds": sum(hist["seconds"]),
+        "backend": model.be.name,
+    }
+
+
+@dataclass
+class SearchResult:
+    """All trials, best first."""
+
+    trials: list[dict] = field(default_factory=list)
+
+    @property
+    def best(self) -> dict:
+        return self.trials[0]
+
+
+def search(
+    space: Mapping,
+    data: tuple,
+    *,
+    method: str = "random",
+    n_trials: int = 10,
+    rounds: int = 1,
+    shrink: float = 0.3,
+    base: Mapping | None = None,
+    executor: Executor | None = None,
+    seed: int = 0,
+) -> SearchResult:
+    """Grid or random search over ``space`` on data (X, y, X_valid, y_valid).
+
+    With ``rounds > 1`` (random search only) each round samples ``n_trials``
+    configurations from a space refined around the best so far: coarse to fine.
+    ``base`` holds fixed MLP/fit keywords (e.g. spec, epochs, batch_size)."""
+    if method not in ("grid", "random"):
+        raise ValueError(f"method must be 'grid' or 'random', got {method!r}")
+    if method == "grid" and rounds != 1:
+        raise ValueError("coarse-to-fine rounds need random search (method='random')")
+    base = dict(base or {})
+    unknown = set(space) - _MODEL_KEYS - _FIT_KEYS
+    if unknown:
+        raise ValueError(f"unknown hyper-parameters {sorted(unknown)}: use MLP or fit keyword names")
+    own = executor is None
+    executor = executor or ProcessPoolExecutor(max_workers=os.cpu_count() or 1)
+    result = SearchResult()
+    try:
+        for r in range(rounds):
+            configs = grid(space) if method == "grid" else sample(space, n_trials, seed + r)
+            futures = [executor.submit(run_trial, c, base, data) for c in configs]
+            result.trials += [f.result() for f in futures]
+            result.trials.sort(key=lambda t: -t["valid_acc"])
+            if r + 1 < rounds:
+                space = refine(space, result.best["params"], shrink)
+    finally:
+        if own:
+            executor.shutdown()
+    return result
