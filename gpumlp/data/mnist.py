@@ -1,0 +1,290 @@
+"""MNIST: find the four IDX files, validate them, cache a compressed .npz, download if absent.
+
+Search order when no ``data_dir`` is given (the first directory holding all four
+files, ``.gz`` or raw, wins): ``$GPUMLP_DATA`` -> ``./data/mnist`` (cwd) -> the
+checkout's shipped ``data/mnist`` -> ``$GPUMLP_CACHE/mnist`` (default
+``~/.cache/gpumlp/mnist``) -> download into that cache directory. Downloads try each
+mirror in turn, verify md5 before an atomic rename, and time out after 30 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gpumlp.data.idx import DataError, read_idx
+
+log = logging.getLogger(__name__)
+
+# field of MNIST -> file stem (the files are "<stem>.gz" or raw "<stem>")
+FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+DEFAULT_MIRRORS = [
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+]
+CACHE_NAME = "mnist.npz"
+DOWNLOAD_TIMEOUT_S = 30.0
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class MNIST:
+    """MNIST arrays: x_* (N, 784) uint8 pixels 0..255, y_* (N,) int64 labels 0..9; ``source``: the dir."""
+
+    x_train: np.ndarray  # (60000, 784) uint8
+    y_train: np.ndarray  # (60000,) int64
+    x_test: np.ndarray  # (10000, 784) uint8
+    y_test: np.ndarray  # (10000,) int64
+    source: str
+
+    def __repr__(self) -> str:
+        return f"MNIST(train={len(self.y_train)}, test={len(self.y_test)}, source={self.source!r})"
+
+
+# ---------------------------------------------------------------- locating files
+
+
+def _find_file(directory: Path, stem: str) -> Path | None:
+    """The raw file if present (faster to read), else the .gz, else None."""
+    for name in (stem, stem + ".gz"):
+        p = directory / name
+        if p.is_file():
+            return p
+    return None
+
+
+def _missing(directory: Path) -> list[str]:
+    """Stems of the four MNIST files that ``directory`` lacks."""
+    return [stem for stem in FILES.values() if _find_file(directory, stem) is None]
+
+
+def default_cache_dir() -> Path:
+    """Where downloads go: ``$GPUMLP_CACHE/mnist``, default ``~/.cache/gpumlp/mnist``."""
+    root = os.environ.get("GPUMLP_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "gpumlp") / "mnist"
+
+
+def _search_dirs() -> list[Path]:
+    """Candidate directories in search order, duplicates removed."""
+    dirs = []
+    if os.environ.get("GPUMLP_DATA"):
+        dirs.append(Path(os.environ["GPUMLP_DATA"]).expanduser())
+    dirs.append(Path.cwd() / "data" / "mnist")
+    dirs.append(Path(__file__).resolve().parents[2] / "data" / "mnist")  # the checkout's shipped copy
+    dirs.append(default_cache_dir())
+    seen, out = set(), []
+    for d in dirs:
+        key = d.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+# ---------------------------------------------------------------- downloading
+
+
+def _mirrors(mirrors: Sequence[str] | None) -> list[str]:
+    """Explicit mirrors, else ``$GPUMLP_MNIST_MIRRORS`` (comma-separated), else DEFAULT_MIRRORS."""
+    if mirrors is None:
+        env = os.environ.get("GPUMLP_MNIST_MIRRORS", "")
+        mirrors = [m.strip() for m in env.split(",") if m.strip()] or DEFAULT_MIRRORS
+    if isinstance(mirrors, str):
+        raise DataError(f"mirrors must be a list of base URLs, not the string {mirrors!r}; wrap it in a list")
+    return list(mirrors)
+
+
+def _download_file(url: str, dest: Path, md5: str, timeout: float) -> None:
+    """Stream ``url`` to a temp file beside ``dest``, check its md5, then rename it into place atomically."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        digest = hashlib.md5()
+        req = urllib.request.Request(url, headers={"User-Agent": "gpumlp"})
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(req, timeout=timeout) as resp:
+            while chunk := resp.read(_CHUNK):
+                digest.update(chunk)
+                f.write(chunk)
+        got = digest.hexdigest()
+        if got != md5:
+            raise DataError(f"md5 mismatch for {dest.name} from {url}: expected {md5}, got {got}")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the data is not secret
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def download_mnist(target: str | os.PathLike, mirrors: Sequence[str] | None = None) -> Path:
+    """Download the missing MNIST .gz files into ``target`` (md5-verified, atomic); returns the dir."""
+    target = Path(target).expanduser()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg = f"{target}: cannot create the MNIST download directory ({e}); pick a writable dir"
+        raise DataError(msg) from e
+    urls = _mirrors(mirrors)
+    for stem in _missing(target):
+        name = stem + ".gz"
+        failures = []
+        for base in urls:
+            url = base.rstrip("/") + "/" + name
+            log.info("downloading %s", url)
+            try:
+                _download_file(url, target / name, MD5[name], DOWNLOAD_TIMEOUT_S)
+                break
+            except (OSError, DataError) as e:  # URLError, HTTPError, timeouts are OSErrors
+                failures.append(f"  {url}: {e}")
+        else:
+            raise DataError(
+                f"could not download {name} into {target}; every mirror failed:\n"
+                + "\n".join(failures)
+                + "\nFix: check the network/proxy, set GPUMLP_MNIST_MIRRORS=url1,url2 to other mirrors, "
+                f"or copy the four MNIST .gz files into {target} by hand (or set GPUMLP_DATA)"
+            )
+    return target
+
+
+# ---------------------------------------------------------------- parsing and validation
+
+
+def _check_split(images: np.ndarray, labels: np.ndarray, img_name: str, lbl_name: str) -> None:
+    """Raise DataError unless images are (N, 28, 28) or (N, 784) and labels (N,) in 0..9."""
+    if images.ndim == 3:
+        shape_ok = images.shape[1:] == (28, 28)
+    else:
+        shape_ok = images.ndim == 2 and images.shape[1] == 784
+    if not shape_ok:
+        raise DataError(
+            f"{img_name}: images must be 28x28 (N, 28, 28), got shape {images.shape}; not an MNIST image file"
+        )
+    if labels.ndim != 1:
+        raise DataError(f"{lbl_name}: labels must be 1-D, got shape {labels.shape}; not an MNIST label file")
+    if len(images) != len(labels):
+        raise DataError(
+            f"{img_name} has {len(images)} images but {lbl_name} has {len(labels)} labels; "
+            "the counts must match (mixed-up or truncated files?)"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        bad = int(np.flatnonzero((labels < 0) | (labels > 9))[0])
+        raise DataError(
+            f"{lbl_name}: labels must be in 0..9, found {int(labels[bad])} at index {bad}; corrupt label file"
+        )
+
+
+def _read_dir(directory: Path) -> dict[str, np.ndarray]:
+    """Read and validate the four IDX files of ``directory`` -> the MNIST arrays by field name."""
+    paths = {k: _find_file(directory, stem) for k, stem in FILES.items()}
+    raw = {k: read_idx(p) for k, p in paths.items()}
+    out = {}
+    for split in ("train", "test"):
+        xi, yi = f"x_{split}", f"y_{split}"
+        _check_split(raw[xi], raw[yi], str(paths[xi]), str(paths[yi]))
+        out[xi] = np.ascontiguousarray(raw[xi].reshape(len(raw[xi]), 784))
+        out[yi] = raw[yi].astype(np.int64)
+    return out
+
+
+# ---------------------------------------------------------------- npz cache
+
+
+def _load_npz(directory: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays if ``mnist.npz`` is newer than every IDX file and valid, else None (never raises)."""
+    npz = directory / CACHE_NAME
+    try:
+        newest_idx = max(_find_file(directory, s).stat().st_mtime_ns for s in FILES.values())
+        if not npz.is_file() or npz.stat().st_mtime_ns <= newest_idx:
+            return None
+        with np.load(npz, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in FILES}
+        for split in ("train", "test"):
+            x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+            if x.dtype != np.uint8 or y.dtype != np.int64 or x.ndim != 2:
+                raise DataError(f"{npz}: wrong dtypes or shapes in the cache")
+            _check_split(x, y, str(npz), str(npz))
+        return arrays
+    except Exception as e:  # a corrupt cache is never fatal: zip, pickle, key, dtype errors alike
+        log.warning("ignoring unusable MNIST cache %s (%s); rebuilding it", npz, e)
+        return None
+
+
+def _save_npz(directory: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``mnist.npz`` atomically if ``directory`` is writable; failures are only logged."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{CACHE_NAME}.", suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the data is not secret
+        os.replace(tmp, directory / CACHE_NAME)
+    except OSError as e:
+        log.debug("not caching MNIST in %s (%s)", directory, e)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _resolve_dir(data_dir: str | os.PathLike | None, download: bool, mirrors: Sequence[str] | None) -> Path:
+    """The directory to load from, downloading into it first when needed and allowed."""
+    if data_dir is not None:
+        directory = Path(data_dir).expanduser()
+        missing = _missing(directory)
+        if not missing:
+            return directory
+        if not download:
+            raise DataError(
+                f"{directory}: missing MNIST files {', '.join(missing)} (.gz or raw); copy them there, "
+                "or call load_mnist(download=True), or drop data_dir to use the default search"
+            )
+        return download_mnist(directory, mirrors)
+    searched = _search_dirs()
+    for d in searched:
+        if not _missing(d):
+            return d
+    if not download:
+        raise DataError(
+            "MNIST files not found; searched "
+            + ", ".join(str(d) for d in searched)
+            + ". Fix: set GPUMLP_DATA to a directory holding the four IDX files, pass data_dir, "
+            "or call load_mnist(download=True)"
+        )
+    return download_mnist(default_cache_dir(), mirrors)
+
+
+def load_mnist(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    mirrors: Sequence[str] | None = None,
+    cache: bool = True,
+) -> MNIST:
+    """Load MNIST -> MNIST(x_train (60000,784) uint8, y_train (60000,) int64, x_test, y_test, source)."""
+    directory = _resolve_dir(data_dir, download, mirrors)
+    arrays = _load_npz(directory) if cache else None
+    if arrays is None:
+        arrays = _read_dir(directory)
+        if cache:
+            _save_npz(directory, arrays)
+    return MNIST(**arrays, source=str(directory))
