@@ -209,7 +209,7 @@ def hash_uniform(seed, n):
         x = x * np.uint32(0x846CA68B)
         return x ^ (x >> np.uint32(16))
 
-    key = mix(np.asarray(seed & 0xFFFFFFFF, dtype=np.uint32))
+    key = mix(np.array([seed & 0xFFFFFFFF], dtype=np.uint32))  # 1-elem array: wraps silently
     h = mix(np.arange(n, dtype=np.uint32) ^ key)
     return (h >> np.uint32(8)).astype(np.float64) * (1.0 / (1 << 24))
 
