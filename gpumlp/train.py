@@ -161,7 +161,7 @@ def fit(
     each epoch. With ``checkpoint_path`` the state is saved atomically after
     each epoch; ``resume=True`` continues from it exactly.
     ``callbacks`` get (epoch record, model) and may return True to stop."""
-    be, xp, k = model.be, model.be.xp, model.be.k
+    be = model.be
     X = check_features(X, model.n_features)
     y = check_labels(y, X.shape[0], model.n_classes)
     X, y, X_valid, y_valid = _split_validation(X, y, X_valid, y_valid, valid_split)
@@ -177,78 +177,38 @@ def fit(
         else Optimizer(optimizer, lr=lr, momentum=momentum, l1=l1, l2=l2)
     )
     sched = schedule if isinstance(schedule, Schedule) else Schedule(schedule)
-    params = model.parameters()
-    opt_state = [opt.init_state(be, w) for _, w, _, _ in params]
-
-    n, B = X.shape[0], min(batch_size, X.shape[0])
-    Xd = be.asarray(X, dtype=model.dtype)
-    valid = None
-    if X_valid is not None:
-        Xv = check_features(X_valid, model.n_features, "X_valid")
-        valid = (
-            be.asarray(Xv, dtype=model.dtype),
-            be.asarray(check_labels(y_valid, Xv.shape[0], model.n_classes, "y_valid")),
-        )
+    opt_state = [opt.init_state(be, w) for _, w, _, _ in model.parameters()]
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if resume and ckpt and ckpt.exists():
         st = _load_checkpoint(ckpt, model, opt_state)
     else:
         st = _State(epoch=0, step=0, rng=np.random.default_rng(seed), history=History())
-
-    # Per-shape buffers, created once: the full batch and the last partial one.
-    x_buf = {b: xp.empty((b, model.n_features), dtype=model.dtype) for b in {B, n % B or B}}
-    g_buf = {b: xp.empty((b, model.n_classes), dtype=model.dtype) for b in x_buf}
+    if X_valid is not None:
+        Xv = check_features(X_valid, model.n_features, "X_valid")
+        valid_host = (Xv, check_labels(y_valid, Xv.shape[0], model.n_classes, "y_valid"))
+    else:
+        valid_host = None
+    step = _Step(model, opt, opt_state, min(batch_size, X.shape[0]), X.shape[0], reduction, clip_norm)
     bar = tqdm(total=epochs, initial=st.epoch, disable=not progress, unit="epoch", file=sys.stderr)
     try:
+        Xd = be.asarray(X, dtype=model.dtype)
+        valid = valid_host and (be.asarray(valid_host[0], dtype=model.dtype), be.asarray(valid_host[1]))
         while st.epoch < epochs and not st.history.stop_reason:
             t0 = time.perf_counter()
             epoch_lr = sched.lr(opt.lr, st.epoch)
-            perm = st.rng.permutation(n) if shuffle else np.arange(n)
+            perm = st.rng.permutation(X.shape[0]) if shuffle else np.arange(X.shape[0])
             if augment_shift:
                 Xd = be.asarray(shift_images(X, augment_shift, st.rng), dtype=model.dtype)
-            perm_d, y_d = be.asarray(perm.astype(np.int32)), be.asarray(y[perm])
-            loss_sum = xp.zeros((), dtype=np.float64)
-            correct = xp.zeros((), dtype=np.int64)
-            for s in range(0, n, B):
-                b = min(B, n - s)
-                xb = k.gather_rows(Xd, perm_d[s : s + b], out=x_buf[b])
-                yb = y_d[s : s + b]
-                scores = model.forward(xb, train=True)
-                loss, grad = model.loss(
-                    be, scores, yb, grad=g_buf[b], grad_scale=1.0 / b if reduction == "mean" else 1.0
-                )
-                loss_sum += loss
-                correct += k.correct_count(scores, yb)
-                model.backward(grad)
-                if clip_norm:
-                    clip_grad_norm(be, [g for _, _, g, _ in params], clip_norm)
-                st.step += 1
-                for (_, w, g, decayed), state in zip(params, opt_state):
-                    opt.update(be, w, g, state, epoch_lr, st.step, decayed)
-            be.synchronize()
-            train_loss = float(be.to_host(loss_sum)) / n
+            train_loss, train_acc = step.epoch(Xd, perm, y[perm], epoch_lr, st)
             if not math.isfinite(train_loss):
-                saved = (
-                    f"the last good checkpoint is {ckpt}"
-                    if ckpt and ckpt.exists()
-                    else "no checkpoint was saved"
-                )
-                raise TrainingDiverged(
-                    f"training diverged: the loss became {train_loss} in epoch {st.epoch + 1} "
-                    f"(lr {epoch_lr:g}); {saved}. Lower the learning rate, add clip_norm, or check the data."
-                )
-            rec = {
-                "epoch": st.epoch + 1,
-                "loss": train_loss,
-                "train_acc": int(be.to_host(correct)) / n,
-                "lr": epoch_lr,
-            }
-            if valid is not None:
+                raise TrainingDiverged(_diverged_message(train_loss, st.epoch + 1, epoch_lr, ckpt))
+            rec = {"epoch": st.epoch + 1, "loss": train_loss, "train_acc": train_acc, "lr": epoch_lr}
+            if valid:
                 rec["valid_loss"], rec["valid_acc"] = evaluate(model, *valid)
             rec["seconds"] = time.perf_counter() - t0
             st.history.records.append(rec)
             st.epoch += 1
-            st.history.stop_reason = _stop_reason(st, rec, model, tol, patience, epochs)
+            st.history.stop_reason = _stop_reason(st, rec, model, tol, patience)
             if any(cb(rec, model) for cb in callbacks):
                 st.history.stop_reason = "callback"
             if ckpt:
@@ -257,6 +217,8 @@ def fit(
             bar.set_postfix({key: f"{v:.4f}" for key, v in rec.items() if key not in ("epoch", "lr")})
             if verbose:
                 bar.write(format_record(rec, epochs), file=sys.stderr)
+    except MemoryError as e:
+        raise DeviceOutOfMemory(_oom_message(model, X.shape, batch_size, e)) from e
     finally:
         bar.close()
     if patience and st.best[2] is not None:
@@ -265,7 +227,70 @@ def fit(
     return st.history
 
 
-def _stop_reason(st: _State, rec: dict, model, tol, patience, epochs) -> str:
+class _Step:
+    """One epoch of minibatch steps with buffers preallocated per batch shape
+    (the full batch and the last partial one), so the step allocates nothing."""
+
+    def __init__(self, model, opt: Optimizer, opt_state: list, batch: int, n: int, reduction: str, clip):
+        self.model, self.opt, self.opt_state, self.B, self.clip = model, opt, opt_state, batch, clip
+        self.params = model.parameters()
+        self.mean = reduction == "mean"
+        xp, dt = model.be.xp, model.dtype
+        self.x_buf = {b: xp.empty((b, model.n_features), dtype=dt) for b in {batch, n % batch or batch}}
+        self.g_buf = {b: xp.empty((b, model.n_classes), dtype=dt) for b in self.x_buf}
+
+    def epoch(self, Xd, perm: np.ndarray, y_perm: np.ndarray, lr: float, st: _State) -> tuple[float, float]:
+        """Train one pass over the rows of device Xd in host order ``perm`` ->
+        (mean loss, accuracy), read from the device once at the end."""
+        model, be = self.model, self.model.be
+        k, xp, n, B = be.k, be.xp, perm.shape[0], self.B
+        perm_d, y_d = be.asarray(perm.astype(np.int32)), be.asarray(y_perm)  # one upload per epoch
+        loss_sum = xp.zeros((), dtype=np.float64)
+        correct = xp.zeros((), dtype=np.int64)
+        for s in range(0, n, B):
+            b = min(B, n - s)
+            yb = y_d[s : s + b]
+            scores = model.forward(k.gather_rows(Xd, perm_d[s : s + b], out=self.x_buf[b]), train=True)
+            loss, grad = model.loss(
+                be, scores, yb, grad=self.g_buf[b], grad_scale=1.0 / b if self.mean else 1.0
+            )
+            loss_sum += loss
+            correct += k.correct_count(scores, yb)
+            model.backward(grad)
+            if self.clip:
+                clip_grad_norm(be, [g for _, _, g, _ in self.params], self.clip)
+            st.step += 1
+            for (_, w, g, decayed), state in zip(self.params, self.opt_state):
+                self.opt.update(be, w, g, state, lr, st.step, decayed)
+        be.synchronize()
+        return float(be.to_host(loss_sum)) / n, int(be.to_host(correct)) / n
+
+
+def _diverged_message(loss: float, epoch: int, lr: float, ckpt: Path | None) -> str:
+    saved = f"the last good checkpoint is {ckpt}" if ckpt and ckpt.exists() else "no checkpoint was saved"
+    return (
+        f"training diverged: the loss became {loss} in epoch {epoch} (lr {lr:g}); {saved}. "
+        "Lower the learning rate, add clip_norm, or check the data."
+    )
+
+
+def _oom_message(model, shape: tuple, batch_size: int, err: BaseException) -> str:
+    itemsize = model.dtype.itemsize
+    data_mb = shape[0] * shape[1] * itemsize / 2**20
+    params_mb = sum(w.size for _, w, _, _ in model.parameters()) * itemsize / 2**20
+    return (
+        f"out of memory on backend {model.be.name}: the training set needs {data_mb:.1f} MiB "
+        f"({shape[0]}x{shape[1]} {model.dtype.name}), the parameters {params_mb:.1f} MiB (x3-4 with "
+        f"gradients and optimizer state), plus activations for batch size {batch_size}. Lower the batch "
+        f"size, use float32, a smaller model, or fewer samples ({err})"
+    )
+
+
+class DeviceOutOfMemory(MemoryError):
+    """The backend ran out of (device) memory; the message gives the sizes involved."""
+
+
+def _stop_reason(st: _State, rec: dict, model, tol, patience) -> str:
     recs = st.history.records
     if tol is not None and len(recs) > 1 and abs(recs[-2]["loss"] - rec["loss"]) < tol:
         return f"converged: loss changed by less than tol={tol}"
