@@ -1,0 +1,139 @@
+// Device helpers shared by kernels/cuda/*.cu (activations, hashing, reductions).
+//
+// Included by every .cu file. cupy_gpu.py pastes it into the source it hands to
+// NVRTC (so no include path is needed); nvcc and the host emulation find it
+// with -I. The include guard makes pasting it more than once harmless.
+//
+// Launch conventions used by the kernels:
+//  * 1-D element kernels use grid-stride loops, so any grid size is correct.
+//  * Row kernels (one block per row, grid-stride over rows) need blockDim.x a
+//    multiple of 32 and at most MAX_BLOCK (256): the host emulation runs a block
+//    as a team of OS threads, and 256 keeps that affordable.
+//  * Column kernels use blockDim = (32, COL_Y): 32 columns x COL_Y row lanes.
+#ifndef GPUMLP_DEVICE_COMMON_H
+#define GPUMLP_DEVICE_COMMON_H
+
+#define FULL_MASK 0xffffffffu
+#define MAX_BLOCK 256
+#define COL_Y 8
+
+// Activation codes: the index of the name in reference.ACTIVATIONS.
+#define ACT_IDENTITY 0
+#define ACT_SIGMOID 1
+#define ACT_TANH 2
+#define ACT_RELU 3
+#define ACT_LEAKY_RELU 4
+
+// Precision-matched math: the float overloads keep float32 kernels in float32.
+__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
+__device__ __forceinline__ float dev_log(float x) { return logf(x); }
+__device__ __forceinline__ double dev_log(double x) { return log(x); }
+__device__ __forceinline__ float dev_log1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double dev_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float dev_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double dev_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ float dev_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double dev_sqrt(double x) { return sqrt(x); }
+
+template <typename T>
+__device__ __forceinline__ T dev_max(T a, T b) { return b > a ? b : a; }
+
+template <typename T>
+__device__ __forceinline__ T dev_sign(T x) { return T((x > T(0)) - (x < T(0))); }
+
+// act(s) for an activation code; slope is reference.LEAKY_SLOPE.
+template <typename T>
+__device__ __forceinline__ T activate(T s, int act, T slope) {
+    switch (act) {
+        case ACT_SIGMOID: return T(1) / (T(1) + dev_exp(-s));
+        case ACT_TANH: return dev_tanh(s);
+        case ACT_RELU: return s > T(0) ? s : T(0);
+        case ACT_LEAKY_RELU: return s > T(0) ? s : s * slope;
+        default: return s;
+    }
+}
+
+// act'(.) expressed through the activation's output y.
+template <typename T>
+__device__ __forceinline__ T activate_grad(T y, int act, T slope) {
+    switch (act) {
+        case ACT_SIGMOID: return y * (T(1) - y);
+        case ACT_TANH: return T(1) - y * y;
+        case ACT_RELU: return y > T(0) ? T(1) : T(0);
+        case ACT_LEAKY_RELU: return y > T(0) ? T(1) : slope;
+        default: return T(1);
+    }
+}
+
+// Wellons' lowbias32 mixer: the same stream as reference.hash_uniform.
+__device__ __forceinline__ unsigned int lowbias32(unsigned int x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+// Butterfly reductions: every lane of the warp gets the result.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+    for (int o = 16; o > 0; o >>= 1) v = dev_max(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// Sum over a 1-D block (blockDim.x a multiple of 32); every thread gets it.
+// scratch: the caller's __shared__ T[32]. Must be reached by all threads.
+template <typename T>
+__device__ T block_sum(T v, T* scratch) {
+    if (blockDim.x == 32) return warp_sum(v);  // one warp: no shared-memory stage
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // earlier readers of scratch are done
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        T w = warp_sum(lane < nwarps ? scratch[lane] : T(0));
+        if (lane == 0) scratch[0] = w;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+// Max over a 1-D block; same rules as block_sum.
+template <typename T>
+__device__ T block_max(T v, T* scratch) {
+    if (blockDim.x == 32) return warp_max(v);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        T w = warp_max(scratch[lane < nwarps ? lane : 0]);
+        if (lane == 0) scratch[0] = w;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+// Sum over threadIdx.y of a (32, COL_Y) block, in a fixed order; every thread
+// of the column gets it. scratch: the caller's __shared__ T[COL_Y][32].
+template <typename T>
+__device__ T column_sum(T v, T (*scratch)[32]) {
+    __syncthreads();
+    scratch[threadIdx.y][threadIdx.x] = v;
+    __syncthreads();
+    T r = T(0);
+    for (int j = 0; j < COL_Y; ++j) r += scratch[j][threadIdx.x];
+    return r;
+}
+
+#endif  // GPUMLP_DEVICE_COMMON_H

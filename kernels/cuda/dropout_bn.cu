@@ -1,0 +1,173 @@
+// Dropout (counter-hash masks, bit-identical to reference.hash_uniform) and
+// batch norm (training forward, inference, backward).
+// Contract: kernels/reference.py (hash_uniform, dropout_forward/backward, batchnorm_*).
+#include "device_common.h"
+
+#define GRID_STRIDE(i, n)                                                            \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)gridDim.x * blockDim.x)
+
+// out[i] = (lowbias32(i ^ lowbias32(seed)) >> 8) / 2^24, exactly as the reference.
+extern "C" __global__ void hash_uniform_f64(double* __restrict__ out, long long n, unsigned int seed) {
+    const unsigned int key = lowbias32(seed);
+    GRID_STRIDE(i, n) { out[i] = (double)(lowbias32((unsigned int)i ^ key) >> 8) * (1.0 / 16777216.0); }
+}
+
+// Keep element i when its 24-bit hash h >= thresh (= ceil(p * 2^24), i.e. u >= p
+// exactly); mask = scale (= 1/(1-p) rounded to T) or 0; out = x * mask.
+template <typename T>
+__device__ void dropout_forward_impl(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ mask,
+                                     long long n, unsigned int seed, unsigned int thresh, T scale) {
+    const unsigned int key = lowbias32(seed);
+    GRID_STRIDE(i, n) {
+        const T mk = (lowbias32((unsigned int)i ^ key) >> 8) >= thresh ? scale : T(0);
+        mask[i] = mk;
+        out[i] = x[i] * mk;
+    }
+}
+
+template <typename T>
+__device__ void mul_impl(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, long long n) {
+    GRID_STRIDE(i, n) { out[i] = a[i] * b[i]; }
+}
+
+// Training-mode forward for 32 columns per block (blockDim (32, COL_Y)):
+// mean, biased var, xhat = (x - mean) / sqrt(var + eps), out = gamma * xhat + beta.
+template <typename T>
+__device__ void batchnorm_forward_impl(const T* __restrict__ x, const T* __restrict__ gamma,
+                                       const T* __restrict__ beta, T* __restrict__ out, T* __restrict__ xhat,
+                                       T* __restrict__ mean_out, T* __restrict__ var_out, int nrow, int ncol,
+                                       T eps) {
+    __shared__ T scratch[COL_Y][32];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    const bool live = col < ncol;
+    T s = T(0);
+    if (live)
+        for (int r = threadIdx.y; r < nrow; r += COL_Y) s += x[(long long)r * ncol + col];
+    const T mean = column_sum(s, scratch) / T(nrow);
+    T q = T(0);
+    if (live)
+        for (int r = threadIdx.y; r < nrow; r += COL_Y) {
+            const T d = x[(long long)r * ncol + col] - mean;
+            q += d * d;
+        }
+    const T var = column_sum(q, scratch) / T(nrow);
+    if (!live) return;  // no barrier below
+    const T sd = dev_sqrt(var + eps), ga = gamma[col], be = beta[col];
+    for (int r = threadIdx.y; r < nrow; r += COL_Y) {
+        const long long i = (long long)r * ncol + col;
+        const T xh = (x[i] - mean) / sd;
+        xhat[i] = xh;
+        out[i] = ga * xh + be;
+    }
+    if (threadIdx.y == 0) {
+        mean_out[col] = mean;
+        var_out[col] = var;
+    }
+}
+
+// Inference: y = gamma * (x - mean) / sqrt(var + eps) + beta, elementwise over n = B*N.
+template <typename T>
+__device__ void batchnorm_inference_impl(const T* __restrict__ x, const T* __restrict__ gamma,
+                                         const T* __restrict__ beta, const T* __restrict__ mean,
+                                         const T* __restrict__ var, T* __restrict__ out, long long n, int ncol,
+                                         T eps) {
+    GRID_STRIDE(i, n) {
+        const int c = (int)(i % ncol);
+        out[i] = gamma[c] * (x[i] - mean[c]) / dev_sqrt(var[c] + eps) + beta[c];
+    }
+}
+
+// Backward: dbeta = sum dy, dgamma = sum dy*xhat,
+// dx = gamma/sqrt(var+eps) * (dy - dbeta/B - xhat * dgamma/B). Block (32, COL_Y).
+template <typename T>
+__device__ void batchnorm_backward_impl(const T* __restrict__ dy, const T* __restrict__ xhat,
+                                        const T* __restrict__ gamma, const T* __restrict__ var,
+                                        T* __restrict__ dx, T* __restrict__ dgamma, T* __restrict__ dbeta,
+                                        int nrow, int ncol, T eps) {
+    __shared__ T scratch[COL_Y][32];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    const bool live = col < ncol;
+    T sb = T(0), sg = T(0);
+    if (live)
+        for (int r = threadIdx.y; r < nrow; r += COL_Y) {
+            const long long i = (long long)r * ncol + col;
+            sb += dy[i];
+            sg += dy[i] * xhat[i];
+        }
+    const T db = column_sum(sb, scratch);
+    const T dg = column_sum(sg, scratch);
+    if (!live) return;
+    const T g = gamma[col] / dev_sqrt(var[col] + eps), mb = db / T(nrow), mg = dg / T(nrow);
+    for (int r = threadIdx.y; r < nrow; r += COL_Y) {
+        const long long i = (long long)r * ncol + col;
+        dx[i] = g * (dy[i] - mb - xhat[i] * mg);
+    }
+    if (threadIdx.y == 0) {
+        dgamma[col] = dg;
+        dbeta[col] = db;
+    }
+}
+
+extern "C" __global__ void dropout_forward_f32(const float* __restrict__ x, float* __restrict__ out,
+                                               float* __restrict__ mask, long long n, unsigned int seed,
+                                               unsigned int thresh, float scale) {
+    dropout_forward_impl(x, out, mask, n, seed, thresh, scale);
+}
+extern "C" __global__ void dropout_forward_f64(const double* __restrict__ x, double* __restrict__ out,
+                                               double* __restrict__ mask, long long n, unsigned int seed,
+                                               unsigned int thresh, double scale) {
+    dropout_forward_impl(x, out, mask, n, seed, thresh, scale);
+}
+
+extern "C" __global__ void mul_f32(const float* __restrict__ a, const float* __restrict__ b,
+                                   float* __restrict__ out, long long n) {
+    mul_impl(a, b, out, n);
+}
+extern "C" __global__ void mul_f64(const double* __restrict__ a, const double* __restrict__ b,
+                                   double* __restrict__ out, long long n) {
+    mul_impl(a, b, out, n);
+}
+
+extern "C" __global__ void batchnorm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                 const float* __restrict__ beta, float* __restrict__ out,
+                                                 float* __restrict__ xhat, float* __restrict__ mean,
+                                                 float* __restrict__ var, int nrow, int ncol, float eps) {
+    batchnorm_forward_impl(x, gamma, beta, out, xhat, mean, var, nrow, ncol, eps);
+}
+extern "C" __global__ void batchnorm_forward_f64(const double* __restrict__ x, const double* __restrict__ gamma,
+                                                 const double* __restrict__ beta, double* __restrict__ out,
+                                                 double* __restrict__ xhat, double* __restrict__ mean,
+                                                 double* __restrict__ var, int nrow, int ncol, double eps) {
+    batchnorm_forward_impl(x, gamma, beta, out, xhat, mean, var, nrow, ncol, eps);
+}
+
+extern "C" __global__ void batchnorm_inference_f32(const float* __restrict__ x, const float* __restrict__ gamma,
+                                                   const float* __restrict__ beta, const float* __restrict__ mean,
+                                                   const float* __restrict__ var, float* __restrict__ out,
+                                                   long long n, int ncol, float eps) {
+    batchnorm_inference_impl(x, gamma, beta, mean, var, out, n, ncol, eps);
+}
+extern "C" __global__ void batchnorm_inference_f64(const double* __restrict__ x,
+                                                   const double* __restrict__ gamma,
+                                                   const double* __restrict__ beta,
+                                                   const double* __restrict__ mean,
+                                                   const double* __restrict__ var, double* __restrict__ out,
+                                                   long long n, int ncol, double eps) {
+    batchnorm_inference_impl(x, gamma, beta, mean, var, out, n, ncol, eps);
+}
+
+extern "C" __global__ void batchnorm_backward_f32(const float* __restrict__ dy, const float* __restrict__ xhat,
+                                                  const float* __restrict__ gamma, const float* __restrict__ var,
+                                                  float* __restrict__ dx, float* __restrict__ dgamma,
+                                                  float* __restrict__ dbeta, int nrow, int ncol, float eps) {
+    batchnorm_backward_impl(dy, xhat, gamma, var, dx, dgamma, dbeta, nrow, ncol, eps);
+}
+extern "C" __global__ void batchnorm_backward_f64(const double* __restrict__ dy,
+                                                  const double* __restrict__ xhat,
+                                                  const double* __restrict__ gamma,
+                                                  const double* __restrict__ var, double* __restrict__ dx,
+                                                  double* __restrict__ dgamma, double* __restrict__ dbeta,
+                                                  int nrow, int ncol, double eps) {
+    batchnorm_backward_impl(dy, xhat, gamma, var, dx, dgamma, dbeta, nrow, ncol, eps);
+}

@@ -1,0 +1,166 @@
+// Fused losses (value + gradient in one launch), softmax and the accuracy count.
+// Contract: kernels/reference.py (softmax, softmax_xent, sigmoid_bce, mse, correct_count).
+//
+// Row kernels: one block per row (grid-stride over rows), threads over the K
+// columns, warp-shuffle + shared-memory reductions. Each block keeps its rows'
+// loss in thread 0 and adds it once to the device scalar *loss (zeroed by the
+// caller) with atomicAdd, so nothing synchronizes with the host.
+#include "device_common.h"
+
+// loss += sum_rows [lse(z) - z[y]]; grad = scale * (softmax(z) - onehot(y)).
+template <typename T>
+__device__ void softmax_xent_impl(const T* __restrict__ logits, const int* __restrict__ labels,
+                                  T* __restrict__ grad, T* __restrict__ loss, int nrow, int ncol, T scale) {
+    __shared__ T scratch[32];
+    T acc = T(0);
+    for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
+        const T* z = logits + (long long)row * ncol;
+        T* g = grad + (long long)row * ncol;
+        T m = z[0];
+        for (int k = threadIdx.x; k < ncol; k += blockDim.x) m = dev_max(m, z[k]);
+        m = block_max(m, scratch);
+        T s = T(0);
+        for (int k = threadIdx.x; k < ncol; k += blockDim.x) s += dev_exp(z[k] - m);
+        s = block_sum(s, scratch);
+        const int y = labels[row];
+        for (int k = threadIdx.x; k < ncol; k += blockDim.x) {
+            g[k] = scale * (dev_exp(z[k] - m) / s - (k == y ? T(1) : T(0)));
+        }
+        // a label outside [0, K) must not read out of bounds: it makes the loss NaN
+        if (threadIdx.x == 0) acc += (y >= 0 && y < ncol) ? (m + dev_log(s)) - z[y] : dev_log(T(-1));
+    }
+    if (threadIdx.x == 0) atomicAdd(loss, acc);
+}
+
+// Row-wise softmax(z) into out.
+template <typename T>
+__device__ void softmax_impl(const T* __restrict__ logits, T* __restrict__ out, int nrow, int ncol) {
+    __shared__ T scratch[32];
+    for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
+        const T* z = logits + (long long)row * ncol;
+        T m = z[0];
+        for (int k = threadIdx.x; k < ncol; k += blockDim.x) m = dev_max(m, z[k]);
+        m = block_max(m, scratch);
+        T s = T(0);
+        for (int k = threadIdx.x; k < ncol; k += blockDim.x) s += dev_exp(z[k] - m);
+        s = block_sum(s, scratch);
+        for (int k = threadIdx.x; k < ncol; k += blockDim.x) out[(long long)row * ncol + k] = dev_exp(z[k] - m) / s;
+    }
+}
+
+// Logistic cost against one-hot targets; p clipped to [eps, 1-eps] (in T) inside log().
+template <typename T>
+__device__ void sigmoid_bce_impl(const T* __restrict__ logits, const int* __restrict__ labels,
+                                 T* __restrict__ grad, T* __restrict__ loss, int nrow, int ncol, T scale,
+                                 T cap) {
+    __shared__ T scratch[32];
+    T acc = T(0);
+    for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
+        const int y = labels[row];
+        T part = T(0);
+        for (int k = threadIdx.x; k < ncol; k += blockDim.x) {
+            const long long i = (long long)row * ncol + k;
+            const T p = T(1) / (T(1) + dev_exp(-logits[i]));
+            const bool t = (k == y);
+            // -log p = softplus(-z), -log(1-p) = softplus(z): never the log of a rounded p
+            const T s = t ? -logits[i] : logits[i];
+            const T sp = dev_max(s, T(0)) + dev_log1p(dev_exp(-dev_max(s, -s)));
+            part += sp < cap ? sp : cap;
+            grad[i] = scale * (p - (t ? T(1) : T(0)));
+        }
+        part = block_sum(part, scratch);
+        if (threadIdx.x == 0) acc += part;
+    }
+    if (threadIdx.x == 0) atomicAdd(loss, acc);
+}
+
+// Half squared error against one-hot targets.
+template <typename T>
+__device__ void mse_impl(const T* __restrict__ pred, const int* __restrict__ labels, T* __restrict__ grad,
+                         T* __restrict__ loss, int nrow, int ncol, T scale) {
+    __shared__ T scratch[32];
+    T acc = T(0);
+    for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
+        const int y = labels[row];
+        T part = T(0);
+        for (int k = threadIdx.x; k < ncol; k += blockDim.x) {
+            const long long i = (long long)row * ncol + k;
+            const T d = pred[i] - (k == y ? T(1) : T(0));
+            part += d * d;
+            grad[i] = scale * d;
+        }
+        part = block_sum(part, scratch);
+        if (threadIdx.x == 0) acc += T(0.5) * part;
+    }
+    if (threadIdx.x == 0) atomicAdd(loss, acc);
+}
+
+// *count += #rows with argmax(scores[row]) == labels[row] (first max wins). One thread per row.
+template <typename T>
+__device__ void correct_count_impl(const T* __restrict__ scores, const int* __restrict__ labels,
+                                   long long* __restrict__ count, int nrow, int ncol) {
+    __shared__ int scratch[32];
+    int hits = 0;
+    for (int row = blockIdx.x * blockDim.x + threadIdx.x; row < nrow; row += gridDim.x * blockDim.x) {
+        const T* s = scores + (long long)row * ncol;
+        int best = 0;
+        for (int k = 1; k < ncol; ++k) best = s[k] > s[best] ? k : best;
+        hits += (best == labels[row]);
+    }
+    hits = block_sum(hits, scratch);
+    if (threadIdx.x == 0 && hits > 0) {
+        atomicAdd(reinterpret_cast<unsigned long long*>(count), (unsigned long long)hits);
+    }
+}
+
+extern "C" __global__ void softmax_xent_f32(const float* __restrict__ logits, const int* __restrict__ labels,
+                                            float* __restrict__ grad, float* __restrict__ loss, int nrow,
+                                            int ncol, float scale) {
+    softmax_xent_impl(logits, labels, grad, loss, nrow, ncol, scale);
+}
+extern "C" __global__ void softmax_xent_f64(const double* __restrict__ logits, const int* __restrict__ labels,
+                                            double* __restrict__ grad, double* __restrict__ loss, int nrow,
+                                            int ncol, double scale) {
+    softmax_xent_impl(logits, labels, grad, loss, nrow, ncol, scale);
+}
+
+extern "C" __global__ void softmax_f32(const float* __restrict__ logits, float* __restrict__ out, int nrow,
+                                       int ncol) {
+    softmax_impl(logits, out, nrow, ncol);
+}
+extern "C" __global__ void softmax_f64(const double* __restrict__ logits, double* __restrict__ out, int nrow,
+                                       int ncol) {
+    softmax_impl(logits, out, nrow, ncol);
+}
+
+extern "C" __global__ void sigmoid_bce_f32(const float* __restrict__ logits, const int* __restrict__ labels,
+                                           float* __restrict__ grad, float* __restrict__ loss, int nrow,
+                                           int ncol, float scale, float cap) {
+    sigmoid_bce_impl(logits, labels, grad, loss, nrow, ncol, scale, cap);
+}
+extern "C" __global__ void sigmoid_bce_f64(const double* __restrict__ logits, const int* __restrict__ labels,
+                                           double* __restrict__ grad, double* __restrict__ loss, int nrow,
+                                           int ncol, double scale, double cap) {
+    sigmoid_bce_impl(logits, labels, grad, loss, nrow, ncol, scale, cap);
+}
+
+extern "C" __global__ void mse_f32(const float* __restrict__ pred, const int* __restrict__ labels,
+                                   float* __restrict__ grad, float* __restrict__ loss, int nrow, int ncol,
+                                   float scale) {
+    mse_impl(pred, labels, grad, loss, nrow, ncol, scale);
+}
+extern "C" __global__ void mse_f64(const double* __restrict__ pred, const int* __restrict__ labels,
+                                   double* __restrict__ grad, double* __restrict__ loss, int nrow, int ncol,
+                                   double scale) {
+    mse_impl(pred, labels, grad, loss, nrow, ncol, scale);
+}
+
+extern "C" __global__ void correct_count_f32(const float* __restrict__ scores, const int* __restrict__ labels,
+                                             long long* __restrict__ count, int nrow, int ncol) {
+    correct_count_impl(scores, labels, count, nrow, ncol);
+}
+extern "C" __global__ void correct_count_f64(const double* __restrict__ scores,
+                                             const int* __restrict__ labels, long long* __restrict__ count,
+                                             int nrow, int ncol) {
+    correct_count_impl(scores, labels, count, nrow, ncol);
+}

@@ -1,0 +1,832 @@
+"""Numba CPU kernels: the contract of ``gpumlp.kernels.reference``, fused and jitted.
+
+Same public names, parameters and defaults as the reference (checked by
+tests/test_contract.py); results agree within float tolerance, dropout masks
+and ``hash_uniform`` bit for bit (tests/test_kernel_parity.py).
+
+How the work is split
+---------------------
+* Dense ``matmul`` is BLAS (``np.matmul(..., out=out)``, transposes as views):
+  nothing we could jit beats it.
+* Every other kernel is a Python wrapper that validates only what is cheap
+  (activation name, contiguity of in-place targets) and calls one
+  ``@njit(cache=True, error_model="numpy")`` kernel that makes a single pass over memory (batch
+  norm: stats pass + output pass), writing into ``out=`` buffers, allocating
+  only when none is given. One jitted kernel serves all activations: the
+  activation is a small int code tested *outside* the inner loop, so each
+  activation gets its own vectorisable loop without one compile per activation.
+* Arithmetic on float32 data is done in float64 where scalars (lr, scale, ...)
+  enter, and losses/column sums accumulate in float64; results are stored in
+  the input dtype.
+
+Threads (why BLAS and Numba don't fight over cores)
+---------------------------------------------------
+BLAS owns the cores. Kernels run one after the other, never concurrently
+with a GEMM, but both OpenBLAS and Numba's OpenMP layer spin-wait after a
+parallel region, so an alternating GEMM / kernel loop makes the two thread
+teams starve each other. At MLP shapes an elementwise kernel touches at most a
+few MB and takes tens of microseconds single-threaded; on the 2-core dev box
+the ``prange`` variants lost at every MLP shape measured (784x1024 Adam:
+1.8 ms serial vs 10 ms parallel, noisy shared machine). So every kernel is
+single-threaded unless it has at least ``_PAR_MIN`` (4M) elements, i.e. beyond
+the MLP shapes we target; tune ``_PAR_MIN`` on many-core machines. The
+parallel variants run the very same jitted chunk body as the serial ones, so
+both give identical results. ``NUMBA_NUM_THREADS=1`` makes every kernel serial.
+
+Vectorisation notes: kernels use ``error_model="numpy"`` (division by zero
+gives inf/nan like NumPy instead of a Python check, which also blocked SIMD
+division: 8x slower Adam). Without Intel SVML, Numba's exp/tanh are scalar
+libm calls, so ``tanh`` (always) and ``sigmoid`` (from ``_SIMD_EXP_MIN``
+elements) in ``bias_act`` run the bias add in Numba and the transcendental as
+an in-place NumPy SIMD ufunc: 2-3 passes over cache-resident data beat one
+scalar pass 1.3-7x. ``fastmath`` is not used: it bought nothing measurable once
+loops vectorised, and it would allow NaN-unsafe rewrites.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS
+
+_ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # identity 0 .. leaky_relu 4
+# Elements at and above which a kernel uses its parallel variant (see module docstring).
+_PAR_MIN = 1 << 22
+# Sizes from which sigmoid goes through NumPy's SIMD exp (3 passes) instead of scalar libm exp.
+_SIMD_EXP_MIN = 1 << 12
+_MASK32 = np.uint64(0xFFFFFFFF)
+_BCE_CAP = -math.log(LOG_EPS)  # largest per-class term of sigmoid_bce, as in the reference
+
+
+def _act_code(act: str) -> int:
+    code = _ACT_CODE.get(act)
+    if code is None:
+        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return code
+
+
+def _flat(a: np.ndarray, name: str) -> np.ndarray:
+    """1-D view of a C-contiguous array (an error, not a silent copy, otherwise)."""
+    if a.ndim == 1:
+        return a
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (got strides {a.strides} for shape {a.shape})")
+    return a.reshape(-1)
+
+
+def _run(par, serial, n: int, *args) -> None:
+    """Call the parallel variant (with the thread count) for big n, else the serial one."""
+    if n >= _PAR_MIN and (nt := numba.get_num_threads()) > 1:
+        par(*args, nt)
+    else:
+        serial(*args)
+
+
+# ======================================================================= dense
+def matmul(
+    a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, trans_a: bool = False, trans_b: bool = False
+) -> np.ndarray:
+    """``op(a) @ op(b)`` on BLAS, transposes as views. (M,K)@(K,N) -> (M,N)."""
+    return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+
+
+@njit(cache=True, error_model="numpy")
+def _bias_act_rows(z, b, out, code, r0, r1):
+    # code 1 (sigmoid) computes the fused scalar form; codes 5/6 are the SIMD-exp passes
+    # around NumPy's vectorised exp/tanh (see bias_act).
+    n = z.shape[1]
+    if code == 0:
+        for i in range(r0, r1):
+            for j in range(n):
+                out[i, j] = z[i, j] + b[j]
+    elif code == 1:
+        for i in range(r0, r1):
+            for j in range(n):
+                out[i, j] = 1.0 / (1.0 + math.exp(-(z[i, j] + b[j])))
+    elif code == 3:
+        for i in range(r0, r1):
+            for j in range(n):
+                s = z[i, j] + b[j]
+                out[i, j] = s if s > 0 else 0
+    elif code == 4:
+        for i in range(r0, r1):
+            for j in range(n):
+                s = z[i, j] + b[j]
+                out[i, j] = s if s > 0 else s * LEAKY_SLOPE
+    elif code == 5:  # -(z + b), the argument of exp in the sigmoid
+        for i in range(r0, r1):
+            for j in range(n):
+                out[i, j] = -(z[i, j] + b[j])
+    else:  # code 6: out holds exp(-(z + b)); finish the sigmoid in place
+        for i in range(r0, r1):
+            for j in range(n):
+                out[i, j] = 1.0 / (1.0 + out[i, j])
+
+
+@njit(cache=True, error_model="numpy")
+def _bias_act_serial(z, b, out, code):
+    _bias_act_rows(z, b, out, code, 0, z.shape[0])
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _bias_act_par(z, b, out, code, nt):
+    step = (z.shape[0] + nt - 1) // nt
+    for c in prange(nt):
+        _bias_act_rows(z, b, out, code, c * step, min(z.shape[0], (c + 1) * step))
+
+
+def bias_act(z: np.ndarray, b: np.ndarray, act: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Fused ``act(z + b)``. z: (B,N), b: (N,) -> (B,N), z's dtype."""
+    code = _act_code(act)
+    if out is None:
+        out = np.empty_like(z)
+    n = z.size
+    if code == 2:  # libm tanh is scalar and ~10x slower than NumPy's SIMD tanh: 2 passes win
+        _run(_bias_act_par, _bias_act_serial, n, z, b, out, 0)
+        np.tanh(out, out=out)
+    elif code == 1 and n >= _SIMD_EXP_MIN:  # 3 passes around NumPy's SIMD exp beat scalar exp
+        _run(_bias_act_par, _bias_act_serial, n, z, b, out, 5)
+        np.exp(out, out=out)
+        _run(_bias_act_par, _bias_act_serial, n, out, b, out, 6)
+    else:
+        _run(_bias_act_par, _bias_act_serial, n, z, b, out, code)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _act_grad_range(g, y, out, code, lo, hi):
+    if code == 0:
+        for i in range(lo, hi):
+            out[i] = g[i]
+    elif code == 1:
+        for i in range(lo, hi):
+            out[i] = g[i] * (y[i] * (1 - y[i]))
+    elif code == 2:
+        for i in range(lo, hi):
+            out[i] = g[i] * (1 - y[i] * y[i])
+    elif code == 3:
+        for i in range(lo, hi):
+            out[i] = g[i] if y[i] > 0 else 0
+    else:
+        for i in range(lo, hi):
+            out[i] = g[i] if y[i] > 0 else g[i] * LEAKY_SLOPE
+
+
+@njit(cache=True, error_model="numpy")
+def _act_grad_serial(g, y, out, code):
+    _act_grad_range(g, y, out, code, 0, g.size)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _act_grad_par(g, y, out, code, nt):
+    step = (g.size + nt - 1) // nt
+    for c in prange(nt):
+        _act_grad_range(g, y, out, code, c * step, min(g.size, (c + 1) * step))
+
+
+def act_grad(grad_out: np.ndarray, y: np.ndarray, act: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Fused ``grad_out * act'(.)`` from the activation output y. (B,N),(B,N) -> (B,N)."""
+    code = _act_code(act)
+    if out is None:
+        out = np.empty_like(grad_out)
+    g1, y1, o1 = _flat(grad_out, "grad_out"), _flat(y, "y"), _flat(out, "out")
+    _run(_act_grad_par, _act_grad_serial, g1.size, g1, y1, o1, code)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _bias_grad_k(gz, out):
+    acc = np.zeros(gz.shape[1], np.float64)
+    for i in range(gz.shape[0]):
+        for j in range(gz.shape[1]):
+            acc[j] += gz[i, j]
+    for j in range(gz.shape[1]):
+        out[j] = acc[j]
+
+
+def bias_grad(grad_z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Column sums (float64 accumulation). grad_z: (B,N) -> (N,), grad_z's dtype."""
+    if out is None:
+        out = np.empty(grad_z.shape[1], grad_z.dtype)
+    _bias_grad_k(grad_z, out)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _gather_k(src, idx, out):
+    n = src.shape[0]
+    for r in range(idx.shape[0]):
+        k = idx[r]
+        if k < 0:
+            k += n
+        if k < 0 or k >= n:
+            raise IndexError("gather_rows: index out of range")
+        for j in range(src.shape[1]):
+            out[r, j] = src[k, j]
+
+
+def gather_rows(src: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Minibatch gather ``src[idx]``. src: (N,...) any dtype, idx: (B,) int -> (B,...)."""
+    nb = idx.shape[0]
+    if out is None:
+        out = np.empty((nb,) + src.shape[1:], dtype=src.dtype)
+    if not (src.flags.c_contiguous and out.flags.c_contiguous):
+        raise ValueError("gather_rows: src and out must be C-contiguous")
+    _gather_k(src.reshape(src.shape[0], -1), idx, out.reshape(nb, -1))
+    return out
+
+
+# ====================================================================== losses
+@njit(cache=True, error_model="numpy")
+def _softmax_k(z, out):
+    for i in range(z.shape[0]):
+        m = z[i, 0]
+        for j in range(1, z.shape[1]):
+            m = max(m, z[i, j])
+        s = 0.0
+        for j in range(z.shape[1]):
+            e = math.exp(z[i, j] - m)
+            out[i, j] = e
+            s += e
+        inv = 1.0 / s
+        for j in range(z.shape[1]):
+            out[i, j] *= inv
+
+
+def softmax(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise stable softmax, one row-resident pass. (B,K) -> (B,K)."""
+    if out is None:
+        out = np.empty_like(logits)
+    _softmax_k(logits, out)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_xent_k(z, labels, grad, scale):
+    k = z.shape[1]
+    total = 0.0
+    for i in range(z.shape[0]):
+        y = labels[i]
+        if y < 0 or y >= k:
+            raise ValueError("softmax_xent: label out of range [0, K)")
+        m = z[i, 0]
+        for j in range(1, k):
+            m = max(m, z[i, j])
+        s = 0.0
+        for j in range(k):
+            e = math.exp(z[i, j] - m)
+            grad[i, j] = e
+            s += e
+        total += m + math.log(s) - z[i, y]
+        inv = 1.0 / s
+        for j in range(k):
+            grad[i, j] = grad[i, j] * inv * scale
+        grad[i, y] = (math.exp(z[i, y] - m) * inv - 1.0) * scale
+    return total
+
+
+def softmax_xent(
+    logits: np.ndarray, labels: np.ndarray, grad: np.ndarray | None = None, grad_scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fused stable softmax cross-entropy + gradient from int labels.
+    logits: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) grad), logits' dtype."""
+    if grad is None:
+        grad = np.empty_like(logits)
+    total = _softmax_xent_k(logits, labels, grad, float(grad_scale))
+    return np.asarray(total, dtype=logits.dtype), grad
+
+
+@njit(cache=True, error_model="numpy")
+def _sigmoid_bce_k(z, labels, grad, scale, cap):
+    k = z.shape[1]
+    total = 0.0
+    for i in range(z.shape[0]):
+        y = labels[i]
+        if y < 0 or y >= k:
+            raise ValueError("sigmoid_bce: label out of range [0, K)")
+        for j in range(k):
+            x = np.float64(z[i, j])
+            if x >= 0:  # never exp of a large positive number: finite for any logit
+                p = 1.0 / (1.0 + math.exp(-x))
+            else:
+                e = math.exp(x)
+                p = e / (1.0 + e)
+            s = -x if j == y else x  # the term is softplus(s): -log p for t=1, -log(1-p) for t=0
+            total += min(max(s, 0.0) + math.log1p(math.exp(-abs(s))), cap)
+            grad[i, j] = ((p - 1.0) if j == y else p) * scale
+    return total
+
+
+def sigmoid_bce(
+    logits: np.ndarray, labels: np.ndarray, grad: np.ndarray | None = None, grad_scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fused logistic cost vs one-hot(labels), terms as capped softplus like the reference.
+    logits: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) grad), logits' dtype."""
+    if grad is None:
+        grad = np.empty_like(logits)
+    total = _sigmoid_bce_k(logits, labels, grad, float(grad_scale), _BCE_CAP)
+    return np.asarray(total, dtype=logits.dtype), grad
+
+
+@njit(cache=True, error_model="numpy")
+def _mse_k(pred, labels, grad, scale):
+    k = pred.shape[1]
+    total = 0.0
+    for i in range(pred.shape[0]):
+        y = labels[i]
+        if y < 0 or y >= k:
+            raise ValueError("mse: label out of range [0, K)")
+        for j in range(k):
+            d = pred[i, j] - (1.0 if j == y else 0.0)
+            total += d * d
+            grad[i, j] = d * scale
+    return 0.5 * total
+
+
+def mse(
+    pred: np.ndarray, labels: np.ndarray, grad: np.ndarray | None = None, grad_scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fused half squared error vs one-hot(labels).
+    pred: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) grad), pred's dtype."""
+    if grad is None:
+        grad = np.empty_like(pred)
+    total = _mse_k(pred, labels, grad, float(grad_scale))
+    return np.asarray(total, dtype=pred.dtype), grad
+
+
+@njit(cache=True, error_model="numpy")
+def _correct_k(scores, labels):
+    hits = 0
+    for i in range(scores.shape[0]):
+        best = 0
+        m = scores[i, 0]
+        if m == m:  # NaN wins, as in np.argmax
+            for j in range(1, scores.shape[1]):
+                v = scores[i, j]
+                if v != v:
+                    best = j
+                    break
+                if v > m:
+                    m = v
+                    best = j
+        if best == labels[i]:
+            hits += 1
+    return hits
+
+
+def correct_count(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Rows whose argmax (first max wins) equals the label. (B,K),(B,) -> 0-d int64."""
+    return np.asarray(_correct_k(scores, labels), dtype=np.int64)
+
+
+# ================================================================== optimizers
+# Each step is one pass over w (+ state): the effective gradient g + l2*w + l1*sign(w)
+# is formed in registers, never stored. Flat 1-D views; a *_range body shared by the
+# serial and the parallel variant.
+@njit(cache=True, error_model="numpy")
+def _sgd_range(w, g, lr, l2, l1, lo, hi):
+    for i in range(lo, hi):
+        wi = w[i]
+        w[i] = wi - lr * (g[i] + l2 * wi + l1 * np.sign(wi))
+
+
+@njit(cache=True, error_model="numpy")
+def _sgd_serial(w, g, lr, l2, l1):
+    _sgd_range(w, g, lr, l2, l1, 0, w.size)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _sgd_par(w, g, lr, l2, l1, nt):
+    step = (w.size + nt - 1) // nt
+    for c in prange(nt):
+        _sgd_range(w, g, lr, l2, l1, c * step, min(w.size, (c + 1) * step))
+
+
+def sgd_step(w: np.ndarray, g: np.ndarray, lr: float, l2: float = 0.0, l1: float = 0.0) -> None:
+    """w -= lr * (g + l2*w + l1*sign(w)), one fused in-place pass. w, g: same shape."""
+    w1, g1 = _flat(w, "w"), _flat(g, "g")
+    _run(_sgd_par, _sgd_serial, w1.size, w1, g1, float(lr), float(l2), float(l1))
+
+
+@njit(cache=True, error_model="numpy")
+def _momentum_range(w, g, v, lr, mu, nesterov, l2, l1, lo, hi):
+    for i in range(lo, hi):
+        wi = w[i]
+        ge = g[i] + l2 * wi + l1 * np.sign(wi)
+        v[i] = mu * v[i] + ge
+        if nesterov:
+            w[i] = wi - lr * (ge + mu * v[i])
+        else:
+            w[i] = wi - lr * v[i]
+
+
+@njit(cache=True, error_model="numpy")
+def _momentum_serial(w, g, v, lr, mu, nesterov, l2, l1):
+    _momentum_range(w, g, v, lr, mu, nesterov, l2, l1, 0, w.size)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _momentum_par(w, g, v, lr, mu, nesterov, l2, l1, nt):
+    step = (w.size + nt - 1) // nt
+    for c in prange(nt):
+        _momentum_range(w, g, v, lr, mu, nesterov, l2, l1, c * step, min(w.size, (c + 1) * step))
+
+
+def momentum_step(
+    w: np.ndarray,
+    g: np.ndarray,
+    v: np.ndarray,
+    lr: float,
+    mu: float = 0.9,
+    nesterov: bool = False,
+    l2: float = 0.0,
+    l1: float = 0.0,
+) -> None:
+    """Heavy-ball / Nesterov momentum (PyTorch convention), in place on w and v."""
+    w1, g1, v1 = _flat(w, "w"), _flat(g, "g"), _flat(v, "v")
+    _run(
+        _momentum_par,
+        _momentum_serial,
+        w1.size,
+        w1,
+        g1,
+        v1,
+        float(lr),
+        float(mu),
+        bool(nesterov),
+        float(l2),
+        float(l1),
+    )
+
+
+@njit(cache=True, error_model="numpy")
+def _adagrad_range(w, g, h, lr, eps, l2, l1, lo, hi):
+    for i in range(lo, hi):
+        wi = w[i]
+        ge = g[i] + l2 * wi + l1 * np.sign(wi)
+        h[i] += ge * ge
+        w[i] = wi - lr * ge / (math.sqrt(h[i]) + eps)
+
+
+@njit(cache=True, error_model="numpy")
+def _adagrad_serial(w, g, h, lr, eps, l2, l1):
+    _adagrad_range(w, g, h, lr, eps, l2, l1, 0, w.size)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _adagrad_par(w, g, h, lr, eps, l2, l1, nt):
+    step = (w.size + nt - 1) // nt
+    for c in prange(nt):
+        _adagrad_range(w, g, h, lr, eps, l2, l1, c * step, min(w.size, (c + 1) * step))
+
+
+def adagrad_step(
+    w: np.ndarray,
+    g: np.ndarray,
+    h: np.ndarray,
+    lr: float,
+    eps: float = 1e-8,
+    l2: float = 0.0,
+    l1: float = 0.0,
+) -> None:
+    """AdaGrad, in place on w and h (same shape as w)."""
+    w1, g1, h1 = _flat(w, "w"), _flat(g, "g"), _flat(h, "h")
+    _run(_adagrad_par, _adagrad_serial, w1.size, w1, g1, h1, float(lr), float(eps), float(l2), float(l1))
+
+
+@njit(cache=True, error_model="numpy")
+def _rmsprop_range(w, g, s, lr, rho, eps, l2, l1, lo, hi):
+    for i in range(lo, hi):
+        wi = w[i]
+        ge = g[i] + l2 * wi + l1 * np.sign(wi)
+        s[i] = rho * s[i] + (1.0 - rho) * ge * ge
+        w[i] = wi - lr * ge / (math.sqrt(s[i]) + eps)
+
+
+@njit(cache=True, error_model="numpy")
+def _rmsprop_serial(w, g, s, lr, rho, eps, l2, l1):
+    _rmsprop_range(w, g, s, lr, rho, eps, l2, l1, 0, w.size)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _rmsprop_par(w, g, s, lr, rho, eps, l2, l1, nt):
+    step = (w.size + nt - 1) // nt
+    for c in prange(nt):
+        _rmsprop_range(w, g, s, lr, rho, eps, l2, l1, c * step, min(w.size, (c + 1) * step))
+
+
+def rmsprop_step(
+    w: np.ndarray,
+    g: np.ndarray,
+    s: np.ndarray,
+    lr: float,
+    rho: float = 0.9,
+    eps: float = 1e-8,
+    l2: float = 0.0,
+    l1: float = 0.0,
+) -> None:
+    """RMSProp, in place on w and s (same shape as w)."""
+    w1, g1, s1 = _flat(w, "w"), _flat(g, "g"), _flat(s, "s")
+    _run(
+        _rmsprop_par,
+        _rmsprop_serial,
+        w1.size,
+        w1,
+        g1,
+        s1,
+        float(lr),
+        float(rho),
+        float(eps),
+        float(l2),
+        float(l1),
+    )
+
+
+@njit(cache=True, error_model="numpy")
+def _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1, lo, hi):
+    # lr_c = lr / (1 - b1^t), inv_bc2 = 1 / (1 - b2^t): one division and one sqrt per element
+    for i in range(lo, hi):
+        wi = w[i]
+        ge = g[i] + l2 * wi + l1 * np.sign(wi)
+        m[i] = b1 * m[i] + (1.0 - b1) * ge
+        v[i] = b2 * v[i] + (1.0 - b2) * ge * ge
+        w[i] = wi - lr_c * m[i] / (math.sqrt(v[i] * inv_bc2) + eps)
+
+
+@njit(cache=True, error_model="numpy")
+def _adam_serial(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1):
+    _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1, 0, w.size)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _adam_par(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1, nt):
+    step = (w.size + nt - 1) // nt
+    for c in prange(nt):
+        _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1, c * step, min(w.size, (c + 1) * step))
+
+
+def adam_step(
+    w: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    lr: float,
+    t: int,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    l2: float = 0.0,
+    l1: float = 0.0,
+) -> None:
+    """Adam with bias correction at step t (1-based), in place on w, m, v (same shape)."""
+    w1, g1, m1, v1 = _flat(w, "w"), _flat(g, "g"), _flat(m, "m"), _flat(v, "v")
+    lr_c, inv_bc2 = float(lr) / (1.0 - beta1**t), 1.0 / (1.0 - beta2**t)
+    args = (w1, g1, m1, v1, lr_c, float(beta1), float(beta2), float(eps), inv_bc2, float(l2), float(l1))
+    _run(_adam_par, _adam_serial, w1.size, *args)
+
+
+# ===================================================================== dropout
+# lowbias32 on uint64 registers masked to 32 bits: Numba promotes uint32 products
+# to 64 bits, and mixing signed with unsigned would go to float, so every constant
+# here is a uint64.
+_C1 = np.uint64(0x7FEB352D)
+_C2 = np.uint64(0x846CA68B)
+_S16 = np.uint64(16)
+_S15 = np.uint64(15)
+_S8 = np.uint64(8)
+
+
+@njit(cache=True, error_model="numpy")
+def _mix32(x):
+    x = x ^ (x >> _S16)
+    x = (x * _C1) & _MASK32
+    x = x ^ (x >> _S15)
+    x = (x * _C2) & _MASK32
+    return x ^ (x >> _S16)
+
+
+@njit(cache=True, error_model="numpy")
+def _uniform(key, i):
+    h = _mix32((np.uint64(i) & _MASK32) ^ key)
+    return np.float64(h >> _S8) * (1.0 / (1 << 24))
+
+
+@njit(cache=True, error_model="numpy")
+def _hash_uniform_k(key, out):
+    for i in range(out.size):
+        out[i] = _uniform(key, i)
+
+
+def _key(seed: int) -> np.uint64:
+    return np.uint64(_mix32(np.uint64(int(seed) & 0xFFFFFFFF)))
+
+
+def hash_uniform(seed: int, n: int) -> np.ndarray:
+    """Counter-based uniforms in [0,1), bit-identical to the reference's lowbias32. -> (n,) float64."""
+    out = np.empty(n, np.float64)
+    _hash_uniform_k(_key(seed), out)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _dropout_k(x, p, scale, key, out, mask):
+    for i in range(x.size):
+        if _uniform(key, i) >= p:
+            mask[i] = scale
+            out[i] = x[i] * scale
+        else:
+            mask[i] = 0
+            out[i] = 0 * x[i]  # x * 0, as the reference (keeps NaN/-0 semantics)
+
+
+def dropout_forward(
+    x: np.ndarray, p: float, seed: int, out: np.ndarray | None = None, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inverted dropout, mask from hash_uniform(seed) fused in. x: (B,N) -> (out, mask), x's dtype."""
+    if out is None:
+        out = np.empty_like(x)
+    if mask is None:
+        mask = np.empty_like(x)
+    scale = x.dtype.type(1.0 / (1.0 - p))  # the mask value, rounded once as the reference does
+    _dropout_k(_flat(x, "x"), float(p), scale, _key(seed), _flat(out, "out"), _flat(mask, "mask"))
+    return out, mask
+
+
+@njit(cache=True, error_model="numpy")
+def _mul_k(a, b, out):
+    for i in range(a.size):
+        out[i] = a[i] * b[i]
+
+
+def dropout_backward(grad_out: np.ndarray, mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """grad_out * mask. (B,N),(B,N) -> (B,N)."""
+    if out is None:
+        out = np.empty_like(grad_out)
+    _mul_k(_flat(grad_out, "grad_out"), _flat(mask, "mask"), _flat(out, "out"))
+    return out
+
+
+# ================================================================== batch norm
+@njit(cache=True, error_model="numpy")
+def _bn_forward_k(x, gamma, beta, eps, out, xhat, mean, var):
+    nb, n = x.shape
+    mu = np.zeros(n, np.float64)
+    for i in range(nb):
+        for j in range(n):
+            mu[j] += x[i, j]
+    for j in range(n):
+        mu[j] /= nb
+    sq = np.zeros(n, np.float64)
+    for i in range(nb):
+        for j in range(n):
+            d = x[i, j] - mu[j]
+            sq[j] += d * d
+    for j in range(n):
+        sq[j] /= nb
+        mean[j] = mu[j]
+        var[j] = sq[j]
+        sq[j] = 1.0 / math.sqrt(sq[j] + eps)  # now the inverse std
+    for i in range(nb):
+        for j in range(n):
+            xhat[i, j] = (x[i, j] - mu[j]) * sq[j]
+            out[i, j] = gamma[j] * xhat[i, j] + beta[j]
+
+
+def batchnorm_forward(
+    x: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    eps: float = 1e-5,
+    out: np.ndarray | None = None,
+    xhat: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training batch norm (float64 stats, biased var). x: (B,N), gamma/beta: (N,)
+    -> out (B,N), xhat (B,N), mean (N,), var (N,), x's dtype."""
+    if out is None:
+        out = np.empty_like(x)
+    if xhat is None:
+        xhat = np.empty_like(x)
+    mean = np.empty(x.shape[1], x.dtype)
+    var = np.empty(x.shape[1], x.dtype)
+    _bn_forward_k(x, gamma, beta, float(eps), out, xhat, mean, var)
+    return out, xhat, mean, var
+
+
+@njit(cache=True, error_model="numpy")
+def _bn_inference_k(x, gamma, beta, mean, var, eps, out):
+    n = x.shape[1]
+    for i in range(x.shape[0]):
+        for j in range(n):
+            out[i, j] = gamma[j] * (x[i, j] - mean[j]) / math.sqrt(var[j] + eps) + beta[j]
+
+
+def batchnorm_inference(
+    x: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    eps: float = 1e-5,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Inference batch norm with running stats, one pass. x: (B,N), others (N,) -> (B,N)."""
+    if out is None:
+        out = np.empty_like(x)
+    _bn_inference_k(x, gamma, beta, mean, var, float(eps), out)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _bn_backward_k(dy, xhat, gamma, var, eps, dx, dgamma, dbeta):
+    nb, n = dy.shape
+    sb = np.zeros(n, np.float64)
+    sg = np.zeros(n, np.float64)
+    for i in range(nb):
+        for j in range(n):
+            sb[j] += dy[i, j]
+            sg[j] += dy[i, j] * xhat[i, j]
+    for j in range(n):
+        dbeta[j] = sb[j]
+        dgamma[j] = sg[j]
+    for i in range(nb):
+        for j in range(n):
+            g = gamma[j] / math.sqrt(var[j] + eps)
+            dx[i, j] = g * (dy[i, j] - sb[j] / nb - xhat[i, j] * (sg[j] / nb))
+
+
+def batchnorm_backward(
+    grad_out: np.ndarray,
+    xhat: np.ndarray,
+    gamma: np.ndarray,
+    var: np.ndarray,
+    eps: float = 1e-5,
+    dx: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training batch-norm backward (float64 sums). (B,N),(B,N),(N,),(N,) -> dx (B,N), dgamma, dbeta (N,)."""
+    if dx is None:
+        dx = np.empty_like(grad_out)
+    dgamma = np.empty(grad_out.shape[1], grad_out.dtype)
+    dbeta = np.empty(grad_out.shape[1], grad_out.dtype)
+    _bn_backward_k(grad_out, xhat, gamma, var, float(eps), dx, dgamma, dbeta)
+    return dx, dgamma, dbeta
+
+
+# ===================================================================== helpers
+def _jit_cache_dir() -> str:
+    """Directory of Numba's on-disk cache for this module ($NUMBA_CACHE_DIR/... or __pycache__)."""
+    try:
+        return str(_softmax_xent_k._cache._cache_path)
+    except AttributeError:  # pragma: no cover - numba internals moved
+        base = os.environ.get("NUMBA_CACHE_DIR")
+        return base or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+
+
+def _warmup(dtype=np.float32) -> float:
+    """Compile (or load from cache) every kernel, serial and parallel, for ``dtype``. -> seconds."""
+    dt = np.dtype(dtype)
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((3, 4)).astype(dt)
+    b = np.zeros(4, dt)
+    lab = np.array([0, 3, 1], np.int64)
+    nt = (2,)  # extra last argument of the parallel variants
+    for name in ACTIVATIONS:
+        code = _act_code(name)
+        _bias_act_serial(z, b, np.empty_like(z), code)
+        _bias_act_par(z, b, np.empty_like(z), code, *nt)
+    for code in (5, 6):
+        _bias_act_serial(z, b, np.empty_like(z), code)
+        _bias_act_par(z, b, np.empty_like(z), code, *nt)
+        _act_grad_serial(z.ravel(), z.ravel(), np.empty(z.size, dt), code)
+        _act_grad_par(z.ravel(), z.ravel(), np.empty(z.size, dt), code, *nt)
+    bias_grad(z)
+    gather_rows(z, lab[[0, 2]])
+    softmax(z)
+    for loss in (softmax_xent, sigmoid_bce, mse):
+        loss(z, lab, grad_scale=1.0 / 3)
+    correct_count(z, lab)
+    w1, g1 = z.ravel().copy(), z.ravel().copy()
+    s1, s2 = np.zeros_like(w1), np.zeros_like(w1)
+    _sgd_serial(w1, g1, 0.1, 0.0, 0.0)
+    _sgd_par(w1, g1, 0.1, 0.0, 0.0, *nt)
+    _momentum_serial(w1, g1, s1, 0.1, 0.9, False, 0.0, 0.0)
+    _momentum_par(w1, g1, s1, 0.1, 0.9, False, 0.0, 0.0, *nt)
+    _adagrad_serial(w1, g1, s1, 0.1, 1e-8, 0.0, 0.0)
+    _adagrad_par(w1, g1, s1, 0.1, 1e-8, 0.0, 0.0, *nt)
+    _rmsprop_serial(w1, g1, s1, 0.1, 0.9, 1e-8, 0.0, 0.0)
+    _rmsprop_par(w1, g1, s1, 0.1, 0.9, 1e-8, 0.0, 0.0, *nt)
+    _adam_serial(w1, g1, s1, s2, 1.0, 0.9, 0.999, 1e-8, 1000.0, 0.0, 0.0)
+    _adam_par(w1, g1, s1, s2, 1.0, 0.9, 0.999, 1e-8, 1000.0, 0.0, 0.0, *nt)
+    hash_uniform(1, 4)
+    _, mk = dropout_forward(z, 0.5, 1)
+    dropout_backward(z, mk)
+    y, xh, mean, var = batchnorm_forward(z, b + 1, b)
+    batchnorm_inference(z, b + 1, b, mean, var)
+    batchnorm_backward(z, xh, b + 1, var)
+    return time.perf_counter() - t0

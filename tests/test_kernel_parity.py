@@ -1,0 +1,452 @@
+"""Every kernel of every loadable backend against ``gpumlp.kernels.reference``.
+
+Inputs are made on the host with NumPy, moved with ``be.asarray`` and read back
+with ``be.to_host``, so the same tests run on device backends. Tolerances are
+explicit per dtype (see TOL and the comments where a kernel needs more).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpumlp import backend
+from gpumlp.kernels import reference as ref
+
+DTYPES = (np.float32, np.float64)
+# Elementwise kernels: float32 backends may compute in float64 and round once while the
+# reference rounds every float32 op (a few ulp apart, 1e-5 is ~80 ulp); float64 results differ
+# only by operation order.
+TOL = {np.float32: (1e-5, 1e-6), np.float64: (1e-12, 1e-12)}
+# Reductions over the batch (bias_grad, batch norm, summed losses): NumPy adds float32 rows
+# sequentially in float32, error ~ B * eps * |partial sums|; backends may accumulate in float64.
+RED_TOL = {np.float32: (1e-4, 1e-4), np.float64: (1e-11, 1e-11)}
+# GEMM: BLAS/cuBLAS may block the K-sum differently; error grows like sqrt(K) * eps.
+MM_TOL = {np.float32: (1e-4, 1e-4), np.float64: (1e-11, 1e-11)}
+
+SHAPES = [(1, 1), (1, 10), (3, 7), (100, 10), (33, 65), (64, 100), (257, 1030)]
+SMALL_SHAPES = [(1, 1), (1, 10), (3, 7), (100, 10), (33, 65)]
+HYP = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+shapes_st = st.tuples(st.integers(1, 257), st.integers(1, 1030))
+
+
+@pytest.fixture(scope="module", params=backend.available_names())
+def be(request) -> backend.Backend:
+    try:
+        return backend.get_backend(request.param)
+    except backend.BackendUnavailable as e:
+        pytest.skip(f"backend {request.param!r} unavailable: {e}")
+
+
+def assert_close(expected, got, rtol: float, atol: float, what: str = "") -> None:
+    """|got - expected| <= atol + rtol*|expected| everywhere (NaN == NaN), same shape and dtype;
+    on failure report the max abs difference and the first mismatching index."""
+    e, g = np.asarray(expected), np.asarray(got)
+    assert g.shape == e.shape, f"{what}: shape {g.shape} != expected {e.shape}"
+    assert g.dtype == e.dtype, f"{what}: dtype {g.dtype} != expected {e.dtype}"
+    e64, g64 = e.astype(np.float64), g.astype(np.float64)
+    bad = ~np.isclose(g64, e64, rtol=rtol, atol=atol, equal_nan=True)
+    if bad.any():
+        diff = np.abs(g64 - e64)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.size} mismatches (rtol={rtol}, atol={atol}); "
+            f"max abs diff {np.nanmax(diff):.3g}; first at {first}: got {g64[first]!r}, "
+            f"expected {e64[first]!r}"
+        )
+
+
+def _data(shape, dtype, seed=0, scale=1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
+
+
+def _labels(b: int, k: int, seed=1, dtype=np.int64) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, k, b).astype(dtype)
+
+
+def _empty(be, shape, dtype):
+    return be.xp.empty(shape, dtype=dtype)
+
+
+# ================================================================== dense
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", [(1, 1, 1), (3, 5, 7), (100, 784, 100), (257, 33, 1030)])
+@pytest.mark.parametrize("trans", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_matmul(be, dtype, mkn, trans, with_out):
+    m, k, n = mkn
+    ta, tb = trans
+    a = _data((k, m) if ta else (m, k), dtype, 1)
+    b = _data((n, k) if tb else (k, n), dtype, 2)
+    expected = ref.matmul(a, b, trans_a=ta, trans_b=tb)
+    out = _empty(be, (m, n), dtype) if with_out else None
+    got = be.k.matmul(be.asarray(a), be.asarray(b), out=out, trans_a=ta, trans_b=tb)
+    if with_out:
+        assert got is out
+    assert_close(expected, be.to_host(got), *MM_TOL[dtype], what=f"matmul{mkn}{trans}")
+
+
+# ============================================================ activations
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ref.ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_out", [False, True])
+def test_bias_act(be, dtype, act, shape, with_out):
+    z, b = _data(shape, dtype, 1, 3.0), _data(shape[1:], dtype, 2)
+    out = _empty(be, shape, dtype) if with_out else None
+    got = be.k.bias_act(be.asarray(z), be.asarray(b), act, out=out)
+    if with_out:
+        assert got is out
+    assert_close(ref.bias_act(z, b, act), be.to_host(got), *TOL[dtype], what=f"bias_act {act}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ref.ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_out", [False, True])
+def test_act_grad(be, dtype, act, shape, with_out):
+    # y is a genuine activation output (relu zeros, sigmoid in (0,1), ...)
+    y = ref.bias_act(_data(shape, dtype, 1, 3.0), np.zeros(shape[1], dtype), act)
+    gout = _data(shape, dtype, 2)
+    out = _empty(be, shape, dtype) if with_out else None
+    got = be.k.act_grad(be.asarray(gout), be.asarray(y), act, out=out)
+    if with_out:
+        assert got is out
+    assert_close(ref.act_grad(gout, y, act), be.to_host(got), *TOL[dtype], what=f"act_grad {act}")
+
+
+def test_unknown_activation_is_value_error(be):
+    z = be.asarray(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="relu"):
+        be.k.bias_act(z, be.asarray(np.zeros(3, np.float32)), "swish")
+    with pytest.raises(ValueError, match="relu"):
+        be.k.act_grad(z, z, "swish")
+
+
+@HYP
+@given(shape=shapes_st, act=st.sampled_from(ref.ACTIVATIONS), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_act_act_grad_hypothesis(be, dtype, shape, act, seed):
+    z, b, g = _data(shape, dtype, seed, 3.0), _data(shape[1:], dtype, seed + 1), _data(shape, dtype, seed + 2)
+    y = ref.bias_act(z, b, act)
+    assert_close(
+        y, be.to_host(be.k.bias_act(be.asarray(z), be.asarray(b), act)), *TOL[dtype], what="bias_act"
+    )
+    got = be.k.act_grad(be.asarray(g), be.asarray(y), act)
+    assert_close(ref.act_grad(g, y, act), be.to_host(got), *TOL[dtype], what="act_grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_out", [False, True])
+def test_bias_grad(be, dtype, shape, with_out):
+    gz = _data(shape, dtype, 3)
+    out = _empty(be, shape[1:], dtype) if with_out else None
+    got = be.k.bias_grad(be.asarray(gz), out=out)
+    if with_out:
+        assert got is out
+    assert_close(ref.bias_grad(gz), be.to_host(got), *RED_TOL[dtype], what="bias_grad")
+
+
+@pytest.mark.parametrize("src_shape", [(50, 784), (10, 3, 4), (1000,), (7, 1)])
+@pytest.mark.parametrize("src_dtype", [np.float32, np.float64, np.uint8, np.int64])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_gather_rows(be, src_shape, src_dtype, with_out):
+    src = (np.random.default_rng(4).random(src_shape) * 200).astype(src_dtype)
+    idx = np.random.default_rng(5).integers(0, src_shape[0], 33)  # repeats included
+    expected = ref.gather_rows(src, idx)
+    out = _empty(be, expected.shape, src_dtype) if with_out else None
+    got = be.k.gather_rows(be.asarray(src), be.asarray(idx), out=out)
+    if with_out:
+        assert got is out
+    np.testing.assert_array_equal(be.to_host(got), expected)  # a copy: exact
+
+
+# ================================================================= losses
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_out", [False, True])
+def test_softmax(be, dtype, shape, with_out):
+    z = _data(shape, dtype, 6, 4.0)
+    out = _empty(be, shape, dtype) if with_out else None
+    got = be.k.softmax(be.asarray(z), out=out)
+    if with_out:
+        assert got is out
+    assert_close(ref.softmax(z), be.to_host(got), *TOL[dtype], what="softmax")
+
+
+LOSSES = ("softmax_xent", "sigmoid_bce", "mse")
+
+
+def _check_loss(be, name, z, labels, dtype, grad_scale, with_out):
+    exp_loss, exp_grad = getattr(ref, name)(z, labels, grad_scale=grad_scale)
+    grad = _empty(be, z.shape, dtype) if with_out else None
+    loss, got = getattr(be.k, name)(be.asarray(z), be.asarray(labels), grad=grad, grad_scale=grad_scale)
+    if with_out:
+        assert got is grad
+    host_loss = be.to_host(loss)
+    assert host_loss.shape == () and host_loss.dtype == dtype, f"{name} loss must be 0-d {dtype.__name__}"
+    assert_close(exp_loss, host_loss, *RED_TOL[dtype], what=f"{name} loss")
+    assert_close(exp_grad, be.to_host(got), *TOL[dtype], what=f"{name} grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_losses(be, dtype, name, shape, mean, with_out):
+    # scale 3: logits up to ~+-12; saturated logits are covered by test_sigmoid_bce_huge_logits_finite
+    z = _data(shape, dtype, 7, 3.0)
+    labels = _labels(shape[0], shape[1], 8)
+    _check_loss(be, name, z, labels, dtype, 1.0 / shape[0] if mean else 1.0, with_out)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("label_dtype", [np.int32, np.uint8])
+def test_losses_other_label_dtypes(be, name, label_dtype):
+    z = _data((20, 10), np.float32, 9)
+    _check_loss(be, name, z, _labels(20, 10, 10, label_dtype), np.float32, 0.05, False)
+
+
+@HYP
+@given(shape=shapes_st, name=st.sampled_from(LOSSES), seed=st.integers(0, 2**16), mean=st.booleans())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_losses_hypothesis(be, dtype, shape, name, seed, mean):
+    z = _data(shape, dtype, seed, 3.0)
+    labels = _labels(shape[0], shape[1], seed + 1)
+    _check_loss(be, name, z, labels, dtype, 1.0 / shape[0] if mean else 1.0, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_correct_count(be, dtype, shape):
+    # small integer scores make ties frequent: the first maximum must win
+    scores = np.random.default_rng(11).integers(0, 3, shape).astype(dtype)
+    labels = _labels(shape[0], shape[1], 12)
+    got = be.to_host(be.k.correct_count(be.asarray(scores), be.asarray(labels)))
+    expected = ref.correct_count(scores, labels)
+    assert got.shape == () and got.dtype == np.int64
+    assert int(got) == int(expected)
+
+
+# ============================================================= optimizers
+OPTIMIZERS = {
+    "sgd": (ref.sgd_step, 0, {"lr": 0.1}),
+    "momentum": (ref.momentum_step, 1, {"lr": 0.05, "mu": 0.9}),
+    "nesterov": (ref.momentum_step, 1, {"lr": 0.05, "mu": 0.8, "nesterov": True}),
+    "adagrad": (ref.adagrad_step, 1, {"lr": 0.1}),
+    "rmsprop": (ref.rmsprop_step, 1, {"lr": 0.01, "rho": 0.95}),
+    "adam": (ref.adam_step, 2, {"lr": 1e-3}),
+}
+DECAY = {"none": {}, "l2": {"l2": 1e-2}, "l1": {"l1": 1e-3}, "l1+l2": {"l2": 5e-3, "l1": 1e-3}}
+
+
+def _run_optimizer(be, opt, decay, shape, dtype, steps=3, seed=13):
+    fn_ref, n_state, kw = OPTIMIZERS[opt]
+    fn = getattr(be.k, fn_ref.__name__)
+    kw = {**kw, **DECAY[decay]}
+    w = _data(shape, dtype, seed)
+    w[..., :1] = 0  # sign(0) = 0 for the l1 term
+    state = [np.zeros(shape, dtype) for _ in range(n_state)]
+    dw, dstate = be.asarray(w.copy()), [be.asarray(s.copy()) for s in state]
+    for t in range(1, steps + 1):
+        g = _data(shape, dtype, seed + t)
+        extra = {"t": t} if opt == "adam" else {}
+        assert fn_ref(w, g, *state, **kw, **extra) is None
+        assert fn(dw, be.asarray(g), *dstate, **kw, **extra) is None
+    for name, e, d in zip(["w", "state0", "state1"], [w, *state], [dw, *dstate]):
+        assert_close(e, be.to_host(d), *TOL[dtype], what=f"{opt}/{decay} {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+@pytest.mark.parametrize("decay", DECAY)
+@pytest.mark.parametrize("shape", [(1,), (10,), (7, 3), (100, 10), (784, 100)])
+def test_optimizer_steps(be, dtype, opt, decay, shape):
+    _run_optimizer(be, opt, decay, shape, dtype)
+
+
+@HYP
+@given(n=st.integers(1, 5000), opt=st.sampled_from(list(OPTIMIZERS)), decay=st.sampled_from(list(DECAY)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_optimizer_hypothesis(be, dtype, n, opt, decay):
+    _run_optimizer(be, opt, decay, (n,), dtype, steps=2, seed=n)
+
+
+# ================================================================ dropout
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 + 7, 2**40 + 3, -5])
+@pytest.mark.parametrize("n", [1, 7, 1000, 100_003])
+def test_hash_uniform_bit_identical(be, seed, n):
+    np.testing.assert_array_equal(be.to_host(be.k.hash_uniform(seed, n)), ref.hash_uniform(seed, n))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_dropout_bit_identical(be, dtype, shape, p, with_out):
+    x = _data(shape, dtype, 14)
+    e_out, e_mask = ref.dropout_forward(x, p, seed=99)
+    bufs = {"out": _empty(be, shape, dtype), "mask": _empty(be, shape, dtype)} if with_out else {}
+    out, mask = be.k.dropout_forward(be.asarray(x), p, 99, **bufs)
+    if with_out:
+        assert out is bufs["out"] and mask is bufs["mask"]
+    np.testing.assert_array_equal(be.to_host(mask), e_mask)  # same hash, same rounding: exact
+    np.testing.assert_array_equal(be.to_host(out), e_out)
+    g = _data(shape, dtype, 15)
+    dx = _empty(be, shape, dtype) if with_out else None
+    got = be.k.dropout_backward(be.asarray(g), mask, out=dx)
+    np.testing.assert_array_equal(be.to_host(got), ref.dropout_backward(g, e_mask))
+
+
+@HYP
+@given(shape=shapes_st, p=st.floats(0.0, 0.95), seed=st.integers(-(2**40), 2**40))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_hypothesis(be, dtype, shape, p, seed):
+    x = _data(shape, dtype, 16)
+    e_out, e_mask = ref.dropout_forward(x, p, seed)
+    out, mask = be.k.dropout_forward(be.asarray(x), p, seed)
+    np.testing.assert_array_equal(be.to_host(mask), e_mask)
+    np.testing.assert_array_equal(be.to_host(out), e_out)
+
+
+# ============================================================= batch norm
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 1), (3, 7), (100, 10), (64, 100), (257, 1030)])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_batchnorm(be, dtype, shape, with_out):
+    x = _data(shape, dtype, 17, 2.0) + np.asarray(0.5, dtype)
+    gamma, beta = _data(shape[1:], dtype, 18), _data(shape[1:], dtype, 19)
+    e = ref.batchnorm_forward(x, gamma, beta, eps=1e-5)
+    bufs = {"out": _empty(be, shape, dtype), "xhat": _empty(be, shape, dtype)} if with_out else {}
+    got = be.k.batchnorm_forward(be.asarray(x), be.asarray(gamma), be.asarray(beta), eps=1e-5, **bufs)
+    if with_out:
+        assert got[0] is bufs["out"] and got[1] is bufs["xhat"]
+    # stats are batch reductions: RED_TOL (reference float32 sums rows sequentially in float32)
+    for name, a, b in zip(["out", "xhat", "mean", "var"], e, got):
+        assert_close(a, be.to_host(b), *RED_TOL[dtype], what=f"batchnorm_forward {name}")
+
+    g = _data(shape, dtype, 20)
+    e_dx, e_dg, e_db = ref.batchnorm_backward(g, e[1], gamma, e[3])
+    dx = _empty(be, shape, dtype) if with_out else None
+    args = [be.asarray(a) for a in (g, e[1], gamma, e[3])]
+    got_dx, got_dg, got_db = be.k.batchnorm_backward(*args, eps=1e-5, dx=dx)
+    if with_out:
+        assert got_dx is dx
+    for name, a, b in zip(["dx", "dgamma", "dbeta"], (e_dx, e_dg, e_db), (got_dx, got_dg, got_db)):
+        assert_close(a, be.to_host(b), *RED_TOL[dtype], what=f"batchnorm_backward {name}")
+
+    mean, var = (
+        np.abs(_data(shape[1:], dtype, 21)),
+        np.abs(_data(shape[1:], dtype, 22)) + np.asarray(0.1, dtype),
+    )
+    out = _empty(be, shape, dtype) if with_out else None
+    args = [be.asarray(a) for a in (x, gamma, beta, mean, var)]
+    got = be.k.batchnorm_inference(*args, eps=1e-3, out=out)
+    if with_out:
+        assert got is out
+    expected = ref.batchnorm_inference(x, gamma, beta, mean, var, eps=1e-3)
+    assert_close(expected, be.to_host(got), *TOL[dtype], what="batchnorm_inference")
+
+
+# ===================================== hand-computed cases for the reference itself
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_hand_computed(dtype):
+    b, k = 4, 10
+    loss, grad = ref.softmax_xent(np.zeros((b, k), dtype), np.arange(b))
+    assert loss.shape == () and loss.dtype == dtype
+    assert math.isclose(float(loss), b * math.log(k), rel_tol=1e-6)  # uniform softmax: B log K
+    expected = np.full((b, k), 0.1, dtype)
+    expected[np.arange(b), np.arange(b)] -= 1
+    assert_close(expected, grad, *TOL[dtype], what="softmax_xent grad of zeros")
+
+    assert float(ref.bias_act(np.zeros((1, 1), dtype), np.zeros(1, dtype), "sigmoid")[0, 0]) == 0.5
+    y = ref.bias_act(np.array([[-2.0, 0.0, 3.0]], dtype), np.zeros(3, dtype), "leaky_relu")
+    assert_close(np.array([[-0.02, 0.0, 3.0]], dtype), y, *TOL[dtype], what="leaky_relu")
+    # mse: 0.5 * sum (pred - onehot)^2 = 0.5 * (1 + 1) for pred = onehot of the wrong class
+    loss, grad = ref.mse(np.array([[1.0, 0.0]], dtype), np.array([1]))
+    assert float(loss) == 1.0 and grad.tolist() == [[1.0, -1.0]]
+    # sigmoid_bce of zero logits: K * log 2 per row
+    loss, _ = ref.sigmoid_bce(np.zeros((3, 5), dtype), np.array([0, 1, 2]))
+    assert math.isclose(float(loss), 15 * math.log(2), rel_tol=1e-6)
+    assert int(ref.correct_count(np.array([[1, 1, 0], [0, 2, 2]], dtype), np.array([0, 2]))) == 1
+    # adam's first step moves every weight by lr * sign(g) (bias correction cancels)
+    w, m, v = np.zeros(3, dtype), np.zeros(3, dtype), np.zeros(3, dtype)
+    ref.adam_step(w, np.array([2.0, -0.5, 1e-3], dtype), m, v, lr=0.1, t=1)
+    assert_close(np.array([-0.1, 0.1, -0.1], dtype), w, 1e-4, 1e-6, what="adam first step")
+
+
+def test_reference_softmax_xent_huge_logits_finite():
+    loss, grad = ref.softmax_xent(np.array([[1e4, -1e4, 0.0]]), np.array([1]))
+    assert np.isfinite(loss) and float(loss) == 2e4 and np.isfinite(grad).all()
+
+
+# ================================================ fused vs separate, every backend
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_losses_match_separate_kernels(be, dtype):
+    b, k = 37, 13
+    z, labels = _data((b, k), dtype, 23, 3.0), _labels(b, k, 24)
+    dz, dl = be.asarray(z), be.asarray(labels)
+    onehot = np.eye(k, dtype=dtype)[labels]
+    p = be.to_host(be.k.softmax(dz)).astype(np.float64)
+    loss, grad = be.k.softmax_xent(dz, dl, grad_scale=1.0 / b)
+    # loss = -sum log softmax[label]
+    assert math.isclose(float(be.to_host(loss)), -np.log(p[np.arange(b), labels]).sum(), rel_tol=1e-5)
+    assert_close(((p - onehot) / b).astype(dtype), be.to_host(grad), *TOL[dtype], what="xent grad")
+    s = be.to_host(be.k.bias_act(dz, be.asarray(np.zeros(k, dtype)), "sigmoid"))
+    _, grad = be.k.sigmoid_bce(dz, dl)
+    assert_close((s - onehot).astype(dtype), be.to_host(grad), *TOL[dtype], what="bce grad = sigmoid - t")
+    correct = int(be.to_host(be.k.correct_count(dz, dl)))
+    assert correct == int((p.argmax(axis=1) == labels).sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_xent_zero_logits(be, dtype):
+    loss, _ = be.k.softmax_xent(be.asarray(np.zeros((5, 10), dtype)), be.asarray(np.arange(5)))
+    assert math.isclose(float(be.to_host(loss)), 5 * math.log(10), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sigmoid_bce_huge_logits_finite(be, dtype):
+    z = np.array([[100.0, -100.0, 30.0, -30.0], [1e4, -1e4, 0.0, 50.0]], dtype)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # the reference's exp/log
+        loss, grad = be.k.sigmoid_bce(be.asarray(z), be.asarray(np.array([0, 1])))
+    loss, grad = be.to_host(loss), be.to_host(grad)
+    assert np.isfinite(loss) and np.isfinite(grad).all()
+    # each saturated wrong-side logit costs -log(LOG_EPS) ~ 27.6
+    assert 27 * 2 < float(loss) < 28 * 4, float(loss)
+
+
+def test_bad_label_is_an_error_not_memory_corruption(be):
+    # The contract leaves out-of-range labels undefined (the reference wraps negatives like
+    # NumPy indexing; a GPU kernel cannot raise without a sync). Numba must not write out of bounds.
+    if be.name != "numba":
+        pytest.skip("out-of-range labels are undefined behaviour in the contract")
+    z = be.asarray(np.zeros((2, 3), np.float32))
+    for name in LOSSES:
+        with pytest.raises((ValueError, IndexError)):
+            getattr(be.k, name)(z, be.asarray(np.array([0, 3])))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numba_parallel_variants_match_reference(dtype, monkeypatch):
+    # the prange variants only run above numba_cpu._PAR_MIN elements (beyond MLP shapes):
+    # force them here so they stay tested
+    try:
+        be = backend.get_backend("numba")
+    except backend.BackendUnavailable as e:
+        pytest.skip(str(e))
+    monkeypatch.setattr(be.k, "_PAR_MIN", 1)
+    shape = (37, 65)
+    z, b = _data(shape, dtype, 30, 3.0), _data(shape[1:], dtype, 31)
+    for act in ref.ACTIVATIONS:
+        y = ref.bias_act(z, b, act)
+        assert_close(y, be.k.bias_act(z, b, act), *TOL[dtype], what=f"parallel bias_act {act}")
+        assert_close(ref.act_grad(z, y, act), be.k.act_grad(z, y, act), *TOL[dtype], what="parallel act_grad")
+    for opt in OPTIMIZERS:
+        _run_optimizer(be, opt, "l1+l2", shape, dtype)

@@ -1,0 +1,281 @@
+"""The training loop: learning on toy and MNIST data, optimizers, stopping
+rules, exact resume, atomic checkpoints, divergence, backend parity."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from gpumlp import checkpoint
+from gpumlp.backend import BackendUnavailable, available_names, get_backend
+from gpumlp.data import load_mnist, make_circles, make_xor, scale_pixels, split_train_valid
+from gpumlp.model import MLP
+from gpumlp.optim import OPTIMIZERS
+from gpumlp.train import TrainingDiverged
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    """Real MNIST scaled to [-1, 1]: (x_train, y_train, x_valid, y_valid, x_test, y_test)."""
+    d = load_mnist(download=False)
+    x_tr, y_tr, x_va, y_va = split_train_valid(scale_pixels(d.x_train, "-1,1"), d.y_train, 5000)
+    return x_tr, y_tr, x_va, y_va, scale_pixels(d.x_test, "-1,1"), d.y_test
+
+
+@pytest.mark.parametrize("make", [make_circles, make_xor], ids=["circles", "xor"])
+def test_nonlinear_activation_separates_what_a_linear_model_cannot(make):
+    X, y = make(n=400, noise=0.05, seed=0)
+    mlp = MLP("2-32-2", act="relu", backend="numpy", seed=0)
+    mlp.fit(X, y, epochs=150, batch_size=32, optimizer="adam", lr=0.01)
+    linear = MLP("2-2", backend="numpy", seed=0)  # no hidden layer: a linear boundary
+    linear.fit(X, y, epochs=150, batch_size=32, optimizer="adam", lr=0.01)
+    assert mlp.score(X, y) >= 0.97
+    assert linear.score(X, y) < 0.8
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_every_optimizer_learns(opt):
+    X, y = make_circles(n=300, noise=0.05, seed=1)
+    lr = {"sgd": 0.5, "momentum": 0.1, "nesterov": 0.1, "adagrad": 0.5, "rmsprop": 0.03, "adam": 0.03}[opt]
+    hist = MLP("2-16-2", act="tanh", backend="numpy", seed=1).fit(
+        X, y, epochs=40, batch_size=30, optimizer=opt, lr=lr, l2=1e-4
+    )
+    assert hist["loss"][-1] < 0.6 * hist["loss"][0], hist["loss"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 1000])
+def test_stochastic_minibatch_and_full_batch_descent(batch_size):
+    X, y = make_xor(n=200, noise=0.05, seed=2)
+    hist = MLP("2-16-2", act="tanh", backend="numpy", seed=2).fit(
+        X, y, epochs=20, batch_size=batch_size, optimizer="adam", lr=0.01 if batch_size > 1 else 0.002
+    )
+    assert len(hist) == 20 and hist["loss"][-1] < hist["loss"][0]
+
+
+def test_seed_preset_recipe_cost_decreases_on_mnist(mnist):
+    x_tr, y_tr, x_va, y_va, *_ = mnist
+    model = MLP("784-100-10", act="sigmoid", loss="logistic", init="normal", backend="numpy", seed=1)
+    hist = model.fit(
+        x_tr,
+        y_tr,
+        X_valid=x_va,
+        y_valid=y_va,
+        epochs=2,
+        batch_size=100,
+        optimizer="sgd",
+        lr=0.0005,
+        l2=0.01,
+        reduction="sum",
+    )
+    assert hist["loss"][1] < hist["loss"][0]
+    assert hist["valid_acc"][1] > 0.85
+
+
+def test_modern_recipe_reaches_97_percent_test_accuracy(mnist):
+    x_tr, y_tr, x_va, y_va, x_te, y_te = mnist
+    model = MLP("784-256-10", act="relu", seed=0)  # auto backend: numba when installed
+    model.fit(x_tr, y_tr, epochs=3, batch_size=128, optimizer="adam", lr=1e-3, schedule="exp")
+    assert model.score(x_te, y_te) >= 0.97
+
+
+def test_tol_stops_when_the_cost_change_is_small():
+    X, y = make_circles(n=200, noise=0.05, seed=3)
+    hist = MLP("2-8-2", act="tanh", backend="numpy").fit(
+        X, y, epochs=500, optimizer="adam", lr=0.01, tol=1e-3
+    )
+    assert hist.stop_reason.startswith("converged") and len(hist) < 500
+    assert abs(hist["loss"][-1] - hist["loss"][-2]) < 1e-3 <= abs(hist["loss"][-2] - hist["loss"][-3])
+
+
+def test_patience_stops_and_restores_the_best_weights():
+    X, y = make_circles(n=300, noise=0.3, seed=4)
+    model = MLP("2-64-2", act="relu", backend="numpy", seed=4)
+    hist = model.fit(X, y, epochs=300, batch_size=10, optimizer="adam", lr=0.05, valid_split=100, patience=5)
+    assert hist.stop_reason.startswith("early stop") and len(hist) < 300
+    best = max(hist["valid_acc"])
+    assert model.score(X[-100:], y[-100:]) == pytest.approx(best)
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    X, y = make_circles(n=250, noise=0.1, seed=5)
+    kw = dict(act="relu", dropout=0.2, batchnorm=True, backend="numpy", seed=5)
+    fit_kw = dict(batch_size=32, optimizer="adam", lr=0.01, l2=1e-3, valid_split=50, seed=9)
+    straight = MLP("2-16-16-2", **kw)
+    h_straight = straight.fit(X, y, epochs=2, **fit_kw)
+    ckpt = tmp_path / "ck.npz"
+    MLP("2-16-16-2", **kw).fit(X, y, epochs=1, checkpoint_path=ckpt, **fit_kw)
+    resumed = MLP("2-16-16-2", **kw)
+    h_resumed = resumed.fit(X, y, epochs=2, checkpoint_path=ckpt, resume=True, **fit_kw)
+    assert [r["loss"] for r in h_resumed.records] == h_straight["loss"]
+    for a, b in zip(straight.state_arrays().values(), resumed.state_arrays().values()):
+        assert np.array_equal(a, b)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    X, y = make_xor(n=100, seed=0)
+    ckpt = tmp_path / "ck.npz"
+    MLP("2-8-2", backend="numpy").fit(X, y, epochs=1, checkpoint_path=ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match="written for model"):
+        MLP("2-9-2", backend="numpy").fit(X, y, epochs=2, checkpoint_path=ckpt, resume=True)
+
+
+def test_save_load_round_trip(tmp_path):
+    X, y = make_circles(n=100, seed=6)
+    model = MLP("2-8-2", act="tanh", batchnorm=True, backend="numpy", seed=6)
+    model.fit(X, y, epochs=3, optimizer="adam", lr=0.01)
+    model.save(tmp_path / "m.npz")
+    again = MLP.load(tmp_path / "m.npz", backend="numpy")
+    assert np.array_equal(model.predict_proba(X), again.predict_proba(X))
+    proba = again.predict_proba(X)
+    assert np.allclose(proba.sum(axis=1), 1, atol=1e-6)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "m.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt or truncated"):
+        MLP.load(bad)
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        MLP.load(tmp_path / "missing.npz")
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from gpumlp import checkpoint
+    big = np.random.default_rng(0).normal(size=(2000, 2000))  # ~32 MB per write
+    i = 0
+    print("ready", flush=True)
+    while True:
+        i += 1
+        checkpoint.write(sys.argv[1], {"w": big + i}, {"i": i})
+    """
+)
+
+
+def test_killed_checkpoint_write_never_leaves_a_broken_file(tmp_path):
+    path = tmp_path / "ck.npz"
+    checkpoint.write(path, {"w": np.zeros(3)}, {"i": 0})
+    for delay in (0.05, 0.3, 0.7):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        arrays, meta = checkpoint.read(path)  # whichever version survived is complete
+        if meta["i"] == 0:
+            assert np.array_equal(arrays["w"], np.zeros(3))
+        else:
+            ref = np.random.default_rng(0).normal(size=(2000, 2000)) + meta["i"]
+            assert np.array_equal(arrays["w"], ref)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "ck.npz"]
+    assert all(name.endswith(".tmp") for name in leftovers)
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    X, y = make_circles(n=200, seed=7)
+    ckpt = tmp_path / "ck.npz"
+    model = MLP("2-16-2", act="relu", backend="numpy", seed=7)
+    model.fit(X, y, epochs=2, optimizer="sgd", lr=0.01, checkpoint_path=ckpt)
+    with pytest.raises(
+        TrainingDiverged, match=r"diverged.*epoch 3.*last good checkpoint.*Lower the learning"
+    ):
+        model.fit(X * 1e30, y, epochs=5, optimizer="sgd", lr=1e30, checkpoint_path=ckpt, resume=True)
+    arrays, meta = checkpoint.read(ckpt)
+    assert meta["train"]["epoch"] == 2 and all(np.isfinite(a).all() for a in arrays.values())
+
+
+@pytest.mark.parametrize(
+    "X, y, message",
+    [
+        (np.zeros((4, 3)), np.zeros(4), "has 3 features per sample but the model's input layer expects 2"),
+        (np.array([[0.0, np.nan]] * 4), np.zeros(4), "contains NaN or inf .first at row 0, column 1"),
+        (np.array([[0.0, np.inf]] * 4), np.zeros(4), "NaN or inf"),
+        (np.zeros((4, 2)), np.array([0, 1, 2, 1]), r"labels in \[0, 2\] but the model has 2 outputs"),
+        (np.zeros((4, 2)), np.array([0, -1, 1, 1]), "must be in 0..1"),
+        (np.zeros((4, 2)), np.array([0, 0.5, 1, 1]), "integer class ids"),
+        (np.zeros((4, 2)), np.zeros(3), "3 labels but X has 4 samples"),
+        (np.zeros((0, 2)), np.zeros(0), "empty"),
+        (np.zeros((4, 2)), np.eye(2)[[0, 1, 0, 1]], "one-hot"),
+        (np.array([["a", "b"]] * 4), np.zeros(4), "numeric array"),
+    ],
+)
+def test_bad_training_input_is_a_clear_error(X, y, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        MLP("2-4-2", backend="numpy").fit(X, y, epochs=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(spec="784-x-10"), "bad layer spec"),
+        (dict(spec="784"), "at least input and output"),
+        (dict(act="swish"), "unknown activation 'swish'"),
+        (dict(loss="hinge"), "unknown loss 'hinge'"),
+        (dict(init="zeros"), "unknown init"),
+        (dict(dtype="float16"), "float32 or float64"),
+        (dict(dropout=1.0), "dropout rate"),
+    ],
+)
+def test_bad_model_arguments_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MLP(**{"backend": "numpy", **kwargs})
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(BackendUnavailable, match="unknown backend 'tpu'; choose one of auto, numpy"):
+        MLP("2-2", backend="tpu")
+
+
+def test_bad_fit_arguments_are_clear_errors():
+    X, y = make_xor(n=20)
+    model = MLP("2-4-2", backend="numpy")
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        model.fit(X, y, optimizer="lbfgs")
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        model.fit(X, y, lr=-1.0)
+    with pytest.raises(ValueError, match="reduction must be"):
+        model.fit(X, y, reduction="max")
+    with pytest.raises(ValueError, match="valid_split=20"):
+        model.fit(X, y, valid_split=20)
+
+
+def _loadable_backends():
+    names = []
+    for name in available_names():
+        try:
+            get_backend(name)
+        except BackendUnavailable:
+            continue
+        names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("name", [n for n in _loadable_backends() if n != "numpy"])
+def test_whole_training_parity_with_the_reference(name, mnist):
+    """A few seeded epochs on an MNIST slice give the reference's loss curve."""
+    x_tr, y_tr, x_va, y_va, *_ = mnist
+    X, y = x_tr[:1500], y_tr[:1500]
+    curves = {}
+    for backend in ("numpy", name):
+        model = MLP("784-64-32-10", act="relu", dropout=0.1, backend=backend, seed=3)
+        hist = model.fit(
+            X,
+            y,
+            X_valid=x_va[:500],
+            y_valid=y_va[:500],
+            epochs=3,
+            batch_size=50,
+            optimizer="adam",
+            lr=1e-3,
+            l2=1e-4,
+            seed=3,
+        )
+        curves[backend] = np.array([hist["loss"], hist["valid_acc"]])
+    # float32 rounding differs between BLAS calls and fused kernels; 3 epochs keep it small.
+    np.testing.assert_allclose(curves[name][0], curves["numpy"][0], rtol=2e-3)
+    np.testing.assert_allclose(curves[name][1], curves["numpy"][1], atol=0.01)
