@@ -278,11 +278,13 @@ def _oom_message(model, shape: tuple, batch_size: int, err: BaseException) -> st
     itemsize = model.dtype.itemsize
     data_mb = shape[0] * shape[1] * itemsize / 2**20
     params_mb = sum(w.size for _, w, _, _ in model.parameters()) * itemsize / 2**20
+    advice = "lower the batch size, use a smaller model or fewer samples"
+    if model.dtype.itemsize > 4:
+        advice += ", or use float32"
     return (
         f"out of memory on backend {model.be.name}: the training set needs {data_mb:.1f} MiB "
         f"({shape[0]}x{shape[1]} {model.dtype.name}), the parameters {params_mb:.1f} MiB (x3-4 with "
-        f"gradients and optimizer state), plus activations for batch size {batch_size}. Lower the batch "
-        f"size, use float32, a smaller model, or fewer samples ({err})"
+        f"gradients and optimizer state), plus activations for batch size {batch_size}; {advice}. ({err})"
     )
 
 

@@ -19,8 +19,10 @@ immediately even while capturing, unlike on a GPU). For correctness, not speed.
 
 from __future__ import annotations
 
+import os
 import time
 import types
+import weakref
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,40 @@ _IMPLICIT = (
     "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct a NumPy "
     "array explicitly."
 )
+
+
+class OutOfMemoryError(MemoryError):
+    """``cupy.cuda.memory.OutOfMemoryError``: the emulated device's memory is full."""
+
+
+def _memory_limit() -> int:
+    """Device memory in bytes: ``$GPUMLP_EMU_MEMORY`` (e.g. ``512M``, ``2G``), default 4 GiB."""
+    text = os.environ.get("GPUMLP_EMU_MEMORY", "4G").strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        return int(float(text.rstrip("KMG")) * scale)
+    except ValueError:
+        raise ValueError(f"GPUMLP_EMU_MEMORY={text!r}: expected a size such as 512M or 2G") from None
+
+
+_MEMORY = {"limit": _memory_limit(), "used": 0}
+
+
+def _release(nbytes: int) -> None:
+    _MEMORY["used"] -= nbytes
+
+
+def _allocated(a: np.ndarray) -> np.ndarray:
+    """Account a buffer that owns its memory against the device's capacity, as a GPU would."""
+    if a.base is None and a.nbytes:
+        if _MEMORY["used"] + a.nbytes > _MEMORY["limit"]:
+            raise OutOfMemoryError(
+                f"Out of memory allocating {a.nbytes:,} bytes (allocated so far: {_MEMORY['used']:,} bytes, "
+                f"device memory {_MEMORY['limit']:,} bytes; set GPUMLP_EMU_MEMORY to change it)."
+            )
+        _MEMORY["used"] += a.nbytes
+        weakref.finalize(a, _release, a.nbytes)
+    return a
 
 
 def _unwrap(x: Any) -> Any:
@@ -77,12 +113,12 @@ class ndarray:  # noqa: N801 -- CuPy's name
     __array_priority__ = 100
 
     def __init__(self, shape: Any, dtype: Any = float, order: str = "C") -> None:
-        self._a = np.empty(shape, dtype=dtype, order=order)
+        self._a = _allocated(np.empty(shape, dtype=dtype, order=order))
 
     @classmethod
     def _of(cls, a: np.ndarray) -> ndarray:
         obj = cls.__new__(cls)
-        obj._a = a
+        obj._a = _allocated(a)
         return obj
 
     # -- attributes
@@ -289,7 +325,7 @@ def __getattr__(name: str) -> Any:
 # ------------------------------------------------------------- the "device"
 _PROPERTIES = {
     "name": b"cuda-emu (CPU host emulation)",
-    "totalGlobalMem": 1 << 30,
+    "totalGlobalMem": _MEMORY["limit"],
     "multiProcessorCount": 1,
     "maxThreadsPerBlock": 1024,
     "warpSize": 32,
@@ -417,6 +453,7 @@ def _properties(device: int) -> dict:
 
 
 cuda = types.SimpleNamespace(
+    memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
     Device=Device,
     Stream=Stream,
     Event=Event,

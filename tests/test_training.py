@@ -15,7 +15,7 @@ from gpumlp.backend import BackendUnavailable, available_names, get_backend
 from gpumlp.data import load_mnist, make_circles, make_xor, scale_pixels, split_train_valid
 from gpumlp.model import MLP
 from gpumlp.optim import OPTIMIZERS
-from gpumlp.train import TrainingDiverged
+from gpumlp.train import DeviceOutOfMemory, TrainingDiverged
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +242,18 @@ def test_bad_fit_arguments_are_clear_errors():
         model.fit(X, y, reduction="max")
     with pytest.raises(ValueError, match="valid_split=20"):
         model.fit(X, y, valid_split=20)
+
+
+def test_device_out_of_memory_names_the_sizes_and_the_fix(monkeypatch, mnist):
+    be = get_backend("cuda-emu")  # the emulated device accounts memory like a GPU
+    monkeypatch.setitem(be.xp._MEMORY, "limit", 64 * 2**20)
+    x_tr, y_tr, *_ = mnist
+    with pytest.raises(
+        DeviceOutOfMemory,
+        match=r"training set needs 164.5 MiB \(55000x784 float32\).*"
+        r"lower the batch size.*Out of memory allocating",
+    ):
+        MLP("784-100-10", backend=be).fit(x_tr, y_tr, epochs=1)
 
 
 def _loadable_backends():
