@@ -1,0 +1,595 @@
+"""The ``gpumlp`` command line: ``train | eval | predict | info | bench``.
+
+Exit codes: 0 success; 2 a bad flag, file or value (one ``gpumlp: error: ...``
+line on stderr, never a traceback); 3 training diverged; 130 interrupted
+(Ctrl-C; the last per-epoch checkpoint is kept). Results go to stdout,
+progress and diagnostics to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+import gpumlp
+from gpumlp.presets import PRESETS, SCALE_MODES, Prep, get_preset
+
+EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
+FIT_SCHEDULE_KEYS = ("schedule", "lr_gamma", "lr_step")
+
+
+class UsageError(Exception):
+    """A bad command-line value found after parsing; exits 2 with its message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line: ``gpumlp: error: ...`` (exit 2)."""
+
+    def error(self, message: str):
+        hint = f" (see '{self.prog} --help')"
+        self.exit(EXIT_USAGE, f"gpumlp: error: {message}{hint}\n")
+
+
+# ------------------------------------------------------------------ argument types
+def _number(kind, low: float | None, strict: bool, what: str):
+    """An argparse type: ``kind`` (int/float) that is finite and >= or > ``low``."""
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if kind is float and not np.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        if low is not None and (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    convert.__name__ = what
+    return convert
+
+
+POS_FLOAT = _number(float, 0.0, True, "a number > 0")
+NONNEG_FLOAT = _number(float, 0.0, False, "a number >= 0")
+POS_INT = _number(int, 0, True, "an integer >= 1")
+NONNEG_INT = _number(int, 0, False, "an integer >= 0")
+FRACTION = _number(float, 0.0, False, "a number in [0, 1)")
+
+
+def _dropout(text: str) -> float:
+    """A dropout rate in [0, 1)."""
+    value = FRACTION(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1)")
+    return value
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``gpumlp`` argument parser."""
+    p = _Parser(prog="gpumlp", description="Train and use multilayer perceptrons on MNIST.")
+    p.add_argument("--version", action="version", version=f"gpumlp {gpumlp.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_train(sub.add_parser("train", help="train a model on MNIST"))
+    ev = sub.add_parser("eval", help="test accuracy and per-class report of a saved model")
+    ev.add_argument("model", help="model file written by 'gpumlp train --out' (DIR/model.npz)")
+    _add_common(ev)
+    pr = sub.add_parser("predict", help="predict the class of images in a file")
+    pr.add_argument("model", help="model file (DIR/model.npz)")
+    pr.add_argument("file", help="images: IDX (.gz or raw), .npz (array 'x' or the first) or a 28x28 PNG")
+    pr.add_argument("--proba", action="store_true", help="also print the class probabilities")
+    pr.add_argument("--backend", default=None, help="compute backend (default: $GPUMLP_BACKEND or auto)")
+    sub.add_parser("info", help="versions, backends, BLAS and GPU")
+    sub.add_parser("bench", help="benchmarks (gpumlp bench --help)", add_help=False)
+    return p
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """--backend and --data-dir."""
+    p.add_argument(
+        "--backend", default=None, help="numpy | numba | cupy | auto (default: $GPUMLP_BACKEND or auto)"
+    )
+    p.add_argument("--data-dir", default=None, help="directory holding the four MNIST IDX files")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    """Every hyper-parameter of ``train``; None means 'take it from the preset'."""
+    from gpumlp.kernels.reference import ACTIVATIONS
+    from gpumlp.layers import INITS
+    from gpumlp.losses import ALIASES, LOSSES
+    from gpumlp.optim import OPTIMIZERS, SCHEDULES
+
+    p.add_argument("--preset", choices=list(PRESETS), default="fast", help="base recipe (default: fast)")
+    m = p.add_argument_group("model")
+    m.add_argument("--spec", help="layer widths, e.g. 784-100-10")
+    m.add_argument("--act", choices=ACTIVATIONS, help="hidden activation")
+    m.add_argument("--loss", choices=[*LOSSES, *ALIASES], help="cost")
+    m.add_argument("--init", choices=INITS, help="weight init")
+    m.add_argument("--dropout", type=_dropout, help="dropout rate after each hidden layer")
+    m.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None, help="batch norm")
+    m.add_argument("--dtype", choices=["float32", "float64"])
+    f = p.add_argument_group("optimisation")
+    f.add_argument("--optimizer", choices=OPTIMIZERS)
+    f.add_argument("--lr", type=POS_FLOAT, help="learning rate")
+    f.add_argument("--momentum", type=NONNEG_FLOAT)
+    f.add_argument("--l1", type=NONNEG_FLOAT)
+    f.add_argument("--l2", type=NONNEG_FLOAT)
+    f.add_argument("--clip-norm", type=POS_FLOAT, help="clip gradients to this global L2 norm")
+    f.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule")
+    f.add_argument("--lr-gamma", type=POS_FLOAT, help="schedule factor (0, 1]")
+    f.add_argument("--lr-step", type=POS_INT, help="epochs per step of the 'step' schedule")
+    f.add_argument("--reduction", choices=["mean", "sum"], help="minibatch gradient: mean or sum")
+    f.add_argument("--batch-size", type=POS_INT)
+    f.add_argument("--epochs", type=POS_INT, help="total epochs (with --resume: including those done)")
+    f.add_argument("--tol", type=POS_FLOAT, help="stop when the loss changes by less than this")
+    f.add_argument("--patience", type=POS_INT, help="early stop after N epochs without better valid acc")
+    f.add_argument("--augment-shift", type=NONNEG_INT, help="random shifts of up to N pixels")
+    d = p.add_argument_group("data and run")
+    d.add_argument("--scale", choices=SCALE_MODES, help="input preprocessing")
+    d.add_argument("--valid", type=NONNEG_INT, help="validation rows from the end of the train set")
+    d.add_argument("--limit", type=POS_INT, help="train on the first N samples only (quick runs)")
+    d.add_argument("--seed", type=NONNEG_INT, help="seed for init, shuffling and dropout")
+    _add_common(d)
+    d.add_argument("--out", help="output directory: model.npz, checkpoint.npz, history.json, metrics.json")
+    d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("--plots", action="store_true", help="also write PNG plots to OUT (needs matplotlib)")
+
+
+# ------------------------------------------------------------------ config
+MODEL_KEYS = ("spec", "act", "loss", "init", "dropout", "batchnorm", "dtype", "seed")
+FIT_KEYS = tuple(PRESETS["seed"]["fit"])
+DATA_KEYS = ("scale", "valid")
+
+
+def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> dict:
+    """Preset (or a resumed run's saved config), overridden by every flag given explicitly."""
+    config = saved if saved is not None else get_preset(args.preset)
+    config["preset"] = config.get("preset", args.preset)
+    for section, keys in (("model", MODEL_KEYS), ("fit", FIT_KEYS), ("data", DATA_KEYS)):
+        for key in keys:
+            value = getattr(args, key, None)
+            if value is not None:
+                config[section][key] = value
+    if getattr(args, "limit", None) is not None:
+        config["data"]["limit"] = args.limit
+    config["data"].setdefault("limit", None)
+    if args.seed is not None:
+        config["fit"]["seed"] = args.seed
+    config["fit"].setdefault("seed", config["model"]["seed"])
+    return config
+
+
+def fit_kwargs(config: dict) -> dict:
+    """The ``fit`` keyword arguments of a config (the schedule as a Schedule object)."""
+    from gpumlp.optim import Schedule
+
+    kw = {k: v for k, v in config["fit"].items() if k not in FIT_SCHEDULE_KEYS}
+    f = config["fit"]
+    kw["schedule"] = Schedule(f["schedule"], gamma=f["lr_gamma"], step_size=f["lr_step"])
+    return kw
+
+
+# ------------------------------------------------------------------ data
+def load_data(data_dir: str | None):
+    """MNIST from ``data_dir`` (which must exist) or the default search."""
+    from gpumlp.data import load_mnist
+
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UsageError(
+            f"data directory {data_dir} does not exist; pass a directory holding the MNIST files"
+        )
+    return load_mnist(data_dir)
+
+
+def split_data(mnist, config: dict):
+    """-> (x_train, y_train, x_valid | None, y_valid | None) raw pixels; validation = last rows."""
+    n_valid, limit = config["data"]["valid"], config["data"]["limit"]
+    x, y = mnist.x_train, mnist.y_train
+    if not 0 <= n_valid < len(x):
+        raise UsageError(f"--valid {n_valid} must be smaller than the {len(x)} training samples")
+    cut = len(x) - n_valid
+    x_tr, y_tr = x[:cut], y[:cut]
+    if limit is not None:
+        x_tr, y_tr = x_tr[:limit], y_tr[:limit]
+    if n_valid == 0:
+        return x_tr, y_tr, None, None
+    return x_tr, y_tr, x[cut:], y[cut:]
+
+
+# ------------------------------------------------------------------ train
+def _out_paths(out: Path | None) -> dict[str, Path]:
+    """Named files of an output directory."""
+    names = ("model.npz", "checkpoint.npz", "history.json", "metrics.json", "config.json")
+    return {n.split(".")[0]: out / n for n in names} if out else {}
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON (atomically: temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    """numpy scalars and arrays -> JSON."""
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON-able: {type(o).__name__}")
+
+
+def _train_config(args: argparse.Namespace, paths: dict) -> dict:
+    """Resolve the run's config; with --resume start from OUT/config.json when present."""
+    if args.resume and not paths:
+        raise UsageError("--resume needs --out DIR (it continues from DIR/checkpoint.npz)")
+    if args.resume and not paths["checkpoint"].is_file():
+        raise UsageError(f"--resume: no checkpoint at {paths['checkpoint']} to continue from")
+    saved = None
+    if args.resume and paths["config"].is_file():
+        saved = json.loads(paths["config"].read_text())
+    return resolve_config(args, saved)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``gpumlp train``."""
+    from gpumlp.backend import get_backend
+    from gpumlp.model import MLP
+
+    t_start = time.perf_counter()
+    out = Path(args.out) if args.out else None
+    paths = _out_paths(out)
+    config = _train_config(args, paths)
+    fit_kw = fit_kwargs(config)  # validates the schedule before any data is loaded
+    if args.plots:
+        from gpumlp.report import _pyplot
+
+        _pyplot()  # fail now, not after training, when matplotlib is missing
+    be = get_backend(args.backend)
+    model = MLP(**config["model"], backend=be)
+    mnist = load_data(args.data_dir)
+    x_tr, y_tr, x_va, y_va = split_data(mnist, config)
+    prep = Prep.fit(x_tr, config["data"]["scale"])
+    dt = model.dtype
+    X_valid = prep.apply(x_va, dt) if x_va is not None else None
+    if config["fit"]["patience"] and X_valid is None:
+        raise UsageError("--patience needs a validation set (--valid N > 0)")
+    spec, preset = config["model"]["spec"], config["preset"]
+    _log(f"training {spec} on {len(x_tr)} samples, backend {be.name}, preset {preset}")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(paths["config"], config)
+    try:  # overflow on the way to a NaN loss is reported once, as TrainingDiverged, not as warnings
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            history = model.fit(
+                prep.apply(x_tr, dt), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
+                checkpoint_path=paths.get("checkpoint"), resume=args.resume,
+                progress=not args.no_progress, verbose=True,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        ckpt = paths.get("checkpoint")
+        kept = (
+            f"the last checkpoint is kept in {ckpt} (continue with --resume)"
+            if ckpt and ckpt.is_file()
+            else "no checkpoint was saved (use --out DIR to keep one per epoch)"
+        )
+        raise _Interrupted(f"interrupted; {kept}") from None
+    train_s = float(sum(history["seconds"]))
+    y_pred = model.predict(prep.apply(mnist.x_test, dt))
+    metrics = _test_metrics(mnist.y_test, y_pred, model.n_classes)
+    total_s = time.perf_counter() - t_start
+    metrics.update(backend=be.name, train_seconds=train_s, seconds=total_s, epochs=len(history))
+    metrics.update(stop_reason=history.stop_reason, samples=len(x_tr), config=config)
+    if out:
+        _save_outputs(model, prep, history, metrics, paths, args.plots, mnist, y_pred)
+    print(f"test accuracy: {100 * metrics['test_accuracy']:.2f}%")
+    print(f"epochs: {len(history)} (stop: {history.stop_reason}), train seconds: {train_s:.2f}")
+    print(f"total seconds: {total_s:.2f}")
+    print(f"backend: {be.name}")
+    if out:
+        print(f"model: {paths['model']}")
+    return EXIT_OK
+
+
+class _Interrupted(Exception):
+    """Ctrl-C during training, with a message about the kept checkpoint."""
+
+
+def _test_metrics(y_true, y_pred, n_classes: int) -> dict:
+    """metrics.json body: accuracy, per-class precision/recall/F1, confusion matrix."""
+    from gpumlp.metrics import confusion_matrix, precision_recall_f1
+
+    prf = precision_recall_f1(y_true, y_pred, n_classes)
+    return {
+        "test_accuracy": prf["accuracy"],
+        "precision": prf["precision"],
+        "recall": prf["recall"],
+        "f1": prf["f1"],
+        "support": prf["support"],
+        "macro_precision": prf["macro_precision"],
+        "macro_recall": prf["macro_recall"],
+        "macro_f1": prf["macro_f1"],
+        "confusion_matrix": confusion_matrix(y_true, y_pred, n_classes),
+    }
+
+
+def _save_outputs(model, prep: Prep, history, metrics: dict, paths: dict, plots: bool, mnist, y_pred) -> None:
+    """model.npz (with its preprocessing), history.json, metrics.json and optionally PNGs."""
+    meta = {"prep": prep.to_meta(), "gpumlp_version": gpumlp.__version__, "config": metrics["config"]}
+    model.save(paths["model"], extra_arrays=prep.to_arrays(), extra_meta=meta)
+    _write_json(paths["history"], history.to_dict())
+    _write_json(paths["metrics"], metrics)
+    if plots:
+        from gpumlp import report
+
+        out = paths["model"].parent
+        report.plot_history(history.to_dict(), out / "history.png")
+        report.plot_misclassified(mnist.x_test, mnist.y_test, y_pred, out / "misclassified.png")
+        report.plot_confusion(metrics["confusion_matrix"], out / "confusion.png")
+        _log(f"plots written to {out}/history.png, misclassified.png, confusion.png")
+
+
+# ------------------------------------------------------------------ eval / predict
+def load_model(path: str, backend: str | None):
+    """(model, prep) from a model file; a missing or bad file is a clear error."""
+    from gpumlp.model import MLP
+
+    if not Path(path).is_file():
+        raise UsageError(f"model file {path} does not exist")
+    model = MLP.load(path, backend=backend)
+    prep = Prep.from_file(path)
+    if prep is None:
+        _log(f"warning: {path} stores no preprocessing; assuming pixels scaled to [0, 1]")
+        prep = Prep("0,1")
+    return model, prep
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``gpumlp eval MODEL``."""
+    from gpumlp.metrics import accuracy, classification_report
+
+    model, prep = load_model(args.model, args.backend)
+    mnist = load_data(args.data_dir)
+    y_pred = model.predict(prep.apply(mnist.x_test, model.dtype))
+    print(f"test accuracy: {100 * accuracy(mnist.y_test, y_pred):.2f}%")
+    print(classification_report(mnist.y_test, y_pred, model.n_classes))
+    print(f"backend: {model.be.name}")
+    return EXIT_OK
+
+
+def read_images(path: str, n_features: int) -> np.ndarray:
+    """Raw pixels (N, n_features) from an IDX (.gz or raw), .npz or PNG file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"input file {path} does not exist")
+    suffix = p.suffix.lower()
+    if suffix == ".npz":
+        x = _read_npz(p)
+    elif suffix == ".png":
+        x = _read_png(p)
+    else:
+        from gpumlp.data import read_idx
+
+        x = read_idx(p)
+    x = np.asarray(x)
+    if x.ndim == 1 or (x.ndim == 2 and x.shape[0] * x.shape[1] == n_features and x.shape[1] != n_features):
+        x = x[None]  # a single image
+    x = x.reshape(x.shape[0], -1) if x.ndim > 1 else x
+    if x.ndim != 2 or x.shape[1] != n_features or x.dtype.kind not in "uif":
+        raise UsageError(f"{path}: expected images with {n_features} pixels each, got {x.dtype} {x.shape}")
+    return x
+
+
+def _read_npz(path: Path) -> np.ndarray:
+    """Array ``x`` (or the first array) of an .npz file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not z.files:
+                raise UsageError(f"{path}: the .npz file holds no arrays")
+            return z["x" if "x" in z.files else z.files[0]]
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """A grayscale PNG -> (H, W) pixels 0..255 (matplotlib's reader, else PIL)."""
+    try:
+        import matplotlib.image as mpimg
+
+        img = np.asarray(mpimg.imread(path))
+    except ImportError:
+        try:
+            from PIL import Image
+        except ImportError:
+            raise UsageError("reading PNG needs matplotlib or Pillow: pip install -e '.[plot]'") from None
+        img = np.asarray(Image.open(path))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UsageError(f"{path}: not a readable PNG ({e})") from None
+    if img.ndim == 3:  # RGB(A) -> gray, alpha ignored
+        img = img[..., :3].mean(axis=2)
+    if img.dtype.kind == "f" and img.max() <= 1.0:  # matplotlib gives floats in [0, 1]
+        img = img * 255.0
+    return img
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``gpumlp predict MODEL FILE``."""
+    model, prep = load_model(args.model, args.backend)
+    x = prep.apply(read_images(args.file, model.n_features), model.dtype)
+    if not args.proba:
+        print("\n".join(str(c) for c in model.predict(x)))
+        return EXIT_OK
+    proba = model.predict_proba(x)
+    for c, row in zip(proba.argmax(axis=1), proba):
+        print(f"{c}\t" + " ".join(f"{v:.4f}" for v in row))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ info / bench
+def _version(module: str) -> str:
+    """Version of an importable module, or 'not installed' (or why it failed to import)."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed (no version)")
+    except ImportError:
+        return "not installed"
+    except Exception as e:  # e.g. cupy present but its CUDA libraries are not
+        return f"installed but fails to import ({type(e).__name__}: {e})"
+
+
+def _backends() -> tuple[dict[str, str], str]:
+    """(name -> availability line, the name 'auto' picks); any import failure counts as unavailable."""
+    from gpumlp.backend import AUTO_ORDER, available_names, get_backend
+
+    report = {}
+    for name in available_names():
+        try:
+            report[name] = "available: " + get_backend(name).description
+        except Exception as e:
+            report[name] = f"unavailable: {_one_line(e)}"
+    auto = next((n for n in AUTO_ORDER if report.get(n, "").startswith("available")), "none")
+    return report, auto
+
+
+def _blas() -> str:
+    """BLAS library in use: threadpoolctl when installed, else numpy's build config."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        if libs:
+            return "; ".join(
+                f"{i['internal_api']} {i.get('version')} ({i['num_threads']} threads)" for i in libs
+            )
+    except ImportError:
+        pass
+    try:
+        cfg = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{cfg.get('name')} {cfg.get('version', '')}".strip()
+    except Exception:
+        return "unknown (install threadpoolctl for details)"
+
+
+def _gpu() -> str:
+    """GPU name via cupy, or why there is none."""
+    try:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        count = cupy.cuda.runtime.getDeviceCount()
+        return f"{name} ({props['totalGlobalMem'] / 2**30:.1f} GiB), {count} device(s)"
+    except ImportError:
+        return "none detected (cupy not installed)"
+    except Exception as e:
+        return f"none usable ({_one_line(e)})"
+
+
+def _jit_cache() -> str:
+    """The numba JIT cache dir, when the numba kernels expose it."""
+    try:
+        from gpumlp.kernels import numba_cpu
+    except Exception as e:
+        return f"n/a ({_one_line(e)})"
+    get = getattr(numba_cpu, "_jit_cache_dir", None)
+    return str(get()) if callable(get) else "n/a (numba_cpu has no _jit_cache_dir)"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``gpumlp info``."""
+    print(f"gpumlp {gpumlp.__version__}")
+    print(f"python {platform.python_version()} ({sys.executable}) on {platform.platform()}")
+    for mod in ("numpy", "numba", "cupy", "torch"):
+        print(f"{mod}: {_version(mod)}")
+    report, auto = _backends()
+    print("backends:")
+    for name, line in report.items():
+        print(f"  {name}: {line}")
+    env = os.environ.get("GPUMLP_BACKEND")
+    print(f"auto picks: {auto}" + (f" (but $GPUMLP_BACKEND={env})" if env else ""))
+    print(f"BLAS: {_blas()}")
+    print(f"CPU cores: {os.cpu_count()}")
+    print(f"GPU: {_gpu()}")
+    print(f"numba JIT cache: {_jit_cache()}")
+    return EXIT_OK
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    """``gpumlp bench ...``: delegate to gpumlp.bench.main."""
+    try:
+        from gpumlp import bench
+    except ImportError as e:
+        raise UsageError(f"benchmarks are not available in this install ({e})") from None
+    return int(bench.main(list(argv)) or 0)
+
+
+# ------------------------------------------------------------------ main
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info": cmd_info}
+
+
+def _log(msg: str) -> None:
+    """A diagnostic line on stderr."""
+    print(f"gpumlp: {msg}", file=sys.stderr, flush=True)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _fail(msg: str, code: int) -> int:
+    """Print ``gpumlp: error: msg`` and return ``code``."""
+    print(f"gpumlp: error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """``--scale -1,1`` -> ``--scale=-1,1``: argparse would take '-1,1' for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--scale" and arg.startswith("-"):
+            out[-1] = f"--scale={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gpumlp`` console script and ``python -m gpumlp``; returns the exit code."""
+    from gpumlp.backend import BackendUnavailable
+    from gpumlp.train import TrainingDiverged
+
+    argv = _glue_negative_values(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="gpumlp: %(message)s", stream=sys.stderr)
+    try:
+        if argv[:1] == ["bench"]:
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help(sys.stderr)
+            return EXIT_USAGE
+        return COMMANDS[args.command](args)
+    except BrokenPipeError:  # e.g. `gpumlp predict ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except TrainingDiverged as e:
+        return _fail(_one_line(e), EXIT_DIVERGED)
+    except (KeyboardInterrupt, _Interrupted) as e:
+        return _fail(_one_line(e) if isinstance(e, _Interrupted) else "interrupted", EXIT_INTERRUPTED)
+    except (UsageError, ValueError, TypeError, BackendUnavailable, ImportError, OSError) as e:
+        return _fail(_one_line(e), EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Named training recipes and the input preprocessing that goes with a model.
+
+A preset is three dicts: ``model`` (``MLP`` keyword arguments), ``fit``
+(``fit`` keyword arguments, with the LR schedule spelled as ``schedule`` /
+``lr_gamma`` / ``lr_step``) and ``data`` (pixel ``scale`` mode and the
+number of ``valid`` rows held out from the end of the training set).
+
+:class:`Prep` is the preprocessing a model was trained with; it travels inside
+the saved model (meta ``prep`` + arrays ``prep/mean``, ``prep/std``) so that
+``eval`` and ``predict`` feed the model exactly what it saw in training.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpumlp import checkpoint
+
+SCALE_MODES = ("-1,1", "0,1", "standardize")
+STD_FLOOR = 1e-8  # as gpumlp.data.standardize: near-constant features are only centred
+
+PRESETS: dict[str, dict] = {
+    # The classic reference run: sigmoid 784-100-10 with the logistic cost, plain SGD on
+    # summed minibatch gradients, L2 0.01, pixels in [-1, 1], 55k train / 5k valid.
+    "seed": {
+        "model": {
+            "spec": "784-100-10",
+            "act": "sigmoid",
+            "loss": "logistic",
+            "init": "normal",
+            "dropout": 0.0,
+            "batchnorm": False,
+            "dtype": "float32",
+            "seed": 1,
+        },
+        "fit": {
+            "optimizer": "sgd",
+            "lr": 0.0005,
+            "momentum": 0.9,
+            "l1": 0.0,
+            "l2": 0.01,
+            "clip_norm": None,
+            "schedule": "constant",
+            "lr_gamma": 0.1,
+            "lr_step": 10,
+            "reduction": "sum",
+            "batch_size": 100,
+            "epochs": 200,
+            "tol": None,
+            "patience": None,
+            "augment_shift": 0,
+        },
+        "data": {"scale": "-1,1", "valid": 5000},
+    },
+    # A modern recipe measured to reach >= 98 % MNIST test accuracy in a few CPU epochs.
+    "fast": {
+        "model": {
+            "spec": "784-512-256-10",
+            "act": "relu",
+            "loss": "softmax_xent",
+            "init": "he",
+            "dropout": 0.0,
+            "batchnorm": False,
+            "dtype": "float32",
+            "seed": 1,
+        },
+        "fit": {
+            "optimizer": "adam",
+            "lr": 0.001,
+            "momentum": 0.9,
+            "l1": 0.0,
+            "l2": 0.0,
+            "clip_norm": None,
+            "schedule": "exp",
+            "lr_gamma": 0.7,
+            "lr_step": 1,
+            "reduction": "mean",
+            "batch_size": 128,
+            "epochs": 6,
+            "tol": None,
+            "patience": None,
+            "augment_shift": 0,
+        },
+        "data": {"scale": "0,1", "valid": 5000},
+    },
+}
+
+
+def get_preset(name: str) -> dict:
+    """A deep copy of preset ``name`` (safe to modify)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+@dataclass
+class Prep:
+    """Input preprocessing: raw pixels 0..255 -> model inputs. ``scale`` is ``-1,1``, ``0,1`` or
+    ``standardize`` (pixels to [0, 1], then per-feature ``(x - mean) / std`` from the training rows)."""
+
+    scale: str = "0,1"
+    mean: np.ndarray | None = None  # (F,) float64, standardize only
+    std: np.ndarray | None = None  # (F,) float64, floored: never 0
+
+    @classmethod
+    def fit(cls, x_train, scale: str) -> Prep:
+        """Learn the preprocessing for ``scale`` from raw training pixels (N, F)."""
+        if scale not in SCALE_MODES:
+            raise ValueError(f"unknown scale mode {scale!r}; choose one of {', '.join(SCALE_MODES)}")
+        if scale != "standardize":
+            return cls(scale)
+        x01 = np.asarray(x_train, dtype=np.float64) / 255.0
+        std = x01.std(axis=0)
+        return cls(scale, x01.mean(axis=0), np.where(std < STD_FLOOR, 1.0, std))
+
+    def apply(self, x, dtype=np.float32) -> np.ndarray:
+        """Raw pixels (N, F), values 0..255 -> (N, F) float model inputs."""
+        out = np.asarray(x).astype(dtype)  # always a copy, then in place
+        if self.scale == "-1,1":
+            out /= 127.5
+            out -= 1.0
+            return out
+        out /= 255.0
+        if self.scale == "standardize":
+            out -= self.mean.astype(dtype)
+            out /= self.std.astype(dtype)
+        return out
+
+    def to_meta(self) -> dict:
+        """JSON-able part (goes into the model file's meta under ``prep``)."""
+        return {"scale": self.scale}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Array part (``prep/mean``, ``prep/std``), empty unless standardizing."""
+        if self.scale != "standardize":
+            return {}
+        return {"prep/mean": self.mean, "prep/std": self.std}
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Prep | None:
+        """The preprocessing stored in a model file, or None when it holds none."""
+        arrays, meta = checkpoint.read(path)
+        prep = meta.get("prep")
+        if prep is None:
+            return None
+        if prep.get("scale") not in SCALE_MODES:
+            raise checkpoint.CheckpointError(f"{path}: unknown preprocessing {prep!r}")
+        if prep["scale"] != "standardize":
+            return cls(prep["scale"])
+        if "prep/mean" not in arrays or "prep/std" not in arrays:
+            raise checkpoint.CheckpointError(f"{path}: standardize preprocessing without prep/mean, prep/std")
+        return cls("standardize", arrays["prep/mean"], arrays["prep/std"])
