@@ -274,6 +274,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             history = model.fit(
                 prep.apply(x_tr, dt), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
                 checkpoint_path=paths.get("checkpoint"), resume=args.resume,
+                checkpoint_extra=(prep.to_arrays(), {"prep": prep.to_meta()}),
                 progress=not args.no_progress, verbose=True,
             )  # fmt: skip
     except KeyboardInterrupt:

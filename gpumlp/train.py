@@ -74,20 +74,19 @@ class _State:
     best: tuple[float, int, dict | None] = (-1.0, -1, None)  # (valid acc, epoch, host weights)
 
 
-def _save_checkpoint(path, model, opt: Optimizer, opt_state: list, st: _State) -> None:
-    arrays = {
-        f"opt/{name}/{j}": model.be.to_host(a)
-        for (name, *_), states in zip(model.parameters(), opt_state)
-        for j, a in enumerate(states)
-    }
+def _save_checkpoint(path, model, opt: Optimizer, opt_state: list, st: _State, extra: tuple) -> None:
+    arrays = dict(extra[0])
+    for (name, *_), states in zip(model.parameters(), opt_state):
+        arrays.update({f"opt/{name}/{j}": model.be.to_host(a) for j, a in enumerate(states)})
     meta = {
+        **extra[1],
         "train": {
             "epoch": st.epoch,
             "step": st.step,
             "rng": st.rng.bit_generator.state,
             "history": st.history.to_dict(),
             "optimizer": opt.to_dict(),
-        }
+        },
     }
     model.save(path, extra_arrays=arrays, extra_meta=meta)
 
@@ -146,6 +145,7 @@ def fit(
     augment_shift: int = 0,
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = False,
+    checkpoint_extra: tuple[dict, dict] = ({}, {}),
     progress: bool = False,
     verbose: bool = False,
     callbacks: Sequence[Callable[[dict, object], bool | None]] = (),
@@ -159,7 +159,8 @@ def fit(
     epochs without a better validation accuracy (then the best weights are
     restored). ``augment_shift`` shifts 28x28 images by up to that many pixels
     each epoch. With ``checkpoint_path`` the state is saved atomically after
-    each epoch; ``resume=True`` continues from it exactly.
+    each epoch, with ``checkpoint_extra`` = (host arrays, JSON meta) of the
+    caller's (e.g. preprocessing); ``resume=True`` continues from it exactly.
     ``callbacks`` get (epoch record, model) and may return True to stop."""
     be = model.be
     X = check_features(X, model.n_features)
@@ -212,7 +213,7 @@ def fit(
             if any(cb(rec, model) for cb in callbacks):
                 st.history.stop_reason = "callback"
             if ckpt:
-                _save_checkpoint(ckpt, model, opt, opt_state, st)
+                _save_checkpoint(ckpt, model, opt, opt_state, st, checkpoint_extra)
             bar.update(1)
             bar.set_postfix({key: f"{v:.4f}" for key, v in rec.items() if key not in ("epoch", "lr")})
             if verbose:
