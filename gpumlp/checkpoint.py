@@ -30,6 +30,7 @@ def write(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) ->
     payload[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make saved models private
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **payload)
             f.flush()
@@ -39,6 +40,12 @@ def write(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
