@@ -79,9 +79,10 @@ class Dense(Layer):
         return self.n_out
 
     def forward(self, x, train: bool):
-        k = self.be.k
-        y = k.matmul(x, self.params["W"], out=self._ws("y", (x.shape[0], self.n_out)))
-        k.bias_act(y, self.params["b"], self.act, out=y)
+        k, shape = self.be.k, (x.shape[0], self.n_out)
+        z = k.matmul(x, self.params["W"], out=self._ws("z", shape))
+        # a separate output buffer: in place, Numba cannot prove no aliasing and won't vectorise
+        y = k.bias_act(z, self.params["b"], self.act, out=self._ws("y", shape))
         self._x, self._y = x, y
         return y
 

@@ -1,0 +1,65 @@
+"""Napkin math for the benchmarks: FLOPs of an epoch's matmuls and bytes moved per kernel.
+
+Only the dense matmuls are counted as FLOPs (2 per multiply-add); elementwise
+kernels are memory-bound, so they are measured in bytes read + written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def layer_shapes(widths: Sequence[int]) -> list[tuple[int, int]]:
+    """Widths (input, hidden..., classes) -> [(fan_in, fan_out)] per dense layer."""
+    return [(int(a), int(b)) for a, b in zip(widths[:-1], widths[1:])]
+
+
+def step_flops(widths: Sequence[int], batch: int) -> int:
+    """Matmul FLOPs of one training step on ``batch`` samples.
+
+    Per layer (fan_in i, fan_out o): forward X·W is 2·B·i·o, backward dW = Xᵀ·dZ is
+    2·B·i·o, and dX = dZ·Wᵀ is 2·B·i·o for every layer but the first (whose input
+    gradient nobody needs)."""
+    total = 0
+    for layer, (i, o) in enumerate(layer_shapes(widths)):
+        passes = 2 if layer == 0 else 3
+        total += passes * 2 * batch * i * o
+    return total
+
+
+def epoch_flops(widths: Sequence[int], n_samples: int) -> int:
+    """Matmul FLOPs of one epoch over ``n_samples`` (independent of the batch size)."""
+    return step_flops(widths, n_samples)
+
+
+def kernel_bytes(kernel: str, shape: Sequence[int], itemsize: int, label_itemsize: int = 8) -> int:
+    """Bytes a kernel must read + write at ``shape``, the minimum any implementation moves.
+
+    bias_act (B,N): reads z and b, writes y. act_grad (B,N): reads grad and y, writes out.
+    bias_grad (B,N): reads grad, writes (N,). softmax_xent (B,K): reads logits and labels,
+    writes grad. gather_rows (B,F): reads B rows and B indices, writes B rows.
+    sgd_step (P,): reads w, g, writes w. adam_step (P,): reads w, g, m, v, writes w, m, v."""
+    if kernel in ("bias_act", "act_grad"):
+        b, n = shape
+        return (3 * b * n if kernel == "act_grad" else 2 * b * n + n) * itemsize
+    if kernel == "bias_grad":
+        b, n = shape
+        return (b * n + n) * itemsize
+    if kernel in ("softmax_xent", "sigmoid_bce"):
+        b, k = shape
+        return 2 * b * k * itemsize + b * label_itemsize
+    if kernel == "gather_rows":
+        b, f = shape
+        return 2 * b * f * itemsize + b * label_itemsize
+    n_params = 1
+    for s in shape:
+        n_params *= int(s)
+    moves = {"sgd_step": 3, "momentum_step": 5, "adam_step": 7}
+    if kernel not in moves:
+        raise ValueError(f"no byte count for kernel {kernel!r}")
+    return moves[kernel] * n_params * itemsize
+
+
+def matmul_flops(m: int, k: int, n: int) -> int:
+    """FLOPs of an (m,k)·(k,n) matmul: one multiply and one add per term."""
+    return 2 * m * k * n

@@ -1,0 +1,343 @@
+"""Run the benchmarks: epochs per config and backend, kernel roofline, sweeps, time-to-accuracy.
+
+Every measurement goes through the real code path (``gpumlp.train.fit`` for
+epochs, the backend's kernel module for kernels) with warm-up excluded and the
+device synchronised; the PyTorch peer runs the same recipe in the same process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from gpumlp.backend import BackendUnavailable, get_backend
+from gpumlp.bench.flops import epoch_flops, kernel_bytes, matmul_flops
+from gpumlp.bench.machine import best_time
+from gpumlp.model import MLP, parse_spec
+
+EPOCH_SAMPLES = 55_000  # the classic 55k/5k MNIST training split
+GPUMLP_BACKENDS = ("numpy", "numba", "cupy")
+PEERS = ("torch", "torch-graphs")
+DEFAULT_BACKENDS = ("numpy", "numba", "cupy", "torch", "torch-graphs")  # cuda-emu only on request
+
+
+@dataclass(frozen=True)
+class Config:
+    """One training recipe, run identically by every backend and the peer."""
+
+    spec: str
+    act: str
+    loss: str
+    optimizer: str
+    lr: float
+    batch_size: int
+    reduction: str = "mean"
+    about: str = ""
+
+    @property
+    def widths(self) -> list[int]:
+        return parse_spec(self.spec)
+
+
+CONFIGS = {
+    "seed": Config(
+        "784-100-10", "sigmoid", "logistic", "sgd", 0.01, 100, "sum", "the seed: sigmoid, logistic cost, SGD"
+    ),
+    "adam256": Config("784-256-10", "relu", "softmax_xent", "adam", 1e-3, 128, "mean", "ReLU, softmax, Adam"),
+    "deep1024": Config(
+        "784-1024-1024-10", "relu", "softmax_xent", "sgd", 0.05, 256, "mean", "ReLU, softmax, SGD"
+    ),
+}
+QUICK_CONFIGS = ("seed", "adam256")
+TTA_CONFIG = Config("784-512-256-10", "relu", "softmax_xent", "adam", 1e-3, 128, "mean", "time-to-accuracy")
+TTA_TARGETS = (0.975, 0.98)
+
+
+# ------------------------------------------------------------------- runners
+def device_of(name: str) -> str:
+    """'gpu' or 'cpu': which measured peaks a backend is compared against."""
+    if name == "cupy":
+        return "gpu"
+    if name in PEERS:
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def train_gpumlp(name: str, cfg: Config, X, y, epochs: int, dtype: str, seed: int = 0, callbacks=()):
+    """gpumlp.train.fit on backend ``name``; -> per-epoch records."""
+    from gpumlp.train import fit
+
+    model = MLP(cfg.spec, act=cfg.act, loss=cfg.loss, dtype=dtype, backend=name, seed=seed)
+    hist = fit(
+        model,
+        X,
+        y,
+        epochs=epochs,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        reduction=cfg.reduction,
+        seed=seed,
+        callbacks=list(callbacks),
+    )
+    return hist.records, model
+
+
+def train_peer(name: str, cfg: Config, X, y, epochs: int, dtype: str, seed: int = 0, callbacks=()):
+    """The PyTorch peer with the same recipe; -> per-epoch records."""
+    from gpumlp.bench.peers import TorchRecipe
+
+    peer = TorchRecipe(cfg.widths, cfg.act, cfg.loss, cfg.optimizer, cfg.lr, dtype, seed, name=name)
+    recs = peer.fit(X, y, epochs, cfg.batch_size, cfg.reduction, seed, callbacks)
+    return recs, peer
+
+
+def train(name: str, cfg: Config, X, y, epochs: int, dtype: str, seed: int = 0, callbacks=()):
+    """Dispatch to the gpumlp backend or the peer called ``name``."""
+    runner = train_peer if name in PEERS else train_gpumlp
+    return runner(name, cfg, X, y, epochs, dtype, seed, callbacks)
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """Median, min, max and quartiles of repeated timings."""
+    v = sorted(values)
+    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "q1": q[0], "q3": q[2]}
+
+
+def jit_warmup(name: str, dtype: str) -> float | None:
+    """Seconds of a backend's one-time JIT (``kernels._warmup`` when it has one), else None."""
+    if name in PEERS:
+        return None
+    warm = getattr(get_backend(name).k, "_warmup", None)
+    return float(warm(np.dtype(dtype))) if warm is not None else None
+
+
+def time_epochs(name: str, cfg_name: str, X, y, repeats: int, dtype: str) -> dict:
+    """Epoch seconds of one config on one backend: 1 warm-up epoch + ``repeats`` timed,
+    each scaled to EPOCH_SAMPLES when X is a fraction of the epoch."""
+    cfg = CONFIGS[cfg_name]
+    recs, _ = train(name, cfg, X, y, repeats + 1, dtype)
+    scale = EPOCH_SAMPLES / X.shape[0]
+    raw = [r["seconds"] for r in recs]
+    steady = statistics.median(raw[1:])
+    out = {
+        "config": cfg_name,
+        "backend": name,
+        "device": device_of(name),
+        "dtype": dtype,
+        "samples_timed": int(X.shape[0]),
+        "scale": scale,
+        "repeats": repeats,
+        "seconds": [s * scale for s in raw[1:]],
+        "warmup_seconds": raw[0] * scale,
+        "first_epoch_extra_seconds": max(0.0, raw[0] - steady),
+        "final_loss": recs[-1]["loss"],
+    }
+    out.update(summarize(out["seconds"]))
+    return out
+
+
+def add_ratios(entries: list[dict], peaks: dict) -> None:
+    """Fill vs_torch, vs_numpy, GFLOP/s and GEMM-bound columns in place."""
+    by = {(e["config"], e["backend"]): e["median"] for e in entries}
+    for e in entries:
+        cfg = CONFIGS[e["config"]]
+        flops = epoch_flops(cfg.widths, EPOCH_SAMPLES)
+        peak = peaks.get(e["device"], peaks["cpu"])["gemm_gflops"]
+        e["flops"] = flops
+        e["gflops"] = flops / e["median"] / 1e9
+        e["gemm_bound_seconds"] = flops / (peak * 1e9)
+        e["x_gemm_bound"] = e["median"] / e["gemm_bound_seconds"]
+        e["pct_gemm_peak"] = 100 * e["gflops"] / peak
+        for ref in ("torch", "numpy"):
+            if (e["config"], ref) in by:
+                e[f"vs_{ref}"] = e["median"] / by[(e["config"], ref)]
+
+
+# ------------------------------------------------------------------- kernels
+def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[str, str, tuple, Callable]]:
+    """(kernel, variant, shape, thunk) at the shapes of the default configs."""
+    k, asa = be.k, be.asarray
+
+    def arr(*shape):
+        return asa(rng.standard_normal(shape).astype(dtype))
+
+    z, b, y = arr(256, 1024), arr(1024), arr(256, 1024)
+    zs, bs = arr(100, 100), arr(100)
+    logits, grad = arr(256, 10), arr(256, 10)
+    labels = asa(rng.integers(0, 10, 256).astype(np.int32))
+    Xall, idx = arr(8192, 784), asa(rng.permutation(8192)[:256].astype(np.int32))
+    xb = arr(256, 784)
+    a1, w1, c1 = arr(256, 784), arr(784, 1024), arr(256, 1024)
+    a2, w2, c2 = arr(256, 1024), arr(1024, 1024), arr(256, 1024)
+    dw, dx = arr(784, 1024), arr(256, 784)  # separate outputs: no value feeds back and overflows
+    dz, b0 = arr(256, 1024), b * 0
+    W, G, M, V = arr(1024, 1024), arr(1024, 1024), arr(1024, 1024), asa(np.abs(rng.random((1024, 1024))))
+    W = W * 0.01  # keep weights bounded over many in-place steps
+    return [
+        ("matmul", "x·W", (256, 784, 1024), lambda: k.matmul(a1, w1, out=c1)),
+        ("matmul", "x·W", (256, 1024, 1024), lambda: k.matmul(a2, w2, out=c2)),
+        ("matmul", "xᵀ·dz", (784, 256, 1024), lambda: k.matmul(a1, c1, out=dw, trans_a=True)),
+        ("matmul", "dz·Wᵀ", (256, 1024, 784), lambda: k.matmul(c1, w1, out=dx, trans_b=True)),
+        # in place, as Dense.forward calls it; act_grad into its own buffer, as Dense.backward does
+        ("bias_act", "relu", (256, 1024), lambda: k.bias_act(y, b0, "relu", out=y)),
+        ("bias_act", "sigmoid", (100, 100), lambda: k.bias_act(zs, bs, "sigmoid", out=zs)),
+        ("act_grad", "relu", (256, 1024), lambda: k.act_grad(z, y, "relu", out=dz)),
+        ("bias_grad", "", (256, 1024), lambda: k.bias_grad(z, out=b)),
+        (
+            "softmax_xent",
+            "",
+            (256, 10),
+            lambda: k.softmax_xent(logits, labels, grad=grad, grad_scale=1 / 256),
+        ),
+        ("sigmoid_bce", "", (256, 10), lambda: k.sigmoid_bce(logits, labels, grad=grad)),
+        ("gather_rows", "", (256, 784), lambda: k.gather_rows(Xall, idx, out=xb)),
+        ("sgd_step", "", (1024, 1024), lambda: k.sgd_step(W, G, 1e-9)),
+        ("adam_step", "", (1024, 1024), lambda: k.adam_step(W, G, M, V, 1e-9, 10)),
+    ]
+
+
+def time_kernels(name: str, dtype: str, quick: bool = False) -> list[dict]:
+    """Roofline rows for one backend: seconds per call and GB/s or GFLOP/s (see add_kernel_peaks)."""
+    be, dt = get_backend(name), np.dtype(dtype)
+    rows = []
+    for kernel, variant, shape, fn in _kernel_cases(be, dt, np.random.default_rng(0)):
+        fn()
+        be.synchronize()
+        t1 = best_time(fn, 1, 1, be.synchronize)
+        inner = max(1, min(2000, int((0.005 if quick else 0.02) / max(t1, 1e-7))))
+        t = best_time(fn, 3 if quick else 7, inner, be.synchronize)
+        row = {"backend": name, "kernel": kernel, "variant": variant, "shape": list(shape), "dtype": dtype}
+        row.update({"device": device_of(name), "seconds": t, "calls_per_timing": inner})
+        if kernel == "matmul":
+            row["gflops"] = matmul_flops(*shape) / t / 1e9
+        else:
+            row["bytes"] = kernel_bytes(kernel, shape, dt.itemsize, label_itemsize=4)
+            row["gbs"] = row["bytes"] / t / 1e9
+        rows.append(row)
+    return rows
+
+
+def add_kernel_peaks(rows: list[dict], peaks: dict) -> None:
+    """Fill each kernel row's % of the measured GEMM peak (matmul) or copy bandwidth (the rest)."""
+    for r in rows:
+        p = peaks.get(r["device"], peaks["cpu"])
+        if "gflops" in r:
+            r["pct_peak"] = 100 * r["gflops"] / p["gemm_gflops"]
+        else:  # vs the DRAM copy rate and vs a cache-resident copy (these working sets fit in L2/L3)
+            r["pct_peak"] = 100 * r["gbs"] / p["copy_gbs"]
+            if "copy_cached_gbs" in p:
+                r["pct_cached_copy"] = 100 * r["gbs"] / p["copy_cached_gbs"]
+
+
+# -------------------------------------------------------------------- sweeps
+WIDTHS = (64, 128, 256, 512, 1024, 2048, 4096)
+BATCHES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def sweep_points(quick: bool) -> list[tuple[str, int, Config, int]]:
+    """(kind, x, config, samples) for the width and batch sweeps; big points use a fraction of an epoch."""
+    points = []
+    cap = 2e9 if quick else 40e9  # matmul FLOPs per timed (partial) epoch
+    for w in (64, 256, 1024) if quick else WIDTHS:
+        cfg = Config(f"784-{w}-10", "relu", "softmax_xent", "sgd", 0.05, 256, "mean", f"width {w}")
+        per_sample = epoch_flops(cfg.widths, 1)
+        n = min(EPOCH_SAMPLES, max(4 * 256, int(cap / per_sample) // 256 * 256))
+        points.append(("width", w, cfg, n))
+    for bs in (64, 512, 4096) if quick else BATCHES:
+        cfg = Config("784-256-10", "relu", "softmax_xent", "sgd", 0.05, bs, "mean", f"batch {bs}")
+        n = min(EPOCH_SAMPLES, max(4 * bs, 4096 if quick else 16384))
+        points.append(("batch", bs, cfg, n))
+    return points
+
+
+def time_sweep_point(name: str, kind: str, x: int, cfg: Config, X, y, dtype: str) -> dict:
+    """One sweep point: 1 warm-up + 1 timed (partial) epoch, scaled to EPOCH_SAMPLES."""
+    recs, _ = train(name, cfg, X, y, 2, dtype)
+    secs = recs[-1]["seconds"] * EPOCH_SAMPLES / X.shape[0]
+    flops = epoch_flops(cfg.widths, EPOCH_SAMPLES)
+    return {
+        "kind": kind,
+        "x": x,
+        "backend": name,
+        "spec": cfg.spec,
+        "batch_size": cfg.batch_size,
+        "samples_timed": int(X.shape[0]),
+        "seconds": secs,
+        "gflops": flops / secs / 1e9,
+    }
+
+
+# ----------------------------------------------------------- time to accuracy
+def time_to_accuracy(name: str, data, dtype: str, max_epochs: int, n_train: int) -> dict:
+    """Train TTA_CONFIG from scratch, test accuracy after each epoch (eval time excluded)."""
+    X, y, Xt, yt = data
+    X, y = X[:n_train], y[:n_train]
+    t0 = time.perf_counter()
+    jit = jit_warmup(name, dtype)  # ~0 when the run already compiled; the run's jit_seconds has the first
+    train(name, TTA_CONFIG, X[:1024], y[:1024], 1, dtype)  # warm caches/JIT/threads, not counted
+    warm = time.perf_counter() - t0
+    curve: list[dict] = []
+    elapsed = [0.0]
+
+    def on_epoch(rec, model):
+        elapsed[0] += rec["seconds"]
+        acc = model.accuracy(Xt, yt) if name in PEERS else model.score(Xt, yt)
+        curve.append({"epoch": rec["epoch"], "train_seconds": elapsed[0], "test_acc": acc})
+        return acc >= max(TTA_TARGETS)
+
+    wall0 = time.perf_counter()
+    train(name, TTA_CONFIG, X, y, max_epochs, dtype, callbacks=[on_epoch])
+    out = {
+        "backend": name,
+        "device": device_of(name),
+        "spec": TTA_CONFIG.spec,
+        "samples": int(X.shape[0]),
+        "jit_seconds": jit,
+        "warmup_seconds": warm,
+        "wall_seconds_with_eval": time.perf_counter() - wall0,
+        "curve": curve,
+        "best_test_acc": max(c["test_acc"] for c in curve),
+    }
+    for target in TTA_TARGETS:
+        hit = next((c for c in curve if c["test_acc"] >= target), None)
+        out[f"seconds_to_{target}"] = hit["train_seconds"] if hit else None
+        out[f"epochs_to_{target}"] = hit["epoch"] if hit else None
+    return out
+
+
+def resolve_backends(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Split requested names into runnable ones and {name: why not}."""
+    from gpumlp.bench.peers import peer_variants, torch_unavailable
+
+    ok, skipped = [], {}
+    for name in names:
+        if name in PEERS:
+            why = torch_unavailable()
+            if why is None and name not in peer_variants():
+                why = f"{name} needs a CUDA GPU for torch"
+        else:
+            try:
+                get_backend(name)
+                why = None
+            except BackendUnavailable as e:
+                why = str(e)
+            except Exception as e:  # a half-written backend must not stop the others
+                why = f"{type(e).__name__}: {e}"
+        if why:
+            skipped[name] = why
+        else:
+            ok.append(name)
+    return ok, skipped
+
+
+def config_dict(name: str, cfg: Config) -> dict:
+    """JSON form of a config plus its FLOPs per epoch."""
+    return {"name": name, **asdict(cfg), "flops_per_epoch": epoch_flops(cfg.widths, EPOCH_SAMPLES)}

@@ -1,0 +1,108 @@
+"""gpumlp bench: FLOP counts by hand, and a --quick run end to end with its JSON schema checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from gpumlp.bench import epoch_flops, kernel_bytes, step_flops
+from gpumlp.bench.report import compare, render
+
+
+def test_epoch_flops_seed_by_hand():
+    # 784-100-10: layer 1 forward + dW (no dX): 2 * (2*784*100) = 313,600 per sample;
+    # layer 2 forward + dW + dX: 3 * (2*100*10) = 6,000 per sample.
+    assert epoch_flops([784, 100, 10], 1) == 319_600
+    assert epoch_flops([784, 100, 10], 55_000) == 17_578_000_000
+    assert epoch_flops("784-100-10".split("-"), 55_000) == 17_578_000_000
+
+
+def test_epoch_flops_deep_by_hand():
+    # 784-1024-1024-10 per sample: 2*2*784*1024 + 3*2*1024*1024 + 3*2*1024*10
+    per_sample = 3_211_264 + 6_291_456 + 61_440
+    assert per_sample == 9_564_160
+    assert epoch_flops([784, 1024, 1024, 10], 55_000) == 55_000 * per_sample
+    assert step_flops([784, 1024, 1024, 10], 256) == 256 * per_sample
+
+
+def test_kernel_bytes_by_hand():
+    assert kernel_bytes("bias_act", (256, 1024), 4) == (2 * 256 * 1024 + 1024) * 4
+    assert kernel_bytes("act_grad", (256, 1024), 4) == 3 * 256 * 1024 * 4
+    assert kernel_bytes("adam_step", (10, 10), 8) == 7 * 100 * 8
+    assert kernel_bytes("softmax_xent", (256, 10), 4, label_itemsize=4) == 2 * 2560 * 4 + 256 * 4
+    with pytest.raises(ValueError):
+        kernel_bytes("nope", (1,), 4)
+
+
+def _positive_finite(obj, where: str) -> None:
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return
+    if isinstance(obj, (int, float)):
+        assert math.isfinite(obj) and obj > 0, f"{where} = {obj!r} is not positive and finite"
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _positive_finite(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _positive_finite(v, f"{where}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def quick_json(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out.json"
+    cmd = [sys.executable, "-m", "gpumlp.bench", "--quick", "--backends", "numpy,numba,torch"]
+    cmd += ["--samples", "2000", "--json", str(out), "--no-progress"]  # 2000 samples keeps it short
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Epoch time" in proc.stdout
+    return json.loads(out.read_text()), proc
+
+
+def test_quick_run_schema(quick_json):
+    res, proc = quick_json
+    for key in ("schema", "machine", "configs", "peaks", "epochs", "kernels", "backends", "skipped"):
+        assert key in res, key
+    for key in ("cpu_model", "cores", "blas", "env", "versions"):
+        assert key in res["machine"], key
+    assert {"OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"} <= set(res["machine"]["env"])
+    assert res["peaks"]["cpu"]["gemm_gflops"] > 0 and res["peaks"]["cpu"]["copy_gbs"] > 0
+    assert "numpy" in res["backends"]
+    ran = {e["backend"] for e in res["epochs"]}
+    assert ran == set(res["backends"])
+    for name in ("numba", "torch"):
+        if name in res["skipped"]:
+            assert name not in ran
+            print(f"{name} skipped: {res['skipped'][name]}")
+    if importlib.util.find_spec("torch") is None:
+        assert "torch" in res["skipped"]
+    for e in res["epochs"]:
+        for key in ("config", "backend", "median", "min", "max", "q1", "q3", "seconds", "repeats", "gflops"):
+            assert key in e, key
+        assert e["min"] <= e["median"] <= e["max"] and len(e["seconds"]) == e["repeats"]
+        assert "vs_numpy" in e
+        assert ("vs_torch" in e) == ("torch" in ran)
+    kernels = {r["kernel"] for r in res["kernels"]}
+    assert {"matmul", "bias_act", "act_grad", "softmax_xent", "sgd_step", "adam_step"} <= kernels
+    numeric = {k: res[k] for k in ("peaks", "configs", "epochs", "kernels")}
+    for e in numeric["epochs"]:
+        e.pop("first_epoch_extra_seconds")  # may be 0 when the first epoch was not slower
+    _positive_finite(numeric, "res")
+    _positive_finite(res["jit_seconds"], "jit_seconds")
+
+
+def test_render_and_compare_roundtrip(quick_json):
+    res, _ = quick_json
+    md = render(res, markdown=True)
+    assert "| config |" in md
+    text, bad = compare(res, res)
+    assert bad == 0 and "1.00" in text
+    slower = json.loads(json.dumps(res))
+    for e in slower["epochs"]:
+        e["median"] *= 2
+    _, bad = compare(slower, res)
+    assert bad == len(res["epochs"])
