@@ -43,6 +43,10 @@ _GRID_CAP: list[int] = []
 _VALIDATE_LABELS = True
 # "float32": exact float32 GEMMs (default); "tf32": allow TensorFloat-32 tensor cores (CuPy only).
 _MATMUL_PRECISION = "float32"
+# "cublas": dense matmuls on cuBLAS via cupy.matmul (default); "own": our tiled GEMM in
+# cuda/gemm.cu, which (unlike cuBLAS under CuPy, cupy issue 6290) works during CUDA-graph capture.
+_GEMM = _os.environ.get("GPUMLP_GEMM", "cublas")
+_GEMM_TILE, _GEMM_BLOCK = 32, (32, 8)  # must match GEMM_TILE / GEMM_ROWS in cuda/gemm.cu
 
 # kernel name -> the .cu file that defines it
 _FILES = {
@@ -53,6 +57,7 @@ _FILES = {
         ("hash_uniform", "dropout_forward", "mul", "batchnorm_forward", "batchnorm_inference"), "dropout_bn"
     ),
     "batchnorm_backward": "dropout_bn",
+    "gemm": "gemm",
 }
 
 
@@ -182,11 +187,32 @@ def _set_matmul_precision(precision: str) -> None:
 
 # --------------------------------------------------------------------- dense
 def matmul(a, b, out=None, trans_a=False, trans_b=False):
-    """``op(a) @ op(b)`` on cuBLAS. (M,K)@(K,N) -> (M,N)."""
-    _dev(a, "a"), _dev(b, "b")
-    if out is not None:
-        _dev(out, "out")
-    return _xp().matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+    """``op(a) @ op(b)`` on cuBLAS (or gemm.cu when _GEMM == "own"). (M,K)@(K,N) -> (M,N)."""
+    if _GEMM == "cublas":
+        _dev(a, "a"), _dev(b, "b")
+        if out is not None:
+            _dev(out, "out")
+        return _xp().matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+    if _GEMM != "own":
+        raise ValueError(f"GPUMLP_GEMM must be 'cublas' or 'own', got {_GEMM!r}")
+    a, b = _dev(a, "a"), _dev(b, "b")
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"matmul needs 2-D operands, got shapes {a.shape} and {b.shape}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"matmul: a and b must have the same dtype, got {a.dtype} and {b.dtype}")
+    sfx = _sfx(a, "matmul")
+    m, k = a.shape[::-1] if trans_a else a.shape
+    k2, n = b.shape[::-1] if trans_b else b.shape
+    if k != k2:
+        raise ValueError(f"matmul: op(a) is ({m}, {k}) but op(b) is ({k2}, {n})")
+    out = _out(out, "out", (m, n), a.dtype)
+    if m and n:
+        grid = (-(-n // _GEMM_TILE), min(-(-m // _GEMM_TILE), 65535))
+        args = (a, b, out, np.int32(m), np.int32(n), np.int32(k))
+        args += (np.int32(a.shape[1]), np.int32(b.shape[1]), np.int32(n))  # lda, ldb, ldc
+        args += (np.int32(bool(trans_a)), np.int32(bool(trans_b)))
+        _kernel("gemm", sfx)(grid, _GEMM_BLOCK, args)
+    return out
 
 
 def bias_act(z, b, act, out=None):

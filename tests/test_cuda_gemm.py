@@ -1,0 +1,166 @@
+"""Our own GEMM (kernels/cuda/gemm.cu, selected by cupy_gpu._GEMM = "own") on the emulated device:
+parity with NumPy for every transpose combination and awkward shapes, the launch checks, and a
+short training run against the numpy backend. nvcc compile checks of gemm.cu come from
+test_cuda_kernels.py, which globs every kernels/cuda/*.cu; here we only assert it is in that list.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpumlp.backend import get_backend
+from gpumlp.kernels import cuda_host
+
+CUDA_DIR = Path(cuda_host.__file__).parent / "cuda"
+
+TOL = {np.float32: 1e-4, np.float64: 1e-11}
+# (m, k, n): 1x1x1, tile-sized and not, K = 0 (zeros), several tiles in every direction
+SHAPES = [
+    (1, 1, 1),
+    (3, 5, 7),
+    (32, 32, 32),
+    (33, 17, 65),
+    (100, 784, 20),
+    (40, 0, 3),
+    (70, 33, 1),
+    (130, 95, 70),
+]
+
+
+@pytest.fixture(scope="module")
+def be():
+    return get_backend("cuda-emu")
+
+
+@pytest.fixture
+def own(be, monkeypatch):
+    """The cuda-emu backend with the own GEMM selected (and the "cuBLAS" path made to fail)."""
+
+    def no_cublas(*args, **kwargs):
+        raise AssertionError("cupy.matmul (cuBLAS) called although _GEMM == 'own'")
+
+    monkeypatch.setattr(be.k, "_GEMM", "own")
+    monkeypatch.setattr(be.xp, "matmul", no_cublas)
+    return be
+
+
+def _operands(m, k, n, trans_a, trans_b, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    return a, b
+
+
+def _check(got, a, b, trans_a, trans_b, dtype):
+    """|got - ref| <= tol * (|op(a)| @ |op(b)|): the float error bound, scaled; ref in float64."""
+    opa = (a.T if trans_a else a).astype(np.float64)
+    opb = (b.T if trans_b else b).astype(np.float64)
+    ref, bound = opa @ opb, np.abs(opa) @ np.abs(opb)
+    assert got.shape == ref.shape and got.dtype == dtype
+    tol = TOL[dtype]
+    err = np.abs(got.astype(np.float64) - ref)
+    assert np.all(err <= tol * bound + tol * np.abs(ref)), float(np.max(err - tol * bound))
+    np.testing.assert_allclose(got, (a.T if trans_a else a) @ (b.T if trans_b else b), rtol=tol, atol=tol)
+
+
+def test_gemm_source_is_built_and_checked():
+    """test_cuda_kernels globs kernels/cuda/*.cu for its nvcc check; the parser sees both kernels."""
+    cu = CUDA_DIR / "gemm.cu"
+    assert cu in sorted(CUDA_DIR.glob("*.cu"))
+    kernels = cuda_host.parse_kernels(cu.read_text())
+    assert set(kernels) == {"gemm_f32", "gemm_f64"}
+    for sfx, base in (("f32", "float"), ("f64", "double")):
+        params = [p.describe() for p in kernels[f"gemm_{sfx}"]]
+        ints = ["m", "n", "k", "lda", "ldb", "ldc", "trans_a", "trans_b"]
+        assert params == [f"{base}* a", f"{base}* b", f"{base}* c", *(f"int {v}" for v in ints)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("trans_b", [False, True], ids=["B", "Bt"])
+@pytest.mark.parametrize("trans_a", [False, True], ids=["A", "At"])
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES, ids=lambda v: str(v))
+def test_own_gemm_matches_numpy(own, m, k, n, trans_a, trans_b, dtype):
+    a, b = _operands(m, k, n, trans_a, trans_b, dtype, seed=m * 7 + k + n)
+    got = own.to_host(own.k.matmul(own.asarray(a), own.asarray(b), trans_a=trans_a, trans_b=trans_b))
+    _check(got, a, b, trans_a, trans_b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_own_gemm_writes_out_and_accepts_views(own, dtype):
+    a, b = _operands(37, 45, 29, False, False, dtype, seed=3)
+    out = own.xp.empty((37, 29), dtype=dtype)  # NaN-filled on the emulated device
+    got = own.k.matmul(own.asarray(a), own.asarray(b), out=out)
+    assert got is out
+    _check(own.to_host(out), a, b, False, False, dtype)
+    # non-contiguous operands (transposed views) are made contiguous first
+    at, bt = own.asarray(np.ascontiguousarray(a.T)), own.asarray(np.ascontiguousarray(b.T))
+    _check(own.to_host(own.k.matmul(at.T, bt.T)), a, b, False, False, dtype)
+    _check(own.to_host(own.k.matmul(at, bt, trans_a=True, trans_b=True)), a, b, False, False, dtype)
+
+
+def test_own_gemm_grid_stride_over_tile_rows(own):
+    """A grid with fewer rows of blocks than tile rows (the 65535 cap on real GPUs) is still correct."""
+    a, b = _operands(150, 40, 70, True, False, np.float64, seed=4)
+    c = own.xp.empty((150, 70), dtype=np.float64)
+    args = (own.asarray(a), own.asarray(b), c, *map(np.int32, (150, 70, 40, 150, 70, 70, 1, 0)))
+    own.k._kernel("gemm", "f64")((3, 2), (32, 8), args)
+    _check(own.to_host(c), a, b, True, False, np.float64)
+
+
+def test_own_gemm_rejects_bad_input(own):
+    a32, b64 = own.asarray(np.ones((2, 3), np.float32)), own.asarray(np.ones((3, 4)))
+    with pytest.raises(TypeError, match="same dtype"):
+        own.k.matmul(a32, b64)
+    with pytest.raises(ValueError, match=r"op\(a\) is \(2, 3\) but op\(b\) is \(4, 3\)"):
+        own.k.matmul(own.asarray(np.ones((2, 3))), b64, trans_b=True)
+    with pytest.raises(ValueError, match="C-contiguous float64 array of shape"):
+        own.k.matmul(own.asarray(np.ones((2, 3))), b64, out=own.xp.empty((2, 5)))
+    with pytest.raises(TypeError, match="host numpy array"):
+        own.k.matmul(np.ones((2, 3)), b64)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        own.k.matmul(own.asarray(np.ones((2, 3), np.int32)), own.asarray(np.ones((3, 4), np.int32)))
+
+
+def test_gemm_setting_default_and_unknown(be, monkeypatch):
+    if "GPUMLP_GEMM" not in os.environ:
+        assert be.k._GEMM == "cublas"  # the default stays cuBLAS (cupy.matmul)
+    monkeypatch.setattr(be.k, "_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="GPUMLP_GEMM must be 'cublas' or 'own'"):
+        be.k.matmul(be.asarray(np.ones((2, 2))), be.asarray(np.ones((2, 2))))
+
+
+def test_own_gemm_is_captured_in_a_graph(own):
+    """The point of the own GEMM: its launches go into a CUDA graph and replay."""
+    a, b = _operands(20, 50, 10, False, True, np.float32, seed=5)
+    da, db = own.asarray(a), own.asarray(b)
+    out = own.xp.zeros((20, 10), dtype=np.float32)
+    stream = own.xp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        own.k.matmul(da, db, out=out, trans_b=True)
+        graph = stream.end_capture()
+    assert not own.to_host(out).any()  # recorded, not run
+    graph.launch(stream)
+    _check(own.to_host(out), a, b, False, True, np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_training_with_own_gemm_matches_numpy(own, dtype):
+    from gpumlp.model import MLP
+
+    rng = np.random.default_rng(0)
+    X, y = rng.random((200, 784)), rng.integers(0, 10, 200)
+    kw = dict(act="relu", dtype=dtype, seed=3)
+    fit_kw = dict(epochs=2, batch_size=50, optimizer="momentum", lr=0.05)
+    ref, emu = MLP("784-32-10", backend="numpy", **kw), MLP("784-32-10", backend=own, **kw)
+    h_ref, h_emu = ref.fit(X, y, **fit_kw), emu.fit(X, y, **fit_kw)
+    rtol = 1e-9 if dtype == "float64" else 2e-4
+    for (name, w_ref, _, _), (_, w_emu, _, _) in zip(ref.parameters(), emu.parameters()):
+        w_ref, w_emu = np.asarray(w_ref), emu.be.to_host(w_emu)
+        np.testing.assert_allclose(w_emu, w_ref, rtol=rtol, atol=rtol * np.abs(w_ref).max(), err_msg=name)
+    np.testing.assert_allclose(emu.decision_function(X), ref.decision_function(X), rtol=rtol, atol=rtol)
+    assert h_emu is not None and h_ref is not None
