@@ -42,7 +42,8 @@ class Backend:
 
     def asarray(self, a, dtype=None):
         """Host (or device) array -> C-contiguous device array of ``dtype``."""
-        return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
+        # asarray(order="C"), not ascontiguousarray: that one turns 0-d arrays into shape (1,)
+        return self.xp.asarray(a, dtype=dtype, order="C")
 
     def to_host(self, a) -> np.ndarray:
         """Device array or 0-d array -> NumPy array on the host."""

@@ -23,9 +23,10 @@ class Loss:
     kernel: str
     output_act: str
 
-    def __call__(self, be: Backend, scores, labels, grad=None, grad_scale: float = 1.0):
-        """scores: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) scaled gradient)."""
-        return getattr(be.k, self.kernel)(scores, labels, grad=grad, grad_scale=grad_scale)
+    def __call__(self, be: Backend, scores, labels, grad=None, grad_scale: float = 1.0, loss=None):
+        """scores: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) scaled gradient);
+        with ``loss`` (0-d, scores' dtype) the batch sum is added into it on the device."""
+        return getattr(be.k, self.kernel)(scores, labels, grad=grad, grad_scale=grad_scale, loss=loss)
 
     def probabilities(self, be: Backend, scores):
         """(B,K) scores -> (B,K) class probabilities (or outputs, for MSE)."""

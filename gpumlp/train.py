@@ -53,13 +53,12 @@ class History:
 def evaluate(model, Xd, yd, batch_size: int = 2000) -> tuple[float, float]:
     """Mean loss and accuracy of device arrays Xd (n, F), yd (n,) int32, in eval mode."""
     be, n = model.be, Xd.shape[0]
-    loss_sum = be.xp.zeros((), dtype=np.float64)
+    loss_sum = be.xp.zeros((), dtype=model.dtype)
     correct = be.xp.zeros((), dtype=np.int64)
     for s in range(0, n, batch_size):
         scores = model.forward(Xd[s : s + batch_size], train=False)
-        loss, _ = model.loss(be, scores, yd[s : s + batch_size])
-        loss_sum += loss
-        correct += be.k.correct_count(scores, yd[s : s + batch_size])
+        model.loss(be, scores, yd[s : s + batch_size], loss=loss_sum)
+        be.k.correct_count(scores, yd[s : s + batch_size], count=correct)
     return float(be.to_host(loss_sum)) / n, int(be.to_host(correct)) / n
 
 
@@ -246,17 +245,16 @@ class _Step:
         model, be = self.model, self.model.be
         k, xp, n, B = be.k, be.xp, perm.shape[0], self.B
         perm_d, y_d = be.asarray(perm.astype(np.int32)), be.asarray(y_perm)  # one upload per epoch
-        loss_sum = xp.zeros((), dtype=np.float64)
+        # Device accumulators the loss and count kernels add into: no extra op, no allocation per step.
+        loss_sum = xp.zeros((), dtype=model.dtype)
         correct = xp.zeros((), dtype=np.int64)
         for s in range(0, n, B):
             b = min(B, n - s)
             yb = y_d[s : s + b]
             scores = model.forward(k.gather_rows(Xd, perm_d[s : s + b], out=self.x_buf[b]), train=True)
-            loss, grad = model.loss(
-                be, scores, yb, grad=self.g_buf[b], grad_scale=1.0 / b if self.mean else 1.0
-            )
-            loss_sum += loss
-            correct += k.correct_count(scores, yb)
+            scale = 1.0 / b if self.mean else 1.0
+            _, grad = model.loss(be, scores, yb, grad=self.g_buf[b], grad_scale=scale, loss=loss_sum)
+            k.correct_count(scores, yb, count=correct)
             model.backward(grad)
             if self.clip:
                 clip_grad_norm(be, [g for _, _, g, _ in self.params], self.clip)

@@ -139,6 +139,18 @@ def _out(out: _Any, name: str, shape: tuple, dtype: _Any) -> _Any:
     return out
 
 
+def _accumulator(acc: _Any, dtype: _Any) -> _Any:
+    """A zeroed 0-d device scalar, or the caller's 0-d accumulator the kernel adds into."""
+    if acc is None:
+        return _xp().zeros((), dtype=dtype)
+    _dev(acc, "accumulator")
+    if acc.shape != () or acc.dtype != dtype:
+        raise ValueError(
+            f"the accumulator must be a 0-d {np.dtype(dtype)} device array, got {acc.dtype} {acc.shape}"
+        )
+    return acc
+
+
 def _act_code(act: str) -> np.int32:
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
@@ -271,12 +283,12 @@ def gather_rows(src, idx, out=None):
 
 
 # -------------------------------------------------------------------- losses
-def _row_loss(base, logits, labels, grad, grad_scale, *extra):
+def _row_loss(base, logits, labels, grad, grad_scale, loss, *extra):
     logits = _dev(logits, "logits")
     rows, cols = logits.shape
     labels = _labels(labels, rows, cols)
     grad = _out(grad, "grad", logits.shape, logits.dtype)
-    loss = _xp().zeros((), dtype=logits.dtype)
+    loss = _accumulator(loss, logits.dtype)
     if logits.size:
         t = logits.dtype.type
         args = (
@@ -304,27 +316,28 @@ def softmax(logits, out=None):
     return out
 
 
-def softmax_xent(logits, labels, grad=None, grad_scale=1.0):
+def softmax_xent(logits, labels, grad=None, grad_scale=1.0, loss=None):
     """Fused softmax cross-entropy: (0-d summed loss, grad_scale * (softmax - onehot)). (B,K) -> ..."""
-    return _row_loss("softmax_xent", logits, labels, grad, grad_scale)
+    return _row_loss("softmax_xent", logits, labels, grad, grad_scale, loss)
 
 
-def sigmoid_bce(logits, labels, grad=None, grad_scale=1.0):
+def sigmoid_bce(logits, labels, grad=None, grad_scale=1.0, loss=None):
     """Fused logistic cost against one-hot targets: (0-d summed loss, grad_scale * (p - t))."""
-    return _row_loss("sigmoid_bce", logits, labels, grad, grad_scale, -_math.log(LOG_EPS))
+    return _row_loss("sigmoid_bce", logits, labels, grad, grad_scale, loss, -_math.log(LOG_EPS))
 
 
-def mse(pred, labels, grad=None, grad_scale=1.0):
+def mse(pred, labels, grad=None, grad_scale=1.0, loss=None):
     """Fused half squared error against one-hot targets: (0-d summed loss, grad_scale * (pred - t))."""
-    return _row_loss("mse", pred, labels, grad, grad_scale)
+    return _row_loss("mse", pred, labels, grad, grad_scale, loss)
 
 
-def correct_count(scores, labels):
-    """Rows whose argmax equals the label (first max wins), as a 0-d int64 device array."""
+def correct_count(scores, labels, count=None):
+    """Rows whose argmax equals the label (first max wins), as a 0-d int64 device array
+    (added into the accumulator ``count`` when given)."""
     scores = _dev(scores, "scores")
     rows, cols = scores.shape
     labels = _labels(labels, rows, cols, check=False)  # a bad label just never matches
-    count = _xp().zeros((), dtype=np.int64)
+    count = _accumulator(count, np.int64)
     if scores.size:
         args = (scores, labels, count, np.int32(rows), np.int32(cols))
         _kernel("correct_count", _sfx(scores, "correct_count"))((_grid(rows),), (_BLOCK,), args)

@@ -53,7 +53,12 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS
+from .reference import (
+    ACTIVATIONS,
+    LEAKY_SLOPE,
+    LOG_EPS,
+    _accumulate,  # the same 0-d accumulator glue as the reference
+)
 
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # identity 0 .. leaky_relu 4
 # Elements at and above which a kernel uses its parallel variant (see module docstring).
@@ -292,14 +297,18 @@ def _softmax_xent_k(z, labels, grad, scale):
 
 
 def softmax_xent(
-    logits: np.ndarray, labels: np.ndarray, grad: np.ndarray | None = None, grad_scale: float = 1.0
+    logits: np.ndarray,
+    labels: np.ndarray,
+    grad: np.ndarray | None = None,
+    grad_scale: float = 1.0,
+    loss: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fused stable softmax cross-entropy + gradient from int labels.
     logits: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) grad), logits' dtype."""
     if grad is None:
         grad = np.empty_like(logits)
     total = _softmax_xent_k(logits, labels, grad, float(grad_scale))
-    return np.asarray(total, dtype=logits.dtype), grad
+    return _accumulate(loss, total, logits.dtype), grad
 
 
 @njit(cache=True, error_model="numpy")
@@ -324,14 +333,18 @@ def _sigmoid_bce_k(z, labels, grad, scale, cap):
 
 
 def sigmoid_bce(
-    logits: np.ndarray, labels: np.ndarray, grad: np.ndarray | None = None, grad_scale: float = 1.0
+    logits: np.ndarray,
+    labels: np.ndarray,
+    grad: np.ndarray | None = None,
+    grad_scale: float = 1.0,
+    loss: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fused logistic cost vs one-hot(labels), terms as capped softplus like the reference.
     logits: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) grad), logits' dtype."""
     if grad is None:
         grad = np.empty_like(logits)
     total = _sigmoid_bce_k(logits, labels, grad, float(grad_scale), _BCE_CAP)
-    return np.asarray(total, dtype=logits.dtype), grad
+    return _accumulate(loss, total, logits.dtype), grad
 
 
 @njit(cache=True, error_model="numpy")
@@ -350,14 +363,18 @@ def _mse_k(pred, labels, grad, scale):
 
 
 def mse(
-    pred: np.ndarray, labels: np.ndarray, grad: np.ndarray | None = None, grad_scale: float = 1.0
+    pred: np.ndarray,
+    labels: np.ndarray,
+    grad: np.ndarray | None = None,
+    grad_scale: float = 1.0,
+    loss: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fused half squared error vs one-hot(labels).
     pred: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) grad), pred's dtype."""
     if grad is None:
         grad = np.empty_like(pred)
     total = _mse_k(pred, labels, grad, float(grad_scale))
-    return np.asarray(total, dtype=pred.dtype), grad
+    return _accumulate(loss, total, pred.dtype), grad
 
 
 @njit(cache=True, error_model="numpy")
@@ -380,9 +397,10 @@ def _correct_k(scores, labels):
     return hits
 
 
-def correct_count(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Rows whose argmax (first max wins) equals the label. (B,K),(B,) -> 0-d int64."""
-    return np.asarray(_correct_k(scores, labels), dtype=np.int64)
+def correct_count(scores: np.ndarray, labels: np.ndarray, count: np.ndarray | None = None) -> np.ndarray:
+    """Rows whose argmax (first max wins) equals the label, added into ``count`` if given.
+    (B,K),(B,) -> 0-d int64."""
+    return _accumulate(count, _correct_k(scores, labels), np.int64)
 
 
 # ================================================================== optimizers

@@ -13,7 +13,10 @@ Conventions shared by every kernel
 * Losses return ``(loss, grad)``: ``loss`` is a 0-d array holding the *sum*
   over the batch of the per-sample losses (so nothing forces a device sync),
   and ``grad`` is ``grad_scale * d(loss)/d(logits)``; the framework passes
-  ``grad_scale = 1/B`` for a mean reduction and ``1`` for a sum.
+  ``grad_scale = 1/B`` for a mean reduction and ``1`` for a sum. Given
+  ``loss=`` (a 0-d array of the logits' dtype), the batch sum is *added* to it
+  in place and it is returned: an epoch accumulates on the device with no
+  extra operation. ``correct_count(..., count=)`` accumulates the same way.
 * Optimizer steps update their arrays in place and return nothing. The
   effective gradient is ``g + l2 * w + l1 * sign(w)``.
 * Labels outside ``[0, K)`` are the caller's error (the framework validates
@@ -100,6 +103,14 @@ def gather_rows(src, idx, out=None):
 
 
 # -------------------------------------------------------------------- losses
+def _accumulate(acc, value, dtype):
+    """Add ``value`` into the 0-d accumulator ``acc`` if given, else a new 0-d array of dtype."""
+    if acc is None:
+        return np.asarray(value, dtype=dtype)
+    acc += value
+    return acc
+
+
 def _one_hot(labels, k, dtype):
     t = np.zeros((labels.shape[0], k), dtype=dtype)
     t[np.arange(labels.shape[0]), labels] = 1
@@ -112,7 +123,7 @@ def softmax(logits, out=None):
     return _put(out, e / e.sum(axis=1, keepdims=True))
 
 
-def softmax_xent(logits, labels, grad=None, grad_scale=1.0):
+def softmax_xent(logits, labels, grad=None, grad_scale=1.0, loss=None):
     """Softmax cross-entropy from integer labels, fused with its gradient.
 
     loss = sum_i [logsumexp(z_i) - z_i[y_i]];  grad = grad_scale * (softmax(z) - onehot(y)).
@@ -120,12 +131,12 @@ def softmax_xent(logits, labels, grad=None, grad_scale=1.0):
     rows = np.arange(logits.shape[0])
     m = logits.max(axis=1, keepdims=True)
     lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
-    loss = np.asarray((lse - logits[rows, labels]).sum(), dtype=logits.dtype)
+    loss = _accumulate(loss, (lse - logits[rows, labels]).sum(), logits.dtype)
     g = softmax(logits) - _one_hot(labels, logits.shape[1], logits.dtype)
     return loss, _put(grad, (g * grad_scale).astype(logits.dtype, copy=False))
 
 
-def sigmoid_bce(logits, labels, grad=None, grad_scale=1.0):
+def sigmoid_bce(logits, labels, grad=None, grad_scale=1.0, loss=None):
     """Logistic cost: sigmoid outputs against one-hot targets, summed over classes.
 
     loss = -sum_ik [t log p + (1-t) log(1-p)], p = sigmoid(z), guarded against log(0):
@@ -136,23 +147,24 @@ def sigmoid_bce(logits, labels, grad=None, grad_scale=1.0):
     z = logits.astype(np.float64)
     terms = np.minimum(np.logaddexp(0.0, np.where(t == 1, -z, z)), -np.log(LOG_EPS))
     p = np.exp(-np.logaddexp(0.0, -z))  # sigmoid without overflow
-    loss = np.asarray(terms.sum(), dtype=logits.dtype)
+    loss = _accumulate(loss, terms.sum(), logits.dtype)
     return loss, _put(grad, ((p - t) * grad_scale).astype(logits.dtype, copy=False))
 
 
-def mse(pred, labels, grad=None, grad_scale=1.0):
+def mse(pred, labels, grad=None, grad_scale=1.0, loss=None):
     """Half squared error against one-hot targets.
 
     loss = 0.5 * sum_ik (pred - t)^2;  grad = grad_scale * (pred - t).
     pred: (B,K) float, labels: (B,) int -> (0-d loss, (B,K) grad)."""
     d = pred - _one_hot(labels, pred.shape[1], pred.dtype)
-    loss = np.asarray(0.5 * (d * d).sum(), dtype=pred.dtype)
+    loss = _accumulate(loss, 0.5 * (d * d).sum(), pred.dtype)
     return loss, _put(grad, (d * grad_scale).astype(pred.dtype, copy=False))
 
 
-def correct_count(scores, labels):
-    """Number of rows whose argmax equals the label (first max wins). -> 0-d int64."""
-    return np.asarray((scores.argmax(axis=1) == labels).sum(), dtype=np.int64)
+def correct_count(scores, labels, count=None):
+    """Number of rows whose argmax equals the label (first max wins), added into the
+    0-d int64 accumulator ``count`` if given. -> 0-d int64."""
+    return _accumulate(count, (scores.argmax(axis=1) == labels).sum(), np.int64)
 
 
 # ---------------------------------------------------------------- optimizers

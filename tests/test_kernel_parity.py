@@ -234,6 +234,22 @@ def test_correct_count(be, dtype, shape):
     assert int(got) == int(expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", LOSSES)
+def test_losses_and_count_add_into_device_accumulators(be, dtype, name):
+    z = _data((37, 10), dtype, 13, 3.0)
+    labels = _labels(37, 10, 14)
+    start = dtype(2.5)
+    acc = be.asarray(np.asarray(start, dtype=dtype))
+    count = be.asarray(np.asarray(7, dtype=np.int64))
+    loss, _ = getattr(be.k, name)(be.asarray(z), be.asarray(labels), loss=acc)
+    got = be.k.correct_count(be.asarray(z), be.asarray(labels), count=count)
+    assert loss is acc and got is count  # accumulated in place, nothing new allocated
+    expected = getattr(ref, name)(z, labels)[0] + start
+    assert_close(np.asarray(expected), be.to_host(acc), *RED_TOL[dtype], what=f"{name} accumulator")
+    assert int(be.to_host(count)) == 7 + int(ref.correct_count(z, labels))
+
+
 # ============================================================= optimizers
 OPTIMIZERS = {
     "sgd": (ref.sgd_step, 0, {"lr": 0.1}),
