@@ -327,7 +327,7 @@ def profile_config(name: str, cfg: Config, steps: int, label_check: bool, seed: 
     y = rng.integers(0, model.n_classes, size=n).astype(np.int32)
     # as gpumlp.train.fit builds them (no clipping, no validation, no checkpoint)
     opt = Optimizer(cfg.optimizer, lr=cfg.lr)
-    opt_state = [opt.init_state(be, w) for _, w, _, _ in model.parameters()]
+    opt_state = [opt.init_state(be, w) for _, w, _, _ in model.param_groups()]
     st = _State(epoch=0, step=0, rng=np.random.default_rng(seed), history=History())
     step = _Step(model, opt, opt_state, B, n, cfg.reduction, None)
     Xd = be.asarray(X, dtype=model.dtype)

@@ -73,6 +73,29 @@ class MLP:
         n = self.widths[0]
         for layer in self.layers:
             n = layer.build(self.be, n, self.dtype, rng)
+        self._groups = self._pack_parameters()
+
+    def _pack_parameters(self) -> list[tuple[str, object, object, bool]]:
+        """Move every parameter (and its gradient) into one flat buffer per group, decayed
+        (weights) and not (biases, batch-norm scale/shift), leaving the layers views into
+        them: the optimizer then updates a whole group in one fused kernel call."""
+        xp, groups = self.be.xp, []
+        for decayed in (True, False):
+            items = [(la, nm) for la in self.layers for nm in la.params if (nm in la.decayed) == decayed]
+            if not items:
+                continue
+            size = sum(la.params[nm].size for la, nm in items)
+            w_flat, g_flat = xp.empty(size, dtype=self.dtype), xp.zeros(size, dtype=self.dtype)
+            offset = 0
+            for layer, name in items:
+                p = layer.params[name]
+                view = slice(offset, offset + p.size)
+                w_flat[view] = p.reshape(-1)
+                layer.params[name] = w_flat[view].reshape(p.shape)
+                layer.grads[name] = g_flat[view].reshape(p.shape)
+                offset += p.size
+            groups.append(("weights" if decayed else "others", w_flat, g_flat, decayed))
+        return groups
 
     # ----------------------------------------------------------- structure
     @property
@@ -90,6 +113,10 @@ class MLP:
             for i, layer in enumerate(self.layers)
             for name, w in layer.params.items()
         ]
+
+    def param_groups(self) -> list[tuple[str, object, object, bool]]:
+        """[(group, flat params, flat grads, decayed)]: what the optimizer updates, one call a group."""
+        return self._groups
 
     def config(self) -> dict:
         """JSON-able constructor arguments (everything but the backend)."""

@@ -75,7 +75,7 @@ class _State:
 
 def _save_checkpoint(path, model, opt: Optimizer, opt_state: list, st: _State, extra: tuple) -> None:
     arrays = dict(extra[0])
-    for (name, *_), states in zip(model.parameters(), opt_state):
+    for (name, *_), states in zip(model.param_groups(), opt_state):
         arrays.update({f"opt/{name}/{j}": model.be.to_host(a) for j, a in enumerate(states)})
     meta = {
         **extra[1],
@@ -100,7 +100,7 @@ def _load_checkpoint(path, model, opt_state: list) -> _State:
             "use the same model flags to resume, or a new --out directory"
         )
     model.load_state_arrays(arrays)
-    for (name, w, *_), states in zip(model.parameters(), opt_state):
+    for (name, w, *_), states in zip(model.param_groups(), opt_state):
         for j, a in enumerate(states):
             a[...] = model.be.asarray(arrays[f"opt/{name}/{j}"], dtype=w.dtype)
     tr = meta["train"]
@@ -177,7 +177,7 @@ def fit(
         else Optimizer(optimizer, lr=lr, momentum=momentum, l1=l1, l2=l2)
     )
     sched = schedule if isinstance(schedule, Schedule) else Schedule(schedule)
-    opt_state = [opt.init_state(be, w) for _, w, _, _ in model.parameters()]
+    opt_state = [opt.init_state(be, w) for _, w, _, _ in model.param_groups()]
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if resume and ckpt and ckpt.exists():
         st = _load_checkpoint(ckpt, model, opt_state)
@@ -233,7 +233,7 @@ class _Step:
 
     def __init__(self, model, opt: Optimizer, opt_state: list, batch: int, n: int, reduction: str, clip):
         self.model, self.opt, self.opt_state, self.B, self.clip = model, opt, opt_state, batch, clip
-        self.params = model.parameters()
+        self.params = model.param_groups()
         self.mean = reduction == "mean"
         xp, dt = model.be.xp, model.dtype
         self.x_buf = {b: xp.empty((b, model.n_features), dtype=dt) for b in {batch, n % batch or batch}}
