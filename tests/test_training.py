@@ -128,6 +128,12 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
         MLP("2-9-2", backend="numpy").fit(X, y, epochs=2, checkpoint_path=ckpt, resume=True)
 
 
+def test_top_level_api():
+    import gpumlp
+
+    assert gpumlp.MLP is MLP and gpumlp.get_backend("numpy").name == "numpy"
+
+
 def test_save_load_round_trip(tmp_path):
     X, y = make_circles(n=100, seed=6)
     model = MLP("2-8-2", act="tanh", batchnorm=True, backend="numpy", seed=6)
