@@ -77,6 +77,8 @@ def _save_checkpoint(path, model, opt: Optimizer, opt_state: list, st: _State, e
     arrays = dict(extra[0])
     for (name, *_), states in zip(model.param_groups(), opt_state):
         arrays.update({f"opt/{name}/{j}": model.be.to_host(a) for j, a in enumerate(states)})
+    if st.best[2] is not None:  # patience's best weights, so a resumed run can still restore them
+        arrays.update({f"best/{key}": a for key, a in st.best[2].items()})
     meta = {
         **extra[1],
         "train": {
@@ -85,6 +87,7 @@ def _save_checkpoint(path, model, opt: Optimizer, opt_state: list, st: _State, e
             "rng": st.rng.bit_generator.state,
             "history": st.history.to_dict(),
             "optimizer": opt.to_dict(),
+            "best": list(st.best[:2]),
         },
     }
     model.save(path, extra_arrays=arrays, extra_meta=meta)
@@ -107,7 +110,9 @@ def _load_checkpoint(path, model, opt_state: list) -> _State:
     rng = np.random.default_rng()
     rng.bit_generator.state = tr["rng"]
     hist = History(**tr["history"])
-    return _State(epoch=tr["epoch"], step=tr["step"], rng=rng, history=hist)
+    best_weights = {k[len("best/") :]: a for k, a in arrays.items() if k.startswith("best/")} or None
+    best = (*tr.get("best", (-1.0, -1)), best_weights)
+    return _State(epoch=tr["epoch"], step=tr["step"], rng=rng, history=hist, best=best)
 
 
 def _split_validation(X, y, X_valid, y_valid, valid_split: int):

@@ -120,6 +120,21 @@ def test_resume_continues_bit_for_bit(tmp_path):
         assert np.array_equal(a, b)
 
 
+def test_resume_with_patience_keeps_the_best_weights(tmp_path):
+    X, y = make_circles(n=300, noise=0.3, seed=4)
+    kw = dict(epochs=300, batch_size=10, optimizer="adam", lr=0.05, valid_split=100, patience=5, seed=1)
+    straight = MLP("2-64-2", act="relu", backend="numpy", seed=4)
+    h_straight = straight.fit(X, y, **kw)
+    ckpt = tmp_path / "ck.npz"
+    first = MLP("2-64-2", act="relu", backend="numpy", seed=4)
+    first.fit(X, y, **{**kw, "epochs": len(h_straight) - 2}, checkpoint_path=ckpt)
+    resumed = MLP("2-64-2", act="relu", backend="numpy", seed=4)
+    h_resumed = resumed.fit(X, y, **kw, checkpoint_path=ckpt, resume=True)
+    assert h_resumed.stop_reason == h_straight.stop_reason and len(h_resumed) == len(h_straight)
+    for a, b in zip(straight.state_arrays().values(), resumed.state_arrays().values()):
+        assert np.array_equal(a, b)  # both restored the same best epoch's weights
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     X, y = make_xor(n=100, seed=0)
     ckpt = tmp_path / "ck.npz"
