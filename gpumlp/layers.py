@@ -185,8 +185,9 @@ class BatchNorm(Layer):
                 x, p["gamma"], p["beta"], self.running_mean, self.running_var, self.eps, out=out
             )
         y, self._xhat, mean, self._var = k.batchnorm_forward(
-            x, p["gamma"], p["beta"], self.eps, out=out, xhat=self._ws("xhat", x.shape)
-        )
+            x, p["gamma"], p["beta"], self.eps, out=out, xhat=self._ws("xhat", x.shape),
+            mean=self._ws("mean", (x.shape[1],)), var=self._ws("var", (x.shape[1],)),
+        )  # fmt: skip
         m, b = self.momentum, x.shape[0]
         self.running_mean *= m
         self.running_mean += (1 - m) * mean
@@ -195,11 +196,10 @@ class BatchNorm(Layer):
         return y
 
     def backward(self, dy, need_dx: bool):
-        dx, dgamma, dbeta = self.be.k.batchnorm_backward(
-            dy, self._xhat, self.params["gamma"], self._var, self.eps, dx=self._ws("dx", dy.shape)
-        )
-        self.grads["gamma"][...] = dgamma
-        self.grads["beta"][...] = dbeta
+        dx, _, _ = self.be.k.batchnorm_backward(
+            dy, self._xhat, self.params["gamma"], self._var, self.eps, dx=self._ws("dx", dy.shape),
+            dgamma=self.grads["gamma"], dbeta=self.grads["beta"],
+        )  # fmt: skip
         return dx
 
     def config(self):

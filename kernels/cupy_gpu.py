@@ -425,13 +425,13 @@ def dropout_backward(grad_out, mask, out=None):
 
 
 # ---------------------------------------------------------------- batch norm
-def batchnorm_forward(x, gamma, beta, eps=1e-5, out=None, xhat=None):
+def batchnorm_forward(x, gamma, beta, eps=1e-5, out=None, xhat=None, mean=None, var=None):
     """Training-mode batch norm. x: (B,N) -> (out, xhat, mean, var)."""
     x, gamma, beta = _dev(x, "x"), _dev(gamma, "gamma"), _dev(beta, "beta")
     rows, cols = x.shape
     out = _out(out, "out", x.shape, x.dtype)
     xhat = _out(xhat, "xhat", x.shape, x.dtype)
-    mean, var = _xp().empty((cols,), dtype=x.dtype), _xp().empty((cols,), dtype=x.dtype)
+    mean, var = _out(mean, "mean", (cols,), x.dtype), _out(var, "var", (cols,), x.dtype)
     if cols:
         args = (x, gamma, beta, out, xhat, mean, var, np.int32(rows), np.int32(cols), x.dtype.type(eps))
         grid = (-(-cols // _COL_BLOCK[0]),)
@@ -451,14 +451,14 @@ def batchnorm_inference(x, gamma, beta, mean, var, eps=1e-5, out=None):
     return out
 
 
-def batchnorm_backward(grad_out, xhat, gamma, var, eps=1e-5, dx=None):
+def batchnorm_backward(grad_out, xhat, gamma, var, eps=1e-5, dx=None, dgamma=None, dbeta=None):
     """Backward of training-mode batch norm. -> (dx, dgamma, dbeta)."""
     grad_out, xhat = _dev(grad_out, "grad_out"), _dev(xhat, "xhat")
     gamma, var = _dev(gamma, "gamma"), _dev(var, "var")
     rows, cols = grad_out.shape
     dx = _out(dx, "dx", grad_out.shape, grad_out.dtype)
-    dgamma = _xp().empty((cols,), dtype=grad_out.dtype)
-    dbeta = _xp().empty((cols,), dtype=grad_out.dtype)
+    dgamma = _out(dgamma, "dgamma", (cols,), grad_out.dtype)
+    dbeta = _out(dbeta, "dbeta", (cols,), grad_out.dtype)
     if cols:
         t = grad_out.dtype.type
         args = (grad_out, xhat, gamma, var, dx, dgamma, dbeta, np.int32(rows), np.int32(cols), t(eps))

@@ -723,6 +723,8 @@ def batchnorm_forward(
     eps: float = 1e-5,
     out: np.ndarray | None = None,
     xhat: np.ndarray | None = None,
+    mean: np.ndarray | None = None,
+    var: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training batch norm (float64 stats, biased var). x: (B,N), gamma/beta: (N,)
     -> out (B,N), xhat (B,N), mean (N,), var (N,), x's dtype."""
@@ -730,8 +732,10 @@ def batchnorm_forward(
         out = np.empty_like(x)
     if xhat is None:
         xhat = np.empty_like(x)
-    mean = np.empty(x.shape[1], x.dtype)
-    var = np.empty(x.shape[1], x.dtype)
+    if mean is None:
+        mean = np.empty(x.shape[1], x.dtype)
+    if var is None:
+        var = np.empty(x.shape[1], x.dtype)
     _bn_forward_k(x, gamma, beta, float(eps), out, xhat, mean, var)
     return out, xhat, mean, var
 
@@ -785,12 +789,16 @@ def batchnorm_backward(
     var: np.ndarray,
     eps: float = 1e-5,
     dx: np.ndarray | None = None,
+    dgamma: np.ndarray | None = None,
+    dbeta: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training batch-norm backward (float64 sums). (B,N),(B,N),(N,),(N,) -> dx (B,N), dgamma, dbeta (N,)."""
     if dx is None:
         dx = np.empty_like(grad_out)
-    dgamma = np.empty(grad_out.shape[1], grad_out.dtype)
-    dbeta = np.empty(grad_out.shape[1], grad_out.dtype)
+    if dgamma is None:
+        dgamma = np.empty(grad_out.shape[1], grad_out.dtype)
+    if dbeta is None:
+        dbeta = np.empty(grad_out.shape[1], grad_out.dtype)
     _bn_backward_k(grad_out, xhat, gamma, var, float(eps), dx, dgamma, dbeta)
     return dx, dgamma, dbeta
 

@@ -248,16 +248,17 @@ def dropout_backward(grad_out, mask, out=None):
 
 
 # ---------------------------------------------------------------- batch norm
-def batchnorm_forward(x, gamma, beta, eps=1e-5, out=None, xhat=None):
+def batchnorm_forward(x, gamma, beta, eps=1e-5, out=None, xhat=None, mean=None, var=None):
     """Training-mode batch norm over the batch axis.
 
     Returns (out, xhat, mean, var): out = gamma*xhat + beta with
     xhat = (x - mean)/sqrt(var + eps), var the biased batch variance.
     x: (B,N), gamma/beta: (N,) -> (B,N), (B,N), (N,), (N,)."""
-    mean = x.mean(axis=0)
-    var = ((x - mean) ** 2).mean(axis=0)
-    xh = _put(xhat, ((x - mean) / np.sqrt(var + eps)).astype(x.dtype, copy=False))
-    return _put(out, gamma * xh + beta), xh, mean.astype(x.dtype), var.astype(x.dtype)
+    m = x.mean(axis=0)
+    v = ((x - m) ** 2).mean(axis=0)
+    xh = _put(xhat, ((x - m) / np.sqrt(v + eps)).astype(x.dtype, copy=False))
+    mean, var = _put(mean, m.astype(x.dtype)), _put(var, v.astype(x.dtype))
+    return _put(out, gamma * xh + beta), xh, mean, var
 
 
 def batchnorm_inference(x, gamma, beta, mean, var, eps=1e-5, out=None):
@@ -266,14 +267,14 @@ def batchnorm_inference(x, gamma, beta, mean, var, eps=1e-5, out=None):
     return _put(out, y.astype(x.dtype, copy=False))
 
 
-def batchnorm_backward(grad_out, xhat, gamma, var, eps=1e-5, dx=None):
+def batchnorm_backward(grad_out, xhat, gamma, var, eps=1e-5, dx=None, dgamma=None, dbeta=None):
     """Backward of training-mode batch norm. Returns (dx, dgamma, dbeta).
 
     dx = gamma/sqrt(var+eps) * (dy - mean(dy) - xhat * mean(dy * xhat)).
     grad_out, xhat: (B,N), gamma, var: (N,) -> (B,N), (N,), (N,)."""
-    dbeta = grad_out.sum(axis=0)
-    dgamma = (grad_out * xhat).sum(axis=0)
+    db = grad_out.sum(axis=0)
+    dg = (grad_out * xhat).sum(axis=0)
     b = grad_out.shape[0]
     g = gamma / np.sqrt(var + eps)
-    d = g * (grad_out - dbeta / b - xhat * (dgamma / b))
-    return _put(dx, d.astype(grad_out.dtype, copy=False)), dgamma, dbeta
+    d = g * (grad_out - db / b - xhat * (dg / b))
+    return _put(dx, d.astype(grad_out.dtype, copy=False)), _put(dgamma, dg), _put(dbeta, db)

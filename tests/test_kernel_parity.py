@@ -340,20 +340,23 @@ def test_batchnorm(be, dtype, shape, with_out):
     gamma, beta = _data(shape[1:], dtype, 18), _data(shape[1:], dtype, 19)
     e = ref.batchnorm_forward(x, gamma, beta, eps=1e-5)
     bufs = {"out": _empty(be, shape, dtype), "xhat": _empty(be, shape, dtype)} if with_out else {}
+    if with_out:
+        bufs.update(mean=_empty(be, shape[1:], dtype), var=_empty(be, shape[1:], dtype))
     got = be.k.batchnorm_forward(be.asarray(x), be.asarray(gamma), be.asarray(beta), eps=1e-5, **bufs)
     if with_out:
-        assert got[0] is bufs["out"] and got[1] is bufs["xhat"]
+        assert all(a is b for a, b in zip(got, bufs.values()))
     # stats are batch reductions: RED_TOL (reference float32 sums rows sequentially in float32)
     for name, a, b in zip(["out", "xhat", "mean", "var"], e, got):
         assert_close(a, be.to_host(b), *RED_TOL[dtype], what=f"batchnorm_forward {name}")
 
     g = _data(shape, dtype, 20)
     e_dx, e_dg, e_db = ref.batchnorm_backward(g, e[1], gamma, e[3])
-    dx = _empty(be, shape, dtype) if with_out else None
+    names = ("dx", "dgamma", "dbeta")
+    outs = dict(zip(names, (_empty(be, s, dtype) for s in (shape, shape[1:], shape[1:])))) if with_out else {}
     args = [be.asarray(a) for a in (g, e[1], gamma, e[3])]
-    got_dx, got_dg, got_db = be.k.batchnorm_backward(*args, eps=1e-5, dx=dx)
+    got_dx, got_dg, got_db = be.k.batchnorm_backward(*args, eps=1e-5, **outs)
     if with_out:
-        assert got_dx is dx
+        assert all(a is b for a, b in zip((got_dx, got_dg, got_db), outs.values()))
     for name, a, b in zip(["dx", "dgamma", "dbeta"], (e_dx, e_dg, e_db), (got_dx, got_dg, got_db)):
         assert_close(a, be.to_host(b), *RED_TOL[dtype], what=f"batchnorm_backward {name}")
 
