@@ -193,17 +193,15 @@ def load_data(data_dir: str | None):
 
 def split_data(mnist, config: dict):
     """-> (x_train, y_train, x_valid | None, y_valid | None) raw pixels; validation = last rows."""
+    from gpumlp.data import split_train_valid
+
     n_valid, limit = config["data"]["valid"], config["data"]["limit"]
-    x, y = mnist.x_train, mnist.y_train
-    if not 0 <= n_valid < len(x):
-        raise UsageError(f"--valid {n_valid} must be smaller than the {len(x)} training samples")
-    cut = len(x) - n_valid
-    x_tr, y_tr = x[:cut], y[:cut]
+    if not 0 <= n_valid < len(mnist.x_train):
+        raise UsageError(f"--valid {n_valid} must be smaller than the {len(mnist.x_train)} training samples")
+    x_tr, y_tr, x_va, y_va = split_train_valid(mnist.x_train, mnist.y_train, n_valid)
     if limit is not None:
         x_tr, y_tr = x_tr[:limit], y_tr[:limit]
-    if n_valid == 0:
-        return x_tr, y_tr, None, None
-    return x_tr, y_tr, x[cut:], y[cut:]
+    return (x_tr, y_tr, x_va, y_va) if n_valid else (x_tr, y_tr, None, None)
 
 
 # ------------------------------------------------------------------ train

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from gpumlp import checkpoint
 from gpumlp.augment import shift_images
+from gpumlp.data import split_train_valid
 from gpumlp.optim import Optimizer, Schedule, clip_grad_norm
 from gpumlp.validate import check_features, check_labels
 
@@ -120,8 +121,7 @@ def _split_validation(X, y, X_valid, y_valid, valid_split: int):
         return X, y, X_valid, y_valid
     if not 0 < valid_split < X.shape[0]:
         raise ValueError(f"valid_split={valid_split} must be between 1 and n_samples-1 ({X.shape[0] - 1})")
-    cut = X.shape[0] - valid_split  # the last rows validate, as in the classic 55k/5k MNIST split
-    return X[:cut], y[:cut], X[cut:], y[cut:]
+    return split_train_valid(X, y, valid_split)  # the last rows validate, as in the classic 55k/5k split
 
 
 def fit(
