@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 
 import gpumlp
-from gpumlp.presets import PRESETS, SCALE_MODES, Prep, get_preset
+from gpumlp.presets import PRESETS, SCALE_MODES, Prep, fit_kwargs, get_preset
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
-FIT_SCHEDULE_KEYS = ("schedule", "lr_gamma", "lr_step")
 
 
 class UsageError(Exception):
@@ -167,16 +166,6 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> dict:
         config["fit"]["seed"] = args.seed
     config["fit"].setdefault("seed", config["model"]["seed"])
     return config
-
-
-def fit_kwargs(config: dict) -> dict:
-    """The ``fit`` keyword arguments of a config (the schedule as a Schedule object)."""
-    from gpumlp.optim import Schedule
-
-    kw = {k: v for k, v in config["fit"].items() if k not in FIT_SCHEDULE_KEYS}
-    f = config["fit"]
-    kw["schedule"] = Schedule(f["schedule"], gamma=f["lr_gamma"], step_size=f["lr_step"])
-    return kw
 
 
 # ------------------------------------------------------------------ data

@@ -94,6 +94,19 @@ PRESETS["accurate"]["model"].update(spec="784-1024-1024-10", dropout=0.2)
 PRESETS["accurate"]["fit"].update(lr_gamma=0.85, epochs=20, augment_shift=2)
 
 
+FIT_SCHEDULE_KEYS = ("schedule", "lr_gamma", "lr_step")
+
+
+def fit_kwargs(config: dict) -> dict:
+    """The :func:`gpumlp.train.fit` keyword arguments of a preset or run config (schedule as a Schedule)."""
+    from gpumlp.optim import Schedule
+
+    f = config["fit"]
+    kw = {k: v for k, v in f.items() if k not in FIT_SCHEDULE_KEYS}
+    kw["schedule"] = Schedule(f["schedule"], gamma=f["lr_gamma"], step_size=f["lr_step"])
+    return kw
+
+
 def get_preset(name: str) -> dict:
     """A deep copy of preset ``name`` (safe to modify)."""
     if name not in PRESETS:

@@ -12,11 +12,10 @@ import pytest
 
 from gpumlp import checkpoint
 from gpumlp.backend import BackendUnavailable, available_names, get_backend
-from gpumlp.cli import fit_kwargs
 from gpumlp.data import load_mnist, make_circles, make_xor, scale_pixels, split_train_valid
 from gpumlp.model import MLP
 from gpumlp.optim import OPTIMIZERS
-from gpumlp.presets import PRESETS, Prep
+from gpumlp.presets import PRESETS, Prep, fit_kwargs
 from gpumlp.train import DeviceOutOfMemory, TrainingDiverged
 
 
