@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # GPU suite: on a CUDA machine with CuPy (and PyTorch for the peer column),
-# run the tests (GPU tests included, slow ones not), then the side-by-side
-# benchmark; results land in bench/results/gpu-<device>.{json,md}.
+# run the tests (GPU tests included, slow ones not), the per-step launch
+# profile and the side-by-side benchmark; results land in
+# bench/results/gpu-<device>.{json,md} and gpu-<device>-tests.log.
 #   usage: bench/gpu_suite.sh [extra args for gpumlp.bench, e.g. --quick]
-set -euo pipefail
+# Works offline: gpumlp is installed without dependencies (or, if pip cannot,
+# imported from a temporary copy), so only CuPy, NumPy, Numba, tqdm (and
+# pytest/hypothesis for the tests, torch for the peer) must already be there.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 
@@ -11,11 +15,29 @@ $PY -c "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" \
   || { echo "gpu_suite: needs CuPy and a usable CUDA GPU (pip install -e '.[cuda12]' or '.[cuda13]')" >&2; exit 2; }
 $PY -c "import torch" 2>/dev/null || echo "gpu_suite: PyTorch missing; the torch column will be skipped" >&2
 
+if ! $PY -c "import gpumlp.kernels" 2>/dev/null; then
+  if ! $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; then
+    tmp=$(mktemp -d)  # kernels/ installs as gpumlp.kernels: rebuild that layout by copying
+    cp -r gpumlp "$tmp/gpumlp" && cp -r kernels "$tmp/gpumlp/kernels"
+    export PYTHONPATH="$tmp${PYTHONPATH:+:$PYTHONPATH}"
+    echo "gpu_suite: pip install failed; importing gpumlp from $tmp" >&2
+  fi
+fi
+
 device=$($PY -c "import cupy, re; p = cupy.cuda.runtime.getDeviceProperties(0); \
 print(re.sub(r'[^A-Za-z0-9]+', '-', p['name'].decode()).strip('-').lower())")
 mkdir -p bench/results
 out=bench/results/gpu-$device
 
-$PY -m pytest tests -m "not slow" -q -rs 2>&1 | tee "$out-tests.log"
-$PY -m gpumlp.bench --backends cupy,torch --json "$out.json" --markdown "$out.md" "$@"
-echo "gpu_suite: wrote $out.json, $out.md, $out-tests.log"
+tests_rc=0
+if $PY -c "import pytest" 2>/dev/null; then
+  $PY -m pytest tests -m "not slow" -q -rs -p no:cacheprovider 2>&1 | tee "$out-tests.log"
+  tests_rc=${PIPESTATUS[0]}
+else
+  echo "gpu_suite: pytest missing; tests skipped" | tee "$out-tests.log" >&2
+fi
+# Results are worth keeping even when a test fails: run the benchmarks regardless.
+$PY -m gpumlp.bench --backends cupy,numba,torch,torch-graphs --json "$out.json" --markdown "$out.md" "$@"
+bench_rc=$?
+echo "gpu_suite: wrote $out.json, $out.md, $out-tests.log (tests rc=$tests_rc, bench rc=$bench_rc)"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
