@@ -7,6 +7,7 @@ Layers, losses and the training loop only ever talk to a :class:`Backend`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -32,13 +33,18 @@ class Backend:
     """Everything the framework needs from a compute backend.
 
     ``xp`` is the NumPy-compatible array module (numpy, cupy, or the emulated
-    device's), ``k`` the kernel module with the reference contract."""
+    device's), ``k`` the kernel module with the reference contract. Devices
+    with CUDA graphs also give ``stream()`` (a context making a fresh stream
+    current) and ``capture(fn)``: record the launches of ``fn()`` on the
+    current stream into a graph, without running them, and return ``replay()``."""
 
     name: str
     xp: Any
     k: ModuleType
     description: str = ""
     synchronize: Callable[[], None] = field(default=lambda: None)
+    stream: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
+    capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None
 
     def asarray(self, a, dtype=None):
         """Host (or device) array -> C-contiguous device array of ``dtype``."""

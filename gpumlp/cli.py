@@ -141,6 +141,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     d.add_argument("--out", help="output directory: model.npz, checkpoint.npz, history.json, metrics.json")
     d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay each step as a CUDA graph (cupy/cuda-emu; SGD family)",
+    )
     d.add_argument("--plots", action="store_true", help="also write PNG plots to OUT (needs matplotlib)")
 
 
@@ -262,6 +267,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 prep.apply(x_tr, dt), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
                 checkpoint_path=paths.get("checkpoint"), resume=args.resume,
                 checkpoint_extra=(prep.to_arrays(), {"prep": prep.to_meta()}),
+                cuda_graphs=args.cuda_graphs,
                 progress=not args.no_progress, verbose=True,
             )  # fmt: skip
     except KeyboardInterrupt:

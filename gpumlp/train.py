@@ -150,6 +150,7 @@ def fit(
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = False,
     checkpoint_extra: tuple[dict, dict] = ({}, {}),
+    cuda_graphs: bool = False,
     progress: bool = False,
     verbose: bool = False,
     callbacks: Sequence[Callable[[dict, object], bool | None]] = (),
@@ -165,6 +166,7 @@ def fit(
     each epoch. With ``checkpoint_path`` the state is saved atomically after
     each epoch, with ``checkpoint_extra`` = (host arrays, JSON meta) of the
     caller's (e.g. preprocessing); ``resume=True`` continues from it exactly.
+    ``cuda_graphs`` (cupy/cuda-emu) replays each full-size step as one CUDA graph.
     ``callbacks`` get (epoch record, model) and may return True to stop."""
     be = model.be
     X = check_features(X, model.n_features)
@@ -193,7 +195,9 @@ def fit(
         valid_host = (Xv, check_labels(y_valid, Xv.shape[0], model.n_classes, "y_valid"))
     else:
         valid_host = None
-    step = _Step(model, opt, opt_state, min(batch_size, X.shape[0]), X.shape[0], reduction, clip_norm)
+    step = _Step(
+        model, opt, opt_state, min(batch_size, X.shape[0]), X.shape[0], reduction, clip_norm, cuda_graphs
+    )
     bar = tqdm(total=epochs, initial=st.epoch, disable=not progress, unit="epoch", file=sys.stderr)
     try:
         Xd = be.asarray(X, dtype=model.dtype)
@@ -234,40 +238,87 @@ def fit(
 
 class _Step:
     """One epoch of minibatch steps with buffers preallocated per batch shape
-    (the full batch and the last partial one), so the step allocates nothing."""
+    (the full batch and the last partial one), so the step allocates nothing.
 
-    def __init__(self, model, opt: Optimizer, opt_state: list, batch: int, n: int, reduction: str, clip):
+    With ``graphs`` (backends with CUDA graphs), each full-size step is captured
+    once per learning rate and replayed: per step only the batch's indices and
+    labels are copied into fixed device buffers, then one graph launch runs the
+    whole forward, loss, backward and update."""
+
+    def __init__(self, model, opt, opt_state: list, batch: int, n: int, reduction: str, clip, graphs: bool):
         self.model, self.opt, self.opt_state, self.B, self.clip = model, opt, opt_state, batch, clip
         self.params = model.param_groups()
         self.mean = reduction == "mean"
         xp, dt = model.be.xp, model.dtype
-        self.x_buf = {b: xp.empty((b, model.n_features), dtype=dt) for b in {batch, n % batch or batch}}
-        self.g_buf = {b: xp.empty((b, model.n_classes), dtype=dt) for b in self.x_buf}
+        sizes = {batch, n % batch or batch}
+        self.x_buf = {b: xp.empty((b, model.n_features), dtype=dt) for b in sizes}
+        self.g_buf = {b: xp.empty((b, model.n_classes), dtype=dt) for b in sizes}
+        # Device accumulators the loss and count kernels add into: no extra op, no allocation per step.
+        self.loss_sum, self.correct = xp.zeros((), dtype=dt), xp.zeros((), dtype=np.int64)
+        if graphs:
+            _check_graphable(model, opt, clip)
+            self.idx_buf, self.lab_buf = xp.zeros(batch, dtype=np.int32), xp.zeros(batch, dtype=np.int32)
+        self.graphs: dict | None = {} if graphs else None
+
+    def _run(self, Xd, idx, labels, lr: float, t: int) -> None:
+        """One minibatch step: gather rows ``idx`` of Xd, forward, loss, backward, update."""
+        model, be = self.model, self.model.be
+        b = idx.shape[0]
+        scores = model.forward(be.k.gather_rows(Xd, idx, out=self.x_buf[b]), train=True)
+        scale = 1.0 / b if self.mean else 1.0
+        _, grad = model.loss(be, scores, labels, grad=self.g_buf[b], grad_scale=scale, loss=self.loss_sum)
+        be.k.correct_count(scores, labels, count=self.correct)
+        model.backward(grad)
+        if self.clip:
+            clip_grad_norm(be, [g for _, _, g, _ in self.params], self.clip)
+        for (_, w, g, decayed), state in zip(self.params, self.opt_state):
+            self.opt.update(be, w, g, state, lr, t, decayed)
+
+    def _replay(self, Xd, idx, labels, lr: float, t: int) -> None:
+        """The same step through a CUDA graph captured on first use for this Xd and lr."""
+        self.idx_buf[...] = idx
+        self.lab_buf[...] = labels
+        key = (id(Xd), lr)
+        if key not in self.graphs:
+            self.graphs.clear()  # a new epoch's lr or data: the old graphs point at stale values
+            run = self._run
+            self.graphs[key] = self.model.be.capture(lambda: run(Xd, self.idx_buf, self.lab_buf, lr, t))
+        self.graphs[key]()
 
     def epoch(self, Xd, perm: np.ndarray, y_perm: np.ndarray, lr: float, st: _State) -> tuple[float, float]:
         """Train one pass over the rows of device Xd in host order ``perm`` ->
         (mean loss, accuracy), read from the device once at the end."""
-        model, be = self.model, self.model.be
-        k, xp, n, B = be.k, be.xp, perm.shape[0], self.B
-        perm_d, y_d = be.asarray(perm.astype(np.int32)), be.asarray(y_perm)  # one upload per epoch
-        # Device accumulators the loss and count kernels add into: no extra op, no allocation per step.
-        loss_sum = xp.zeros((), dtype=model.dtype)
-        correct = xp.zeros((), dtype=np.int64)
-        for s in range(0, n, B):
-            b = min(B, n - s)
-            yb = y_d[s : s + b]
-            scores = model.forward(k.gather_rows(Xd, perm_d[s : s + b], out=self.x_buf[b]), train=True)
-            scale = 1.0 / b if self.mean else 1.0
-            _, grad = model.loss(be, scores, yb, grad=self.g_buf[b], grad_scale=scale, loss=loss_sum)
-            k.correct_count(scores, yb, count=correct)
-            model.backward(grad)
-            if self.clip:
-                clip_grad_norm(be, [g for _, _, g, _ in self.params], self.clip)
-            st.step += 1
-            for (_, w, g, decayed), state in zip(self.params, self.opt_state):
-                self.opt.update(be, w, g, state, lr, st.step, decayed)
-        be.synchronize()
-        return float(be.to_host(loss_sum)) / n, int(be.to_host(correct)) / n
+        be, n, B = self.model.be, perm.shape[0], self.B
+        with be.stream():
+            perm_d, y_d = be.asarray(perm.astype(np.int32)), be.asarray(y_perm)  # one upload per epoch
+            self.loss_sum[...] = 0
+            self.correct[...] = 0
+            for s in range(0, n, B):
+                b = min(B, n - s)
+                st.step += 1
+                full = self.graphs is not None and b == B
+                (self._replay if full else self._run)(Xd, perm_d[s : s + b], y_d[s : s + b], lr, st.step)
+            be.synchronize()
+        return float(be.to_host(self.loss_sum)) / n, int(be.to_host(self.correct)) / n
+
+
+def _check_graphable(model, opt, clip) -> None:
+    """A captured step replays frozen scalars: refuse what changes them every step."""
+    from gpumlp.layers import BatchNorm, Dropout
+
+    if model.be.capture is None:
+        raise ValueError(f"cuda_graphs needs a CUDA backend (cupy or cuda-emu), not {model.be.name!r}")
+    reasons = []
+    if opt.name == "adam":
+        reasons.append("Adam (its bias correction changes every step)")
+    if any(isinstance(la, (Dropout, BatchNorm)) for la in model.layers):
+        reasons.append("dropout or batch norm (per-step seeds and running statistics)")
+    if clip:
+        reasons.append("clip_norm")
+    if reasons:
+        raise ValueError(
+            "cuda_graphs cannot capture a step with " + ", ".join(reasons) + "; train without it"
+        )
 
 
 def _diverged_message(loss: float, epoch: int, lr: float, ckpt: Path | None) -> str:

@@ -467,6 +467,29 @@ def batchnorm_backward(grad_out, xhat, gamma, var, eps=1e-5, dx=None, dgamma=Non
     return dx, dgamma, dbeta
 
 
+# ------------------------------------------------------------------ CUDA graphs
+def _stream() -> _Any:
+    """A fresh non-blocking stream, used as a context manager (graphs cannot capture stream 0)."""
+    return _xp().cuda.Stream(non_blocking=True)
+
+
+def _capture(step: _Any) -> _Any:
+    """Record ``step()``'s launches on the current stream into a CUDA graph (not running them)
+    and return ``replay()``. Matmuls use gemm.cu meanwhile: CuPy refuses cuBLAS during capture."""
+    global _GEMM
+    stream = _xp().cuda.get_current_stream()
+    saved, _GEMM = _GEMM, "own"
+    try:
+        stream.begin_capture()
+        try:
+            step()
+        finally:
+            graph = stream.end_capture()
+    finally:
+        _GEMM = saved
+    return lambda: graph.launch(stream)
+
+
 # ------------------------------------------------------------------ backends
 def _bind(cp: _Any, tag: str) -> _Any:
     """A fresh copy of this module bound to the array module ``cp``, minus ``make_backend``."""
@@ -495,12 +518,15 @@ def make_backend(real: bool = True) -> _Any:
                 f"backend 'cuda-emu' compiles the CUDA kernels for the CPU and needs a C++20 compiler "
                 f"with OpenMP ({cxx!r} not found; set $CXX or install g++)"
             )
+        mod = _bind(cuda_emu, "emu")
         return Backend(
             "cuda-emu",
             cuda_emu,
-            _bind(cuda_emu, "emu"),
+            mod,
             "emulated CUDA device on the CPU: for correctness, not speed",
             synchronize=lambda: cuda_emu.cuda.Device().synchronize(),
+            stream=mod._stream,
+            capture=mod._capture,
         )
     try:
         import cupy
@@ -527,4 +553,6 @@ def make_backend(real: bool = True) -> _Any:
         mod,
         f"CuPy {cupy.__version__} on {gpu} (sm_{dev.compute_capability}): cuBLAS matmul + CUDA C++ kernels",
         synchronize=lambda: cupy.cuda.Device().synchronize(),
+        stream=mod._stream,
+        capture=mod._capture,
     )

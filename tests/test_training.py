@@ -280,6 +280,32 @@ def test_device_out_of_memory_names_the_sizes_and_the_fix(monkeypatch, mnist):
         MLP("784-100-10", backend=be).fit(x_tr, y_tr, epochs=1)
 
 
+def test_cuda_graph_steps_match_the_reference(monkeypatch, mnist):
+    """Full-size steps replayed as captured graphs on the emulated device give the
+    reference's loss curve; the partial last batch runs eagerly."""
+    x_tr, y_tr, *_ = mnist
+    X, y = x_tr[:1525], y_tr[:1525]  # 30 full batches of 50 and a partial one of 25
+    be = get_backend("cuda-emu")
+    captures = []
+    real_capture = be.capture
+    monkeypatch.setattr(be, "capture", lambda fn: captures.append(fn) or real_capture(fn))
+    kw = dict(epochs=2, batch_size=50, optimizer="momentum", lr=0.05, l2=1e-4, schedule="exp", seed=2)
+    curves = {}
+    for name, extra in (("numpy", {}), ("cuda-emu", {"cuda_graphs": True})):
+        model = MLP("784-32-10", act="sigmoid", loss="logistic", init="normal", backend=name, seed=2)
+        curves[name] = model.fit(X, y, **kw, **extra)["loss"]
+    assert len(captures) == 2  # once per epoch: the lr changes each epoch
+    np.testing.assert_allclose(curves["cuda-emu"], curves["numpy"], rtol=1e-4)
+
+
+def test_cuda_graphs_refuse_what_they_cannot_replay():
+    X, y = make_xor(n=40)
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA backend"):
+        MLP("2-4-2", backend="numpy").fit(X, y, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cannot capture a step with Adam"):
+        MLP("2-4-2", backend="cuda-emu").fit(X, y, optimizer="adam", cuda_graphs=True)
+
+
 def _loadable_backends():
     names = []
     for name in available_names():
