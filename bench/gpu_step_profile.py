@@ -329,7 +329,7 @@ def profile_config(name: str, cfg: Config, steps: int, label_check: bool, seed: 
     opt = Optimizer(cfg.optimizer, lr=cfg.lr)
     opt_state = [opt.init_state(be, w) for _, w, _, _ in model.param_groups()]
     st = _State(epoch=0, step=0, rng=np.random.default_rng(seed), history=History())
-    step = _Step(model, opt, opt_state, B, n, cfg.reduction, None)
+    step = _Step(model, opt, opt_state, B, n, cfg.reduction, None, False)
     Xd = be.asarray(X, dtype=model.dtype)
 
     def epoch(k: int, tally: Tally | None) -> None:

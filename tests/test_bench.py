@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,16 @@ def test_render_and_compare_roundtrip(quick_json):
         e["median"] *= 2
     _, bad = compare(slower, res)
     assert bad == len(res["epochs"])
+
+
+def test_gpu_step_profile_counts_a_sync_free_step(tmp_path):
+    """bench/gpu_step_profile.py drives the real training step on the emulated device."""
+    out = tmp_path / "gpu_step.md"
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_step_profile.py"
+    subprocess.run(
+        [sys.executable, str(script), "--out", str(out)], check=True, capture_output=True, timeout=300
+    )
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| seed 784-100-10")]
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert int(cells[1]) > 0 and int(cells[2]) == 5  # our kernels; 2 forward + 3 backward GEMMs
+    assert cells[8] == "0 / 0 / 0" and cells[9] == "0"  # no transfers, syncs or allocations per step
