@@ -258,7 +258,7 @@ class _Step:
         if graphs:
             _check_graphable(model, opt, clip)
             self.idx_buf, self.lab_buf = xp.zeros(batch, dtype=np.int32), xp.zeros(batch, dtype=np.int32)
-        self.graphs: dict | None = {} if graphs else None
+        self.use_graphs, self.graph, self.graph_key = graphs, None, None
 
     def _run(self, Xd, idx, labels, lr: float, t: int) -> None:
         """One minibatch step: gather rows ``idx`` of Xd, forward, loss, backward, update."""
@@ -278,12 +278,12 @@ class _Step:
         """The same step through a CUDA graph captured on first use for this Xd and lr."""
         self.idx_buf[...] = idx
         self.lab_buf[...] = labels
-        key = (id(Xd), lr)
-        if key not in self.graphs:
-            self.graphs.clear()  # a new epoch's lr or data: the old graphs point at stale values
+        made_for = self.graph_key  # (data, lr) baked into the graph; holding Xd keeps its memory alive
+        if made_for is None or made_for[0] is not Xd or made_for[1] != lr:
             run = self._run
-            self.graphs[key] = self.model.be.capture(lambda: run(Xd, self.idx_buf, self.lab_buf, lr, t))
-        self.graphs[key]()
+            self.graph = self.model.be.capture(lambda: run(Xd, self.idx_buf, self.lab_buf, lr, t))
+            self.graph_key = (Xd, lr)
+        self.graph()
 
     def epoch(self, Xd, perm: np.ndarray, y_perm: np.ndarray, lr: float, st: _State) -> tuple[float, float]:
         """Train one pass over the rows of device Xd in host order ``perm`` ->
@@ -296,7 +296,7 @@ class _Step:
             for s in range(0, n, B):
                 b = min(B, n - s)
                 st.step += 1
-                full = self.graphs is not None and b == B
+                full = self.use_graphs and b == B
                 (self._replay if full else self._run)(Xd, perm_d[s : s + b], y_d[s : s + b], lr, st.step)
             be.synchronize()
         return float(be.to_host(self.loss_sum)) / n, int(be.to_host(self.correct)) / n
