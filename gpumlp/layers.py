@@ -188,11 +188,16 @@ class BatchNorm(Layer):
             x, p["gamma"], p["beta"], self.eps, out=out, xhat=self._ws("xhat", x.shape),
             mean=self._ws("mean", (x.shape[1],)), var=self._ws("var", (x.shape[1],)),
         )  # fmt: skip
-        m, b = self.momentum, x.shape[0]
+        # running = m * running + (1 - m) * batch stat, in place: no temporaries in the step
+        m, b, xp = self.momentum, x.shape[0], self.be.xp
+        mean *= 1 - m  # a workspace nothing reads later
         self.running_mean *= m
-        self.running_mean += (1 - m) * mean
+        self.running_mean += mean
+        scaled_var = xp.multiply(
+            self._var, (1 - m) * b / max(b - 1, 1), out=self._ws("var_scaled", mean.shape)
+        )
         self.running_var *= m
-        self.running_var += ((1 - m) * b / max(b - 1, 1)) * self._var  # unbiased, like PyTorch
+        self.running_var += scaled_var  # unbiased, like PyTorch
         return y
 
     def backward(self, dy, need_dx: bool):
