@@ -75,7 +75,8 @@ def test_softmax_xent(benchmark, name, shape):
 def test_adam_step(benchmark, name, shape):
     be = _backend(name)
     w, g, m, v = _data(shape), _data(shape, 1) * 1e-3, np.zeros(shape, DTYPE), np.zeros(shape, DTYPE)
-    fn = lambda: be.k.adam_step(w, g, m, v, lr=1e-6, t=10, l2=1e-4)  # noqa: E731
+    t = be.asarray(np.array([10], np.int64))  # the step on the device, as training passes it
+    fn = lambda: be.k.adam_step(w, g, m, v, lr=1e-6, t=t, l2=1e-4)  # noqa: E731
     _run(benchmark, be, fn, 7 * w.nbytes)  # read w, g, m, v; write w, m, v
 
 

@@ -28,7 +28,13 @@ one of 2 steps (E2) and one of 1+N steps (EN) are counted; per step = (EN - E1) 
 ``cupy`` backend (``make_backend(real=True)``), the emulator's per-loss label range
 check (a device->host read) is switched off; ``--emu-label-check`` keeps it on.
 
-Usage: ``python bench/gpu_step_profile.py [--steps 5] [--configs seed,adam256,deep1024]
+Each config is profiled twice: eager steps (the default) and CUDA-graph steps
+(``cuda_graphs=True``: ``Graph.launch`` is counted as one launch, and the kernels it
+replays are counted separately as graph nodes). Besides the benchmark configs,
+``full`` is deep1024 with Adam, dropout 0.2, batch norm and clipping: everything a
+step can contain.
+
+Usage: ``python bench/gpu_step_profile.py [--steps 5] [--configs seed,adam256,deep1024,full]
 [--out bench/results/gpu_step.md]``
 """
 
@@ -59,6 +65,12 @@ FP32_FLOPS = 50e12  # achievable FP32 (non-tensor-core) GEMM rate; peak ~67 TFLO
 _VIEW_METHODS = frozenset("reshape ravel transpose view squeeze swapaxes diagonal".split())
 _FILL_FUNCS = frozenset("zeros ones full zeros_like ones_like full_like".split())
 _ALLOC_FUNCS = frozenset("empty empty_like".split())
+GRAPH_NODE_S = 1e-6  # per kernel node inside a replayed graph (device-side launch latency), assumed
+
+# Profile-only configs: (benchmark config, extra MLP arguments, clip_norm).
+_FULL = Config("784-1024-1024-10", "relu", "softmax_xent", "adam", 1e-3, 256, about="deep1024 + everything")
+PROFILES = {name: (cfg, {}, None) for name, cfg in CONFIGS.items()}
+PROFILES["full"] = (_FULL, {"dropout": 0.2, "batchnorm": True}, 1.0)
 
 
 # ------------------------------------------------------------------ tallies
@@ -171,6 +183,14 @@ def instrument(emu: Any, tally: Tally) -> Iterator[None]:
         tally.add("kernel", kernel.name, nbytes)
 
     patch(emu.RawKernel, "__call__", counted(rec_kernel))
+
+    # -- CUDA graphs: one launch from the host, its kernels run as graph nodes
+    def rec_graph(args: Any, kwargs: Any, res: Any) -> None:
+        tally.add("graph", "Graph.launch")
+        for kernel, *_ in args[0]._launches:
+            tally.add("node", kernel.name)
+
+    patch(emu.Graph, "launch", counted(rec_graph))
 
     # -- cuBLAS
     def gemm(a: Any, b: Any, res: Any) -> None:
@@ -312,24 +332,28 @@ class Profile:
     per_step: Tally
     per_epoch: Tally
     linear: bool
-    h2d_per_sample: float  # the per-epoch uploads (permutation + labels) scale with the epoch length
+    h2d_per_sample: float  # the per-epoch uploads (permutation, labels, steps) scale with the epoch length
+    graphs: bool = False
+    extras: str = ""
 
 
-def profile_config(name: str, cfg: Config, steps: int, label_check: bool, seed: int = 0) -> Profile:
-    """Per-step and per-epoch tallies of ``_Step.epoch`` on cuda-emu for one config."""
+def profile_config(name: str, steps: int, label_check: bool, graphs: bool = False, seed: int = 0) -> Profile:
+    """Per-step and per-epoch tallies of ``_Step.epoch`` on cuda-emu for one config
+    of PROFILES, with eager or CUDA-graph steps."""
+    cfg, extra, clip = PROFILES[name]
     be = get_backend("cuda-emu")
     emu = be.xp
     be.k._VALIDATE_LABELS = label_check
-    model = MLP(cfg.spec, act=cfg.act, loss=cfg.loss, dtype="float32", backend=be, seed=seed)
+    model = MLP(cfg.spec, act=cfg.act, loss=cfg.loss, dtype="float32", backend=be, seed=seed, **extra)
     B, n = cfg.batch_size, (steps + 1) * cfg.batch_size
     rng = np.random.default_rng(seed)
     X = rng.random((n, model.n_features), dtype=np.float32)
     y = rng.integers(0, model.n_classes, size=n).astype(np.int32)
-    # as gpumlp.train.fit builds them (no clipping, no validation, no checkpoint)
+    # as gpumlp.train.fit builds them (no validation, no checkpoint)
     opt = Optimizer(cfg.optimizer, lr=cfg.lr)
     opt_state = [opt.init_state(be, w) for _, w, _, _ in model.param_groups()]
     st = _State(epoch=0, step=0, rng=np.random.default_rng(seed), history=History())
-    step = _Step(model, opt, opt_state, B, n, cfg.reduction, None, False)
+    step = _Step(model, opt, opt_state, B, n, cfg.reduction, clip, graphs)
     Xd = be.asarray(X, dtype=model.dtype)
 
     def epoch(k: int, tally: Tally | None) -> None:
@@ -337,14 +361,17 @@ def profile_config(name: str, cfg: Config, steps: int, label_check: bool, seed: 
         with instrument(emu, tally) if tally is not None else contextlib.nullcontext():
             step.epoch(Xd, perm, y[perm], cfg.lr, st)
 
-    epoch(1, None)  # warm-up: kernel builds, workspaces
+    epoch(1, None)  # warm-up: kernel builds, workspaces (and the graph's eager step + capture)
     e1, e2, en = Tally(), Tally(), Tally()
     epoch(1, e1)
     epoch(2, e2)
     epoch(steps + 1, en)
     per_step = (en - e1).scaled(steps)
     per_sample = en.bytes_of("h2d") / ((steps + 1) * B)
-    return Profile(name, cfg, steps, per_step, e1 - per_step, per_step.same(e2 - e1), per_sample)
+    extras = ", ".join([*(f"{k}={v}" for k, v in extra.items()), *([f"clip={clip}"] if clip else [])])
+    return Profile(
+        name, cfg, steps, per_step, e1 - per_step, per_step.same(e2 - e1), per_sample, graphs, extras
+    )
 
 
 # --------------------------------------------------------------- reporting
@@ -358,7 +385,8 @@ def _us(s: float) -> str:
 
 def _label(p: Profile) -> str:
     c = p.cfg
-    return f"{p.name} {c.spec} {c.act} {c.loss} {c.optimizer} b{c.batch_size}"
+    extras = f" {p.extras}" if p.extras else ""
+    return f"{p.name} {c.spec} {c.act} {c.loss} {c.optimizer} b{c.batch_size}{extras}"
 
 
 def _device_ops(t: Tally) -> int:
@@ -370,7 +398,10 @@ def _names(t: Tally, *cats: str) -> str:
     return ", ".join(parts) or "–"
 
 
-def render(profiles: list[Profile], label_check: bool) -> str:
+def render(all_profiles: list[Profile], label_check: bool) -> str:
+    """The markdown report: eager steps in detail, then what CUDA graphs change."""
+    profiles = [p for p in all_profiles if not p.graphs]
+    graph_profiles = [p for p in all_profiles if p.graphs]
     lines = [
         "### Per training step on a GPU, counted on cuda-emu (`_Step.epoch`, same `cupy_gpu.py` code)",
         "",
@@ -435,12 +466,34 @@ def render(profiles: list[Profile], label_check: bool) -> str:
             f"| {p.name} | {_us(est['launch'])} | {_us(est['memory'])} | {_us(est['FLOP'])} "
             f"| {regime}-bound ({ratio:.1f}× the next) | {epoch_s:.3f} |"
         )
-    check = all(p.linear for p in profiles)
+    lines += [
+        "",
+        "### With CUDA graphs (`cuda_graphs=True`): per full-size step",
+        "",
+        "| config | host calls: graph launches + other device ops | kernels inside the graph | "
+        "H2D / D2H / syncs | allocs | launch-bound µs: host / graph nodes | regime vs eager |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    eager = {p.name: p for p in profiles}
+    for p in graph_profiles:
+        t = p.per_step
+        host = t.count("graph") + _device_ops(t)
+        host_s, node_s = host * LAUNCH_S, t.count("node") * GRAPH_NODE_S
+        e = eager.get(p.name)
+        gain = e and _device_ops(e.per_step) * LAUNCH_S / max(host_s, node_s)
+        speedup = f"{gain:.1f}× fewer launch µs" if gain else ""
+        lines.append(
+            f"| {_label(p)} | {t.count('graph')} + {_device_ops(t)} ({_names(t, 'op', 'fill')}) "
+            f"| {t.count('node')} | {t.count('h2d')} / {t.count('d2h')} / {t.count('sync')} "
+            f"| {t.count('alloc')} | {_us(host_s)} / {_us(node_s)} | {speedup} |"
+        )
+    check = all(p.linear for p in all_profiles)
     lines += [
         "",
         f"Measured over {profiles[0].steps} steps after a warm-up epoch, by differencing whole epochs of "
         "`_Step.epoch` (per step = (E(1+N) − E(1)) / N; checked equal to E(2) − E(1): "
-        f"{'yes' if check else 'NO'}; per epoch = E(1) − per step). float32, no clipping/dropout/batch norm. "
+        f"{'yes' if check else 'NO'}; per epoch = E(1) − per step). float32; only `full` has clipping, "
+        "dropout and batch norm. "
         f"Label range check of the emulator {'ON' if label_check else 'off, as on the real cupy backend'}.",
         "",
         "Counting: *our kernels* = `RawKernel` launches; *cuBLAS GEMMs* = `matmul` calls; *other device "
@@ -454,14 +507,19 @@ def render(profiles: list[Profile], label_check: bool) -> str:
         "(kernel launch or cuBLAS call overhead, host-bound); "
         f"{HBM_BPS / 1e12:.2f} TB/s HBM3 for all bytes above (cache reuse ignored); GEMMs at "
         f"{FP32_FLOPS / 1e12:.0f} TFLOP/s FP32 without tensor cores (peak ~67). These are separate lower "
-        "bounds; the regime is the largest.",
+        "bounds; the regime is the largest. With graphs: the host pays "
+        f"{LAUNCH_S * 1e6:.0f} µs per graph launch or copy, the device about {GRAPH_NODE_S * 1e6:.0f} µs "
+        "per kernel node (assumed); the step costs the larger of the two, plus the memory and FLOP time "
+        "above.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="seed,adam256,deep1024", help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument(
+        "--configs", default="seed,adam256,deep1024,full", help=f"comma list of {', '.join(PROFILES)}"
+    )
     ap.add_argument("--steps", type=int, default=5, help="measured steps (after a warm-up epoch)")
     ap.add_argument("--emu-label-check", action="store_true", help="keep the emulator's label range check")
     ap.add_argument("--out", help="also write the markdown to this file")
@@ -469,10 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CONFIGS]
+    unknown = [c for c in names if c not in PROFILES]
     if unknown:
-        ap.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
-    profiles = [profile_config(c, CONFIGS[c], args.steps, args.emu_label_check) for c in names]
+        ap.error(f"unknown config(s) {unknown}; choose from {', '.join(PROFILES)}")
+    profiles = [
+        profile_config(c, args.steps, args.emu_label_check, graphs) for graphs in (False, True) for c in names
+    ]
     text = render(profiles, args.emu_label_check)
     sys.stdout.write(text)
     if args.out:

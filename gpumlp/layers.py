@@ -5,7 +5,8 @@ A layer owns ``params`` and matching ``grads`` (same keys), keeps what its
 backward pass needs from the last forward, and reuses per-shape workspaces so
 the training step allocates nothing after the first batch of each shape.
 
-    forward(x, train) -> y          x: (B, n_in)  -> y: (B, n_out)
+    forward(x, train, step) -> y    x: (B, n_in)  -> y: (B, n_out); step: the training
+                                    step (int or 1-element int64 device array), for dropout
     backward(dy, need_dx) -> dx     dy: (B, n_out) -> dx: (B, n_in) or None
 """
 
@@ -78,7 +79,7 @@ class Dense(Layer):
         self._add_param("b", np.zeros(self.n_out))
         return self.n_out
 
-    def forward(self, x, train: bool):
+    def forward(self, x, train: bool, step=0):
         k, shape = self.be.k, (x.shape[0], self.n_out)
         z = k.matmul(x, self.params["W"], out=self._ws("z", shape))
         # a separate output buffer: in place, Numba cannot prove no aliasing and won't vectorise
@@ -112,7 +113,7 @@ class Activation(Layer):
         self._zero_bias = be.xp.zeros(n_in, dtype=dtype)
         return n_in
 
-    def forward(self, x, train: bool):
+    def forward(self, x, train: bool, step=0):
         self._y = self.be.k.bias_act(x, self._zero_bias, self.act, out=self._ws("y", x.shape))
         return self._y
 
@@ -124,30 +125,22 @@ class Activation(Layer):
 
 
 class Dropout(Layer):
-    """Inverted dropout with rate p. Masks come from a counter-based hash of
-    (seed, step), so they are identical on every backend and reproducible on
-    resume; in eval mode the layer is the identity."""
-
-    state_names = ("step",)
+    """Inverted dropout with rate p. Masks are a counter-based hash of (layer
+    seed, training step), so they are identical on every backend, reproducible
+    on resume, and drawn on the device (a CUDA graph replays fresh masks); in
+    eval mode the layer is the identity."""
 
     def __init__(self, p: float, seed: int = 0):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout rate must be in [0, 1), got {p}")
         self.p, self.seed = float(p), int(seed)
 
-    def build(self, be, n_in, dtype, rng):
-        super().build(be, n_in, dtype, rng)
-        self.step = 0
-        return n_in
-
-    def forward(self, x, train: bool):
+    def forward(self, x, train: bool, step=0):
         if not train or self.p == 0.0:
             self._mask = None
             return x
-        self.step += 1
-        seed = (self.seed * 0x9E3779B1 + self.step) & 0xFFFFFFFF
         y, self._mask = self.be.k.dropout_forward(
-            x, self.p, seed, out=self._ws("y", x.shape), mask=self._ws("mask", x.shape)
+            x, self.p, self.seed, out=self._ws("y", x.shape), mask=self._ws("mask", x.shape), step=step
         )
         return y
 
@@ -177,27 +170,18 @@ class BatchNorm(Layer):
         self.running_var = be.xp.ones(n_in, dtype=dtype)
         return n_in
 
-    def forward(self, x, train: bool):
+    def forward(self, x, train: bool, step=0):
         k, p = self.be.k, self.params
         out = self._ws("y", x.shape)
         if not train:
             return k.batchnorm_inference(
                 x, p["gamma"], p["beta"], self.running_mean, self.running_var, self.eps, out=out
             )
-        y, self._xhat, mean, self._var = k.batchnorm_forward(
+        y, self._xhat, _, self._var = k.batchnorm_forward(
             x, p["gamma"], p["beta"], self.eps, out=out, xhat=self._ws("xhat", x.shape),
             mean=self._ws("mean", (x.shape[1],)), var=self._ws("var", (x.shape[1],)),
+            running_mean=self.running_mean, running_var=self.running_var, momentum=self.momentum,
         )  # fmt: skip
-        # running = m * running + (1 - m) * batch stat, in place: no temporaries in the step
-        m, b, xp = self.momentum, x.shape[0], self.be.xp
-        mean *= 1 - m  # a workspace nothing reads later
-        self.running_mean *= m
-        self.running_mean += mean
-        scaled_var = xp.multiply(
-            self._var, (1 - m) * b / max(b - 1, 1), out=self._ws("var_scaled", mean.shape)
-        )
-        self.running_var *= m
-        self.running_var += scaled_var  # unbiased, like PyTorch
         return y
 
     def backward(self, dy, need_dx: bool):

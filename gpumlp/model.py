@@ -136,10 +136,11 @@ class MLP:
         return f"MLP({self.config()['spec']}, backend={self.be.name}, layers=[{inner}])"
 
     # ------------------------------------------------------------- compute
-    def forward(self, x, train: bool = False):
-        """Device (B, n_features) -> device (B, n_classes) scores."""
+    def forward(self, x, train: bool = False, step=0):
+        """Device (B, n_features) -> device (B, n_classes) scores. ``step`` (int or
+        1-element int64 device array) seeds dropout's masks in training mode."""
         for layer in self.layers:
-            x = layer.forward(x, train)
+            x = layer.forward(x, train, step)
         return x
 
     def backward(self, grad) -> None:
@@ -195,11 +196,7 @@ class MLP:
             w[...] = self.be.asarray(src, dtype=self.dtype)
         for i, layer in enumerate(self.layers):
             for name in layer.state_names:
-                value = arrays[f"state/{i}.{name}"]
-                if value.ndim == 0:
-                    setattr(layer, name, value.item())
-                else:
-                    getattr(layer, name)[...] = self.be.asarray(value, dtype=self.dtype)
+                getattr(layer, name)[...] = self.be.asarray(arrays[f"state/{i}.{name}"], dtype=self.dtype)
 
     def save(self, path: str | os.PathLike, extra_arrays: dict | None = None, extra_meta: dict | None = None):
         """Atomically write config + weights (+ any training state) to ``path`` (.npz)."""

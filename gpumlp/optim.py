@@ -78,15 +78,18 @@ class Optimizer:
         return asdict(self)
 
 
-def clip_grad_norm(be: Backend, grads: list, max_norm: float):
+def clip_grad_norm(be: Backend, grads: list, max_norm: float, sumsq=None):
     """Scale all gradients in place so their global L2 norm is at most max_norm.
-    Stays on the device (no host sync); returns the 0-d pre-clip norm."""
-    xp = be.xp
-    norm = xp.sqrt(sum(xp.sum(g * g) for g in grads))
-    scale = xp.minimum(1.0, max_norm / (norm + 1e-12)).astype(grads[0].dtype)
+    Two kernels per gradient array, all on the device (no host sync, graph-safe);
+    ``sumsq`` is an optional 0-d device buffer for the squared norm. Returns the
+    0-d squared pre-clip norm."""
+    if sumsq is None:
+        sumsq = be.xp.zeros((), dtype=grads[0].dtype)
+    for i, g in enumerate(grads):
+        be.k.sum_squares(g, out=sumsq, accumulate=i > 0)
     for g in grads:
-        g *= scale
-    return norm
+        be.k.clip_scale(g, sumsq, max_norm)
+    return sumsq
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,8 @@ def fit(
     each epoch. With ``checkpoint_path`` the state is saved atomically after
     each epoch, with ``checkpoint_extra`` = (host arrays, JSON meta) of the
     caller's (e.g. preprocessing); ``resume=True`` continues from it exactly.
-    ``cuda_graphs`` (cupy/cuda-emu) replays each full-size step as one CUDA graph.
+    ``cuda_graphs`` (cupy/cuda-emu) replays each full-size step as one CUDA graph
+    (any optimizer, dropout, batch norm and clipping included).
     ``callbacks`` get (epoch record, model) and may return True to stop."""
     be = model.be
     X = check_features(X, model.n_features)
@@ -240,10 +241,13 @@ class _Step:
     """One epoch of minibatch steps with buffers preallocated per batch shape
     (the full batch and the last partial one), so the step allocates nothing.
 
-    With ``graphs`` (backends with CUDA graphs), each full-size step is captured
-    once per learning rate and replayed: per step only the batch's indices and
-    labels are copied into fixed device buffers, then one graph launch runs the
-    whole forward, loss, backward and update."""
+    The step number ``t`` (Adam's bias correction, dropout's masks) reaches the
+    kernels as a 1-element device array, a view into a table of the epoch's
+    step numbers uploaded once. With ``graphs`` (backends with CUDA graphs),
+    the first full-size step for each learning rate runs eagerly and is then
+    captured; every later one copies its indices|labels row and its step number
+    into fixed device buffers (two device-to-device copies) and replays the
+    graph: forward, loss, backward, clipping and update in one launch."""
 
     def __init__(self, model, opt, opt_state: list, batch: int, n: int, reduction: str, clip, graphs: bool):
         self.model, self.opt, self.opt_state, self.B, self.clip = model, opt, opt_state, batch, clip
@@ -255,70 +259,69 @@ class _Step:
         self.g_buf = {b: xp.empty((b, model.n_classes), dtype=dt) for b in sizes}
         # Device accumulators the loss and count kernels add into: no extra op, no allocation per step.
         self.loss_sum, self.correct = xp.zeros((), dtype=dt), xp.zeros((), dtype=np.int64)
+        self.sumsq = xp.zeros((), dtype=dt)  # clipping's squared gradient norm
         if graphs:
-            _check_graphable(model, opt, clip)
-            self.idx_buf, self.lab_buf = xp.zeros(batch, dtype=np.int32), xp.zeros(batch, dtype=np.int32)
+            if model.be.capture is None:
+                name = model.be.name
+                raise ValueError(f"cuda_graphs needs a CUDA backend (cupy or cuda-emu), not {name!r}")
+            self.batch_buf = xp.zeros(2 * batch, dtype=np.int32)  # indices | labels of the replayed step
+            self.t_buf = xp.zeros(1, dtype=np.int64)
         self.use_graphs, self.graph, self.graph_key = graphs, None, None
 
-    def _run(self, Xd, idx, labels, lr: float, t: int) -> None:
-        """One minibatch step: gather rows ``idx`` of Xd, forward, loss, backward, update."""
+    def _run(self, Xd, idx, labels, lr: float, t) -> None:
+        """One minibatch step: gather rows ``idx`` of Xd, forward, loss, backward,
+        clipping, update. ``t``: the 1-based step as a 1-element int64 device array."""
         model, be = self.model, self.model.be
         b = idx.shape[0]
-        scores = model.forward(be.k.gather_rows(Xd, idx, out=self.x_buf[b]), train=True)
+        scores = model.forward(be.k.gather_rows(Xd, idx, out=self.x_buf[b]), train=True, step=t)
         scale = 1.0 / b if self.mean else 1.0
         _, grad = model.loss(be, scores, labels, grad=self.g_buf[b], grad_scale=scale, loss=self.loss_sum)
         be.k.correct_count(scores, labels, count=self.correct)
         model.backward(grad)
         if self.clip:
-            clip_grad_norm(be, [g for _, _, g, _ in self.params], self.clip)
+            clip_grad_norm(be, [g for _, _, g, _ in self.params], self.clip, self.sumsq)
         for (_, w, g, decayed), state in zip(self.params, self.opt_state):
             self.opt.update(be, w, g, state, lr, t, decayed)
 
-    def _replay(self, Xd, idx, labels, lr: float, t: int) -> None:
-        """The same step through a CUDA graph captured on first use for this Xd and lr."""
-        self.idx_buf[...] = idx
-        self.lab_buf[...] = labels
+    def _replay(self, Xd, batch, t, lr: float) -> None:
+        """The same step through a CUDA graph. ``batch``: the step's indices|labels
+        (2B,) int32 and ``t`` its step number, both device arrays."""
+        self.batch_buf[...] = batch
+        self.t_buf[...] = t
+        idx, labels = self.batch_buf[: self.B], self.batch_buf[self.B :]
         made_for = self.graph_key  # (data, lr) baked into the graph; holding Xd keeps its memory alive
-        if made_for is None or made_for[0] is not Xd or made_for[1] != lr:
-            run = self._run
-            self.graph = self.model.be.capture(lambda: run(Xd, self.idx_buf, self.lab_buf, lr, t))
-            self.graph_key = (Xd, lr)
-        self.graph()
+        if made_for is not None and made_for[0] is Xd and made_for[1] == lr:
+            self.graph()
+            return
+        # Run the step for real first: everything it needs is then compiled and allocated.
+        self._run(Xd, idx, labels, lr, self.t_buf)
+        self.graph = self.model.be.capture(lambda: self._run(Xd, idx, labels, lr, self.t_buf))
+        self.graph_key = (Xd, lr)
 
     def epoch(self, Xd, perm: np.ndarray, y_perm: np.ndarray, lr: float, st: _State) -> tuple[float, float]:
         """Train one pass over the rows of device Xd in host order ``perm`` ->
         (mean loss, accuracy), read from the device once at the end."""
         be, n, B = self.model.be, perm.shape[0], self.B
+        steps = -(-n // B)
         with be.stream():
-            perm_d, y_d = be.asarray(perm.astype(np.int32)), be.asarray(y_perm)  # one upload per epoch
+            # one upload each per epoch: the order, its labels, the step numbers (and the graph's table)
+            perm_d, y_d = be.asarray(perm.astype(np.int32)), be.asarray(y_perm)
+            t_d = be.asarray(np.arange(st.step + 1, st.step + steps + 1, dtype=np.int64))
+            if self.use_graphs:
+                full = n // B
+                rows = [perm[: full * B].reshape(full, B), y_perm[: full * B].reshape(full, B)]
+                table = be.asarray(np.concatenate(rows, axis=1).astype(np.int32))
             self.loss_sum[...] = 0
             self.correct[...] = 0
-            for s in range(0, n, B):
+            for i, s in enumerate(range(0, n, B)):
                 b = min(B, n - s)
-                st.step += 1
-                full = self.use_graphs and b == B
-                (self._replay if full else self._run)(Xd, perm_d[s : s + b], y_d[s : s + b], lr, st.step)
+                if self.use_graphs and b == B:
+                    self._replay(Xd, table[i], t_d[i : i + 1], lr)
+                else:
+                    self._run(Xd, perm_d[s : s + b], y_d[s : s + b], lr, t_d[i : i + 1])
+            st.step += steps
             be.synchronize()
         return float(be.to_host(self.loss_sum)) / n, int(be.to_host(self.correct)) / n
-
-
-def _check_graphable(model, opt, clip) -> None:
-    """A captured step replays frozen scalars: refuse what changes them every step."""
-    from gpumlp.layers import BatchNorm, Dropout
-
-    if model.be.capture is None:
-        raise ValueError(f"cuda_graphs needs a CUDA backend (cupy or cuda-emu), not {model.be.name!r}")
-    reasons = []
-    if opt.name == "adam":
-        reasons.append("Adam (its bias correction changes every step)")
-    if any(isinstance(la, (Dropout, BatchNorm)) for la in model.layers):
-        reasons.append("dropout or batch norm (per-step seeds and running statistics)")
-    if clip:
-        reasons.append("clip_norm")
-    if reasons:
-        raise ValueError(
-            "cuda_graphs cannot capture a step with " + ", ".join(reasons) + "; train without it"
-        )
 
 
 def _diverged_message(loss: float, epoch: int, lr: float, ckpt: Path | None) -> str:

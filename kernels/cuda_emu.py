@@ -13,8 +13,12 @@ so code that reads uninitialised device memory shows it.
 emulation header) and its kernels run on the CPU, synchronously. ``cuda``
 offers ``runtime.getDeviceCount``, ``Device().synchronize()``, ``Stream``,
 ``Event`` and graph capture (``Stream.begin_capture``/``end_capture`` record
-RawModule launches; ``Graph.launch`` replays them; other array operations run
-immediately even while capturing, unlike on a GPU). For correctness, not speed.
+RawModule launches; ``Graph.launch`` replays them). While the current stream
+captures, any other device work (arithmetic, copies, fills, allocation,
+fancy indexing, reads to the host) raises :class:`CaptureError`: the emulator
+could only run it at capture time, never at replay, which would hide exactly
+the bug a graph test is for. Views (basic slicing, reshape of contiguous data)
+stay allowed. For correctness, not speed.
 """
 
 from __future__ import annotations
@@ -33,6 +37,20 @@ _IMPLICIT = (
     "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct a NumPy "
     "array explicitly."
 )
+
+
+class CaptureError(RuntimeError):
+    """Device work other than a RawModule launch while the current stream captures a graph."""
+
+
+def _no_capture(what: str) -> None:
+    """Raise CaptureError if the current stream is capturing a CUDA graph."""
+    if get_current_stream()._capture is not None:
+        raise CaptureError(
+            f"emulated device: {what} while the current stream captures a CUDA graph; the emulator "
+            "records only RawModule kernel launches, so this would run once now and never at replay. "
+            "Do it before capturing, or as a kernel."
+        )
 
 
 class OutOfMemoryError(MemoryError):
@@ -93,6 +111,8 @@ def _wrap(x: Any) -> Any:
 
 def _device_fn(fn: Any, name: str) -> Any:
     def call(*args: Any, **kwargs: Any) -> Any:
+        if name not in _VIEWS:
+            _no_capture(f"{name}()")
         return _wrap(fn(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
 
     call.__name__ = call.__qualname__ = name
@@ -100,6 +120,7 @@ def _device_fn(fn: Any, name: str) -> Any:
     return call
 
 
+_VIEWS = frozenset("ravel reshape squeeze swapaxes transpose view".split())  # no device work (views)
 _METHODS = frozenset(
     "all any argmax argmin astype clip copy cumsum diagonal dot fill flatten max mean min nonzero prod "
     "ravel repeat reshape round sort argsort squeeze std sum swapaxes take trace transpose var view".split()
@@ -113,6 +134,7 @@ class ndarray:  # noqa: N801 -- CuPy's name
     __array_priority__ = 100
 
     def __init__(self, shape: Any, dtype: Any = float, order: str = "C") -> None:
+        _no_capture("an allocation")
         self._a = _allocated(np.empty(shape, dtype=dtype, order=order))
 
     @classmethod
@@ -139,6 +161,7 @@ class ndarray:  # noqa: N801 -- CuPy's name
 
     def get(self, stream: Any = None, order: str = "C", out: np.ndarray | None = None) -> np.ndarray:
         """Copy to the host as a NumPy array."""
+        _no_capture("a device-to-host copy (get)")
         if out is not None:
             out[...] = self._a
             return out
@@ -146,14 +169,17 @@ class ndarray:  # noqa: N801 -- CuPy's name
 
     def set(self, arr: np.ndarray, stream: Any = None) -> None:
         """Copy a host array into this device array."""
+        _no_capture("a host-to-device copy (set)")
         self._a[...] = arr
 
     def item(self) -> Any:
         """The single element as a Python scalar."""
+        _no_capture("reading a device value on the host")
         return self._a.item()
 
     def tolist(self) -> Any:
         """Copy to the host as nested lists."""
+        _no_capture("a device-to-host copy (tolist)")
         return self._a.tolist()
 
     def __getattr__(self, name: str) -> Any:
@@ -166,6 +192,7 @@ class ndarray:  # noqa: N801 -- CuPy's name
         raise TypeError(_IMPLICIT)
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        _no_capture(f"numpy.{ufunc.__name__}")
         out = kwargs.get("out")
         if out is not None:
             kwargs["out"] = _unwrap(out)
@@ -176,13 +203,17 @@ class ndarray:  # noqa: N801 -- CuPy's name
         return _wrap(res)
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        _no_capture(f"numpy.{func.__name__}")
         return _wrap(func(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
 
     # -- indexing
     def __getitem__(self, key: Any) -> Any:
+        if not _basic_index(key):
+            _no_capture("advanced indexing")
         return _wrap(self._a[_unwrap_index(key)])
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        _no_capture("an assignment into a device array")
         self._a[_unwrap_index(key)] = value._a if isinstance(value, ndarray) else value
 
     def __len__(self) -> int:
@@ -195,16 +226,25 @@ class ndarray:  # noqa: N801 -- CuPy's name
         return "emu_" + repr(self._a)
 
     def __bool__(self) -> bool:
+        _no_capture("reading a device value on the host")
         return bool(self._a)
 
     def __float__(self) -> float:
+        _no_capture("reading a device value on the host")
         return float(self._a)
 
     def __int__(self) -> int:
+        _no_capture("reading a device value on the host")
         return int(self._a)
 
     def __index__(self) -> int:
         return self._a.__index__()
+
+
+def _basic_index(key: Any) -> bool:
+    """True for ints, slices, None and Ellipsis (views, no device work)."""
+    keys = key if isinstance(key, tuple) else (key,)
+    return all(k is None or k is Ellipsis or isinstance(k, (int, np.integer, slice)) for k in keys)
 
 
 def _unwrap_index(key: Any) -> Any:
@@ -213,12 +253,15 @@ def _unwrap_index(key: Any) -> Any:
     return key._a if isinstance(key, ndarray) else key
 
 
-def _binary(ufunc: Any, reflected: bool = False, inplace: bool = False) -> Any:
-    def op(self: ndarray, other: Any) -> Any:
+def _binary(ufunc: Any, reflected: bool = False, inplace: bool = False, unary: bool = False) -> Any:
+    def op(self: ndarray, other: Any = None) -> Any:
+        _no_capture(f"the array operation {ufunc.__name__}")
         if isinstance(other, np.ndarray):
             raise TypeError(
                 f"Unsupported type {type(other)}: a host numpy.ndarray reached the emulated device"
             )
+        if unary:
+            return _wrap(ufunc(self._a))
         o = other._a if isinstance(other, ndarray) else other
         if inplace:
             ufunc(self._a, o, out=self._a)
@@ -254,13 +297,15 @@ for _name, _uf in {
 }.items():
     setattr(ndarray, f"__{_name}__", _binary(_uf))
 for _name, _uf in {"neg": np.negative, "pos": np.positive, "abs": np.absolute, "invert": np.invert}.items():
-    setattr(ndarray, f"__{_name}__", lambda self, _uf=_uf: _wrap(_uf(self._a)))
+    setattr(ndarray, f"__{_name}__", _binary(_uf, unary=True))
 ndarray.__hash__ = None  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------ creation
 def asarray(a: Any, dtype: Any = None, order: Any = None) -> ndarray:
     """Host data or a device array -> device array (no copy when already one of ``dtype``)."""
+    if not (isinstance(a, ndarray) and (dtype is None or a.dtype == np.dtype(dtype))):
+        _no_capture("asarray (a copy)")
     if isinstance(a, ndarray):
         return a if dtype is None or a.dtype == np.dtype(dtype) else a.astype(dtype)
     return ndarray._of(np.array(a, dtype=dtype, order=order or "K", copy=True))
@@ -268,6 +313,7 @@ def asarray(a: Any, dtype: Any = None, order: Any = None) -> ndarray:
 
 def array(obj: Any, dtype: Any = None, copy: bool = True, order: str = "K", ndmin: int = 0) -> ndarray:
     """Copy host data or a device array to a new device array."""
+    _no_capture("array (a copy)")
     src = obj._a if isinstance(obj, ndarray) else obj
     return ndarray._of(np.array(src, dtype=dtype, copy=copy, order=order, ndmin=ndmin))
 
@@ -275,7 +321,10 @@ def array(obj: Any, dtype: Any = None, copy: bool = True, order: str = "K", ndmi
 def ascontiguousarray(a: Any, dtype: Any = None) -> ndarray:
     """C-contiguous device array (copies only when needed)."""
     a = asarray(a, dtype=dtype)
-    return a if a.flags.c_contiguous else ndarray._of(np.ascontiguousarray(a._a))
+    if a.flags.c_contiguous:
+        return a
+    _no_capture("ascontiguousarray (a copy)")
+    return ndarray._of(np.ascontiguousarray(a._a))
 
 
 def asnumpy(a: Any, stream: Any = None) -> np.ndarray:
@@ -291,16 +340,19 @@ def _poison(a: np.ndarray) -> np.ndarray:
 
 def empty(shape: Any, dtype: Any = float, order: str = "C") -> ndarray:
     """Uninitialised device array (floats are NaN here, to expose reads of garbage)."""
+    _no_capture("an allocation")
     return ndarray._of(_poison(np.empty(shape, dtype=dtype, order=order)))
 
 
 def empty_like(a: Any, dtype: Any = None, order: str = "K", shape: Any = None) -> ndarray:
     """Uninitialised device array shaped like ``a`` (NaN-filled floats)."""
+    _no_capture("an allocation")
     return ndarray._of(_poison(np.empty_like(_unwrap(a), dtype=dtype, order=order, shape=shape)))
 
 
 def matmul(a: Any, b: Any, out: ndarray | None = None, **kwargs: Any) -> ndarray:
     """``a @ b`` (cuBLAS on a GPU, BLAS here)."""
+    _no_capture("matmul (cuBLAS refuses capture under CuPy, cupy#6290)")
     if out is None:
         return _wrap(np.matmul(_unwrap(a), _unwrap(b), **kwargs))
     np.matmul(_unwrap(a), _unwrap(b), out=out._a, **kwargs)
@@ -503,6 +555,9 @@ class RawModule:
     def __init__(self, code: str, options: tuple = (), name_expressions: Any = None, **kwargs: Any) -> None:
         self.code, self.options = code, tuple(options)
         self._mod = cuda_host.HostModule(code, _buffer_of)
+
+    def compile(self, log_stream: Any = None) -> None:
+        """Compile now (here: already built by the constructor)."""
 
     def get_function(self, name: str) -> RawKernel:
         """The ``extern "C" __global__`` kernel ``name``."""

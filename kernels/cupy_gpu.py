@@ -37,6 +37,7 @@ _COL_BLOCK = (32, 8)  # column kernels: 32 columns x COL_Y row lanes
 _MODULES: dict[str, _Any] = {}
 _KERNELS: dict[str, _Any] = {}
 _GRID_CAP: list[int] = []
+_SUMSQ_WORK: list[_Any] = []  # sum_squares' per-block partials and its ticket counter
 # Check loss labels against [0, K): one tiny device->host copy per call, so on by default
 # only on the emulated device (a debugging tool); the kernels never read out of bounds
 # anyway (a bad label gives a NaN softmax_xent loss).
@@ -52,7 +53,7 @@ _GEMM_TILE, _GEMM_BLOCK = 32, (32, 8)  # must match GEMM_TILE / GEMM_ROWS in cud
 _FILES = {
     **dict.fromkeys(("bias_act", "act_grad", "bias_grad", "gather_rows"), "elementwise"),
     **dict.fromkeys(("softmax", "softmax_xent", "sigmoid_bce", "mse", "correct_count"), "losses"),
-    **dict.fromkeys(("sgd", "momentum", "adagrad", "rmsprop", "adam"), "optim"),
+    **dict.fromkeys(("sgd", "momentum", "adagrad", "rmsprop", "adam", "sum_squares", "clip_scale"), "optim"),
     **dict.fromkeys(
         ("hash_uniform", "dropout_forward", "mul", "batchnorm_forward", "batchnorm_inference"), "dropout_bn"
     ),
@@ -77,14 +78,18 @@ def _source(stem: str) -> str:
     return code.replace(_INCLUDE, (_CUDA_DIR / "device_common.h").read_text())
 
 
+def _module(stem: str) -> _Any:
+    mod = _MODULES.get(stem)
+    if mod is None:
+        mod = _MODULES[stem] = _xp().RawModule(code=_source(stem), options=("--std=c++17",))
+    return mod
+
+
 def _kernel(base: str, suffix: str) -> _Any:
     name = f"{base}_{suffix}"
     fn = _KERNELS.get(name)
     if fn is None:
-        stem = _FILES[base]
-        if stem not in _MODULES:
-            _MODULES[stem] = _xp().RawModule(code=_source(stem), options=("--std=c++17",))
-        fn = _KERNELS[name] = _MODULES[stem].get_function(name)
+        fn = _KERNELS[name] = _module(_FILES[base]).get_function(name)
     return fn
 
 
@@ -149,6 +154,17 @@ def _accumulator(acc: _Any, dtype: _Any) -> _Any:
             f"the accumulator must be a 0-d {np.dtype(dtype)} device array, got {acc.dtype} {acc.shape}"
         )
     return acc
+
+
+def _step(t: _Any, name: str) -> _Any:
+    """A per-step integer as the 1-element int64 device array the kernels read
+    (an int is uploaded; the training loop passes device arrays, so no upload there)."""
+    if isinstance(t, (int, np.integer)):
+        return _xp().full((1,), int(t), dtype=np.int64)
+    t = _dev(t, name)
+    if t.size != 1 or t.dtype != np.int64:
+        raise ValueError(f"{name} must be an int or a 1-element int64 device array, got {t.dtype} {t.shape}")
+    return t
 
 
 def _act_code(act: str) -> np.int32:
@@ -380,22 +396,53 @@ def rmsprop_step(w, g, s, lr, rho=0.9, eps=1e-8, l2=0.0, l1=0.0):
 
 
 def adam_step(w, g, m, v, lr, t, beta1=0.9, beta2=0.999, eps=1e-8, l2=0.0, l1=0.0):
-    """Adam with bias correction at step t (1-based), in place on w, m, v."""
-    bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-    _opt("adam", w, g, (m, v), lr, beta1, beta2, 1 - beta1, 1 - beta2, bc1, bc2, eps, l2, l1)
+    """Adam with bias correction at step t (1-based; int or 1-element int64 device
+    array, read on the device), in place on w, m, v."""
+    for a, name in ((w, "w"), (g, "g"), (m, "m"), (v, "v")):
+        _inplace(a, name, w)
+    f = w.dtype.type
+    scalars = (f(lr), f(beta1), f(beta2), f(1 - beta1), f(1 - beta2), np.float64(beta1), np.float64(beta2))
+    args = (*scalars, _step(t, "t"), f(eps), f(l2), f(l1))
+    _elementwise("adam", w, w, g, m, v, np.int64(w.size), *args)
+
+
+# ---------------------------------------------------------- gradient clipping
+def sum_squares(x, out=None, accumulate=False):
+    """Sum of x**2 (double accumulation, one deterministic launch) as a 0-d device
+    array of x's dtype; written into ``out``, or added to it with ``accumulate=True``."""
+    x = _dev(x, "x")
+    _sfx(x, "sum_squares")
+    if out is None:
+        out, accumulate = _xp().zeros((), dtype=x.dtype), False
+    else:
+        _accumulator(out, x.dtype)
+    if not _SUMSQ_WORK:
+        cp = _xp()
+        _SUMSQ_WORK.extend((cp.empty(_grid(1 << 62), np.float64), cp.zeros(1, np.uint32)))
+    args = (x, np.int64(x.size), *_SUMSQ_WORK, out, np.int32(bool(accumulate)))
+    _kernel("sum_squares", _sfx(x, "sum_squares"))((_grid(x.size),), (_BLOCK,), args)
+    return out
+
+
+def clip_scale(g, sumsq, max_norm):
+    """Scale g in place by min(1, max_norm / (sqrt(sumsq) + 1e-12)), sumsq a 0-d
+    device array read on the device (no sync)."""
+    _inplace(g, "g", g)
+    sumsq = _accumulator(sumsq, g.dtype)
+    _elementwise("clip_scale", g, g, sumsq, np.int64(g.size), np.float64(max_norm))
 
 
 # ------------------------------------------------------------------- dropout
-def hash_uniform(seed, n):
+def hash_uniform(seed, n, step=0):
     """Counter-based uniforms in [0,1), bit-identical to the reference. -> (n,) float64 device array."""
     out = _xp().empty((n,), dtype=np.float64)
     if n:
-        args = (out, np.int64(n), np.uint32(seed & 0xFFFFFFFF))
+        args = (out, np.int64(n), np.uint32(seed & 0xFFFFFFFF), _step(step, "step"))
         _kernel("hash_uniform", "f64")((_grid(n),), (_BLOCK,), args)
     return out
 
 
-def dropout_forward(x, p, seed, out=None, mask=None):
+def dropout_forward(x, p, seed, out=None, mask=None, step=0):
     """Inverted dropout with hash masks (bit-identical to the reference). -> (out, mask)."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
@@ -409,6 +456,7 @@ def dropout_forward(x, p, seed, out=None, mask=None):
         mask,
         np.int64(x.size),
         np.uint32(seed & 0xFFFFFFFF),
+        _step(step, "step"),
         thresh,
         x.dtype.type(1.0 / (1.0 - p)),
     )
@@ -425,15 +473,37 @@ def dropout_backward(grad_out, mask, out=None):
 
 
 # ---------------------------------------------------------------- batch norm
-def batchnorm_forward(x, gamma, beta, eps=1e-5, out=None, xhat=None, mean=None, var=None):
-    """Training-mode batch norm. x: (B,N) -> (out, xhat, mean, var)."""
+def batchnorm_forward(
+    x, gamma, beta, eps=1e-5, out=None, xhat=None, mean=None, var=None,
+    running_mean=None, running_var=None, momentum=0.9,
+):  # fmt: skip
+    """Training-mode batch norm. x: (B,N) -> (out, xhat, mean, var); updates
+    running_mean/running_var (N,) in place when given, in the same launch."""
     x, gamma, beta = _dev(x, "x"), _dev(gamma, "gamma"), _dev(beta, "beta")
     rows, cols = x.shape
     out = _out(out, "out", x.shape, x.dtype)
     xhat = _out(xhat, "xhat", x.shape, x.dtype)
     mean, var = _out(mean, "mean", (cols,), x.dtype), _out(var, "var", (cols,), x.dtype)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("give both running_mean and running_var, or neither")
+    update = running_mean is not None
+    if update:
+        running_mean = _inplace(running_mean, "running_mean", mean)
+        running_var = _inplace(running_var, "running_var", var)
+    else:
+        running_mean, running_var = mean, var  # not touched: update is 0
     if cols:
-        args = (x, gamma, beta, out, xhat, mean, var, np.int32(rows), np.int32(cols), x.dtype.type(eps))
+        f = x.dtype.type
+        args = (x, gamma, beta, out, xhat, mean, var, running_mean, running_var)
+        args += (
+            np.int32(rows),
+            np.int32(cols),
+            f(eps),
+            f(momentum),
+            f(1 - momentum),
+            f(rows / max(rows - 1, 1)),
+            np.int32(update),
+        )
         grid = (-(-cols // _COL_BLOCK[0]),)
         _kernel("batchnorm_forward", _sfx(x, "batchnorm_forward"))(grid, _COL_BLOCK, args)
     return out, xhat, mean, var
@@ -477,6 +547,8 @@ def _capture(step: _Any) -> _Any:
     """Record ``step()``'s launches on the current stream into a CUDA graph (not running them)
     and return ``replay()``. Matmuls use gemm.cu meanwhile: CuPy refuses cuBLAS during capture."""
     global _GEMM
+    for stem in set(_FILES.values()):  # compile and load every module now: no NVRTC mid-capture
+        _module(stem).compile()
     stream = _xp().cuda.get_current_stream()
     saved, _GEMM = _GEMM, "own"
     try:

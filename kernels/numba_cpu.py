@@ -54,10 +54,12 @@ import numpy as np
 from numba import njit, prange
 
 from .reference import (
+    _GOLDEN,
     ACTIVATIONS,
     LEAKY_SLOPE,
     LOG_EPS,
     _accumulate,  # the same 0-d accumulator glue as the reference
+    _step_value,
 )
 
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # identity 0 .. leaky_relu 4
@@ -602,8 +604,10 @@ def adam_step(
     l2: float = 0.0,
     l1: float = 0.0,
 ) -> None:
-    """Adam with bias correction at step t (1-based), in place on w, m, v (same shape)."""
+    """Adam with bias correction at step t (1-based; int or 1-element int64 array),
+    in place on w, m, v (same shape)."""
     w1, g1, m1, v1 = _flat(w, "w"), _flat(g, "g"), _flat(m, "m"), _flat(v, "v")
+    t = _step_value(t)
     lr_c, inv_bc2 = float(lr) / (1.0 - beta1**t), 1.0 / (1.0 - beta2**t)
     args = (w1, g1, m1, v1, lr_c, float(beta1), float(beta2), float(eps), inv_bc2, float(l2), float(l1))
     _run(_adam_par, _adam_serial, w1.size, *args)
@@ -641,14 +645,14 @@ def _hash_uniform_k(key, out):
         out[i] = _uniform(key, i)
 
 
-def _key(seed: int) -> np.uint64:
-    return np.uint64(_mix32(np.uint64(int(seed) & 0xFFFFFFFF)))
+def _key(seed: int, step) -> np.uint64:
+    return np.uint64(_mix32(np.uint64((int(seed) + _step_value(step) * _GOLDEN) & 0xFFFFFFFF)))
 
 
-def hash_uniform(seed: int, n: int) -> np.ndarray:
+def hash_uniform(seed: int, n: int, step=0) -> np.ndarray:
     """Counter-based uniforms in [0,1), bit-identical to the reference's lowbias32. -> (n,) float64."""
     out = np.empty(n, np.float64)
-    _hash_uniform_k(_key(seed), out)
+    _hash_uniform_k(_key(seed, step), out)
     return out
 
 
@@ -664,15 +668,20 @@ def _dropout_k(x, p, scale, key, out, mask):
 
 
 def dropout_forward(
-    x: np.ndarray, p: float, seed: int, out: np.ndarray | None = None, mask: np.ndarray | None = None
+    x: np.ndarray,
+    p: float,
+    seed: int,
+    out: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    step=0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Inverted dropout, mask from hash_uniform(seed) fused in. x: (B,N) -> (out, mask), x's dtype."""
+    """Inverted dropout, mask from hash_uniform(seed, n, step) fused in. x: (B,N) -> (out, mask)."""
     if out is None:
         out = np.empty_like(x)
     if mask is None:
         mask = np.empty_like(x)
     scale = x.dtype.type(1.0 / (1.0 - p))  # the mask value, rounded once as the reference does
-    _dropout_k(_flat(x, "x"), float(p), scale, _key(seed), _flat(out, "out"), _flat(mask, "mask"))
+    _dropout_k(_flat(x, "x"), float(p), scale, _key(seed, step), _flat(out, "out"), _flat(mask, "mask"))
     return out, mask
 
 
@@ -692,7 +701,7 @@ def dropout_backward(grad_out: np.ndarray, mask: np.ndarray, out: np.ndarray | N
 
 # ================================================================== batch norm
 @njit(cache=True, error_model="numpy")
-def _bn_forward_k(x, gamma, beta, eps, out, xhat, mean, var):
+def _bn_forward_k(x, gamma, beta, eps, out, xhat, mean, var, run_mean, run_var, momentum, update):
     nb, n = x.shape
     mu = np.zeros(n, np.float64)
     for i in range(nb):
@@ -709,6 +718,9 @@ def _bn_forward_k(x, gamma, beta, eps, out, xhat, mean, var):
         sq[j] /= nb
         mean[j] = mu[j]
         var[j] = sq[j]
+        if update:
+            run_mean[j] = momentum * run_mean[j] + (1.0 - momentum) * mean[j]
+            run_var[j] = momentum * run_var[j] + (1.0 - momentum) * var[j] * (nb / max(nb - 1, 1))
         sq[j] = 1.0 / math.sqrt(sq[j] + eps)  # now the inverse std
     for i in range(nb):
         for j in range(n):
@@ -725,9 +737,13 @@ def batchnorm_forward(
     xhat: np.ndarray | None = None,
     mean: np.ndarray | None = None,
     var: np.ndarray | None = None,
+    running_mean: np.ndarray | None = None,
+    running_var: np.ndarray | None = None,
+    momentum: float = 0.9,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training batch norm (float64 stats, biased var). x: (B,N), gamma/beta: (N,)
-    -> out (B,N), xhat (B,N), mean (N,), var (N,), x's dtype."""
+    -> out (B,N), xhat (B,N), mean (N,), var (N,), x's dtype. Updates
+    running_mean/running_var (N,) in place when given (see the reference)."""
     if out is None:
         out = np.empty_like(x)
     if xhat is None:
@@ -736,7 +752,11 @@ def batchnorm_forward(
         mean = np.empty(x.shape[1], x.dtype)
     if var is None:
         var = np.empty(x.shape[1], x.dtype)
-    _bn_forward_k(x, gamma, beta, float(eps), out, xhat, mean, var)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("give both running_mean and running_var, or neither")
+    update = running_mean is not None
+    rm, rv = (running_mean, running_var) if update else (mean, var)  # untouched when not updating
+    _bn_forward_k(x, gamma, beta, float(eps), out, xhat, mean, var, rm, rv, float(momentum), update)
     return out, xhat, mean, var
 
 
@@ -803,6 +823,37 @@ def batchnorm_backward(
     return dx, dgamma, dbeta
 
 
+# =========================================================== gradient clipping
+@njit(cache=True, error_model="numpy")
+def _sum_squares_k(x):
+    s = 0.0
+    for i in range(x.size):
+        s += np.float64(x[i]) * x[i]
+    return s
+
+
+def sum_squares(x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
+    """Sum of x**2 (float64 accumulation) as a 0-d array of x's dtype; written into
+    ``out`` (0-d), or added to it with ``accumulate=True``."""
+    value = _sum_squares_k(_flat(x, "x"))
+    if out is None:
+        return np.asarray(value, dtype=x.dtype)
+    out[...] = (out + value) if accumulate else value
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _scale_k(g, factor):
+    for i in range(g.size):
+        g[i] *= factor
+
+
+def clip_scale(g: np.ndarray, sumsq: np.ndarray, max_norm: float) -> None:
+    """Scale g in place by min(1, max_norm / (sqrt(sumsq) + 1e-12)); sumsq is 0-d."""
+    factor = min(1.0, max_norm / (math.sqrt(float(sumsq)) + 1e-12))
+    _scale_k(_flat(g, "g"), g.dtype.type(factor))  # the factor rounded to g's dtype, as the reference
+
+
 # ===================================================================== helpers
 def _jit_cache_dir() -> str:
     """Directory of Numba's on-disk cache for this module ($NUMBA_CACHE_DIR/... or __pycache__)."""
@@ -852,7 +903,9 @@ def _warmup(dtype=np.float32) -> float:
     hash_uniform(1, 4)
     _, mk = dropout_forward(z, 0.5, 1)
     dropout_backward(z, mk)
-    y, xh, mean, var = batchnorm_forward(z, b + 1, b)
+    y, xh, mean, var = batchnorm_forward(z, b + 1, b, running_mean=b + 0, running_var=b + 1)
+    sum_squares(z)
+    clip_scale(z.ravel().copy(), sum_squares(z), 1.0)
     batchnorm_inference(z, b + 1, b, mean, var)
     batchnorm_backward(z, xh, b + 1, var)
     return time.perf_counter() - t0

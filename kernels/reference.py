@@ -24,6 +24,10 @@ Conventions shared by every kernel
   writes out of bounds.
 * Activations are named ``identity``, ``sigmoid``, ``tanh``, ``relu`` and
   ``leaky_relu`` (negative slope ``LEAKY_SLOPE``).
+* Per-step integers (Adam's ``t``, dropout's ``step``) are a Python int or a
+  1-element int64 array on the backend's device. The training loop passes the
+  array: a GPU kernel reads it on the device, so a captured CUDA graph replays
+  with the current value instead of the one it was captured with.
 """
 
 from __future__ import annotations
@@ -35,11 +39,22 @@ LEAKY_SLOPE = 0.01
 # sigmoid_bce treats probabilities as clipped to [LOG_EPS, 1 - LOG_EPS]: no log(0), and
 # each class term costs at most -log(LOG_EPS) ~ 27.6.
 LOG_EPS = 1e-12
+_GOLDEN = 0x9E3779B1  # 2^32 / golden ratio: spreads consecutive dropout steps over the key space
 
 
 def _check_act(act: str) -> None:
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def _step_value(t) -> int:
+    """A per-step integer given as an int or a 1-element integer (host) array -> int."""
+    if isinstance(t, (int, np.integer)):
+        return int(t)
+    t = np.asarray(t)
+    if t.size != 1 or t.dtype.kind not in "iu":
+        raise ValueError(f"a step must be an int or a 1-element integer array, got {t.dtype} {t.shape}")
+    return int(t.reshape(-1)[0])
 
 
 def _put(out, value):
@@ -200,10 +215,12 @@ def rmsprop_step(w, g, s, lr, rho=0.9, eps=1e-8, l2=0.0, l1=0.0):
 
 
 def adam_step(w, g, m, v, lr, t, beta1=0.9, beta2=0.999, eps=1e-8, l2=0.0, l1=0.0):
-    """Adam with bias correction at step t (1-based). In place on w, m, v.
+    """Adam with bias correction at step t (1-based; an int or a 1-element int64
+    device array). In place on w, m, v.
 
     m = b1*m + (1-b1)*g_eff; v = b2*v + (1-b2)*g_eff^2;
     w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)."""
+    t = _step_value(t)
     ge = _effective_grad(w, g, l2, l1)
     m[...] = beta1 * m + (1 - beta1) * ge
     v[...] = beta2 * v + (1 - beta2) * ge * ge
@@ -213,8 +230,10 @@ def adam_step(w, g, m, v, lr, t, beta1=0.9, beta2=0.999, eps=1e-8, l2=0.0, l1=0.
 
 
 # ------------------------------------------------------------------- dropout
-def hash_uniform(seed, n):
-    """Counter-based uniform numbers in [0,1): element i gets hash(seed, i).
+def hash_uniform(seed, n, step=0):
+    """Counter-based uniform numbers in [0,1): element i gets hash(key, i) with
+    key = seed + step * 0x9E3779B1 (mod 2^32), so each training step draws a
+    fresh stream from one layer seed.
 
     The hash is Wellons' "lowbias32" integer mixer on 32-bit unsigned ints;
     every backend computes the identical stream, so dropout masks agree bit
@@ -227,16 +246,18 @@ def hash_uniform(seed, n):
         x = x * np.uint32(0x846CA68B)
         return x ^ (x >> np.uint32(16))
 
-    key = mix(np.array([seed & 0xFFFFFFFF], dtype=np.uint32))  # 1-elem array: wraps silently
+    key32 = (seed + _step_value(step) * _GOLDEN) & 0xFFFFFFFF
+    key = mix(np.array([key32], dtype=np.uint32))  # 1-elem array: wraps silently
     h = mix(np.arange(n, dtype=np.uint32) ^ key)
     return (h >> np.uint32(8)).astype(np.float64) * (1.0 / (1 << 24))
 
 
-def dropout_forward(x, p, seed, out=None, mask=None):
-    """Inverted dropout: element i kept when hash_uniform(seed)[i] >= p, kept
-    values scaled by 1/(1-p). Returns (out, mask) with mask holding 0 or
-    1/(1-p) in x's dtype. x: (B,N), p in [0,1), seed: int -> ((B,N), (B,N))."""
-    u = hash_uniform(seed, x.size).reshape(x.shape)
+def dropout_forward(x, p, seed, out=None, mask=None, step=0):
+    """Inverted dropout: element i kept when hash_uniform(seed, n, step)[i] >= p,
+    kept values scaled by 1/(1-p). Returns (out, mask) with mask holding 0 or
+    1/(1-p) in x's dtype. x: (B,N), p in [0,1), seed: int, step: int or
+    1-element int64 device array -> ((B,N), (B,N))."""
+    u = hash_uniform(seed, x.size, step).reshape(x.shape)
     mk = np.where(u >= p, 1.0 / (1.0 - p), 0.0).astype(x.dtype)
     mask = _put(mask, mk)
     return _put(out, x * mask), mask
@@ -248,16 +269,28 @@ def dropout_backward(grad_out, mask, out=None):
 
 
 # ---------------------------------------------------------------- batch norm
-def batchnorm_forward(x, gamma, beta, eps=1e-5, out=None, xhat=None, mean=None, var=None):
+def batchnorm_forward(
+    x, gamma, beta, eps=1e-5, out=None, xhat=None, mean=None, var=None,
+    running_mean=None, running_var=None, momentum=0.9,
+):  # fmt: skip
     """Training-mode batch norm over the batch axis.
 
     Returns (out, xhat, mean, var): out = gamma*xhat + beta with
     xhat = (x - mean)/sqrt(var + eps), var the biased batch variance.
-    x: (B,N), gamma/beta: (N,) -> (B,N), (B,N), (N,), (N,)."""
+    Given ``running_mean``/``running_var`` (both or neither), they are updated
+    in place: running = momentum * running + (1 - momentum) * batch statistic,
+    with the unbiased variance var * B/(B-1) (as PyTorch).
+    x: (B,N), gamma/beta/running_*: (N,) -> (B,N), (B,N), (N,), (N,)."""
     m = x.mean(axis=0)
     v = ((x - m) ** 2).mean(axis=0)
     xh = _put(xhat, ((x - m) / np.sqrt(v + eps)).astype(x.dtype, copy=False))
     mean, var = _put(mean, m.astype(x.dtype)), _put(var, v.astype(x.dtype))
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("give both running_mean and running_var, or neither")
+    if running_mean is not None:
+        b = x.shape[0]
+        running_mean[...] = momentum * running_mean + (1 - momentum) * mean
+        running_var[...] = momentum * running_var + (1 - momentum) * var * (b / max(b - 1, 1))
     return _put(out, gamma * xh + beta), xh, mean, var
 
 
@@ -278,3 +311,21 @@ def batchnorm_backward(grad_out, xhat, gamma, var, eps=1e-5, dx=None, dgamma=Non
     g = gamma / np.sqrt(var + eps)
     d = g * (grad_out - db / b - xhat * (dg / b))
     return _put(dx, d.astype(grad_out.dtype, copy=False)), _put(dgamma, dg), _put(dbeta, db)
+
+
+# ---------------------------------------------------------- gradient clipping
+def sum_squares(x, out=None, accumulate=False):
+    """Sum of x**2 over all elements as a 0-d array of x's dtype. Given ``out``
+    (0-d, x's dtype) the result is written into it, or added to it with
+    ``accumulate=True``, so one buffer collects the squared norm of several arrays."""
+    value = np.sum(np.square(x, dtype=np.float64))
+    if out is None:
+        return np.asarray(value, dtype=x.dtype)
+    out[...] = (out + value) if accumulate else value
+    return out
+
+
+def clip_scale(g, sumsq, max_norm):
+    """Scale g in place by min(1, max_norm / (sqrt(sumsq) + 1e-12)): the clipping
+    factor for a global L2 norm whose square is the 0-d array ``sumsq``."""
+    g *= g.dtype.type(min(1.0, max_norm / (np.sqrt(float(sumsq)) + 1e-12)))

@@ -110,13 +110,20 @@ def test_render_and_compare_roundtrip(quick_json):
 
 
 def test_gpu_step_profile_counts_a_sync_free_step(tmp_path):
-    """bench/gpu_step_profile.py drives the real training step on the emulated device."""
+    """bench/gpu_step_profile.py drives the real training step on the emulated device,
+    eagerly and through CUDA graphs."""
     out = tmp_path / "gpu_step.md"
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_step_profile.py"
     subprocess.run(
-        [sys.executable, str(script), "--out", str(out)], check=True, capture_output=True, timeout=300
+        [sys.executable, str(script), "--configs", "seed", "--steps", "2", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     rows = [line for line in out.read_text().splitlines() if line.startswith("| seed 784-100-10")]
-    cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert int(cells[1]) > 0 and int(cells[2]) == 5  # our kernels; 2 forward + 3 backward GEMMs
-    assert cells[8] == "0 / 0 / 0" and cells[9] == "0"  # no transfers, syncs or allocations per step
+    eager, graph = ([c.strip() for c in row.strip("|").split("|")] for row in rows)
+    assert int(eager[1]) > 0 and int(eager[2]) == 5  # our kernels; 2 forward + 3 backward GEMMs
+    assert eager[8] == "0 / 0 / 0" and eager[9] == "0"  # no transfers, syncs or allocations per step
+    # with graphs: one graph launch and two device copies (batch, step) replace every launch
+    assert graph[1].startswith("1 + 2 ") and int(graph[2]) == int(eager[1]) + int(eager[2])
+    assert graph[3] == "0 / 0 / 0" and graph[4] == "0"

@@ -320,6 +320,24 @@ def test_graph_capture_replays_launches(tiny):
         tiny((1,), (32,), (y, x, 8, np.float32(1), np.int32(1)))
         graph = stream.end_capture()
     assert y.get().sum() == 0  # recorded, not run
+    idx = cuda_emu.asarray(np.array([1]))
+    work = {
+        "in-place add": lambda: x.__iadd__(1),
+        "allocation": lambda: cuda_emu.zeros(3),
+        "get": lambda: x.get(),
+        "fill": lambda: x.fill(0),
+        "fancy indexing": lambda: x[idx],
+        "host read": lambda: float(x[0]),
+        "reduction": lambda: x.sum(),
+    }
+    with stream:
+        stream.begin_capture()
+        assert x[2:].shape == (6,) and x.reshape(2, 4).shape == (2, 4)  # views: no device work
+        for what, fn in work.items():
+            with pytest.raises(cuda_emu.CaptureError, match="captures a CUDA graph"):
+                fn()
+                pytest.fail(f"{what} ran during capture")
+        stream.end_capture()
     graph.launch(stream)
     graph.launch(stream)
     np.testing.assert_array_equal(x.get(), np.full(8, 13, np.float32))  # x -> 3x+1, twice

@@ -262,7 +262,12 @@ OPTIMIZERS = {
 DECAY = {"none": {}, "l2": {"l2": 1e-2}, "l1": {"l1": 1e-3}, "l1+l2": {"l2": 5e-3, "l1": 1e-3}}
 
 
-def _run_optimizer(be, opt, decay, shape, dtype, steps=3, seed=13):
+def _device_step(be, t: int):
+    """A step number as the training loop passes it: a 1-element int64 device array."""
+    return be.asarray(np.array([t], dtype=np.int64))
+
+
+def _run_optimizer(be, opt, decay, shape, dtype, steps=3, seed=13, device_t=True):
     fn_ref, n_state, kw = OPTIMIZERS[opt]
     fn = getattr(be.k, fn_ref.__name__)
     kw = {**kw, **DECAY[decay]}
@@ -274,6 +279,8 @@ def _run_optimizer(be, opt, decay, shape, dtype, steps=3, seed=13):
         g = _data(shape, dtype, seed + t)
         extra = {"t": t} if opt == "adam" else {}
         assert fn_ref(w, g, *state, **kw, **extra) is None
+        if extra and device_t:
+            extra = {"t": _device_step(be, t)}
         assert fn(dw, be.asarray(g), *dstate, **kw, **extra) is None
     for name, e, d in zip(["w", "state0", "state1"], [w, *state], [dw, *dstate]):
         assert_close(e, be.to_host(d), *TOL[dtype], what=f"{opt}/{decay} {name}")
@@ -291,7 +298,45 @@ def test_optimizer_steps(be, dtype, opt, decay, shape):
 @given(n=st.integers(1, 5000), opt=st.sampled_from(list(OPTIMIZERS)), decay=st.sampled_from(list(DECAY)))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_optimizer_hypothesis(be, dtype, n, opt, decay):
-    _run_optimizer(be, opt, decay, (n,), dtype, steps=2, seed=n)
+    _run_optimizer(be, opt, decay, (n,), dtype, steps=2, seed=n, device_t=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_late_step_on_device(be, dtype):
+    """Bias correction at a large t read from the device, as a replayed CUDA graph does."""
+    w, g = _data((50,), dtype, 3), _data((50,), dtype, 4)
+    m, v = np.abs(_data((50,), dtype, 5)) * 0.1, np.abs(_data((50,), dtype, 6)) * 0.01
+    dw, dm, dv = (be.asarray(a.copy()) for a in (w, m, v))
+    ref.adam_step(w, g, m, v, lr=1e-3, t=12345)
+    be.k.adam_step(dw, be.asarray(g), dm, dv, lr=1e-3, t=_device_step(be, 12345))
+    assert_close(w, be.to_host(dw), *TOL[dtype], what="adam t=12345")
+
+
+def test_step_must_be_one_int(be):
+    with pytest.raises((ValueError, TypeError), match="step|t "):
+        be.k.dropout_forward(be.asarray(np.ones((2, 2))), 0.5, 1, step=be.asarray(np.array([1.0, 2.0])))
+
+
+# ======================================================== gradient clipping
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 1000, 100_003])
+def test_sum_squares_and_clip_scale(be, dtype, n):
+    a, b = _data((n,), dtype, 30), _data((n // 2 + 1,), dtype, 31, 3.0)
+    expected = ref.sum_squares(a, out=ref.sum_squares(b), accumulate=True)
+    got = be.k.sum_squares(be.asarray(a))
+    assert_close(ref.sum_squares(a), be.to_host(got), *RED_TOL[dtype], what="sumsq")
+    acc = be.xp.zeros((), dtype=dtype)
+    assert be.k.sum_squares(be.asarray(b), out=acc) is acc
+    be.k.sum_squares(be.asarray(a), out=acc, accumulate=True)
+    assert_close(expected, be.to_host(acc), *RED_TOL[dtype], what="sumsq accumulated")
+    be.k.sum_squares(be.asarray(b), out=acc)  # accumulate=False overwrites
+    assert_close(ref.sum_squares(b), be.to_host(acc), *RED_TOL[dtype], what="sumsq overwritten")
+    for max_norm in (0.5 * math.sqrt(float(expected)), 2.0 * math.sqrt(float(expected))):
+        e, d = a.copy(), be.asarray(a)
+        ref.clip_scale(e, expected, max_norm)
+        be.k.clip_scale(d, be.asarray(expected), max_norm)
+        assert_close(e, be.to_host(d), *TOL[dtype], what=f"clip_scale to {max_norm:.3g}")
+    assert np.array_equal(e, a)  # the larger bound leaves g alone
 
 
 # ================================================================ dropout
@@ -301,15 +346,24 @@ def test_hash_uniform_bit_identical(be, seed, n):
     np.testing.assert_array_equal(be.to_host(be.k.hash_uniform(seed, n)), ref.hash_uniform(seed, n))
 
 
+@pytest.mark.parametrize("step", [1, 2, 2**32 + 1, 2**40 + 77])
+def test_hash_uniform_step_on_device(be, step):
+    expected = ref.hash_uniform(5, 1000, step)
+    assert not np.array_equal(expected, ref.hash_uniform(5, 1000, step + 1))  # each step draws anew
+    np.testing.assert_array_equal(be.to_host(be.k.hash_uniform(5, 1000, step)), expected)
+    np.testing.assert_array_equal(be.to_host(be.k.hash_uniform(5, 1000, _device_step(be, step))), expected)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
 @pytest.mark.parametrize("with_out", [False, True])
 def test_dropout_bit_identical(be, dtype, shape, p, with_out):
     x = _data(shape, dtype, 14)
-    e_out, e_mask = ref.dropout_forward(x, p, seed=99)
+    step = 3 + shape[0]
+    e_out, e_mask = ref.dropout_forward(x, p, seed=99, step=step)
     bufs = {"out": _empty(be, shape, dtype), "mask": _empty(be, shape, dtype)} if with_out else {}
-    out, mask = be.k.dropout_forward(be.asarray(x), p, 99, **bufs)
+    out, mask = be.k.dropout_forward(be.asarray(x), p, 99, **bufs, step=_device_step(be, step))
     if with_out:
         assert out is bufs["out"] and mask is bufs["mask"]
     np.testing.assert_array_equal(be.to_host(mask), e_mask)  # same hash, same rounding: exact
@@ -347,6 +401,16 @@ def test_batchnorm(be, dtype, shape, with_out):
         assert all(a is b for a, b in zip(got, bufs.values()))
     # stats are batch reductions: RED_TOL (reference float32 sums rows sequentially in float32)
     for name, a, b in zip(["out", "xhat", "mean", "var"], e, got):
+        assert_close(a, be.to_host(b), *RED_TOL[dtype], what=f"batchnorm_forward {name}")
+    # running statistics, updated in place by the same launch
+    run = [np.abs(_data(shape[1:], dtype, s)) for s in (25, 26)]
+    d_run = [be.asarray(r.copy()) for r in run]
+    ref.batchnorm_forward(x, gamma, beta, 1e-5, running_mean=run[0], running_var=run[1], momentum=0.8)
+    be.k.batchnorm_forward(
+        be.asarray(x), be.asarray(gamma), be.asarray(beta), 1e-5,
+        running_mean=d_run[0], running_var=d_run[1], momentum=0.8,
+    )  # fmt: skip
+    for name, a, b in zip(["running_mean", "running_var"], run, d_run):
         assert_close(a, be.to_host(b), *RED_TOL[dtype], what=f"batchnorm_forward {name}")
 
     g = _data(shape, dtype, 20)

@@ -181,6 +181,7 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
     dz, b0 = arr(256, 1024), b * 0
     W, G, M, V = arr(1024, 1024), arr(1024, 1024), arr(1024, 1024), asa(np.abs(rng.random((1024, 1024))))
     W = W * 0.01  # keep weights bounded over many in-place steps
+    t = asa(np.array([10], np.int64))  # Adam's step on the device, as the training step passes it
     return [
         ("matmul", "x·W", (256, 784, 1024), lambda: k.matmul(a1, w1, out=c1)),
         ("matmul", "x·W", (256, 1024, 1024), lambda: k.matmul(a2, w2, out=c2)),
@@ -200,7 +201,7 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
         ("sigmoid_bce", "", (256, 10), lambda: k.sigmoid_bce(logits, labels, grad=grad)),
         ("gather_rows", "", (256, 784), lambda: k.gather_rows(Xall, idx, out=xb)),
         ("sgd_step", "", (1024, 1024), lambda: k.sgd_step(W, G, 1e-9)),
-        ("adam_step", "", (1024, 1024), lambda: k.adam_step(W, G, M, V, 1e-9, 10)),
+        ("adam_step", "", (1024, 1024), lambda: k.adam_step(W, G, M, V, 1e-9, t)),
     ]
 
 

@@ -7,9 +7,16 @@
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
          i += (long long)gridDim.x * blockDim.x)
 
-// out[i] = (lowbias32(i ^ lowbias32(seed)) >> 8) / 2^24, exactly as the reference.
-extern "C" __global__ void hash_uniform_f64(double* __restrict__ out, long long n, unsigned int seed) {
-    const unsigned int key = lowbias32(seed);
+// The hash key of (seed, step): lowbias32(seed + step * GOLDEN mod 2^32), as the
+// reference; step is read on the device so a replayed CUDA graph draws fresh masks.
+__device__ __forceinline__ unsigned int dropout_key(unsigned int seed, const long long* step) {
+    return lowbias32(seed + (unsigned int)*step * 0x9E3779B1u);
+}
+
+// out[i] = (lowbias32(i ^ key) >> 8) / 2^24, exactly as the reference.
+extern "C" __global__ void hash_uniform_f64(double* __restrict__ out, long long n, unsigned int seed,
+                                            const long long* __restrict__ step) {
+    const unsigned int key = dropout_key(seed, step);
     GRID_STRIDE(i, n) { out[i] = (double)(lowbias32((unsigned int)i ^ key) >> 8) * (1.0 / 16777216.0); }
 }
 
@@ -17,8 +24,9 @@ extern "C" __global__ void hash_uniform_f64(double* __restrict__ out, long long 
 // exactly); mask = scale (= 1/(1-p) rounded to T) or 0; out = x * mask.
 template <typename T>
 __device__ void dropout_forward_impl(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ mask,
-                                     long long n, unsigned int seed, unsigned int thresh, T scale) {
-    const unsigned int key = lowbias32(seed);
+                                     long long n, unsigned int seed, const long long* __restrict__ step,
+                                     unsigned int thresh, T scale) {
+    const unsigned int key = dropout_key(seed, step);
     GRID_STRIDE(i, n) {
         const T mk = (lowbias32((unsigned int)i ^ key) >> 8) >= thresh ? scale : T(0);
         mask[i] = mk;
@@ -33,11 +41,14 @@ __device__ void mul_impl(const T* __restrict__ a, const T* __restrict__ b, T* __
 
 // Training-mode forward for 32 columns per block (blockDim (32, COL_Y)):
 // mean, biased var, xhat = (x - mean) / sqrt(var + eps), out = gamma * xhat + beta.
+// With update != 0 the running statistics move too: run = momentum * run +
+// one_minus_momentum * stat, the variance unbiased by unbias = B / (B - 1).
 template <typename T>
 __device__ void batchnorm_forward_impl(const T* __restrict__ x, const T* __restrict__ gamma,
                                        const T* __restrict__ beta, T* __restrict__ out, T* __restrict__ xhat,
-                                       T* __restrict__ mean_out, T* __restrict__ var_out, int nrow, int ncol,
-                                       T eps) {
+                                       T* __restrict__ mean_out, T* __restrict__ var_out, T* run_mean,
+                                       T* run_var, int nrow, int ncol, T eps, T momentum, T one_minus_momentum,
+                                       T unbias, int update) {
     __shared__ T scratch[COL_Y][32];
     const int col = blockIdx.x * 32 + threadIdx.x;
     const bool live = col < ncol;
@@ -63,6 +74,10 @@ __device__ void batchnorm_forward_impl(const T* __restrict__ x, const T* __restr
     if (threadIdx.y == 0) {
         mean_out[col] = mean;
         var_out[col] = var;
+        if (update) {
+            run_mean[col] = momentum * run_mean[col] + one_minus_momentum * mean;
+            run_var[col] = momentum * run_var[col] + one_minus_momentum * var * unbias;
+        }
     }
 }
 
@@ -111,13 +126,15 @@ __device__ void batchnorm_backward_impl(const T* __restrict__ dy, const T* __res
 
 extern "C" __global__ void dropout_forward_f32(const float* __restrict__ x, float* __restrict__ out,
                                                float* __restrict__ mask, long long n, unsigned int seed,
-                                               unsigned int thresh, float scale) {
-    dropout_forward_impl(x, out, mask, n, seed, thresh, scale);
+                                               const long long* __restrict__ step, unsigned int thresh,
+                                               float scale) {
+    dropout_forward_impl(x, out, mask, n, seed, step, thresh, scale);
 }
 extern "C" __global__ void dropout_forward_f64(const double* __restrict__ x, double* __restrict__ out,
                                                double* __restrict__ mask, long long n, unsigned int seed,
-                                               unsigned int thresh, double scale) {
-    dropout_forward_impl(x, out, mask, n, seed, thresh, scale);
+                                               const long long* __restrict__ step, unsigned int thresh,
+                                               double scale) {
+    dropout_forward_impl(x, out, mask, n, seed, step, thresh, scale);
 }
 
 extern "C" __global__ void mul_f32(const float* __restrict__ a, const float* __restrict__ b,
@@ -132,14 +149,20 @@ extern "C" __global__ void mul_f64(const double* __restrict__ a, const double* _
 extern "C" __global__ void batchnorm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
                                                  const float* __restrict__ beta, float* __restrict__ out,
                                                  float* __restrict__ xhat, float* __restrict__ mean,
-                                                 float* __restrict__ var, int nrow, int ncol, float eps) {
-    batchnorm_forward_impl(x, gamma, beta, out, xhat, mean, var, nrow, ncol, eps);
+                                                 float* __restrict__ var, float* run_mean, float* run_var,
+                                                 int nrow, int ncol, float eps, float momentum,
+                                                 float one_minus_momentum, float unbias, int update) {
+    batchnorm_forward_impl(x, gamma, beta, out, xhat, mean, var, run_mean, run_var, nrow, ncol, eps, momentum,
+                           one_minus_momentum, unbias, update);
 }
 extern "C" __global__ void batchnorm_forward_f64(const double* __restrict__ x, const double* __restrict__ gamma,
                                                  const double* __restrict__ beta, double* __restrict__ out,
                                                  double* __restrict__ xhat, double* __restrict__ mean,
-                                                 double* __restrict__ var, int nrow, int ncol, double eps) {
-    batchnorm_forward_impl(x, gamma, beta, out, xhat, mean, var, nrow, ncol, eps);
+                                                 double* __restrict__ var, double* run_mean, double* run_var,
+                                                 int nrow, int ncol, double eps, double momentum,
+                                                 double one_minus_momentum, double unbias, int update) {
+    batchnorm_forward_impl(x, gamma, beta, out, xhat, mean, var, run_mean, run_var, nrow, ncol, eps, momentum,
+                           one_minus_momentum, unbias, update);
 }
 
 extern "C" __global__ void batchnorm_inference_f32(const float* __restrict__ x, const float* __restrict__ gamma,

@@ -1,6 +1,8 @@
 // Fused in-place optimizer updates: one elementwise pass over the parameters,
-// weight decay folded in (g_eff = g + l2*w + l1*sign(w)).
-// Contract: kernels/reference.py (sgd_step, momentum_step, adagrad_step, rmsprop_step, adam_step).
+// weight decay folded in (g_eff = g + l2*w + l1*sign(w)); and gradient clipping
+// by global norm (sum of squares, then a scale), all graph-replayable.
+// Contract: kernels/reference.py (sgd_step, momentum_step, adagrad_step, rmsprop_step, adam_step,
+// sum_squares, clip_scale).
 #include "device_common.h"
 
 #define GRID_STRIDE(i, n)                                                            \
@@ -51,11 +53,15 @@ __device__ void rmsprop_impl(T* __restrict__ w, const T* __restrict__ g, T* __re
     }
 }
 
-// bc1 = 1 - beta1^t, bc2 = 1 - beta2^t: the bias corrections, computed on the host.
+// The step t is read on the device (so a replayed CUDA graph sees the current one);
+// the bias corrections 1 - beta^t are computed in double from the exact (double)
+// betas, as the reference does, then rounded to T.
 template <typename T>
 __device__ void adam_impl(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
-                          long long n, T lr, T beta1, T beta2, T one_minus_beta1, T one_minus_beta2, T bc1, T bc2,
-                          T eps, T l2, T l1) {
+                          long long n, T lr, T beta1, T beta2, T one_minus_beta1, T one_minus_beta2,
+                          double beta1_d, double beta2_d, const long long* __restrict__ t, T eps, T l2, T l1) {
+    const double step = (double)*t;
+    const T bc1 = T(1.0 - pow(beta1_d, step)), bc2 = T(1.0 - pow(beta2_d, step));
     GRID_STRIDE(i, n) {
         const T ge = effective_grad(w[i], g[i], l2, l1);
         const T mi = beta1 * m[i] + one_minus_beta1 * ge;
@@ -110,13 +116,75 @@ extern "C" __global__ void rmsprop_f64(double* __restrict__ w, const double* __r
 
 extern "C" __global__ void adam_f32(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
                                     float* __restrict__ v, long long n, float lr, float beta1, float beta2,
-                                    float one_minus_beta1, float one_minus_beta2, float bc1, float bc2,
-                                    float eps, float l2, float l1) {
-    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, bc1, bc2, eps, l2, l1);
+                                    float one_minus_beta1, float one_minus_beta2, double beta1_d,
+                                    double beta2_d, const long long* __restrict__ t, float eps, float l2,
+                                    float l1) {
+    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, beta1_d, beta2_d, t, eps, l2,
+              l1);
 }
 extern "C" __global__ void adam_f64(double* __restrict__ w, const double* __restrict__ g,
                                     double* __restrict__ m, double* __restrict__ v, long long n, double lr,
                                     double beta1, double beta2, double one_minus_beta1, double one_minus_beta2,
-                                    double bc1, double bc2, double eps, double l2, double l1) {
-    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, bc1, bc2, eps, l2, l1);
+                                    double beta1_d, double beta2_d, const long long* __restrict__ t,
+                                    double eps, double l2, double l1) {
+    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, beta1_d, beta2_d, t, eps, l2,
+              l1);
+}
+
+// Sum of x^2 over n elements, in double, written to *out (added to it when accumulate).
+// One launch and deterministic: each block stores its partial sum, and the last block
+// to finish (a ticket counter) adds the partials in block order, then resets the
+// counter for the next launch, so the kernel also replays in a CUDA graph.
+// partials: gridDim.x doubles; ticket: one zero-initialised unsigned int.
+template <typename T>
+__device__ void sum_squares_impl(const T* __restrict__ x, long long n, double* partials,
+                                 unsigned int* ticket, T* out, int accumulate) {
+    __shared__ double scratch[32];
+    __shared__ int is_last;
+    double s = 0.0;
+    GRID_STRIDE(i, n) { s += (double)x[i] * (double)x[i]; }
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = s;
+        __threadfence();  // the partial is visible before the ticket says so
+        is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    double total = 0.0;
+    for (unsigned int b = threadIdx.x; b < gridDim.x; b += blockDim.x)
+        total += ((volatile double*)partials)[b];
+    total = block_sum(total, scratch);
+    if (threadIdx.x == 0) {
+        *out = accumulate ? T((double)*out + total) : T(total);
+        *ticket = 0u;
+    }
+}
+
+// g *= min(1, max_norm / (sqrt(*sumsq) + 1e-12)), the factor computed in double and
+// rounded to T once (as the reference).
+template <typename T>
+__device__ void clip_scale_impl(T* __restrict__ g, const T* __restrict__ sumsq, long long n, double max_norm) {
+    const double f = max_norm / (sqrt((double)*sumsq) + 1e-12);
+    const T factor = T(f < 1.0 ? f : 1.0);
+    GRID_STRIDE(i, n) { g[i] *= factor; }
+}
+
+extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, long long n, double* partials,
+                                           unsigned int* ticket, float* out, int accumulate) {
+    sum_squares_impl(x, n, partials, ticket, out, accumulate);
+}
+extern "C" __global__ void sum_squares_f64(const double* __restrict__ x, long long n, double* partials,
+                                           unsigned int* ticket, double* out, int accumulate) {
+    sum_squares_impl(x, n, partials, ticket, out, accumulate);
+}
+
+extern "C" __global__ void clip_scale_f32(float* __restrict__ g, const float* __restrict__ sumsq, long long n,
+                                          double max_norm) {
+    clip_scale_impl(g, sumsq, n, max_norm);
+}
+extern "C" __global__ void clip_scale_f64(double* __restrict__ g, const double* __restrict__ sumsq, long long n,
+                                          double max_norm) {
+    clip_scale_impl(g, sumsq, n, max_norm);
 }
