@@ -190,7 +190,7 @@ def instrument(emu: Any, tally: Tally) -> Iterator[None]:
         for kernel, *_ in args[0]._launches:
             tally.add("node", kernel.name)
 
-    patch(emu.Graph, "launch", counted(rec_graph))
+    patch(emu.cuda.graph.Graph, "launch", counted(rec_graph))
 
     # -- cuBLAS
     def gemm(a: Any, b: Any, res: Any) -> None:
@@ -305,7 +305,7 @@ def instrument(emu: Any, tally: Tally) -> Iterator[None]:
     )
 
     # -- explicit host synchronisation
-    for cls in (emu.Device, emu.Stream, emu.Event):
+    for cls in (emu.cuda.Device, emu.cuda.Stream, emu.cuda.Event):
         patch(
             cls,
             "synchronize",

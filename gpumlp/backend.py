@@ -21,6 +21,7 @@ import numpy as np
 log = logging.getLogger("gpumlp")
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
+MATMUL_PRECISIONS = ("float32", "tf32", "bf16")
 AUTO_ORDER = ("cupy", "numba", "numpy")
 
 
@@ -45,6 +46,18 @@ class Backend:
     synchronize: Callable[[], None] = field(default=lambda: None)
     stream: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None
+
+    def set_matmul_precision(self, precision: str) -> None:
+        """``float32`` (exact, the default), ``tf32`` or ``bf16``: what float32 GEMMs may round
+        their inputs to on tensor cores. For this whole backend; only CUDA backends have the
+        choice (cuda-emu reproduces the rounding on the CPU)."""
+        if hasattr(self.k, "_set_matmul_precision"):
+            self.k._set_matmul_precision(precision)
+        elif precision != "float32":
+            raise BackendUnavailable(
+                f"matmul precision {precision!r} needs a CUDA backend (cupy, or cuda-emu to emulate it); "
+                f"backend {self.name!r} computes exact float32 GEMMs"
+            )
 
     def asarray(self, a, dtype=None):
         """Host (or device) array -> C-contiguous device array of ``dtype``."""

@@ -87,17 +87,30 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("file", help="images: IDX (.gz or raw), .npz (array 'x' or the first) or a 28x28 PNG")
     pr.add_argument("--proba", action="store_true", help="also print the class probabilities")
     pr.add_argument("--backend", default=None, help="compute backend (default: $GPUMLP_BACKEND or auto)")
+    _add_precision(pr)
     sub.add_parser("info", help="versions, backends, BLAS and GPU")
     sub.add_parser("bench", help="benchmarks (gpumlp bench --help)", add_help=False)
     return p
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    """--backend and --data-dir."""
+    """--backend, --precision and --data-dir."""
     p.add_argument(
         "--backend", default=None, help="numpy | numba | cupy | auto (default: $GPUMLP_BACKEND or auto)"
     )
+    _add_precision(p)
     p.add_argument("--data-dir", default=None, help="directory holding the four MNIST IDX files")
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    from gpumlp.backend import MATMUL_PRECISIONS
+
+    p.add_argument(
+        "--precision",
+        choices=MATMUL_PRECISIONS,
+        default="float32",
+        help="float32 GEMMs: exact (default), or tf32/bf16 tensor cores (cupy; cuda-emu emulates them)",
+    )
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -248,6 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         _pyplot()  # fail now, not after training, when matplotlib is missing
     be = get_backend(args.backend)
+    be.set_matmul_precision(args.precision)
     model = MLP(**config["model"], backend=be)
     mnist = load_data(args.data_dir)
     x_tr, y_tr, x_va, y_va = split_data(mnist, config)
@@ -353,6 +367,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gpumlp.metrics import accuracy, classification_report
 
     model, prep = load_model(args.model, args.backend)
+    model.be.set_matmul_precision(args.precision)
     mnist = load_data(args.data_dir)
     y_pred = model.predict(prep.apply(mnist.x_test, model.dtype))
     print(f"test accuracy: {100 * accuracy(mnist.y_test, y_pred):.2f}%")
@@ -419,6 +434,7 @@ def _read_png(path: Path) -> np.ndarray:
 def cmd_predict(args: argparse.Namespace) -> int:
     """``gpumlp predict MODEL FILE``."""
     model, prep = load_model(args.model, args.backend)
+    model.be.set_matmul_precision(args.precision)
     x = prep.apply(read_images(args.file, model.n_features), model.dtype)
     if not args.proba:
         print("\n".join(str(c) for c in model.predict(x)))

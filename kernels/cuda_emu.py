@@ -45,7 +45,7 @@ class CaptureError(RuntimeError):
 
 def _no_capture(what: str) -> None:
     """Raise CaptureError if the current stream is capturing a CUDA graph."""
-    if get_current_stream()._capture is not None:
+    if _get_current_stream()._capture is not None:
         raise CaptureError(
             f"emulated device: {what} while the current stream captures a CUDA graph; the emulator "
             "records only RawModule kernel launches, so this would run once now and never at replay. "
@@ -53,7 +53,7 @@ def _no_capture(what: str) -> None:
         )
 
 
-class OutOfMemoryError(MemoryError):
+class _OutOfMemoryError(MemoryError):
     """``cupy.cuda.memory.OutOfMemoryError``: the emulated device's memory is full."""
 
 
@@ -78,7 +78,7 @@ def _allocated(a: np.ndarray) -> np.ndarray:
     """Account a buffer that owns its memory against the device's capacity, as a GPU would."""
     if a.base is None and a.nbytes:
         if _MEMORY["used"] + a.nbytes > _MEMORY["limit"]:
-            raise OutOfMemoryError(
+            raise _OutOfMemoryError(
                 f"Out of memory allocating {a.nbytes:,} bytes (allocated so far: {_MEMORY['used']:,} bytes, "
                 f"device memory {_MEMORY['limit']:,} bytes; set GPUMLP_EMU_MEMORY to change it)."
             )
@@ -155,9 +155,9 @@ class ndarray:  # noqa: N801 -- CuPy's name
     T = property(lambda self: ndarray._of(self._a.T))
 
     @property
-    def device(self) -> Device:
+    def device(self) -> _Device:
         """The (only) emulated device."""
-        return Device(0)
+        return _Device(0)
 
     def get(self, stream: Any = None, order: str = "C", out: np.ndarray | None = None) -> np.ndarray:
         """Copy to the host as a NumPy array."""
@@ -351,12 +351,47 @@ def empty_like(a: Any, dtype: Any = None, order: str = "K", shape: Any = None) -
 
 
 def matmul(a: Any, b: Any, out: ndarray | None = None, **kwargs: Any) -> ndarray:
-    """``a @ b`` (cuBLAS on a GPU, BLAS here)."""
+    """``a @ b`` (cuBLAS on a GPU, BLAS here; float32 inputs rounded as the compute type says)."""
     _no_capture("matmul (cuBLAS refuses capture under CuPy, cupy#6290)")
+    a, b = (_tensor_core_inputs(x) for x in _unwrap((a, b)))
     if out is None:
-        return _wrap(np.matmul(_unwrap(a), _unwrap(b), **kwargs))
-    np.matmul(_unwrap(a), _unwrap(b), out=out._a, **kwargs)
+        return _wrap(np.matmul(a, b, **kwargs))
+    np.matmul(a, b, out=out._a, **kwargs)
     return out
+
+
+# cuBLAS compute types, numbered as CuPy's cupy._core._routines_linalg.COMPUTE_TYPE_*
+_MANTISSA_BITS = {1: 23, 7: 10, 6: 7}  # DEFAULT (exact float32), TF32, BF16
+_COMPUTE_TYPE = {np.dtype(np.float32): 1}
+
+
+def _set_compute_type(dtype: Any, compute_type: int) -> None:
+    if compute_type not in _MANTISSA_BITS:
+        known = sorted(_MANTISSA_BITS)
+        raise ValueError(f"the emulated device supports compute types {known}, not {compute_type}")
+    _COMPUTE_TYPE[np.dtype(dtype)] = compute_type
+
+
+def _tensor_core_inputs(x: np.ndarray) -> np.ndarray:
+    """A float32 GEMM operand rounded (to nearest even) to the mantissa the compute type keeps."""
+    drop = 23 - _MANTISSA_BITS[_COMPUTE_TYPE.get(x.dtype, 1)]
+    if x.dtype != np.float32 or drop == 0:
+        return x
+    u = x.view(np.uint32).astype(np.uint64)
+    u = (u + ((u >> drop) & 1) + (1 << (drop - 1)) - 1) >> drop << drop
+    return u.astype(np.uint32).view(np.float32)
+
+
+# CuPy's private GEMM compute-type switch (cupy._core._routines_linalg), as cupy_gpu uses it.
+_core = types.SimpleNamespace(
+    _routines_linalg=types.SimpleNamespace(
+        COMPUTE_TYPE_DEFAULT=1,
+        COMPUTE_TYPE_TF32=7,
+        COMPUTE_TYPE_BF16=6,
+        set_compute_type=_set_compute_type,
+        get_compute_type=lambda dtype: _COMPUTE_TYPE.get(np.dtype(dtype), 1),
+    )
+)
 
 
 def get_array_module(*args: Any) -> Any:
@@ -386,7 +421,7 @@ _PROPERTIES = {
 }
 
 
-class Device:
+class _Device:
     """``cupy.cuda.Device``: the single emulated device."""
 
     def __init__(self, device: int = 0) -> None:
@@ -409,14 +444,14 @@ class Device:
     def use(self) -> None:
         """Make this the current device (it always is)."""
 
-    def __enter__(self) -> Device:
+    def __enter__(self) -> _Device:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         return None
 
 
-class Graph:
+class _Graph:
     """A captured sequence of kernel launches; ``launch()`` replays them in order."""
 
     def __init__(self, launches: list) -> None:
@@ -425,27 +460,27 @@ class Graph:
     def launch(self, stream: Any = None) -> None:
         """Replay every recorded launch."""
         for kernel, grid, block, values in self._launches:
-            kernel.replay(grid, block, values)
+            kernel._replay(grid, block, values)
 
 
-class Stream:
-    """``cupy.cuda.Stream``: a context manager that can record launches into a :class:`Graph`."""
+class _Stream:
+    """``cupy.cuda.Stream``: a context manager that can record launches into a :class:`_Graph`."""
 
-    _stack: list[Stream] = []
+    _stack: list[_Stream] = []
 
     def __init__(self, null: bool = False, non_blocking: bool = False, ptds: bool = False) -> None:
         self._capture: list | None = None
 
-    def __enter__(self) -> Stream:
-        Stream._stack.append(self)
+    def __enter__(self) -> _Stream:
+        _Stream._stack.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        Stream._stack.pop()
+        _Stream._stack.pop()
 
-    def use(self) -> Stream:
+    def use(self) -> _Stream:
         """Make this the current stream (until another is entered)."""
-        Stream._stack[:] = [self]
+        _Stream._stack[:] = [self]
         return self
 
     def synchronize(self) -> None:
@@ -461,38 +496,38 @@ class Stream:
         """True between begin_capture and end_capture."""
         return self._capture is not None
 
-    def end_capture(self) -> Graph:
-        """Stop recording; the launches become a replayable :class:`Graph`."""
+    def end_capture(self) -> _Graph:
+        """Stop recording; the launches become a replayable :class:`_Graph`."""
         if self._capture is None:
             raise RuntimeError("end_capture without begin_capture")
-        graph, self._capture = Graph(self._capture), None
+        graph, self._capture = _Graph(self._capture), None
         return graph
 
 
-Stream.null = Stream(null=True)  # type: ignore[attr-defined]
+_Stream.null = _Stream(null=True)  # type: ignore[attr-defined]
 
 
-def get_current_stream() -> Stream:
+def _get_current_stream() -> _Stream:
     """The innermost entered stream, or the null stream."""
-    return Stream._stack[-1] if Stream._stack else Stream.null  # type: ignore[attr-defined]
+    return _Stream._stack[-1] if _Stream._stack else _Stream.null  # type: ignore[attr-defined]
 
 
-class Event:
+class _Event:
     """``cupy.cuda.Event`` timed with the host clock."""
 
     def __init__(self, block: bool = False, disable_timing: bool = False, interprocess: bool = False) -> None:
-        self.t = 0.0
+        self._t = 0.0
 
     def record(self, stream: Any = None) -> None:
         """Timestamp now."""
-        self.t = time.perf_counter()
+        self._t = time.perf_counter()
 
     def synchronize(self) -> None:
         """Nothing is ever pending."""
 
 
-def _elapsed_ms(start: Event, end: Event) -> float:
-    return (end.t - start.t) * 1e3
+def _elapsed_ms(start: _Event, end: _Event) -> float:
+    return (end._t - start._t) * 1e3
 
 
 def _device_count() -> int:
@@ -500,18 +535,18 @@ def _device_count() -> int:
 
 
 def _properties(device: int) -> dict:
-    Device(device)
+    _Device(device)
     return dict(_PROPERTIES)
 
 
 cuda = types.SimpleNamespace(
-    memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
-    Device=Device,
-    Stream=Stream,
-    Event=Event,
-    get_current_stream=get_current_stream,
+    memory=types.SimpleNamespace(OutOfMemoryError=_OutOfMemoryError),
+    Device=_Device,
+    Stream=_Stream,
+    Event=_Event,
+    get_current_stream=_get_current_stream,
     get_elapsed_time=_elapsed_ms,
-    graph=types.SimpleNamespace(Graph=Graph),
+    graph=types.SimpleNamespace(Graph=_Graph),
     runtime=types.SimpleNamespace(
         getDeviceCount=_device_count,
         getDeviceProperties=_properties,
@@ -537,14 +572,14 @@ class RawKernel:
         self, grid: Any, block: Any, args: tuple, *, shared_mem: int = 0, stream: Any = None
     ) -> None:
         """Launch now, or record the launch when the current stream is capturing."""
-        s = stream or get_current_stream()
+        s = stream or _get_current_stream()
         if s._capture is not None:
             self._k.convert(tuple(args))  # type errors surface at capture time, as with CuPy
             s._capture.append((self, grid, block, tuple(args)))
             return
         self._k(grid, block, args, shared_mem=shared_mem)
 
-    def replay(self, grid: Any, block: Any, args: tuple) -> None:
+    def _replay(self, grid: Any, block: Any, args: tuple) -> None:
         """Run a recorded launch."""
         self._k(grid, block, args)
 

@@ -42,8 +42,10 @@ _SUMSQ_WORK: list[_Any] = []  # sum_squares' per-block partials and its ticket c
 # only on the emulated device (a debugging tool); the kernels never read out of bounds
 # anyway (a bad label gives a NaN softmax_xent loss).
 _VALIDATE_LABELS = True
-# "float32": exact float32 GEMMs (default); "tf32": allow TensorFloat-32 tensor cores (CuPy only).
+# cuBLAS compute type of float32 GEMMs: "float32" exact (default); "tf32" / "bf16" let tensor
+# cores round the inputs to TensorFloat-32 (10-bit mantissa) / bfloat16 (7-bit), accumulating in float32.
 _MATMUL_PRECISION = "float32"
+_COMPUTE_TYPES = {"float32": "COMPUTE_TYPE_DEFAULT", "tf32": "COMPUTE_TYPE_TF32", "bf16": "COMPUTE_TYPE_BF16"}
 # "cublas": dense matmuls on cuBLAS via cupy.matmul (default); "own": our tiled GEMM in
 # cuda/gemm.cu, which (unlike cuBLAS under CuPy, cupy issue 6290) works during CUDA-graph capture.
 _GEMM = _os.environ.get("GPUMLP_GEMM", "cublas")
@@ -202,15 +204,15 @@ def _elementwise(base: str, a: _Any, *args: _Any) -> None:
 
 
 def _set_matmul_precision(precision: str) -> None:
-    """Select "float32" (exact, default) or "tf32" GEMMs; a no-op on the emulated device."""
+    """Make float32 cuBLAS GEMMs "float32" (exact, default), "tf32" or "bf16" (tensor cores),
+    through CuPy's compute-type switch (the emulated device rounds the inputs the same way).
+    Our own gemm.cu (CUDA-graph steps) stays exact float32."""
     global _MATMUL_PRECISION
-    if precision not in ("float32", "tf32"):
-        raise ValueError(f"matmul precision must be 'float32' or 'tf32', got {precision!r}")
+    if precision not in _COMPUTE_TYPES:
+        raise ValueError(f"matmul precision must be one of {', '.join(_COMPUTE_TYPES)}, got {precision!r}")
+    linalg = _xp()._core._routines_linalg  # CuPy's private switch, present since CuPy 9
+    linalg.set_compute_type(np.float32, getattr(linalg, _COMPUTE_TYPES[precision]))
     _MATMUL_PRECISION = precision
-    linalg = getattr(getattr(_xp(), "_core", None), "_routines_linalg", None)
-    if linalg is not None and hasattr(linalg, "set_compute_type"):
-        tf32 = precision == "tf32"
-        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT)
 
 
 # --------------------------------------------------------------------- dense

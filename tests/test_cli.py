@@ -111,6 +111,8 @@ def test_info():
         (["train", "--act", "swish"], "invalid choice: 'swish'"),
         (["train", "--spec", "784-abc-10"], "bad layer spec"),
         (["train", "--backend", "nope"], "unknown backend 'nope'"),
+        (["train", "--backend", "numpy", "--precision", "tf32"], "needs a CUDA backend"),
+        (["train", "--precision", "fp8"], "invalid choice: 'fp8'"),
         (["train", "--data-dir", "/nonexistent/mnist"], "does not exist"),
         (["train", "--resume"], "--resume needs --out"),
         (["train", "--lr-gamma", "3"], "gamma"),
@@ -162,3 +164,10 @@ def test_negative_looking_scale_value_is_glued():
     argv = _glue_negative_values(["train", "--scale", "-1,1", "--lr", "0.1"])
     assert argv == ["train", "--scale=-1,1", "--lr", "0.1"]
     assert build_parser().parse_args(argv).scale == "-1,1"
+
+
+def test_tf32_training_on_the_emulated_device():
+    """--precision tf32 on cuda-emu: tensor-core rounding emulated, training still learns."""
+    args = ["--limit", "500", "--spec", "784-16-10", "--valid", "0", "--no-progress", "--epochs", "2"]
+    proc = gpumlp("train", *args, "--backend", "cuda-emu", "--precision", "tf32", timeout=120)
+    assert proc.returncode == 0, proc.stderr

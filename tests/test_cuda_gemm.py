@@ -164,3 +164,39 @@ def test_training_with_own_gemm_matches_numpy(own, dtype):
         np.testing.assert_allclose(w_emu, w_ref, rtol=rtol, atol=rtol * np.abs(w_ref).max(), err_msg=name)
     np.testing.assert_allclose(emu.decision_function(X), ref.decision_function(X), rtol=rtol, atol=rtol)
     assert h_emu is not None and h_ref is not None
+
+
+def _round_mantissa(x: np.ndarray, bits: int) -> np.ndarray:
+    """float32 rounded to nearest (ties to even) with ``bits`` mantissa bits, via frexp."""
+    m, e = np.frexp(x.astype(np.float64))
+    return np.ldexp(np.round(m * 2.0 ** (bits + 1)) / 2.0 ** (bits + 1), e).astype(np.float32)
+
+
+@pytest.mark.parametrize("precision, bits", [("tf32", 10), ("bf16", 7)])
+def test_tensor_core_precision_is_emulated(be, precision, bits):
+    """set_matmul_precision goes through CuPy's compute-type switch; the emulated cuBLAS rounds
+    float32 inputs like tensor cores (then accumulates in float32); float32 is exact again after."""
+    rng = np.random.default_rng(7)
+    a, b = (
+        rng.standard_normal((33, 300)).astype(np.float32),
+        rng.standard_normal((300, 20)).astype(np.float32),
+    )
+    be.set_matmul_precision(precision)
+    try:
+        got = be.to_host(be.k.matmul(be.asarray(a), be.asarray(b)))
+        got_t = be.to_host(be.k.matmul(be.asarray(np.ascontiguousarray(a.T)), be.asarray(b), trans_a=True))
+    finally:
+        be.set_matmul_precision("float32")
+    expected = _round_mantissa(a, bits).astype(np.float64) @ _round_mantissa(b, bits)
+    exact = a.astype(np.float64) @ b
+    scale = np.abs(exact).max()
+    assert np.abs(got - expected).max() / scale < 1e-6  # exactly the rounded inputs, float32 sums
+    np.testing.assert_array_equal(got_t, got)
+    assert np.abs(got - exact).max() / scale > 10 * 2.0**-23  # it really rounds
+    assert np.abs(be.to_host(be.k.matmul(be.asarray(a), be.asarray(b))) - exact).max() / scale < 1e-6
+
+
+def test_precision_needs_a_cuda_backend():
+    with pytest.raises(Exception, match="needs a CUDA backend"):
+        get_backend("numpy").set_matmul_precision("bf16")
+    get_backend("numpy").set_matmul_precision("float32")  # the exact default is always fine
