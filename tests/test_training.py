@@ -298,15 +298,20 @@ def test_cuda_graph_steps_match_the_reference(monkeypatch, mnist):
     np.testing.assert_allclose(curves["cuda-emu"], curves["numpy"], rtol=1e-4)
 
 
-def test_cuda_graphs_cover_adam_dropout_batchnorm_and_clipping(monkeypatch, mnist):
+@pytest.mark.parametrize("name", ["cuda-emu", pytest.param("cupy", marks=pytest.mark.gpu)])
+def test_cuda_graphs_cover_adam_dropout_batchnorm_and_clipping(monkeypatch, mnist, name):
     """Everything that changes per step (Adam's t, dropout masks, batch-norm running
     statistics, the clipping norm) is read or written on the device, so replayed
     graphs train exactly like eager steps: the same kernels (our GEMM in both), the
     same loss curve and weights bit for bit. The emulated device raises if any
-    non-kernel work happens while capturing, so this also proves the step is pure kernels."""
+    non-kernel work happens while capturing, so this also proves the step is pure kernels.
+    On a real GPU the float atomics of the loss accumulator may add in another order."""
     x_tr, y_tr, *_ = mnist
     X, y = x_tr[:1030], y_tr[:1030]  # 20 full batches of 50 and a partial one of 30
-    be = get_backend("cuda-emu")
+    try:
+        be = get_backend(name)
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
     monkeypatch.setattr(be.k, "_GEMM", "own")
     captures = []
     real_capture = be.capture
@@ -318,7 +323,7 @@ def test_cuda_graphs_cover_adam_dropout_batchnorm_and_clipping(monkeypatch, mnis
         hist = model.fit(X, y, **kw, cuda_graphs=graphs)
         results[graphs] = (np.array(hist["loss"]), model.state_arrays())
     assert len(captures) == 1  # constant lr: one capture, then 39 replays
-    np.testing.assert_array_equal(results[True][0], results[False][0])
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=0 if name == "cuda-emu" else 1e-6)
     for key, eager in results[False][1].items():
         np.testing.assert_array_equal(results[True][1][key], eager, err_msg=key)
     assert any(key.endswith("running_var") for key in results[True][1])
