@@ -44,7 +44,6 @@ _SUMSQ_WORK: list[_Any] = []  # sum_squares' per-block partials and its ticket c
 _VALIDATE_LABELS = True
 # cuBLAS compute type of float32 GEMMs: "float32" exact (default); "tf32" / "bf16" let tensor
 # cores round the inputs to TensorFloat-32 (10-bit mantissa) / bfloat16 (7-bit), accumulating in float32.
-_MATMUL_PRECISION = "float32"
 _COMPUTE_TYPES = {"float32": "COMPUTE_TYPE_DEFAULT", "tf32": "COMPUTE_TYPE_TF32", "bf16": "COMPUTE_TYPE_BF16"}
 # "cublas": dense matmuls on cuBLAS via cupy.matmul (default); "own": our tiled GEMM in
 # cuda/gemm.cu, which (unlike cuBLAS under CuPy, cupy issue 6290) works during CUDA-graph capture.
@@ -207,12 +206,10 @@ def _set_matmul_precision(precision: str) -> None:
     """Make float32 cuBLAS GEMMs "float32" (exact, default), "tf32" or "bf16" (tensor cores),
     through CuPy's compute-type switch (the emulated device rounds the inputs the same way).
     Our own gemm.cu (CUDA-graph steps) stays exact float32."""
-    global _MATMUL_PRECISION
     if precision not in _COMPUTE_TYPES:
         raise ValueError(f"matmul precision must be one of {', '.join(_COMPUTE_TYPES)}, got {precision!r}")
     linalg = _xp()._core._routines_linalg  # CuPy's private switch, present since CuPy 9
     linalg.set_compute_type(np.float32, getattr(linalg, _COMPUTE_TYPES[precision]))
-    _MATMUL_PRECISION = precision
 
 
 # --------------------------------------------------------------------- dense
