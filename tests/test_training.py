@@ -371,3 +371,23 @@ def test_whole_training_parity_with_the_reference(name, mnist):
     # float32 rounding differs between BLAS calls and fused kernels; 3 epochs keep it small.
     np.testing.assert_allclose(curves[name][0], curves["numpy"][0], rtol=2e-3)
     np.testing.assert_allclose(curves[name][1], curves["numpy"][1], atol=0.01)
+
+
+@pytest.mark.parametrize("name", _loadable_backends())
+def test_clip_grad_norm_bounds_the_global_norm(name):
+    """Two gradient buffers (as the packed weights/others groups) scaled together to max_norm."""
+    from gpumlp.optim import clip_grad_norm
+
+    be = get_backend(name)
+    rng = np.random.default_rng(0)
+    host = [rng.standard_normal(300).astype(np.float32), rng.standard_normal(7).astype(np.float32)]
+    norm = float(np.sqrt(sum(np.sum(h.astype(np.float64) ** 2) for h in host)))
+    for max_norm, expected in ((norm / 4, norm / 4), (2 * norm, norm)):
+        grads = [be.asarray(h.copy()) for h in host]  # numpy backends would share memory
+        sumsq = clip_grad_norm(be, grads, max_norm)
+        assert float(be.to_host(sumsq)) == pytest.approx(norm**2, rel=1e-5)  # the pre-clip norm²
+        got = [be.to_host(g) for g in grads]
+        assert float(np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in got))) == pytest.approx(
+            expected, rel=1e-5
+        )
+        np.testing.assert_allclose(got[1] / host[1], expected / norm, rtol=1e-5)  # one common factor
