@@ -157,7 +157,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="replay each step as a CUDA graph (cupy/cuda-emu; SGD family)",
+        help="replay each full-size step as one CUDA graph (cupy/cuda-emu)",
     )
     d.add_argument("--plots", action="store_true", help="also write PNG plots to OUT (needs matplotlib)")
 

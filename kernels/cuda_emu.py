@@ -253,15 +253,21 @@ def _unwrap_index(key: Any) -> Any:
     return key._a if isinstance(key, ndarray) else key
 
 
-def _binary(ufunc: Any, reflected: bool = False, inplace: bool = False, unary: bool = False) -> Any:
-    def op(self: ndarray, other: Any = None) -> Any:
+def _unary(ufunc: Any) -> Any:
+    def op(self: ndarray) -> Any:
+        _no_capture(f"the array operation {ufunc.__name__}")
+        return _wrap(ufunc(self._a))
+
+    return op
+
+
+def _binary(ufunc: Any, reflected: bool = False, inplace: bool = False) -> Any:
+    def op(self: ndarray, other: Any) -> Any:
         _no_capture(f"the array operation {ufunc.__name__}")
         if isinstance(other, np.ndarray):
             raise TypeError(
                 f"Unsupported type {type(other)}: a host numpy.ndarray reached the emulated device"
             )
-        if unary:
-            return _wrap(ufunc(self._a))
         o = other._a if isinstance(other, ndarray) else other
         if inplace:
             ufunc(self._a, o, out=self._a)
@@ -297,17 +303,18 @@ for _name, _uf in {
 }.items():
     setattr(ndarray, f"__{_name}__", _binary(_uf))
 for _name, _uf in {"neg": np.negative, "pos": np.positive, "abs": np.absolute, "invert": np.invert}.items():
-    setattr(ndarray, f"__{_name}__", _binary(_uf, unary=True))
+    setattr(ndarray, f"__{_name}__", _unary(_uf))
 ndarray.__hash__ = None  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------ creation
 def asarray(a: Any, dtype: Any = None, order: Any = None) -> ndarray:
     """Host data or a device array -> device array (no copy when already one of ``dtype``)."""
-    if not (isinstance(a, ndarray) and (dtype is None or a.dtype == np.dtype(dtype))):
-        _no_capture("asarray (a copy)")
+    if isinstance(a, ndarray) and (dtype is None or a.dtype == np.dtype(dtype)):
+        return a
+    _no_capture("asarray (a copy)")
     if isinstance(a, ndarray):
-        return a if dtype is None or a.dtype == np.dtype(dtype) else a.astype(dtype)
+        return a.astype(dtype)
     return ndarray._of(np.array(a, dtype=dtype, order=order or "K", copy=True))
 
 

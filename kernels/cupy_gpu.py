@@ -27,7 +27,7 @@ from typing import Any as _Any
 
 import numpy as np
 
-from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS
+from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS, _updates_running_stats
 
 _cp: _Any = None  # the CuPy-like array module; bound by make_backend, else CuPy on first use
 _CUDA_DIR = _Path(__file__).resolve().parent / "cuda"
@@ -360,13 +360,15 @@ def correct_count(scores, labels, count=None):
 
 
 # ---------------------------------------------------------------- optimizers
-def _opt(base, w, g, states, *scalars):
+def _opt(base, w, g, states, *scalars, tail=()):
+    """Launch optimizer ``base`` on w, g and its state arrays: ``scalars`` become w's
+    dtype; ``tail`` (exactly typed values, device arrays) is passed as is, last."""
     _inplace(w, "w", w)
     _inplace(g, "g", w)
     for i, s in enumerate(states):
         _inplace(s, f"state {i}", w)
     t = w.dtype.type
-    _elementwise(base, w, w, g, *states, np.int64(w.size), *(t(s) for s in scalars))
+    _elementwise(base, w, w, g, *states, np.int64(w.size), *(t(s) for s in scalars), *tail)
 
 
 def sgd_step(w, g, lr, l2=0.0, l1=0.0):
@@ -397,12 +399,8 @@ def rmsprop_step(w, g, s, lr, rho=0.9, eps=1e-8, l2=0.0, l1=0.0):
 def adam_step(w, g, m, v, lr, t, beta1=0.9, beta2=0.999, eps=1e-8, l2=0.0, l1=0.0):
     """Adam with bias correction at step t (1-based; int or 1-element int64 device
     array, read on the device), in place on w, m, v."""
-    for a, name in ((w, "w"), (g, "g"), (m, "m"), (v, "v")):
-        _inplace(a, name, w)
-    f = w.dtype.type
-    scalars = (f(lr), f(beta1), f(beta2), f(1 - beta1), f(1 - beta2), np.float64(beta1), np.float64(beta2))
-    args = (*scalars, _step(t, "t"), f(eps), f(l2), f(l1))
-    _elementwise("adam", w, w, g, m, v, np.int64(w.size), *args)
+    tail = (np.float64(beta1), np.float64(beta2), _step(t, "t"))
+    _opt("adam", w, g, (m, v), lr, beta1, beta2, 1 - beta1, 1 - beta2, eps, l2, l1, tail=tail)
 
 
 # ---------------------------------------------------------- gradient clipping
@@ -483,9 +481,7 @@ def batchnorm_forward(
     out = _out(out, "out", x.shape, x.dtype)
     xhat = _out(xhat, "xhat", x.shape, x.dtype)
     mean, var = _out(mean, "mean", (cols,), x.dtype), _out(var, "var", (cols,), x.dtype)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("give both running_mean and running_var, or neither")
-    update = running_mean is not None
+    update = _updates_running_stats(running_mean, running_var)
     if update:
         running_mean = _inplace(running_mean, "running_mean", mean)
         running_var = _inplace(running_var, "running_var", var)

@@ -60,6 +60,8 @@ from .reference import (
     LOG_EPS,
     _accumulate,  # the same 0-d accumulator glue as the reference
     _step_value,
+    _store_sum,
+    _updates_running_stats,
 )
 
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # identity 0 .. leaky_relu 4
@@ -752,9 +754,7 @@ def batchnorm_forward(
         mean = np.empty(x.shape[1], x.dtype)
     if var is None:
         var = np.empty(x.shape[1], x.dtype)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("give both running_mean and running_var, or neither")
-    update = running_mean is not None
+    update = _updates_running_stats(running_mean, running_var)
     rm, rv = (running_mean, running_var) if update else (mean, var)  # untouched when not updating
     _bn_forward_k(x, gamma, beta, float(eps), out, xhat, mean, var, rm, rv, float(momentum), update)
     return out, xhat, mean, var
@@ -835,11 +835,7 @@ def _sum_squares_k(x):
 def sum_squares(x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
     """Sum of x**2 (float64 accumulation) as a 0-d array of x's dtype; written into
     ``out`` (0-d), or added to it with ``accumulate=True``."""
-    value = _sum_squares_k(_flat(x, "x"))
-    if out is None:
-        return np.asarray(value, dtype=x.dtype)
-    out[...] = (out + value) if accumulate else value
-    return out
+    return _store_sum(out, _sum_squares_k(_flat(x, "x")), accumulate, x.dtype)
 
 
 @njit(cache=True, error_model="numpy")

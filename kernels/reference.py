@@ -57,6 +57,21 @@ def _step_value(t) -> int:
     return int(t.reshape(-1)[0])
 
 
+def _updates_running_stats(running_mean, running_var) -> bool:
+    """Batch norm's running statistics come both or neither; True when given."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("give both running_mean and running_var, or neither")
+    return running_mean is not None
+
+
+def _store_sum(out, value: float, accumulate: bool, dtype):
+    """A scalar sum as a new 0-d array of dtype, or written / added into the 0-d ``out``."""
+    if out is None:
+        return np.asarray(value, dtype=dtype)
+    out[...] = (out + value) if accumulate else value
+    return out
+
+
 def _put(out, value):
     """Write ``value`` into ``out`` if given, else return ``value`` as is."""
     if out is None:
@@ -285,9 +300,7 @@ def batchnorm_forward(
     v = ((x - m) ** 2).mean(axis=0)
     xh = _put(xhat, ((x - m) / np.sqrt(v + eps)).astype(x.dtype, copy=False))
     mean, var = _put(mean, m.astype(x.dtype)), _put(var, v.astype(x.dtype))
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("give both running_mean and running_var, or neither")
-    if running_mean is not None:
+    if _updates_running_stats(running_mean, running_var):
         b = x.shape[0]
         running_mean[...] = momentum * running_mean + (1 - momentum) * mean
         running_var[...] = momentum * running_var + (1 - momentum) * var * (b / max(b - 1, 1))
@@ -318,11 +331,7 @@ def sum_squares(x, out=None, accumulate=False):
     """Sum of x**2 over all elements as a 0-d array of x's dtype. Given ``out``
     (0-d, x's dtype) the result is written into it, or added to it with
     ``accumulate=True``, so one buffer collects the squared norm of several arrays."""
-    value = np.sum(np.square(x, dtype=np.float64))
-    if out is None:
-        return np.asarray(value, dtype=x.dtype)
-    out[...] = (out + value) if accumulate else value
-    return out
+    return _store_sum(out, np.sum(np.square(x, dtype=np.float64)), accumulate, x.dtype)
 
 
 def clip_scale(g, sumsq, max_norm):

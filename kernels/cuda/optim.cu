@@ -58,8 +58,8 @@ __device__ void rmsprop_impl(T* __restrict__ w, const T* __restrict__ g, T* __re
 // betas, as the reference does, then rounded to T.
 template <typename T>
 __device__ void adam_impl(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
-                          long long n, T lr, T beta1, T beta2, T one_minus_beta1, T one_minus_beta2,
-                          double beta1_d, double beta2_d, const long long* __restrict__ t, T eps, T l2, T l1) {
+                          long long n, T lr, T beta1, T beta2, T one_minus_beta1, T one_minus_beta2, T eps, T l2,
+                          T l1, double beta1_d, double beta2_d, const long long* __restrict__ t) {
     const double step = (double)*t;
     const T bc1 = T(1.0 - pow(beta1_d, step)), bc2 = T(1.0 - pow(beta2_d, step));
     GRID_STRIDE(i, n) {
@@ -116,19 +116,16 @@ extern "C" __global__ void rmsprop_f64(double* __restrict__ w, const double* __r
 
 extern "C" __global__ void adam_f32(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
                                     float* __restrict__ v, long long n, float lr, float beta1, float beta2,
-                                    float one_minus_beta1, float one_minus_beta2, double beta1_d,
-                                    double beta2_d, const long long* __restrict__ t, float eps, float l2,
-                                    float l1) {
-    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, beta1_d, beta2_d, t, eps, l2,
-              l1);
+                                    float one_minus_beta1, float one_minus_beta2, float eps, float l2, float l1,
+                                    double beta1_d, double beta2_d, const long long* __restrict__ t) {
+    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t);
 }
 extern "C" __global__ void adam_f64(double* __restrict__ w, const double* __restrict__ g,
                                     double* __restrict__ m, double* __restrict__ v, long long n, double lr,
                                     double beta1, double beta2, double one_minus_beta1, double one_minus_beta2,
-                                    double beta1_d, double beta2_d, const long long* __restrict__ t,
-                                    double eps, double l2, double l1) {
-    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, beta1_d, beta2_d, t, eps, l2,
-              l1);
+                                    double eps, double l2, double l1, double beta1_d, double beta2_d,
+                                    const long long* __restrict__ t) {
+    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t);
 }
 
 // Sum of x^2 over n elements, in double, written to *out (added to it when accumulate).
