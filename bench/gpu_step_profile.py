@@ -22,8 +22,8 @@ attributes are monkeypatched here and restored afterwards; no file is changed):
   ``Device/Stream/Event.synchronize``: host<->device transfers and host syncs.
 
 Per-step numbers come from differencing whole epochs run by ``_Step.epoch`` itself:
-after a warm-up epoch (kernel builds, workspace allocation), one epoch of 1 step (E1),
-one of 2 steps (E2) and one of 1+N steps (EN) are counted; per step = (EN - E1) / N
+for epochs of 1 step (E1), 2 steps (E2) and 1+N steps (EN), each after its own warm-up
+epoch (kernel builds, workspace allocation, graph capture), are counted; per step = (EN - E1) / N
 (checked to equal E2 - E1 exactly), per-epoch overhead = E1 - per step. As on the real
 ``cupy`` backend (``make_backend(real=True)``), the emulator's per-loss label range
 check (a device->host read) is switched off; ``--emu-label-check`` keeps it on.
@@ -31,8 +31,8 @@ check (a device->host read) is switched off; ``--emu-label-check`` keeps it on.
 Each config is profiled twice: eager steps (the default) and CUDA-graph steps
 (``cuda_graphs=True``: ``Graph.launch`` is counted as one launch, and the kernels it
 replays are counted separately as graph nodes). Besides the benchmark configs,
-``full`` is deep1024 with Adam, dropout 0.2, batch norm and clipping: everything a
-step can contain.
+``full`` is deep1024 with Adam, dropout 0.2, batch norm, clipping and 2-pixel shift
+augmentation: everything a step can contain.
 
 Usage: ``python bench/gpu_step_profile.py [--steps 5] [--configs seed,adam256,deep1024,full]
 [--out bench/results/gpu_step.md]``
@@ -67,10 +67,10 @@ _FILL_FUNCS = frozenset("zeros ones full zeros_like ones_like full_like".split()
 _ALLOC_FUNCS = frozenset("empty empty_like".split())
 GRAPH_NODE_S = 1e-6  # per kernel node inside a replayed graph (device-side launch latency), assumed
 
-# Profile-only configs: (benchmark config, extra MLP arguments, clip_norm).
+# Profile-only configs: (benchmark config, extra MLP arguments, clip_norm, augment_shift).
 _FULL = Config("784-1024-1024-10", "relu", "softmax_xent", "adam", 1e-3, 256, about="deep1024 + everything")
-PROFILES = {name: (cfg, {}, None) for name, cfg in CONFIGS.items()}
-PROFILES["full"] = (_FULL, {"dropout": 0.2, "batchnorm": True}, 1.0)
+PROFILES = {name: (cfg, {}, None, 0) for name, cfg in CONFIGS.items()}
+PROFILES["full"] = (_FULL, {"dropout": 0.2, "batchnorm": True}, 1.0, 2)
 
 
 # ------------------------------------------------------------------ tallies
@@ -178,7 +178,7 @@ def instrument(emu: Any, tally: Tally) -> Iterator[None]:
         kernel, kargs = args[0], tuple(args[3])
         arrays = [a for a in kargs if isinstance(a, emu.ndarray)]
         nbytes = sum(a.nbytes for a in arrays)
-        if kernel.name.startswith("gather_rows"):  # src is the whole training set; B rows are read
+        if kernel.name.startswith("gather_"):  # src is the whole training set (or labels); B rows are read
             nbytes += arrays[2].nbytes - arrays[0].nbytes
         tally.add("kernel", kernel.name, nbytes)
 
@@ -332,7 +332,7 @@ class Profile:
     per_step: Tally
     per_epoch: Tally
     linear: bool
-    h2d_per_sample: float  # the per-epoch uploads (permutation, labels, steps) scale with the epoch length
+    h2d_per_sample: float  # per-epoch uploads per sample (none: the epoch's order is made on the device)
     graphs: bool = False
     extras: str = ""
 
@@ -340,7 +340,7 @@ class Profile:
 def profile_config(name: str, steps: int, label_check: bool, graphs: bool = False, seed: int = 0) -> Profile:
     """Per-step and per-epoch tallies of ``_Step.epoch`` on cuda-emu for one config
     of PROFILES, with eager or CUDA-graph steps."""
-    cfg, extra, clip = PROFILES[name]
+    cfg, extra, clip, shift = PROFILES[name]
     be = get_backend("cuda-emu")
     emu = be.xp
     be.k._VALIDATE_LABELS = label_check
@@ -349,26 +349,37 @@ def profile_config(name: str, steps: int, label_check: bool, graphs: bool = Fals
     rng = np.random.default_rng(seed)
     X = rng.random((n, model.n_features), dtype=np.float32)
     y = rng.integers(0, model.n_classes, size=n).astype(np.int32)
-    # as gpumlp.train.fit builds them (no validation, no checkpoint)
+    Xd, yd = be.asarray(X, dtype=model.dtype), be.asarray(y)
+    # as gpumlp.train.fit builds them (no validation, no checkpoint), one per epoch length k * B
     opt = Optimizer(cfg.optimizer, lr=cfg.lr)
     opt_state = [opt.init_state(be, w) for _, w, _, _ in model.param_groups()]
-    st = _State(epoch=0, step=0, rng=np.random.default_rng(seed), history=History())
-    step = _Step(model, opt, opt_state, B, n, cfg.reduction, clip, graphs)
-    Xd = be.asarray(X, dtype=model.dtype)
+    st = _State(epoch=0, step=0, seed=seed, history=History())
+    epochs = {}
+    for k in (1, 2, steps + 1):
+        epochs[k] = _Step(model, opt, opt_state, B, k * B, cfg.reduction, clip)
+        epochs[k].configure(True, shift, graphs)
+        epochs[k].epoch(
+            Xd, yd, cfg.lr, st
+        )  # warm-up: kernel builds, workspaces (graph: eager step + capture)
 
-    def epoch(k: int, tally: Tally | None) -> None:
-        perm = st.rng.permutation(n)[: k * B]
-        with instrument(emu, tally) if tally is not None else contextlib.nullcontext():
-            step.epoch(Xd, perm, y[perm], cfg.lr, st)
+    def epoch(k: int, tally: Tally) -> None:
+        with instrument(emu, tally):
+            epochs[k].epoch(Xd, yd, cfg.lr, st)
+        st.epoch += 1
 
-    epoch(1, None)  # warm-up: kernel builds, workspaces (and the graph's eager step + capture)
     e1, e2, en = Tally(), Tally(), Tally()
     epoch(1, e1)
     epoch(2, e2)
     epoch(steps + 1, en)
     per_step = (en - e1).scaled(steps)
     per_sample = en.bytes_of("h2d") / ((steps + 1) * B)
-    extras = ", ".join([*(f"{k}={v}" for k, v in extra.items()), *([f"clip={clip}"] if clip else [])])
+    extras = ", ".join(
+        [
+            *(f"{k}={v}" for k, v in extra.items()),
+            *([f"clip={clip}"] if clip else []),
+            *([f"shift={shift}"] if shift else []),
+        ]
+    )
     return Profile(
         name, cfg, steps, per_step, e1 - per_step, per_step.same(e2 - e1), per_sample, graphs, extras
     )
@@ -493,7 +504,7 @@ def render(all_profiles: list[Profile], label_check: bool) -> str:
         f"Measured over {profiles[0].steps} steps after a warm-up epoch, by differencing whole epochs of "
         "`_Step.epoch` (per step = (E(1+N) − E(1)) / N; checked equal to E(2) − E(1): "
         f"{'yes' if check else 'NO'}; per epoch = E(1) − per step). float32; only `full` has clipping, "
-        "dropout and batch norm. "
+        "dropout, batch norm and shift augmentation. "
         f"Label range check of the emulator {'ON' if label_check else 'off, as on the real cupy backend'}.",
         "",
         "Counting: *our kernels* = `RawKernel` launches; *cuBLAS GEMMs* = `matmul` calls; *other device "

@@ -1,7 +1,9 @@
 """The one training loop, shared by every backend.
 
-Per epoch: a seeded host permutation (identical on every backend) is uploaded
-once; each minibatch is gathered on the device into a preallocated buffer;
+The data and labels are uploaded once. Per epoch, the backend shuffles on its
+device (a counter-hash permutation, identical on every backend); each minibatch
+is gathered on the device into a preallocated buffer, optionally shifted
+(augmentation drawn from the same kind of hash, keyed by the step);
 forward, fused loss+gradient, backward, optional clipping, one fused optimizer
 kernel per parameter. Loss and accuracy accumulate on the device and are read
 once per epoch, so nothing synchronises inside an epoch. After each epoch:
@@ -22,10 +24,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gpumlp import checkpoint
-from gpumlp.augment import shift_images
 from gpumlp.data import split_train_valid
+from gpumlp.kernels.reference import _image_side
 from gpumlp.optim import Optimizer, Schedule, clip_grad_norm
 from gpumlp.validate import check_features, check_labels
+
+# Salts of the training seed, so the shuffle's and the shifts' counter-hash streams never
+# coincide with dropout's (keyed by the model seed * 1000 + layer index).
+_SHUFFLE_SALT = 0x53485546  # "SHUF"
+_AUGMENT_SALT = 0x41554721  # "AUG!"
 
 
 class TrainingDiverged(FloatingPointError):
@@ -69,7 +76,7 @@ class _State:
 
     epoch: int
     step: int
-    rng: np.random.Generator
+    seed: int  # the epoch's shuffle and the step's shifts are functions of (seed, epoch / step)
     history: History
     best: tuple[float, int, dict | None] = (-1.0, -1, None)  # (valid acc, epoch, host weights)
 
@@ -85,7 +92,7 @@ def _save_checkpoint(path, model, opt: Optimizer, opt_state: list, st: _State, e
         "train": {
             "epoch": st.epoch,
             "step": st.step,
-            "rng": st.rng.bit_generator.state,
+            "seed": st.seed,
             "history": st.history.to_dict(),
             "optimizer": opt.to_dict(),
             "best": list(st.best[:2]),
@@ -108,12 +115,15 @@ def _load_checkpoint(path, model, opt_state: list) -> _State:
         for j, a in enumerate(states):
             a[...] = model.be.asarray(arrays[f"opt/{name}/{j}"], dtype=w.dtype)
     tr = meta["train"]
-    rng = np.random.default_rng()
-    rng.bit_generator.state = tr["rng"]
+    if "seed" not in tr:
+        raise checkpoint.CheckpointError(
+            f"{path} was written by a gpumlp before on-device shuffling and cannot be resumed exactly; "
+            "start a new run (its weights still load for eval/predict)"
+        )
     hist = History(**tr["history"])
     best_weights = {k[len("best/") :]: a for k, a in arrays.items() if k.startswith("best/")} or None
     best = (*tr.get("best", (-1.0, -1)), best_weights)
-    return _State(epoch=tr["epoch"], step=tr["step"], rng=rng, history=hist, best=best)
+    return _State(epoch=tr["epoch"], step=tr["step"], seed=tr["seed"], history=hist, best=best)
 
 
 def _split_validation(X, y, X_valid, y_valid, valid_split: int):
@@ -162,8 +172,10 @@ def fit(
     ``sum`` adds it up (the classic seed recipe). Stops after ``epochs``, when
     the training loss changes by less than ``tol``, or after ``patience``
     epochs without a better validation accuracy (then the best weights are
-    restored). ``augment_shift`` shifts 28x28 images by up to that many pixels
-    each epoch. With ``checkpoint_path`` the state is saved atomically after
+    restored). ``shuffle`` reorders the samples every epoch (on the device, the
+    same order on every backend for a given ``seed``). ``augment_shift`` shifts
+    each gathered square image by up to that many pixels (edges repeated),
+    drawn afresh every step. With ``checkpoint_path`` the state is saved atomically after
     each epoch, with ``checkpoint_extra`` = (host arrays, JSON meta) of the
     caller's (e.g. preprocessing); ``resume=True`` continues from it exactly.
     ``cuda_graphs`` (cupy/cuda-emu) replays each full-size step as one CUDA graph
@@ -179,6 +191,8 @@ def fit(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+    if augment_shift:
+        _image_side(X.shape[1], augment_shift)  # square images with room for the shift, or ValueError
     opt = (
         optimizer
         if isinstance(optimizer, Optimizer)
@@ -190,26 +204,22 @@ def fit(
     if resume and ckpt and ckpt.exists():
         st = _load_checkpoint(ckpt, model, opt_state)
     else:
-        st = _State(epoch=0, step=0, rng=np.random.default_rng(seed), history=History())
+        st = _State(epoch=0, step=0, seed=int(seed), history=History())
     if X_valid is not None:
         Xv = check_features(X_valid, model.n_features, "X_valid")
         valid_host = (Xv, check_labels(y_valid, Xv.shape[0], model.n_classes, "y_valid"))
     else:
         valid_host = None
-    step = _Step(
-        model, opt, opt_state, min(batch_size, X.shape[0]), X.shape[0], reduction, clip_norm, cuda_graphs
-    )
+    step = _Step(model, opt, opt_state, min(batch_size, X.shape[0]), X.shape[0], reduction, clip_norm)
+    step.configure(shuffle, augment_shift, cuda_graphs)
     bar = tqdm(total=epochs, initial=st.epoch, disable=not progress, unit="epoch", file=sys.stderr)
     try:
-        Xd = be.asarray(X, dtype=model.dtype)
+        Xd, yd = be.asarray(X, dtype=model.dtype), be.asarray(y.astype(np.int32, copy=False))
         valid = valid_host and (be.asarray(valid_host[0], dtype=model.dtype), be.asarray(valid_host[1]))
         while st.epoch < epochs and not st.history.stop_reason:
             t0 = time.perf_counter()
             epoch_lr = sched.lr(opt.lr, st.epoch)
-            perm = st.rng.permutation(X.shape[0]) if shuffle else np.arange(X.shape[0])
-            if augment_shift:
-                Xd = be.asarray(shift_images(X, augment_shift, st.rng), dtype=model.dtype)
-            train_loss, train_acc = step.epoch(Xd, perm, y[perm], epoch_lr, st)
+            train_loss, train_acc = step.epoch(Xd, yd, epoch_lr, st)
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(_diverged_message(train_loss, st.epoch + 1, epoch_lr, ckpt))
             rec = {"epoch": st.epoch + 1, "loss": train_loss, "train_acc": train_acc, "lr": epoch_lr}
@@ -241,84 +251,100 @@ class _Step:
     """One epoch of minibatch steps with buffers preallocated per batch shape
     (the full batch and the last partial one), so the step allocates nothing.
 
-    The step number ``t`` (Adam's bias correction, dropout's masks) reaches the
-    kernels as a 1-element device array, a view into a table of the epoch's
-    step numbers uploaded once. With ``graphs`` (backends with CUDA graphs),
-    the first full-size step for each learning rate runs eagerly and is then
-    captured; every later one copies its indices|labels row and its step number
-    into fixed device buffers (two device-to-device copies) and replays the
-    graph: forward, loss, backward, clipping and update in one launch."""
+    Each epoch starts on the device: the permutation (or the identity without
+    shuffling), the labels in that order, and the epoch's step numbers. The
+    step number ``t`` (Adam's bias correction, dropout's masks, the shifts)
+    reaches the kernels as a 1-element device array, a view into that table.
+    With ``graphs`` (backends with CUDA graphs), the first full-size step for
+    each learning rate runs eagerly and is then captured; every later one
+    copies its indices|labels row and its step number into fixed device buffers
+    (two device-to-device copies) and replays the graph: gather, forward, loss,
+    backward, clipping and update in one launch."""
 
-    def __init__(self, model, opt, opt_state: list, batch: int, n: int, reduction: str, clip, graphs: bool):
-        self.model, self.opt, self.opt_state, self.B, self.clip = model, opt, opt_state, batch, clip
+    def __init__(self, model, opt, opt_state: list, batch: int, n: int, reduction: str, clip):
+        self.model, self.opt, self.opt_state, self.clip = model, opt, opt_state, clip
+        self.B, self.n = batch, n
         self.params = model.param_groups()
         self.mean = reduction == "mean"
         xp, dt = model.be.xp, model.dtype
         sizes = {batch, n % batch or batch}
         self.x_buf = {b: xp.empty((b, model.n_features), dtype=dt) for b in sizes}
         self.g_buf = {b: xp.empty((b, model.n_classes), dtype=dt) for b in sizes}
+        self.order, self.y_order = xp.empty(n, dtype=np.int32), xp.empty(n, dtype=np.int32)
         # Device accumulators the loss and count kernels add into: no extra op, no allocation per step.
         self.loss_sum, self.correct = xp.zeros((), dtype=dt), xp.zeros((), dtype=np.int64)
         self.sumsq = xp.zeros((), dtype=dt)  # clipping's squared gradient norm
-        if graphs:
-            if model.be.capture is None:
-                name = model.be.name
-                raise ValueError(f"cuda_graphs needs a CUDA backend (cupy or cuda-emu), not {name!r}")
-            self.batch_buf = xp.zeros(2 * batch, dtype=np.int32)  # indices | labels of the replayed step
-            self.t_buf = xp.zeros(1, dtype=np.int64)
-        self.use_graphs, self.graph, self.graph_key = graphs, None, None
+        self.configure(True, 0, False)
 
-    def _run(self, Xd, idx, labels, lr: float, t) -> None:
-        """One minibatch step: gather rows ``idx`` of Xd, forward, loss, backward,
-        clipping, update. ``t``: the 1-based step as a 1-element int64 device array."""
+    def configure(self, shuffle: bool, shift: int, graphs: bool) -> None:
+        """Shuffle every epoch or keep the data order; shift images by up to ``shift``
+        pixels (0: no augmentation); replay full-size steps as CUDA graphs."""
+        be, xp = self.model.be, self.model.be.xp
+        if graphs and be.capture is None:
+            raise ValueError(f"cuda_graphs needs a CUDA backend (cupy or cuda-emu), not {be.name!r}")
+        self.shuffle, self.shift, self.use_graphs = shuffle, shift, graphs
+        self.graph, self.graph_key = None, None
+        if not shuffle:
+            self.order[...] = xp.arange(self.n, dtype=np.int32)
+        if graphs:
+            self.batch_buf = xp.zeros(2 * self.B, dtype=np.int32)  # indices | labels of the replayed step
+            self.t_buf = xp.zeros(1, dtype=np.int64)
+
+    def _run(self, Xd, idx, labels, lr: float, t, seed: int) -> None:
+        """One minibatch step: gather rows ``idx`` of Xd (shifted with augmentation), forward,
+        loss, backward, clipping, update. ``t``: the 1-based step as a 1-element int64 device array."""
         model, be = self.model, self.model.be
-        b = idx.shape[0]
-        scores = model.forward(be.k.gather_rows(Xd, idx, out=self.x_buf[b]), train=True, step=t)
+        b, k = idx.shape[0], be.k
+        if self.shift:
+            x = k.gather_shifted(Xd, idx, self.shift, seed ^ _AUGMENT_SALT, step=t, out=self.x_buf[b])
+        else:
+            x = k.gather_rows(Xd, idx, out=self.x_buf[b])
+        scores = model.forward(x, train=True, step=t)
         scale = 1.0 / b if self.mean else 1.0
         _, grad = model.loss(be, scores, labels, grad=self.g_buf[b], grad_scale=scale, loss=self.loss_sum)
-        be.k.correct_count(scores, labels, count=self.correct)
+        k.correct_count(scores, labels, count=self.correct)
         model.backward(grad)
         if self.clip:
             clip_grad_norm(be, [g for _, _, g, _ in self.params], self.clip, self.sumsq)
         for (_, w, g, decayed), state in zip(self.params, self.opt_state):
             self.opt.update(be, w, g, state, lr, t, decayed)
 
-    def _replay(self, Xd, batch, t, lr: float) -> None:
+    def _replay(self, Xd, batch, t, lr: float, seed: int) -> None:
         """The same step through a CUDA graph. ``batch``: the step's indices|labels
         (2B,) int32 and ``t`` its step number, both device arrays."""
         self.batch_buf[...] = batch
         self.t_buf[...] = t
         idx, labels = self.batch_buf[: self.B], self.batch_buf[self.B :]
-        made_for = self.graph_key  # (data, lr) baked into the graph; holding Xd keeps its memory alive
-        if made_for is not None and made_for[0] is Xd and made_for[1] == lr:
+        made_for = self.graph_key  # (data, lr, seed) baked into the graph; holding Xd keeps its memory alive
+        if made_for is not None and made_for[0] is Xd and made_for[1:] == (lr, seed):
             self.graph()
             return
         # Run the step for real first: everything it needs is then compiled and allocated.
-        self._run(Xd, idx, labels, lr, self.t_buf)
-        self.graph = self.model.be.capture(lambda: self._run(Xd, idx, labels, lr, self.t_buf))
-        self.graph_key = (Xd, lr)
+        self._run(Xd, idx, labels, lr, self.t_buf, seed)
+        self.graph = self.model.be.capture(lambda: self._run(Xd, idx, labels, lr, self.t_buf, seed))
+        self.graph_key = (Xd, lr, seed)
 
-    def epoch(self, Xd, perm: np.ndarray, y_perm: np.ndarray, lr: float, st: _State) -> tuple[float, float]:
-        """Train one pass over the rows of device Xd in host order ``perm`` ->
-        (mean loss, accuracy), read from the device once at the end."""
-        be, n, B = self.model.be, perm.shape[0], self.B
+    def epoch(self, Xd, yd, lr: float, st: _State) -> tuple[float, float]:
+        """Train one pass over the rows of device arrays Xd (n, F) and labels yd (n,) int32
+        -> (mean loss, accuracy), read from the device once at the end."""
+        be, xp, n, B = self.model.be, self.model.be.xp, self.n, self.B
         steps = -(-n // B)
         with be.stream():
-            # one upload each per epoch: the order, its labels, the step numbers (and the graph's table)
-            perm_d, y_d = be.asarray(perm.astype(np.int32)), be.asarray(y_perm)
-            t_d = be.asarray(np.arange(st.step + 1, st.step + steps + 1, dtype=np.int64))
-            if self.use_graphs:
+            if self.shuffle:
+                be.k.permutation(st.seed ^ _SHUFFLE_SALT, n, st.epoch, out=self.order)
+            order, labels = self.order, be.k.gather_rows(yd, self.order, out=self.y_order)
+            t_d = xp.arange(st.step + 1, st.step + steps + 1, dtype=np.int64)
+            if self.use_graphs:  # one row of indices | labels per full-size step
                 full = n // B
-                rows = [perm[: full * B].reshape(full, B), y_perm[: full * B].reshape(full, B)]
-                table = be.asarray(np.concatenate(rows, axis=1).astype(np.int32))
+                table = xp.concatenate([a[: full * B].reshape(full, B) for a in (order, labels)], axis=1)
             self.loss_sum[...] = 0
             self.correct[...] = 0
             for i, s in enumerate(range(0, n, B)):
                 b = min(B, n - s)
                 if self.use_graphs and b == B:
-                    self._replay(Xd, table[i], t_d[i : i + 1], lr)
+                    self._replay(Xd, table[i], t_d[i : i + 1], lr, st.seed)
                 else:
-                    self._run(Xd, perm_d[s : s + b], y_d[s : s + b], lr, t_d[i : i + 1])
+                    self._run(Xd, order[s : s + b], labels[s : s + b], lr, t_d[i : i + 1], st.seed)
             st.step += steps
             be.synchronize()
         return float(be.to_host(self.loss_sum)) / n, int(be.to_host(self.correct)) / n

@@ -27,7 +27,7 @@ from typing import Any as _Any
 
 import numpy as np
 
-from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS, _updates_running_stats
+from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS, _image_side, _updates_running_stats
 
 _cp: _Any = None  # the CuPy-like array module; bound by make_backend, else CuPy on first use
 _CUDA_DIR = _Path(__file__).resolve().parent / "cuda"
@@ -52,7 +52,10 @@ _GEMM_TILE, _GEMM_BLOCK = 32, (32, 8)  # must match GEMM_TILE / GEMM_ROWS in cud
 
 # kernel name -> the .cu file that defines it
 _FILES = {
-    **dict.fromkeys(("bias_act", "act_grad", "bias_grad", "gather_rows"), "elementwise"),
+    **dict.fromkeys(
+        ("bias_act", "act_grad", "bias_grad", "gather_rows", "gather_shifted", "perm_keys", "perm_index"),
+        "elementwise",
+    ),
     **dict.fromkeys(("softmax", "softmax_xent", "sigmoid_bce", "mse", "correct_count"), "losses"),
     **dict.fromkeys(("sgd", "momentum", "adagrad", "rmsprop", "adam", "sum_squares", "clip_scale"), "optim"),
     **dict.fromkeys(
@@ -294,6 +297,35 @@ def gather_rows(src, idx, out=None):
         name = "gather_rows"
         fn = _kernel(name, f"{_sfx(src, name)}_{'i32' if idx.dtype == np.int32 else 'i64'}")
         fn((_grid(n),), (_BLOCK,), (src, idx, out, np.int64(n), np.int64(width)))
+    return out
+
+
+def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
+    """Minibatch gather with the reference's hash-drawn, edge-repeating shifts, in one
+    launch; ``step`` read on the device. src: (N, side*side) float, idx: (B,) int -> (B, side*side)."""
+    src, idx = _dev(src, "src"), _dev(idx, "idx")
+    side = _image_side(src.shape[1], max_shift)
+    if idx.dtype != np.int32:
+        idx = idx.astype(np.int32)
+    out = _out(out, "out", (idx.shape[0], src.shape[1]), src.dtype)
+    seed32, step_d = np.uint32(seed & 0xFFFFFFFF), _step(step, "step")
+    args = (src, idx, out, np.int64(out.size), np.int32(side), np.int32(max_shift), seed32, step_d)
+    _elementwise("gather_shifted", out, *args)
+    return out
+
+
+def permutation(seed, n, epoch=0, out=None):
+    """The reference's hash-ordered permutation of range(n), made on the device: 64-bit
+    keys hash << 32 | index, CuPy's sort, their low words. -> (n,) int32 device array."""
+    if not 0 <= n < 2**31:
+        raise ValueError(f"permutation: n must be in [0, 2^31), got {n}")
+    out = _out(out, "out", (n,), np.int32)
+    if n:
+        keys = _xp().empty((n,), dtype=np.uint64)
+        grid, count, seed32 = (_grid(n),), np.int64(n), np.uint32(seed & 0xFFFFFFFF)
+        _kernel("perm_keys", "u64")(grid, (_BLOCK,), (keys, count, seed32, np.int64(epoch)))
+        keys.sort()
+        _kernel("perm_index", "u64")(grid, (_BLOCK,), (keys, out, count))
     return out
 
 

@@ -59,6 +59,8 @@ from .reference import (
     LEAKY_SLOPE,
     LOG_EPS,
     _accumulate,  # the same 0-d accumulator glue as the reference
+    _image_side,
+    _put,
     _step_value,
     _store_sum,
     _updates_running_stats,
@@ -624,6 +626,7 @@ _C2 = np.uint64(0x846CA68B)
 _S16 = np.uint64(16)
 _S15 = np.uint64(15)
 _S8 = np.uint64(8)
+_MASK16 = np.uint64(0xFFFF)
 
 
 @njit(cache=True, error_model="numpy")
@@ -655,6 +658,55 @@ def hash_uniform(seed: int, n: int, step=0) -> np.ndarray:
     """Counter-based uniforms in [0,1), bit-identical to the reference's lowbias32. -> (n,) float64."""
     out = np.empty(n, np.float64)
     _hash_uniform_k(_key(seed, step), out)
+    return out
+
+
+# ====================================================== shuffle and augmentation
+@njit(cache=True, error_model="numpy")
+def _hash32_k(key, out):
+    for i in range(out.size):
+        out[i] = _mix32((np.uint64(i) & _MASK32) ^ key)
+
+
+def permutation(seed: int, n: int, epoch: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """Indices 0..n-1 in the order of their counter hash (jitted), ties by index
+    (NumPy's stable argsort): bit-identical to the reference. -> (n,) int32."""
+    if not 0 <= n < 2**31:
+        raise ValueError(f"permutation: n must be in [0, 2^31), got {n}")
+    h = np.empty(n, np.uint32)
+    _hash32_k(_key(seed, epoch), h)
+    return _put(out, np.argsort(h, kind="stable").astype(np.int32))
+
+
+@njit(cache=True, error_model="numpy")
+def _gather_shifted_k(src, idx, out, side, max_shift, key):
+    n, span = src.shape[0], 2 * max_shift + 1
+    for r in range(idx.shape[0]):
+        k = idx[r]
+        if k < 0:
+            k += n
+        if k < 0 or k >= n:
+            raise IndexError("gather_shifted: index out of range")
+        h = _mix32((np.uint64(r) & _MASK32) ^ key)
+        dy = np.int64(h & _MASK16) % span - max_shift
+        dx = np.int64(h >> _S16) % span - max_shift
+        for i in range(side):
+            src_row = min(max(i - dy, 0), side - 1) * side
+            for j in range(side):
+                out[r, i * side + j] = src[k, src_row + min(max(j - dx, 0), side - 1)]
+
+
+def gather_shifted(
+    src: np.ndarray, idx: np.ndarray, max_shift: int, seed: int, step=0, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Minibatch gather with the reference's hash-drawn edge-repeating shifts, in one
+    pass. src: (N, side*side) float, idx: (B,) int -> (B, side*side)."""
+    side = _image_side(src.shape[1], max_shift)
+    if out is None:
+        out = np.empty((idx.shape[0], src.shape[1]), dtype=src.dtype)
+    if not (src.flags.c_contiguous and out.flags.c_contiguous):
+        raise ValueError("gather_shifted: src and out must be C-contiguous")
+    _gather_shifted_k(src, idx, out, side, max_shift, _key(seed, step))
     return out
 
 
@@ -897,6 +949,8 @@ def _warmup(dtype=np.float32) -> float:
     _adam_serial(w1, g1, s1, s2, 1.0, 0.9, 0.999, 1e-8, 1000.0, 0.0, 0.0)
     _adam_par(w1, g1, s1, s2, 1.0, 0.9, 0.999, 1e-8, 1000.0, 0.0, 0.0, *nt)
     hash_uniform(1, 4)
+    permutation(1, 4)
+    gather_shifted(np.ones((2, 9), dt), lab[[0, 1]] % 2, 1, 1)
     _, mk = dropout_forward(z, 0.5, 1)
     dropout_backward(z, mk)
     y, xh, mean, var = batchnorm_forward(z, b + 1, b, running_mean=b + 0, running_var=b + 1)

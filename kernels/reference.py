@@ -24,8 +24,8 @@ Conventions shared by every kernel
   writes out of bounds.
 * Activations are named ``identity``, ``sigmoid``, ``tanh``, ``relu`` and
   ``leaky_relu`` (negative slope ``LEAKY_SLOPE``).
-* Per-step integers (Adam's ``t``, dropout's ``step``) are a Python int or a
-  1-element int64 array on the backend's device. The training loop passes the
+* Per-step integers (Adam's ``t``, dropout's and ``gather_shifted``'s ``step``)
+  are a Python int or a 1-element int64 array on the backend's device. The training loop passes the
   array: a GPU kernel reads it on the device, so a captured CUDA graph replays
   with the current value instead of the one it was captured with.
 """
@@ -130,6 +130,36 @@ def bias_grad(grad_z, out=None):
 def gather_rows(src, idx, out=None):
     """Minibatch gather ``src[idx]``. src: (N,...), idx: (B,) int -> (B,...)."""
     return _put(out, src[idx])
+
+
+def _image_side(width: int, max_shift: int) -> int:
+    """Side of the square images stored as rows of ``width`` features, checking that
+    ``max_shift`` pixels fit: 0 <= max_shift < side. -> side."""
+    side = int(round(width**0.5))
+    if side * side != width:
+        raise ValueError(f"shift augmentation needs square images; {width} features is not a square")
+    if not 0 <= max_shift < side:
+        raise ValueError(f"max_shift must be in [0, {side}) for {side}x{side} images, got {max_shift}")
+    return side
+
+
+def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
+    """Minibatch gather with random-translation augmentation. Row r is the square
+    image src[idx[r]] shifted by (dy, dx) in [-s, s]^2 (s = max_shift), drawn from
+    h = _hash32(seed, B, step)[r]: dy = (h & 0xFFFF) % (2s+1) - s,
+    dx = (h >> 16) % (2s+1) - s; pixels shifted in from outside repeat the edge:
+    out[r, i, j] = img[clip(i - dy), clip(j - dx)]. ``step``: int or 1-element
+    int64 device array (fresh shifts each training step, in a CUDA graph too).
+    src: (N, side*side) float, idx: (B,) int -> (B, side*side)."""
+    side = _image_side(src.shape[1], max_shift)
+    b, span = idx.shape[0], 2 * max_shift + 1
+    h = _hash32(seed, b, step).astype(np.int64)
+    dy, dx = (h & 0xFFFF) % span - max_shift, (h >> 16) % span - max_shift
+    pix = np.arange(side)
+    rows = np.clip(pix[None, :] - dy[:, None], 0, side - 1)[:, :, None]  # (B, side, 1)
+    cols = np.clip(pix[None, :] - dx[:, None], 0, side - 1)[:, None, :]  # (B, 1, side)
+    images = src[idx].reshape(b, side, side)
+    return _put(out, images[np.arange(b)[:, None, None], rows, cols].reshape(b, side * side))
 
 
 # -------------------------------------------------------------------- losses
@@ -244,7 +274,24 @@ def adam_step(w, g, m, v, lr, t, beta1=0.9, beta2=0.999, eps=1e-8, l2=0.0, l1=0.
     w -= (lr * m_hat / (np.sqrt(v_hat) + eps)).astype(w.dtype)
 
 
-# ------------------------------------------------------------------- dropout
+# ------------------------------------------------------------ counter hashes
+def _mix32(x):
+    """Wellons' "lowbias32" integer mixer on uint32 arrays (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def _hash32(seed, n, step=0):
+    """Counter hashes: element i is lowbias32(i ^ key) with key =
+    lowbias32(seed + step * 0x9E3779B1 mod 2^32). -> (n,) uint32."""
+    key32 = (seed + _step_value(step) * _GOLDEN) & 0xFFFFFFFF
+    key = _mix32(np.array([key32], dtype=np.uint32))  # 1-elem array: wraps silently
+    return _mix32(np.arange(n, dtype=np.uint32) ^ key)
+
+
 def hash_uniform(seed, n, step=0):
     """Counter-based uniform numbers in [0,1): element i gets hash(key, i) with
     key = seed + step * 0x9E3779B1 (mod 2^32), so each training step draws a
@@ -253,18 +300,18 @@ def hash_uniform(seed, n, step=0):
     The hash is Wellons' "lowbias32" integer mixer on 32-bit unsigned ints;
     every backend computes the identical stream, so dropout masks agree bit
     for bit across numpy, numba and CUDA. -> (n,) float64."""
+    return (_hash32(seed, n, step) >> np.uint32(8)).astype(np.float64) * (1.0 / (1 << 24))
 
-    def mix(x):
-        x = x ^ (x >> np.uint32(16))
-        x = x * np.uint32(0x7FEB352D)
-        x = x ^ (x >> np.uint32(15))
-        x = x * np.uint32(0x846CA68B)
-        return x ^ (x >> np.uint32(16))
 
-    key32 = (seed + _step_value(step) * _GOLDEN) & 0xFFFFFFFF
-    key = mix(np.array([key32], dtype=np.uint32))  # 1-elem array: wraps silently
-    h = mix(np.arange(n, dtype=np.uint32) ^ key)
-    return (h >> np.uint32(8)).astype(np.float64) * (1.0 / (1 << 24))
+def permutation(seed, n, epoch=0, out=None):
+    """A pseudo-random permutation of range(n), identical on every backend: the
+    indices in the order of their counter hash ``_hash32(seed, n, epoch)``,
+    equal hashes by index (a stable argsort; a GPU sorts 64-bit keys
+    hash << 32 | index instead). Made on the device, so shuffling uploads
+    nothing. seed, epoch: int, n < 2^31 -> (n,) int32."""
+    if not 0 <= n < 2**31:
+        raise ValueError(f"permutation: n must be in [0, 2^31), got {n}")
+    return _put(out, np.argsort(_hash32(seed, n, epoch), kind="stable").astype(np.int32))
 
 
 def dropout_forward(x, p, seed, out=None, mask=None, step=0):

@@ -109,7 +109,8 @@ def test_rawmodule_source_compiles_with_nvrtc(nvrtc, stem: str, cc: str, monkeyp
             assert any(k == f"{base}_{sfx}" or k.startswith(f"{base}_{sfx}_") for k in declared), (
                 f"{stem}.cu has no kernel {base}_{sfx}*"
             )
-    unrouted = {k for k in declared if not any(re.fullmatch(rf"{b}_f(32|64)(_\w+)?", k) for b in bases)}
+    suffixes = {b: re.escape(fixed[b]) if b in fixed else "f32|f64" for b in bases}
+    unrouted = {k for k in declared if not any(re.fullmatch(rf"{b}_({suffixes[b]})(_\w+)?", k) for b in bases)}
     assert not unrouted, f"kernels in {stem}.cu that cupy_gpu._FILES does not map to it: {sorted(unrouted)}"
 
 

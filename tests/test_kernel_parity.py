@@ -166,6 +166,82 @@ def test_gather_rows(be, src_shape, src_dtype, with_out):
     np.testing.assert_array_equal(be.to_host(got), expected)  # a copy: exact
 
 
+def _edge_shift(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """A square image translated by (dy, dx), uncovered pixels repeating the edge (by padding)."""
+    s = max(abs(dy), abs(dx))
+    padded = np.pad(img, s, mode="edge")
+    return padded[s - dy : s - dy + img.shape[0], s - dx : s - dx + img.shape[1]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("max_shift", [0, 1, 2, 6])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_gather_shifted(be, dtype, max_shift, with_out):
+    src = _data((50, 49), dtype, seed=6)  # 7x7 images
+    idx = np.random.default_rng(7).integers(0, 50, 257).astype(np.int32)  # > one block, repeats
+    expected = ref.gather_shifted(src, idx, max_shift, seed=3, step=11)
+    out = _empty(be, expected.shape, dtype) if with_out else None
+    t = _device_step(be, 11)
+    got = be.k.gather_shifted(be.asarray(src), be.asarray(idx), max_shift, 3, step=t, out=out)
+    if with_out:
+        assert got is out
+    np.testing.assert_array_equal(be.to_host(got), expected)  # a permuted copy: exact
+    host_step = be.k.gather_shifted(be.asarray(src), be.asarray(idx.astype(np.int64)), max_shift, 3, step=11)
+    np.testing.assert_array_equal(be.to_host(host_step), expected)
+
+
+def test_gather_shifted_draws_every_shift_in_range():
+    """Each row is its source image translated by some (dy, dx) in [-s, s]^2 with edges
+    repeated; over many rows every shift occurs, and the next step draws new ones."""
+    s, side = 2, 6
+    src = np.random.default_rng(0).random((10, side * side))
+    idx = np.arange(400) % 10
+    out = ref.gather_shifted(src, idx, s, seed=1, step=5).reshape(-1, side, side)
+    shifts = [(dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
+    seen = set()
+    for r, i in enumerate(idx):
+        img = src[i].reshape(side, side)
+        match = [d for d in shifts if np.array_equal(_edge_shift(img, *d), out[r])]
+        assert len(match) == 1, f"row {r} is not one edge-shift of image {i} within {s}"
+        seen.add(match[0])
+    assert seen == set(shifts)
+    assert not np.array_equal(ref.gather_shifted(src, idx, s, seed=1, step=6), out.reshape(400, -1))
+    np.testing.assert_array_equal(ref.gather_shifted(src, idx, 0, seed=1, step=5), src[idx])
+
+
+def test_gather_shifted_rejects_bad_images(be):
+    x = be.asarray(np.zeros((3, 10), np.float32))
+    idx = be.asarray(np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="10 features is not a square"):
+        be.k.gather_shifted(x, idx, 1, 0)
+    with pytest.raises(ValueError, match=r"max_shift must be in \[0, 3\)"):
+        be.k.gather_shifted(be.asarray(np.zeros((3, 9), np.float32)), idx, 3, 0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 255, 256, 1000, 60000])
+@pytest.mark.parametrize("seed", [0, 2**32 + 7])
+def test_permutation_bit_identical(be, n, seed):
+    expected = ref.permutation(seed, n, epoch=4)
+    assert expected.dtype == np.int32 and np.array_equal(np.sort(expected), np.arange(n))
+    got = be.k.permutation(seed, n, epoch=4)
+    np.testing.assert_array_equal(be.to_host(got), expected)
+    out = _empty(be, (n,), np.int32)
+    assert be.k.permutation(seed, n, 4, out=out) is out
+    np.testing.assert_array_equal(be.to_host(out), expected)
+
+
+def test_permutation_is_fresh_each_epoch_and_well_mixed():
+    n = 10000
+    perms = [ref.permutation(1, n, epoch) for epoch in range(3)]
+    assert not np.array_equal(perms[0], perms[1]) and not np.array_equal(perms[1], perms[2])
+    # a uniform shuffle leaves ~1 fixed point and no correlation between position and index
+    for p in perms:
+        assert (p == np.arange(n)).sum() < 10
+        assert abs(np.corrcoef(p, np.arange(n))[0, 1]) < 0.05
+    with pytest.raises(ValueError, match="n must be in"):
+        ref.permutation(0, -1)
+
+
 # ================================================================= losses
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)

@@ -17,6 +17,11 @@
 #define MAX_BLOCK 256
 #define COL_Y 8
 
+// 1-D grid-stride loop over n elements: correct for any grid size.
+#define GRID_STRIDE(i, n)                                                            \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)gridDim.x * blockDim.x)
+
 // Activation codes: the index of the name in reference.ACTIVATIONS.
 #define ACT_IDENTITY 0
 #define ACT_SIGMOID 1
@@ -74,6 +79,12 @@ __device__ __forceinline__ unsigned int lowbias32(unsigned int x) {
     x *= 0x846ca68bU;
     x ^= x >> 16;
     return x;
+}
+
+// The key of the counter stream (seed, step): lowbias32(seed + step * GOLDEN mod 2^32),
+// as reference._hash32; element i of the stream is lowbias32(i ^ key).
+__device__ __forceinline__ unsigned int stream_key(unsigned int seed, long long step) {
+    return lowbias32(seed + (unsigned int)step * 0x9E3779B1u);
 }
 
 // Butterfly reductions: every lane of the warp gets the result.

@@ -3,20 +3,10 @@
 // Contract: kernels/reference.py (hash_uniform, dropout_forward/backward, batchnorm_*).
 #include "device_common.h"
 
-#define GRID_STRIDE(i, n)                                                            \
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
-         i += (long long)gridDim.x * blockDim.x)
-
-// The hash key of (seed, step): lowbias32(seed + step * GOLDEN mod 2^32), as the
-// reference; step is read on the device so a replayed CUDA graph draws fresh masks.
-__device__ __forceinline__ unsigned int dropout_key(unsigned int seed, const long long* step) {
-    return lowbias32(seed + (unsigned int)*step * 0x9E3779B1u);
-}
-
 // out[i] = (lowbias32(i ^ key) >> 8) / 2^24, exactly as the reference.
 extern "C" __global__ void hash_uniform_f64(double* __restrict__ out, long long n, unsigned int seed,
                                             const long long* __restrict__ step) {
-    const unsigned int key = dropout_key(seed, step);
+    const unsigned int key = stream_key(seed, *step);
     GRID_STRIDE(i, n) { out[i] = (double)(lowbias32((unsigned int)i ^ key) >> 8) * (1.0 / 16777216.0); }
 }
 
@@ -26,7 +16,7 @@ template <typename T>
 __device__ void dropout_forward_impl(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ mask,
                                      long long n, unsigned int seed, const long long* __restrict__ step,
                                      unsigned int thresh, T scale) {
-    const unsigned int key = dropout_key(seed, step);
+    const unsigned int key = stream_key(seed, *step);
     GRID_STRIDE(i, n) {
         const T mk = (lowbias32((unsigned int)i ^ key) >> 8) >= thresh ? scale : T(0);
         mask[i] = mk;

@@ -1,6 +1,8 @@
 // Dense-layer tail kernels: bias + activation, activation backward, bias
-// gradient (column sums) and the on-device minibatch gather.
-// Contract: kernels/reference.py (bias_act, act_grad, bias_grad, gather_rows).
+// gradient (column sums); the on-device minibatch gather, with or without shift
+// augmentation, and the on-device shuffle.
+// Contract: kernels/reference.py (bias_act, act_grad, bias_grad, gather_rows, gather_shifted,
+// permutation).
 #include "device_common.h"
 
 // y = act(z + b). z, out: (B, N) as n = B*N elements; b: (N,).
@@ -44,6 +46,25 @@ __device__ void gather_rows_impl(const T* __restrict__ src, const I* __restrict_
          i += (long long)gridDim.x * blockDim.x) {
         const long long row = i / width;
         out[i] = src[(long long)idx[row] * width + (i - row * width)];
+    }
+}
+
+// Row r of out = the side x side image src[idx[r]] shifted by (dy, dx) drawn from
+// h = lowbias32(r ^ stream_key(seed, *step)), edge pixels repeated; n = B * side * side.
+template <typename T>
+__device__ void gather_shifted_impl(const T* __restrict__ src, const int* __restrict__ idx,
+                                    T* __restrict__ out, long long n, int side, int max_shift,
+                                    unsigned int seed, const long long* __restrict__ step) {
+    const unsigned int key = stream_key(seed, *step);
+    const unsigned int span = 2 * max_shift + 1;
+    const long long width = (long long)side * side;
+    GRID_STRIDE(i, n) {
+        const long long row = i / width;
+        const int pixel = (int)(i - row * width), y = pixel / side, x = pixel - y * side;
+        const unsigned int h = lowbias32((unsigned int)row ^ key);
+        const int dy = (int)((h & 0xffffu) % span) - max_shift, dx = (int)((h >> 16) % span) - max_shift;
+        const int sy = min(max(y - dy, 0), side - 1), sx = min(max(x - dx, 0), side - 1);
+        out[i] = src[(long long)idx[row] * width + sy * side + sx];
     }
 }
 
@@ -93,4 +114,29 @@ extern "C" __global__ void gather_rows_f64_i64(const double* __restrict__ src,
                                                const long long* __restrict__ idx, double* __restrict__ out,
                                                long long n, long long width) {
     gather_rows_impl(src, idx, out, n, width);
+}
+
+extern "C" __global__ void gather_shifted_f32(const float* __restrict__ src, const int* __restrict__ idx,
+                                              float* __restrict__ out, long long n, int side, int max_shift,
+                                              unsigned int seed, const long long* __restrict__ step) {
+    gather_shifted_impl(src, idx, out, n, side, max_shift, seed, step);
+}
+extern "C" __global__ void gather_shifted_f64(const double* __restrict__ src, const int* __restrict__ idx,
+                                              double* __restrict__ out, long long n, int side, int max_shift,
+                                              unsigned int seed, const long long* __restrict__ step) {
+    gather_shifted_impl(src, idx, out, n, side, max_shift, seed, step);
+}
+
+// permutation(): keys[i] = hash(i) << 32 | i. They are distinct, so sorting them gives the
+// reference's stable argsort of the hashes whatever the sort.
+extern "C" __global__ void perm_keys_u64(unsigned long long* __restrict__ keys, long long n, unsigned int seed,
+                                         long long epoch) {
+    const unsigned int key = stream_key(seed, epoch);
+    GRID_STRIDE(i, n) { keys[i] = (unsigned long long)lowbias32((unsigned int)i ^ key) << 32 | i; }
+}
+
+// The permutation from the sorted keys: their low 32 bits.
+extern "C" __global__ void perm_index_u64(const unsigned long long* __restrict__ keys, int* __restrict__ out,
+                                          long long n) {
+    GRID_STRIDE(i, n) { out[i] = (int)(keys[i] & 0xffffffffull); }
 }

@@ -5,10 +5,6 @@
 // sum_squares, clip_scale).
 #include "device_common.h"
 
-#define GRID_STRIDE(i, n)                                                            \
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
-         i += (long long)gridDim.x * blockDim.x)
-
 template <typename T>
 __device__ __forceinline__ T effective_grad(T w, T g, T l2, T l1) {
     return g + l2 * w + l1 * dev_sign(w);
