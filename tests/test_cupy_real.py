@@ -110,7 +110,8 @@ def test_rawmodule_source_compiles_with_nvrtc(nvrtc, stem: str, cc: str, monkeyp
                 f"{stem}.cu has no kernel {base}_{sfx}*"
             )
     suffixes = {b: re.escape(fixed[b]) if b in fixed else "f32|f64" for b in bases}
-    unrouted = {k for k in declared if not any(re.fullmatch(rf"{b}_({suffixes[b]})(_\w+)?", k) for b in bases)}
+    routed = [rf"{b}_({suffixes[b]})(_\w+)?" for b in bases]
+    unrouted = {k for k in declared if not any(re.fullmatch(pattern, k) for pattern in routed)}
     assert not unrouted, f"kernels in {stem}.cu that cupy_gpu._FILES does not map to it: {sorted(unrouted)}"
 
 

@@ -120,6 +120,46 @@ def test_resume_continues_bit_for_bit(tmp_path):
         assert np.array_equal(a, b)
 
 
+def test_resume_with_shuffle_and_shifts_continues_bit_for_bit(tmp_path):
+    """The epoch's order and the step's shifts are functions of (seed, epoch / step), kept in
+    the checkpoint: resuming reproduces them, even if the caller passes another seed."""
+    rng = np.random.default_rng(0)
+    X, y = rng.random((120, 25)), rng.integers(0, 3, 120)  # 5x5 "images"
+    fit_kw = dict(batch_size=16, optimizer="momentum", lr=0.05, augment_shift=1, seed=7)
+    straight = MLP("25-12-3", backend="numba" if "numba" in _loadable_backends() else "numpy", seed=1)
+    be = straight.be
+    h_straight = straight.fit(X, y, epochs=3, **fit_kw)
+    ckpt = tmp_path / "ck.npz"
+    MLP("25-12-3", backend=be, seed=1).fit(X, y, epochs=1, checkpoint_path=ckpt, **fit_kw)
+    resumed = MLP("25-12-3", backend=be, seed=1)
+    h_resumed = resumed.fit(X, y, epochs=3, checkpoint_path=ckpt, resume=True, **{**fit_kw, "seed": 99})
+    assert h_resumed["loss"] == h_straight["loss"]
+    for a, b in zip(straight.state_arrays().values(), resumed.state_arrays().values()):
+        assert np.array_equal(a, b)
+    other = MLP("25-12-3", backend=be, seed=1).fit(X, y, epochs=3, **{**fit_kw, "seed": 8})
+    assert other["loss"][0] != h_straight["loss"][0]  # the seed does pick the shuffle
+
+
+def test_resume_refuses_a_checkpoint_from_before_device_shuffling(tmp_path):
+    """Checkpoints of older versions stored a host RNG state instead of the seed."""
+    X, y = make_xor(n=40)
+    ckpt = tmp_path / "old.npz"
+    MLP("2-4-2", backend="numpy").fit(X, y, epochs=1, checkpoint_path=ckpt)
+    arrays, meta = checkpoint.read(ckpt)
+    meta["train"]["rng"] = meta["train"].pop("seed")
+    checkpoint.write(ckpt, arrays, meta)
+    with pytest.raises(checkpoint.CheckpointError, match="before on-device shuffling.*start a new run"):
+        MLP("2-4-2", backend="numpy").fit(X, y, epochs=2, checkpoint_path=ckpt, resume=True)
+
+
+def test_shift_augmentation_needs_square_images():
+    X, y = make_xor(n=20)
+    with pytest.raises(ValueError, match="2 features is not a square"):
+        MLP("2-4-2", backend="numpy").fit(X, y, epochs=1, augment_shift=1)
+    with pytest.raises(ValueError, match=r"max_shift must be in \[0, 2\)"):
+        MLP("4-4-2", backend="numpy").fit(np.zeros((20, 4)), y, epochs=1, augment_shift=2)
+
+
 def test_resume_with_patience_keeps_the_best_weights(tmp_path):
     X, y = make_circles(n=300, noise=0.3, seed=4)
     kw = dict(epochs=300, batch_size=10, optimizer="adam", lr=0.05, valid_split=100, patience=5, seed=1)
@@ -300,9 +340,9 @@ def test_cuda_graph_steps_match_the_reference(monkeypatch, mnist):
 
 
 @pytest.mark.parametrize("name", ["cuda-emu", pytest.param("cupy", marks=pytest.mark.gpu)])
-def test_cuda_graphs_cover_adam_dropout_batchnorm_and_clipping(monkeypatch, mnist, name):
+def test_cuda_graphs_cover_adam_dropout_batchnorm_clipping_and_shifts(monkeypatch, mnist, name):
     """Everything that changes per step (Adam's t, dropout masks, batch-norm running
-    statistics, the clipping norm) is read or written on the device, so replayed
+    statistics, the clipping norm, the augmentation shifts) is read or written on the device, so replayed
     graphs train exactly like eager steps: the same kernels (our GEMM in both), the
     same loss curve and weights bit for bit. The emulated device raises if any
     non-kernel work happens while capturing, so this also proves the step is pure kernels.
@@ -317,7 +357,9 @@ def test_cuda_graphs_cover_adam_dropout_batchnorm_and_clipping(monkeypatch, mnis
     captures = []
     real_capture = be.capture
     monkeypatch.setattr(be, "capture", lambda fn: captures.append(fn) or real_capture(fn))
-    kw = dict(epochs=2, batch_size=50, optimizer="adam", lr=2e-3, l2=1e-4, clip_norm=0.5, seed=4)
+    kw = dict(
+        epochs=2, batch_size=50, optimizer="adam", lr=2e-3, l2=1e-4, clip_norm=0.5, augment_shift=2, seed=4
+    )
     results = {}
     for graphs in (False, True):
         model = MLP("784-48-32-10", act="relu", dropout=0.2, batchnorm=True, backend=be, seed=4)
@@ -350,7 +392,8 @@ def _loadable_backends():
 
 @pytest.mark.parametrize("name", [n for n in _loadable_backends() if n != "numpy"])
 def test_whole_training_parity_with_the_reference(name, mnist):
-    """A few seeded epochs on an MNIST slice give the reference's loss curve."""
+    """A few seeded epochs on an MNIST slice give the reference's loss curve: the same
+    device-made shuffles, shifts and dropout masks on every backend."""
     x_tr, y_tr, x_va, y_va, *_ = mnist
     X, y = x_tr[:1500], y_tr[:1500]
     curves = {}
@@ -366,6 +409,7 @@ def test_whole_training_parity_with_the_reference(name, mnist):
             optimizer="adam",
             lr=1e-3,
             l2=1e-4,
+            augment_shift=2,
             seed=3,
         )
         curves[backend] = np.array([hist["loss"], hist["valid_acc"]])
