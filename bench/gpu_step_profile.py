@@ -8,7 +8,7 @@ attributes are monkeypatched here and restored afterwards; no file is changed):
 * ``RawKernel.__call__``: our CUDA kernel launches, by kernel name, and the bytes of
   their array arguments (each array counted once: an upper bound on DRAM traffic for
   arrays only read or only written; in-place arrays such as optimizer weights and
-  moments are read *and* written, so up to 2x for those). ``gather_rows`` gets the
+  moments are read *and* written, so up to 2x for those). ``gather_rows``/``gather_shifted`` get the
   whole training set as ``src`` but reads only the gathered rows, so its ``src`` is
   counted as the size of its output.
 * ``matmul`` (module function and ``@``): cuBLAS GEMM calls, bytes of A, B and C, and
@@ -510,9 +510,10 @@ def render(all_profiles: list[Profile], label_check: bool) -> str:
         "Counting: *our kernels* = `RawKernel` launches; *cuBLAS GEMMs* = `matmul` calls; *other device "
         "ops* = CuPy elementwise/reduction kernels from framework glue (operators, ufuncs, `xp.*` functions, "
         "`setitem`) plus memsets from `xp.zeros` (views such as slicing and `.T` not counted). Kernel MB = "
-        "sum of `nbytes` of each launch's array arguments (each array once; `gather_rows` counted as the "
-        "rows it reads; in-place optimizer arrays are really read and written, up to 2× that); GEMM MB = "
-        "A + B + C. *allocs* = memory-pool allocations per step (`xp.zeros` of the 0-d loss/count).",
+        "sum of `nbytes` of each launch's array arguments (each array once; `gather_rows`/`gather_shifted` "
+        "counted as the rows it reads; in-place optimizer arrays are really read and written, up to 2× "
+        "that); GEMM MB = A + B + C. *allocs* = memory-pool allocations per step (`xp.zeros` of the 0-d "
+        "loss/count).",
         "",
         f"Estimate assumptions (H100 SXM, no CUDA graphs): {LAUNCH_S * 1e6:.0f} µs per device operation "
         "(kernel launch or cuBLAS call overhead, host-bound); "

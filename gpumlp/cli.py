@@ -149,7 +149,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     d.add_argument("--scale", choices=SCALE_MODES, help="input preprocessing")
     d.add_argument("--valid", type=NONNEG_INT, help="validation rows from the end of the train set")
     d.add_argument("--limit", type=POS_INT, help="train on the first N samples only (quick runs)")
-    d.add_argument("--seed", type=NONNEG_INT, help="seed for init, shuffling and dropout")
+    d.add_argument("--seed", type=NONNEG_INT, help="seed for init, dropout, shuffling and shifts")
     _add_common(d)
     d.add_argument("--out", help="output directory: model.npz, checkpoint.npz, history.json, metrics.json")
     d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")

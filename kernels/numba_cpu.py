@@ -230,14 +230,20 @@ def bias_grad(grad_z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 @njit(cache=True, error_model="numpy")
+def _source_row(idx, r, n):
+    """Row idx[r] of an n-row source, negative indices counted from the end (as NumPy)."""
+    k = idx[r]
+    if k < 0:
+        k += n
+    if k < 0 or k >= n:
+        raise IndexError("gather: row index out of range")
+    return k
+
+
+@njit(cache=True, error_model="numpy")
 def _gather_k(src, idx, out):
-    n = src.shape[0]
     for r in range(idx.shape[0]):
-        k = idx[r]
-        if k < 0:
-            k += n
-        if k < 0 or k >= n:
-            raise IndexError("gather_rows: index out of range")
+        k = _source_row(idx, r, src.shape[0])
         for j in range(src.shape[1]):
             out[r, j] = src[k, j]
 
@@ -680,13 +686,9 @@ def permutation(seed: int, n: int, epoch: int = 0, out: np.ndarray | None = None
 
 @njit(cache=True, error_model="numpy")
 def _gather_shifted_k(src, idx, out, side, max_shift, key):
-    n, span = src.shape[0], 2 * max_shift + 1
+    span = 2 * max_shift + 1
     for r in range(idx.shape[0]):
-        k = idx[r]
-        if k < 0:
-            k += n
-        if k < 0 or k >= n:
-            raise IndexError("gather_shifted: index out of range")
+        k = _source_row(idx, r, src.shape[0])
         h = _mix32((np.uint64(r) & _MASK32) ^ key)
         dy = np.int64(h & _MASK16) % span - max_shift
         dx = np.int64(h >> _S16) % span - max_shift

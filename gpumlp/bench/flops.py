@@ -37,7 +37,7 @@ def kernel_bytes(kernel: str, shape: Sequence[int], itemsize: int, label_itemsiz
 
     bias_act (B,N): reads z and b, writes y. act_grad (B,N): reads grad and y, writes out.
     bias_grad (B,N): reads grad, writes (N,). softmax_xent (B,K): reads logits and labels,
-    writes grad. gather_rows (B,F): reads B rows and B indices, writes B rows.
+    writes grad. gather_rows / gather_shifted (B,F): read B rows and B indices, write B rows.
     sgd_step (P,): reads w, g, writes w. adam_step (P,): reads w, g, m, v, writes w, m, v."""
     if kernel in ("bias_act", "act_grad"):
         b, n = shape
@@ -48,7 +48,7 @@ def kernel_bytes(kernel: str, shape: Sequence[int], itemsize: int, label_itemsiz
     if kernel in ("softmax_xent", "sigmoid_bce"):
         b, k = shape
         return 2 * b * k * itemsize + b * label_itemsize
-    if kernel == "gather_rows":
+    if kernel in ("gather_rows", "gather_shifted"):
         b, f = shape
         return 2 * b * f * itemsize + b * label_itemsize
     n_params = 1

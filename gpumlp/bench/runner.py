@@ -200,6 +200,7 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
         ),
         ("sigmoid_bce", "", (256, 10), lambda: k.sigmoid_bce(logits, labels, grad=grad)),
         ("gather_rows", "", (256, 784), lambda: k.gather_rows(Xall, idx, out=xb)),
+        ("gather_shifted", "±2 px", (256, 784), lambda: k.gather_shifted(Xall, idx, 2, 0, t, out=xb)),
         ("sgd_step", "", (1024, 1024), lambda: k.sgd_step(W, G, 1e-9)),
         ("adam_step", "", (1024, 1024), lambda: k.adam_step(W, G, M, V, 1e-9, t)),
     ]
