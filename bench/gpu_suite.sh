@@ -37,7 +37,9 @@ else
   echo "gpu_suite: pytest missing; tests skipped" | tee "$out-tests.log" >&2
 fi
 # Results are worth keeping even when a test fails: run the benchmarks regardless.
-$PY -m gpumlp.bench --backends cupy,numba,torch,torch-graphs --json "$out.json" --markdown "$out.md" "$@"
+# cupy+graphs and the tensor-core variants: what decides whether --cuda-graphs becomes the default.
+$PY -m gpumlp.bench --backends cupy,cupy+graphs,cupy+tf32,cupy+graphs+tf32,numba,torch,torch-graphs \
+  --json "$out.json" --markdown "$out.md" "$@"
 bench_rc=$?
 echo "gpu_suite: wrote $out.json, $out.md, $out-tests.log (tests rc=$tests_rc, bench rc=$bench_rc)"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

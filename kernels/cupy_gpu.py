@@ -49,6 +49,8 @@ _COMPUTE_TYPES = {"float32": "COMPUTE_TYPE_DEFAULT", "tf32": "COMPUTE_TYPE_TF32"
 # cuda/gemm.cu, which (unlike cuBLAS under CuPy, cupy issue 6290) works during CUDA-graph capture.
 _GEMM = _os.environ.get("GPUMLP_GEMM", "cublas")
 _GEMM_TILE, _GEMM_BLOCK = 32, (32, 8)  # must match GEMM_TILE / GEMM_ROWS in cuda/gemm.cu
+_TC_TILE, _TC_BLOCK = 64, (256,)  # gemm_tc_f32: TC_M = TC_N and TC_THREADS in cuda/gemm.cu
+_TC_DROP = {"COMPUTE_TYPE_TF32": 13, "COMPUTE_TYPE_BF16": 16}  # mantissa bits rounded off
 
 # kernel name -> the .cu file that defines it
 _FILES = {
@@ -63,6 +65,7 @@ _FILES = {
     ),
     "batchnorm_backward": "dropout_bn",
     "gemm": "gemm",
+    "gemm_tc": "gemm_tc",
 }
 
 
@@ -208,7 +211,7 @@ def _elementwise(base: str, a: _Any, *args: _Any) -> None:
 def _set_matmul_precision(precision: str) -> None:
     """Make float32 cuBLAS GEMMs "float32" (exact, default), "tf32" or "bf16" (tensor cores),
     through CuPy's compute-type switch (the emulated device rounds the inputs the same way).
-    Our own gemm.cu (CUDA-graph steps) stays exact float32."""
+    Our own gemm.cu (CUDA-graph steps) follows the same switch with its tensor-core kernel."""
     if precision not in _COMPUTE_TYPES:
         raise ValueError(f"matmul precision must be one of {', '.join(_COMPUTE_TYPES)}, got {precision!r}")
     linalg = _xp()._core._routines_linalg  # CuPy's private switch, present since CuPy 9
@@ -237,12 +240,44 @@ def matmul(a, b, out=None, trans_a=False, trans_b=False):
         raise ValueError(f"matmul: op(a) is ({m}, {k}) but op(b) is ({k2}, {n})")
     out = _out(out, "out", (m, n), a.dtype)
     if m and n:
-        grid = (-(-n // _GEMM_TILE), min(-(-m // _GEMM_TILE), 65535))
         args = (a, b, out, np.int32(m), np.int32(n), np.int32(k))
         args += (np.int32(a.shape[1]), np.int32(b.shape[1]), np.int32(n))  # lda, ldb, ldc
         args += (np.int32(bool(trans_a)), np.int32(bool(trans_b)))
-        _kernel("gemm", sfx)(grid, _GEMM_BLOCK, args)
+        drop = _tensor_core_drop() if sfx == "f32" else 0
+        if drop:
+            grid = (-(-n // _TC_TILE), min(-(-m // _TC_TILE), 65535))
+            _tensor_core_kernel()(grid, _TC_BLOCK, (*args, np.int32(drop)))
+        else:
+            grid = (-(-n // _GEMM_TILE), min(-(-m // _GEMM_TILE), 65535))
+            _kernel("gemm", sfx)(grid, _GEMM_BLOCK, args)
     return out
+
+
+def _tensor_core_kernel() -> _Any:
+    """gemm_tc_f32, compiled on first use; a clear error where NVRTC lacks <mma.h>'s headers."""
+    try:
+        return _kernel("gemm_tc", "f32")
+    except Exception as e:  # CuPy's CompileException carries the NVRTC log
+        raise RuntimeError(
+            "the tensor-core GEMM (kernels/cuda/gemm_tc.cu, for --precision tf32/bf16 with CUDA graphs) "
+            "did not compile: NVRTC needs the CUDA C runtime headers of <mma.h> (crt/mma.h). Install "
+            "them (pip install nvidia-cuda-crt for CUDA 13 wheels, or a full CUDA toolkit), or train "
+            f"without --cuda-graphs or with --precision float32. NVRTC said: {e}"
+        ) from e
+
+
+def _tensor_core_drop() -> int:
+    """Mantissa bits gemm.cu rounds off float32 operands under the current compute type:
+    0 (exact float32, the scalar kernel), 13 (TF32) or 16 (bf16) on the tensor-core kernel."""
+    linalg = _xp()._core._routines_linalg
+    current = linalg.get_compute_type(np.float32)
+    drop = next((bits for name, bits in _TC_DROP.items() if getattr(linalg, name) == current), 0)
+    if drop and int(_xp().cuda.Device().compute_capability) < 80:
+        raise RuntimeError(
+            "--precision tf32/bf16 in CUDA-graph steps needs TF32 tensor cores (compute capability 8.0+), "
+            f"this GPU is sm_{_xp().cuda.Device().compute_capability}: use --precision float32 or eager steps"
+        )
+    return drop
 
 
 def bias_act(z, b, act, out=None):
@@ -282,12 +317,9 @@ def gather_rows(src, idx, out=None):
     """Minibatch gather ``src[idx]`` on the device. src: (N,...), idx: (B,) int -> (B,...)."""
     src, idx = _dev(src, "src"), _dev(idx, "idx")
     shape = (idx.shape[0], *src.shape[1:])
-    if src.dtype not in (np.float32, np.float64):  # e.g. uint8 images: CuPy's own take
-        res = src[idx]
-        if out is None:
-            return res
-        out[...] = res
-        return out
+    if src.dtype not in (np.float32, np.float64):  # e.g. labels or uint8 images: CuPy's own take
+        res = _xp().take(src, idx, axis=0, out=out)
+        return res if out is None else out
     if idx.dtype not in (np.int32, np.int64):
         idx = idx.astype(np.int64)
     out = _out(out, "out", shape, src.dtype)
@@ -574,8 +606,10 @@ def _capture(step: _Any) -> _Any:
     """Record ``step()``'s launches on the current stream into a CUDA graph (not running them)
     and return ``replay()``. Matmuls use gemm.cu meanwhile: CuPy refuses cuBLAS during capture."""
     global _GEMM
-    for stem in set(_FILES.values()):  # compile and load every module now: no NVRTC mid-capture
+    for stem in set(_FILES.values()) - {"gemm_tc"}:  # compile and load now: no NVRTC mid-capture
         _module(stem).compile()
+    if _tensor_core_drop():
+        _tensor_core_kernel()
     stream = _xp().cuda.get_current_stream()
     saved, _GEMM = _GEMM, "own"
     try:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gpumlp.bench import epoch_flops, kernel_bytes, step_flops
@@ -127,3 +128,29 @@ def test_gpu_step_profile_counts_a_sync_free_step(tmp_path):
     # with graphs: one graph launch and two device copies (batch, step) replace every launch
     assert graph[1].startswith("1 + 2 ") and int(graph[2]) == int(eager[1]) + int(eager[2])
     assert graph[3] == "0 / 0 / 0" and graph[4] == "0"
+
+
+def test_run_variants_time_graph_and_tensor_core_epochs():
+    """'cuda-emu+graphs+tf32' (as 'cupy+graphs+tf32' in the GPU suite) times real epochs with
+    CUDA-graph steps and TF32 operands, and leaves the backend at exact float32."""
+    from gpumlp.backend import get_backend
+    from gpumlp.bench import runner as R
+
+    assert R.split_variant("cupy+graphs+tf32") == ("cupy", {"cuda_graphs": True}, "tf32")
+    assert R.split_variant("numba") == ("numba", {}, "float32")
+    rng = np.random.default_rng(0)
+    X, y = rng.random((300, 784), dtype=np.float32), rng.integers(0, 10, 300)
+    out = R.time_epochs("cuda-emu+graphs+tf32", "seed", X, y, 1, "float32")
+    assert out["backend"] == "cuda-emu+graphs+tf32" and out["median"] > 0 and math.isfinite(out["final_loss"])
+    linalg = get_backend("cuda-emu").xp._core._routines_linalg
+    assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
+
+
+def test_run_variants_that_cannot_run_are_skipped_with_the_reason():
+    from gpumlp.bench import runner as R
+
+    ok, skipped = R.resolve_backends(["numpy+graphs", "numpy+tf32", "cuda-emu+fp8", "cuda-emu+graphs"])
+    assert ok == ["cuda-emu+graphs"]
+    assert "+graphs needs a CUDA backend" in skipped["numpy+graphs"]
+    assert "needs a CUDA backend" in skipped["numpy+tf32"]
+    assert "unknown run option +fp8" in skipped["cuda-emu+fp8"]

@@ -172,10 +172,14 @@ def _round_mantissa(x: np.ndarray, bits: int) -> np.ndarray:
     return np.ldexp(np.round(m * 2.0 ** (bits + 1)) / 2.0 ** (bits + 1), e).astype(np.float32)
 
 
+@pytest.mark.parametrize("gemm", ["cublas", "own"])
 @pytest.mark.parametrize("precision, bits", [("tf32", 10), ("bf16", 7)])
-def test_tensor_core_precision_is_emulated(be, precision, bits):
-    """set_matmul_precision goes through CuPy's compute-type switch; the emulated cuBLAS rounds
-    float32 inputs like tensor cores (then accumulates in float32); float32 is exact again after."""
+def test_tensor_core_precision(be, monkeypatch, gemm, precision, bits):
+    """set_matmul_precision goes through CuPy's compute-type switch. The emulated cuBLAS rounds
+    float32 inputs like tensor cores; our GEMM (CUDA-graph steps) switches to its tensor-core
+    kernel (wmma, emulated at the API level), which rounds the same way as it stages the tiles.
+    Both accumulate in float32; float32 is exact again after."""
+    monkeypatch.setattr(be.k, "_GEMM", gemm)
     rng = np.random.default_rng(7)
     a, b = (
         rng.standard_normal((33, 300)).astype(np.float32),
@@ -200,3 +204,78 @@ def test_precision_needs_a_cuda_backend():
     with pytest.raises(Exception, match="needs a CUDA backend"):
         get_backend("numpy").set_matmul_precision("bf16")
     get_backend("numpy").set_matmul_precision("float32")  # the exact default is always fine
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (64, 32, 64), (65, 33, 63), (130, 95, 70), (100, 784, 10)])
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_tensor_core_gemm_shapes_and_transposes(own, m, k, n, trans_a, trans_b):
+    """gemm_tc_f32: partial 64x64 tiles and K steps, every storage order, TF32 rounding."""
+    a, b = _operands(m, k, n, trans_a, trans_b, np.float32, seed=m + k + n)
+    own.set_matmul_precision("tf32")
+    try:
+        got = own.to_host(own.k.matmul(own.asarray(a), own.asarray(b), trans_a=trans_a, trans_b=trans_b))
+    finally:
+        own.set_matmul_precision("float32")
+    opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
+    expected = _round_mantissa(opa, 10).astype(np.float64) @ _round_mantissa(opb, 10)
+    bound = np.abs(opa).astype(np.float64) @ np.abs(opb)
+    assert np.all(np.abs(got - expected) <= 1e-6 * bound + 1e-30)
+
+
+def test_tensor_core_gemm_needs_compute_capability_8(own, monkeypatch):
+    monkeypatch.setattr(type(own.xp.cuda.Device()), "compute_capability", "75")
+    own.set_matmul_precision("tf32")
+    try:
+        with pytest.raises(
+            RuntimeError, match=r"needs TF32 tensor cores \(compute capability 8.0\+\).*sm_75"
+        ):
+            own.k.matmul(own.asarray(np.ones((2, 3), np.float32)), own.asarray(np.ones((3, 4), np.float32)))
+    finally:
+        own.set_matmul_precision("float32")
+
+
+def test_graph_steps_train_in_tf32_on_tensor_cores(be, monkeypatch):
+    """--precision tf32 --cuda-graphs: the captured step runs gemm_tc_f32 and trains like eager
+    tf32 steps on cuBLAS (both round the operands identically, then add in float32)."""
+    from gpumlp.model import MLP
+
+    launched = []
+    real_kernel = be.k._kernel
+    monkeypatch.setattr(be.k, "_kernel", lambda base, sfx: launched.append(base) or real_kernel(base, sfx))
+    rng = np.random.default_rng(1)
+    X, y = rng.random((300, 784)).astype(np.float32), rng.integers(0, 10, 300)
+    fit_kw = dict(epochs=2, batch_size=50, optimizer="adam", lr=1e-3, seed=2)
+    be.set_matmul_precision("tf32")
+    try:
+        curves = {
+            graphs: MLP("784-64-10", act="relu", backend=be, seed=2).fit(X, y, cuda_graphs=graphs, **fit_kw)[
+                "loss"
+            ]
+            for graphs in (False, True)
+        }
+    finally:
+        be.set_matmul_precision("float32")
+    assert "gemm_tc" in launched and "gemm" not in launched
+    np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4)
+    assert curves[True][1] < curves[True][0]
+
+
+def test_tensor_core_gemm_without_crt_headers_says_what_to_install(own, monkeypatch):
+    """Wheel-only CUDA installs lack crt/mma.h unless nvidia-cuda-crt is there: NVRTC's failure
+    (raised here as CuPy raises it, the compile itself is checked in test_cupy_real) is explained."""
+    real_kernel = own.k._kernel
+
+    def compile_fails(base, sfx):
+        if base == "gemm_tc":
+            raise RuntimeError('mma.h(55): catastrophic error: cannot open source file "crt/mma.h"')
+        return real_kernel(base, sfx)
+
+    monkeypatch.setattr(own.k, "_kernel", compile_fails)
+    own.set_matmul_precision("tf32")
+    try:
+        with pytest.raises(
+            RuntimeError, match=r"pip install nvidia-cuda-crt.*--precision float32.*crt/mma.h"
+        ):
+            own.k.matmul(own.asarray(np.ones((2, 3), np.float32)), own.asarray(np.ones((3, 4), np.float32)))
+    finally:
+        own.set_matmul_precision("float32")

@@ -50,12 +50,13 @@ def test_nvcc_compiles_without_warnings(cu: Path, arch: str, tmp_path: Path):
 
 
 def test_nvrtc_source_is_self_contained():
-    """What RawModule gets has device_common.h pasted in: no include path needed."""
+    """What RawModule gets has device_common.h pasted in: no include path of ours needed (CUDA's
+    own headers, such as gemm_tc.cu's <mma.h>, come from the include path CuPy gives NVRTC)."""
     from gpumlp.kernels import cupy_gpu
 
     for cu in CU_FILES:
         src = cupy_gpu._source(cu.stem)
-        assert "#include" not in src and "GPUMLP_DEVICE_COMMON_H" in src
+        assert '#include "' not in src and "GPUMLP_DEVICE_COMMON_H" in src
 
 
 # --------------------------------------------------------- host emulation

@@ -140,6 +140,28 @@ def test_resume_with_shuffle_and_shifts_continues_bit_for_bit(tmp_path):
     assert other["loss"][0] != h_straight["loss"][0]  # the seed does pick the shuffle
 
 
+@pytest.mark.parametrize("name, graphs", [("numpy", False), ("cuda-emu", True)])
+def test_epoch_order_is_the_reference_permutation(name, graphs):
+    """Epoch e visits the rows in the order reference.permutation(salted seed, n, e): training
+    on the pre-shuffled data without shuffling takes exactly the same steps."""
+    from gpumlp.kernels import reference
+    from gpumlp.train import _SHUFFLE_SALT
+
+    rng = np.random.default_rng(3)
+    X, y = rng.random((90, 16)).astype(np.float32), rng.integers(0, 3, 90)
+    kw = dict(epochs=1, batch_size=20, optimizer="momentum", lr=0.1, cuda_graphs=graphs)
+    order = reference.permutation(5 ^ _SHUFFLE_SALT, 90, epoch=0)
+    shuffled = MLP("16-8-3", backend=name, seed=1)
+    h_shuffled = shuffled.fit(X, y, seed=5, **kw)
+    in_order = MLP("16-8-3", backend=name, seed=1)
+    h_in_order = in_order.fit(X[order], y[order], shuffle=False, **kw)
+    assert h_shuffled["loss"] == h_in_order["loss"]
+    for a, b in zip(shuffled.state_arrays().values(), in_order.state_arrays().values()):
+        np.testing.assert_array_equal(a, b)
+    unshuffled = MLP("16-8-3", backend=name, seed=1).fit(X, y, shuffle=False, **kw)
+    assert unshuffled["loss"] != h_shuffled["loss"]
+
+
 def test_resume_refuses_a_checkpoint_from_before_device_shuffling(tmp_path):
     """Checkpoints of older versions stored a host RNG state instead of the seed."""
     X, y = make_xor(n=40)

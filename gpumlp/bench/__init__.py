@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends",
         type=_csv,
         default=None,
-        help=f"comma list (default: {','.join(DEFAULT_BACKENDS)}; cuda-emu only on request)",
+        help=f"comma list (default: {','.join(DEFAULT_BACKENDS)}; cuda-emu only on request); "
+        "a gpumlp backend may add run options: cupy+graphs, cupy+tf32, cupy+graphs+tf32",
     )
     p.add_argument("--configs", type=_csv, default=None, help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -153,7 +154,7 @@ def _plan(args: argparse.Namespace, backends: list[str], cfg_names: list[str], d
         tasks += [(f"{c} {b}", "epochs", R.time_epochs, (b, c, X[:samples], y[:samples], repeats, dt_))
                   for b in backends]  # fmt: skip
     if not args.no_kernels:
-        for b in (b for b in backends if b not in R.PEERS):
+        for b in (b for b in backends if b not in R.PEERS and "+" not in b):  # variants: same kernels
             tasks.append((f"kernels {b}", "kernels", R.time_kernels, (b, dt_, quick)))
     if args.sweep:
         for kind, x, cfg, n in R.sweep_points(quick):

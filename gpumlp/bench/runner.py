@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from gpumlp.backend import BackendUnavailable, get_backend
+from gpumlp.backend import MATMUL_PRECISIONS, BackendUnavailable, get_backend
 from gpumlp.bench.flops import epoch_flops, kernel_bytes, matmul_flops
 from gpumlp.bench.machine import best_time
 from gpumlp.model import MLP, parse_spec
@@ -23,6 +23,8 @@ EPOCH_SAMPLES = 55_000  # the classic 55k/5k MNIST training split
 GPUMLP_BACKENDS = ("numpy", "numba", "cupy")
 PEERS = ("torch", "torch-graphs")
 DEFAULT_BACKENDS = ("numpy", "numba", "cupy", "torch", "torch-graphs")  # cuda-emu only on request
+# A gpumlp backend name may carry run options: "cupy+graphs" (CUDA-graph steps), "cupy+tf32" /
+# "cupy+bf16" (tensor-core matmul precision), or both, "cupy+graphs+tf32" (see split_variant).
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,24 @@ TTA_TARGETS = (0.975, 0.98)
 
 
 # ------------------------------------------------------------------- runners
+def split_variant(name: str) -> tuple[str, dict, str]:
+    """A gpumlp backend name with run options -> (backend, fit options, matmul precision):
+    'cupy+graphs+tf32' -> ('cupy', {'cuda_graphs': True}, 'tf32'); 'numba' -> ('numba', {}, 'float32')."""
+    base, *options = name.split("+")
+    fit_kw, precision = {}, "float32"
+    for option in options:
+        if option == "graphs":
+            fit_kw["cuda_graphs"] = True
+        elif option in MATMUL_PRECISIONS:
+            precision = option
+        else:
+            raise ValueError(f"unknown run option +{option} in {name!r}: use +graphs, +tf32 or +bf16")
+    return base, fit_kw, precision
+
+
 def device_of(name: str) -> str:
     """'gpu' or 'cpu': which measured peaks a backend is compared against."""
-    if name == "cupy":
+    if name not in PEERS and split_variant(name)[0] == "cupy":
         return "gpu"
     if name in PEERS:
         import torch
@@ -70,22 +87,29 @@ def device_of(name: str) -> str:
 
 
 def train_gpumlp(name: str, cfg: Config, X, y, epochs: int, dtype: str, seed: int = 0, callbacks=()):
-    """gpumlp.train.fit on backend ``name``; -> per-epoch records."""
+    """gpumlp.train.fit on backend ``name`` (with its run options); -> per-epoch records."""
     from gpumlp.train import fit
 
-    model = MLP(cfg.spec, act=cfg.act, loss=cfg.loss, dtype=dtype, backend=name, seed=seed)
-    hist = fit(
-        model,
-        X,
-        y,
-        epochs=epochs,
-        batch_size=cfg.batch_size,
-        optimizer=cfg.optimizer,
-        lr=cfg.lr,
-        reduction=cfg.reduction,
-        seed=seed,
-        callbacks=list(callbacks),
-    )
+    base, fit_kw, precision = split_variant(name)
+    be = get_backend(base)
+    model = MLP(cfg.spec, act=cfg.act, loss=cfg.loss, dtype=dtype, backend=be, seed=seed)
+    be.set_matmul_precision(precision)
+    try:
+        hist = fit(
+            model,
+            X,
+            y,
+            epochs=epochs,
+            batch_size=cfg.batch_size,
+            optimizer=cfg.optimizer,
+            lr=cfg.lr,
+            reduction=cfg.reduction,
+            seed=seed,
+            callbacks=list(callbacks),
+            **fit_kw,
+        )
+    finally:
+        be.set_matmul_precision("float32")
     return hist.records, model
 
 
@@ -115,7 +139,7 @@ def jit_warmup(name: str, dtype: str) -> float | None:
     """Seconds of a backend's one-time JIT (``kernels._warmup`` when it has one), else None."""
     if name in PEERS:
         return None
-    warm = getattr(get_backend(name).k, "_warmup", None)
+    warm = getattr(get_backend(split_variant(name)[0]).k, "_warmup", None)
     return float(warm(np.dtype(dtype))) if warm is not None else None
 
 
@@ -327,9 +351,8 @@ def resolve_backends(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
                 why = f"{name} needs a CUDA GPU for torch"
         else:
             try:
-                get_backend(name)
-                why = None
-            except BackendUnavailable as e:
+                why = _variant_unavailable(name)
+            except (BackendUnavailable, ValueError) as e:
                 why = str(e)
             except Exception as e:  # a half-written backend must not stop the others
                 why = f"{type(e).__name__}: {e}"
@@ -338,6 +361,17 @@ def resolve_backends(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         else:
             ok.append(name)
     return ok, skipped
+
+
+def _variant_unavailable(name: str) -> str | None:
+    """Why backend ``name`` and its run options cannot run here, or None (raises for bad names)."""
+    base, fit_kw, precision = split_variant(name)
+    be = get_backend(base)
+    if fit_kw.get("cuda_graphs") and be.capture is None:
+        return f"+graphs needs a CUDA backend (cupy or cuda-emu), not {base!r}"
+    be.set_matmul_precision(precision)  # BackendUnavailable where the backend has no such choice
+    be.set_matmul_precision("float32")
+    return None
 
 
 def config_dict(name: str, cfg: Config) -> dict:

@@ -87,6 +87,14 @@ __device__ __forceinline__ unsigned int stream_key(unsigned int seed, long long 
     return lowbias32(seed + (unsigned int)step * 0x9E3779B1u);
 }
 
+// op(X)[r, c] of a stored matrix, zero outside [0, rows) x [0, cols) of op(X).
+template <typename T>
+__device__ __forceinline__ T gemm_load(const T* __restrict__ x, int r, int c, int rows, int cols, int ld,
+                                       int trans) {
+    if (r >= rows || c >= cols) return T(0);
+    return trans ? x[(long long)c * ld + r] : x[(long long)r * ld + c];
+}
+
 // Butterfly reductions: every lane of the warp gets the result.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

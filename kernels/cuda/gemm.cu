@@ -23,14 +23,6 @@
 #define GEMM_ROWS 8
 #define GEMM_PER_THREAD (GEMM_TILE / GEMM_ROWS)
 
-// op(X)[r, c] of a stored matrix, zero outside [0, rows) x [0, cols) of op(X).
-template <typename T>
-__device__ __forceinline__ T gemm_load(const T* __restrict__ x, int r, int c, int rows, int cols, int ld,
-                                       int trans) {
-    if (r >= rows || c >= cols) return T(0);
-    return trans ? x[(long long)c * ld + r] : x[(long long)r * ld + c];
-}
-
 template <typename T>
 __device__ void gemm_impl(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c, int m, int n,
                           int k, int lda, int ldb, int ldc, int trans_a, int trans_b) {
@@ -83,3 +75,4 @@ extern "C" __global__ void gemm_f64(const double* __restrict__ a, const double* 
                                     int trans_a, int trans_b) {
     gemm_impl(a, b, c, m, n, k, lda, ldb, ldc, trans_a, trans_b);
 }
+

@@ -21,9 +21,11 @@
 //    barriers; every resident lane of the warp must take part (the mask
 //    argument is not interpreted: the kernels use FULL_MASK);
 //  * atomics are std::atomic_ref; math maps to <cmath>.
+//  * wmma (tensor cores) at the level of the documented API, see nvcuda::wmma below.
 // Not emulated: dynamic (extern) shared memory, cooperative groups, textures,
 // warp votes, clocks.
 #pragma once
+#define CUDA_HOST_EMULATION 1  // lets a .cu file skip device-only headers such as <mma.h>
 
 #include <math.h>
 #include <omp.h>
@@ -31,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -55,6 +58,7 @@ inline constexpr int warpSize = 32;
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 
 // ------------------------------------------------------------------ math
@@ -74,6 +78,8 @@ inline float max(float a, float b) { return fmaxf(a, b); }
 inline float min(float a, float b) { return fminf(a, b); }
 inline double max(double a, double b) { return fmax(a, b); }
 inline double min(double a, double b) { return fmin(a, b); }
+inline unsigned int __float_as_uint(float x) { return std::bit_cast<unsigned int>(x); }
+inline float __uint_as_float(unsigned int x) { return std::bit_cast<float>(x); }
 
 namespace cuda_emu {
 
@@ -338,3 +344,67 @@ inline T atomicCAS(T* addr, U compare, V val) {
     std::atomic_ref<T>(*addr).compare_exchange_strong(expected, static_cast<T>(val));
     return expected;
 }
+
+// ------------------------------------------------------------------- wmma
+// Warp matrix operations as the CUDA C++ API documents them. The real mapping of
+// fragment elements to lanes is unspecified, so here every lane holds the whole
+// tile: loads and mma_sync are computed by every lane alike, and store_matrix_sync
+// writes element e from lane e % 32 (disjoint, race-free writes). mma_sync adds in
+// float, k ascending; tensor cores add in another order (within float rounding).
+// Only the m16n16k8 TF32 shape with float accumulators (what gemm.cu uses).
+namespace nvcuda::wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+    static_assert(M == 16 && N == 16 && K == 8, "the emulation has only the m16n16k8 (TF32) shape");
+    static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+    static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+    static constexpr int num_elements = rows * cols;
+    float x[num_elements];  // row-major op(tile)
+};
+
+template <typename Use, int M, int N, int K, typename T, typename L>
+inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
+    for (float& e : f.x) e = v;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename L>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const float* p, unsigned int ldm) {
+    using F = fragment<Use, M, N, K, T, L>;
+    static_assert(std::is_same_v<L, row_major> || std::is_same_v<L, col_major>, "a and b carry a layout");
+    for (int r = 0; r < F::rows; ++r)
+        for (int c = 0; c < F::cols; ++c)
+            f.x[r * F::cols + c] = std::is_same_v<L, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+template <typename TA, typename LA, typename TB, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 8, float>& d, const fragment<matrix_a, 16, 16, 8, TA, LA>& a,
+                     const fragment<matrix_b, 16, 16, 8, TB, LB>& b,
+                     const fragment<accumulator, 16, 16, 8, float>& c) {
+    float out[16 * 16];
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 16; ++j) {
+            float s = c.x[i * 16 + j];
+            for (int k = 0; k < 8; ++k) s += a.x[i * 8 + k] * b.x[k * 16 + j];
+            out[i * 16 + j] = s;
+        }
+    std::memcpy(d.x, out, sizeof out);
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 8, float>& f, unsigned int ldm,
+                              layout_t layout) {
+    for (int e = cuda_emu::lane_id(); e < 16 * 16; e += 32) {
+        const int r = e / 16, c = e % 16;
+        p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[e];
+    }
+}
+}  // namespace nvcuda::wmma
