@@ -27,7 +27,14 @@ from typing import Any as _Any
 
 import numpy as np
 
-from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS, _image_side, _updates_running_stats
+from .reference import (
+    ACTIVATIONS,
+    LEAKY_SLOPE,
+    LOG_EPS,
+    _check_permutation_size,
+    _image_side,
+    _updates_running_stats,
+)
 
 _cp: _Any = None  # the CuPy-like array module; bound by make_backend, else CuPy on first use
 _CUDA_DIR = _Path(__file__).resolve().parent / "cuda"
@@ -49,7 +56,7 @@ _COMPUTE_TYPES = {"float32": "COMPUTE_TYPE_DEFAULT", "tf32": "COMPUTE_TYPE_TF32"
 # cuda/gemm.cu, which (unlike cuBLAS under CuPy, cupy issue 6290) works during CUDA-graph capture.
 _GEMM = _os.environ.get("GPUMLP_GEMM", "cublas")
 _GEMM_TILE, _GEMM_BLOCK = 32, (32, 8)  # must match GEMM_TILE / GEMM_ROWS in cuda/gemm.cu
-_TC_TILE, _TC_BLOCK = 64, (256,)  # gemm_tc_f32: TC_M = TC_N and TC_THREADS in cuda/gemm.cu
+_TC_TILE, _TC_BLOCK = 64, (256,)  # must match TC_M = TC_N and TC_THREADS in cuda/gemm_tc.cu
 _TC_DROP = {"COMPUTE_TYPE_TF32": 13, "COMPUTE_TYPE_BF16": 16}  # mantissa bits rounded off
 
 # kernel name -> the .cu file that defines it
@@ -267,7 +274,7 @@ def _tensor_core_kernel() -> _Any:
 
 
 def _tensor_core_drop() -> int:
-    """Mantissa bits gemm.cu rounds off float32 operands under the current compute type:
+    """Mantissa bits our GEMM rounds off float32 operands under the current compute type:
     0 (exact float32, the scalar kernel), 13 (TF32) or 16 (bf16) on the tensor-core kernel."""
     linalg = _xp()._core._routines_linalg
     current = linalg.get_compute_type(np.float32)
@@ -349,8 +356,7 @@ def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
 def permutation(seed, n, epoch=0, out=None):
     """The reference's hash-ordered permutation of range(n), made on the device: 64-bit
     keys hash << 32 | index, CuPy's sort, their low words. -> (n,) int32 device array."""
-    if not 0 <= n < 2**31:
-        raise ValueError(f"permutation: n must be in [0, 2^31), got {n}")
+    _check_permutation_size(n)
     out = _out(out, "out", (n,), np.int32)
     if n:
         keys = _xp().empty((n,), dtype=np.uint64)

@@ -59,6 +59,7 @@ from .reference import (
     LEAKY_SLOPE,
     LOG_EPS,
     _accumulate,  # the same 0-d accumulator glue as the reference
+    _check_permutation_size,
     _image_side,
     _put,
     _step_value,
@@ -645,9 +646,14 @@ def _mix32(x):
 
 
 @njit(cache=True, error_model="numpy")
+def _counter_hash(key, i):
+    """Element i of the counter stream with key ``key``: lowbias32(i ^ key)."""
+    return _mix32((np.uint64(i) & _MASK32) ^ key)
+
+
+@njit(cache=True, error_model="numpy")
 def _uniform(key, i):
-    h = _mix32((np.uint64(i) & _MASK32) ^ key)
-    return np.float64(h >> _S8) * (1.0 / (1 << 24))
+    return np.float64(_counter_hash(key, i) >> _S8) * (1.0 / (1 << 24))
 
 
 @njit(cache=True, error_model="numpy")
@@ -671,14 +677,13 @@ def hash_uniform(seed: int, n: int, step=0) -> np.ndarray:
 @njit(cache=True, error_model="numpy")
 def _hash32_k(key, out):
     for i in range(out.size):
-        out[i] = _mix32((np.uint64(i) & _MASK32) ^ key)
+        out[i] = _counter_hash(key, i)
 
 
 def permutation(seed: int, n: int, epoch: int = 0, out: np.ndarray | None = None) -> np.ndarray:
     """Indices 0..n-1 in the order of their counter hash (jitted), ties by index
     (NumPy's stable argsort): bit-identical to the reference. -> (n,) int32."""
-    if not 0 <= n < 2**31:
-        raise ValueError(f"permutation: n must be in [0, 2^31), got {n}")
+    _check_permutation_size(n)
     h = np.empty(n, np.uint32)
     _hash32_k(_key(seed, epoch), h)
     return _put(out, np.argsort(h, kind="stable").astype(np.int32))
@@ -689,7 +694,7 @@ def _gather_shifted_k(src, idx, out, side, max_shift, key):
     span = 2 * max_shift + 1
     for r in range(idx.shape[0]):
         k = _source_row(idx, r, src.shape[0])
-        h = _mix32((np.uint64(r) & _MASK32) ^ key)
+        h = _counter_hash(key, r)
         dy = np.int64(h & _MASK16) % span - max_shift
         dx = np.int64(h >> _S16) % span - max_shift
         for i in range(side):

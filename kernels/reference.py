@@ -303,14 +303,19 @@ def hash_uniform(seed, n, step=0):
     return (_hash32(seed, n, step) >> np.uint32(8)).astype(np.float64) * (1.0 / (1 << 24))
 
 
+def _check_permutation_size(n: int) -> None:
+    """Permutations are int32: n must be in [0, 2^31)."""
+    if not 0 <= n < 2**31:
+        raise ValueError(f"permutation: n must be in [0, 2^31), got {n}")
+
+
 def permutation(seed, n, epoch=0, out=None):
     """A pseudo-random permutation of range(n), identical on every backend: the
     indices in the order of their counter hash ``_hash32(seed, n, epoch)``,
     equal hashes by index (a stable argsort; a GPU sorts 64-bit keys
     hash << 32 | index instead). Made on the device, so shuffling uploads
     nothing. seed, epoch: int, n < 2^31 -> (n,) int32."""
-    if not 0 <= n < 2**31:
-        raise ValueError(f"permutation: n must be in [0, 2^31), got {n}")
+    _check_permutation_size(n)
     return _put(out, np.argsort(_hash32(seed, n, epoch), kind="stable").astype(np.int32))
 
 

@@ -75,4 +75,3 @@ extern "C" __global__ void gemm_f64(const double* __restrict__ a, const double* 
                                     int trans_a, int trans_b) {
     gemm_impl(a, b, c, m, n, k, lda, ldb, ldc, trans_a, trans_b);
 }
-
