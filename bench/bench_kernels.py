@@ -86,3 +86,33 @@ def test_sgd_step(benchmark, name, shape):
     be = _backend(name)
     w, g = _data(shape), _data(shape, 1) * 1e-3
     _run(benchmark, be, lambda: be.k.sgd_step(w, g, lr=1e-6), 3 * w.nbytes)  # read w, g; write w
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("kernel", ["gather_rows", "gather_shifted"])
+def test_minibatch_gather(benchmark, name, kernel):
+    """One 256-image minibatch from the 55k training set, plain or with ±2-pixel shifts (the
+    shift is drawn per row and applied while gathering: the same bytes move either way)."""
+    be = _backend(name)
+    src, out = _data((55_000, 784)), np.empty((256, 784), DTYPE)
+    idx = np.random.default_rng(3).permutation(55_000)[:256].astype(np.int32)
+    t = be.asarray(np.array([10], np.int64))
+    if kernel == "gather_rows":
+        fn = lambda: be.k.gather_rows(src, idx, out=out)  # noqa: E731
+    else:
+        fn = lambda: be.k.gather_shifted(src, idx, 2, 0, step=t, out=out)  # noqa: E731
+    _run(benchmark, be, fn, 2 * out.nbytes + idx.nbytes)
+
+
+@pytest.mark.parametrize("name", [*BACKENDS, "host-rng"])
+def test_epoch_permutation(benchmark, name):
+    """The epoch's shuffle of 55k samples: the contract's counter-hash permutation on a backend,
+    against the host NumPy Generator.permutation the training loop used before."""
+    out = np.empty(55_000, np.int32)
+    if name == "host-rng":
+        rng = np.random.default_rng(0)
+        benchmark.extra_info["bytes"] = out.nbytes
+        benchmark.pedantic(lambda: rng.permutation(55_000), rounds=30, iterations=10, warmup_rounds=1)
+        return
+    be = _backend(name)
+    _run(benchmark, be, lambda: be.k.permutation(0, 55_000, 3, out=out), out.nbytes)

@@ -634,6 +634,7 @@ _S16 = np.uint64(16)
 _S15 = np.uint64(15)
 _S8 = np.uint64(8)
 _MASK16 = np.uint64(0xFFFF)
+_S32 = np.uint64(32)
 
 
 @njit(cache=True, error_model="numpy")
@@ -675,18 +676,20 @@ def hash_uniform(seed: int, n: int, step=0) -> np.ndarray:
 
 # ====================================================== shuffle and augmentation
 @njit(cache=True, error_model="numpy")
-def _hash32_k(key, out):
-    for i in range(out.size):
-        out[i] = _counter_hash(key, i)
+def _permutation_keys_k(key, keys):
+    for i in range(keys.size):
+        keys[i] = (_counter_hash(key, i) << _S32) | np.uint64(i)
 
 
 def permutation(seed: int, n: int, epoch: int = 0, out: np.ndarray | None = None) -> np.ndarray:
-    """Indices 0..n-1 in the order of their counter hash (jitted), ties by index
-    (NumPy's stable argsort): bit-identical to the reference. -> (n,) int32."""
+    """Indices 0..n-1 in the order of their counter hash, ties by index: the distinct 64-bit
+    keys hash << 32 | index (jitted), sorted, their low words (as the GPU does; NumPy's sort of
+    64-bit keys beats a stable argsort of the hashes 1.6x). Bit-identical to the reference. -> (n,) int32."""
     _check_permutation_size(n)
-    h = np.empty(n, np.uint32)
-    _hash32_k(_key(seed, epoch), h)
-    return _put(out, np.argsort(h, kind="stable").astype(np.int32))
+    keys = np.empty(n, np.uint64)
+    _permutation_keys_k(_key(seed, epoch), keys)
+    keys.sort()
+    return _put(out, (keys & _MASK32).astype(np.int32))
 
 
 @njit(cache=True, error_model="numpy")
