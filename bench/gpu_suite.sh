@@ -38,8 +38,9 @@ else
 fi
 # Results are worth keeping even when a test fails: run the benchmarks regardless.
 # cupy+graphs and the tensor-core variants: what decides whether --cuda-graphs becomes the default.
+# --tta: seconds to 97.5 % and 98 % MNIST test accuracy (the "98 % in < 1 s" target).
 $PY -m gpumlp.bench --backends cupy,cupy+graphs,cupy+tf32,cupy+graphs+tf32,numba,torch,torch-graphs \
-  --json "$out.json" --markdown "$out.md" "$@"
+  --tta --json "$out.json" --markdown "$out.md" "$@"
 bench_rc=$?
 echo "gpu_suite: wrote $out.json, $out.md, $out-tests.log (tests rc=$tests_rc, bench rc=$bench_rc)"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

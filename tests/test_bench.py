@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,21 @@ def test_run_variants_that_cannot_run_are_skipped_with_the_reason():
     assert "+graphs needs a CUDA backend" in skipped["numpy+graphs"]
     assert "needs a CUDA backend" in skipped["numpy+tf32"]
     assert "unknown run option +fp8" in skipped["cuda-emu+fp8"]
+
+
+def test_gpu_suite_refuses_without_a_gpu_and_names_only_known_runs():
+    """bench/gpu_suite.sh stops with a clear message on a machine without a usable GPU, and every
+    run it would benchmark is a known backend or peer with valid run options."""
+    import re
+
+    from gpumlp.bench import runner as R
+
+    suite = Path(__file__).resolve().parent.parent / "bench" / "gpu_suite.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(suite)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "needs CuPy and a usable CUDA GPU" in proc.stderr
+    names = re.search(r"--backends (\S+)", suite.read_text()).group(1).split(",")
+    assert {"cupy", "cupy+graphs", "cupy+graphs+tf32"} <= set(names)
+    for name in names:
+        if name not in R.PEERS:
+            R.split_variant(name)  # raises on an unknown run option
