@@ -6,6 +6,7 @@ test_cuda_kernels.py, which globs every kernels/cuda/*.cu; here we only assert i
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -172,6 +173,16 @@ def _round_mantissa(x: np.ndarray, bits: int) -> np.ndarray:
     return np.ldexp(np.round(m * 2.0 ** (bits + 1)) / 2.0 ** (bits + 1), e).astype(np.float32)
 
 
+@contextlib.contextmanager
+def _precision(be, precision: str):
+    """Run the block with float32 GEMMs at ``precision``; exact float32 again afterwards."""
+    be.set_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        be.set_matmul_precision("float32")
+
+
 @pytest.mark.parametrize("gemm", ["cublas", "own"])
 @pytest.mark.parametrize("precision, bits", [("tf32", 10), ("bf16", 7)])
 def test_tensor_core_precision(be, monkeypatch, gemm, precision, bits):
@@ -185,12 +196,9 @@ def test_tensor_core_precision(be, monkeypatch, gemm, precision, bits):
         rng.standard_normal((33, 300)).astype(np.float32),
         rng.standard_normal((300, 20)).astype(np.float32),
     )
-    be.set_matmul_precision(precision)
-    try:
+    with _precision(be, precision):
         got = be.to_host(be.k.matmul(be.asarray(a), be.asarray(b)))
         got_t = be.to_host(be.k.matmul(be.asarray(np.ascontiguousarray(a.T)), be.asarray(b), trans_a=True))
-    finally:
-        be.set_matmul_precision("float32")
     expected = _round_mantissa(a, bits).astype(np.float64) @ _round_mantissa(b, bits)
     exact = a.astype(np.float64) @ b
     scale = np.abs(exact).max()
@@ -211,27 +219,22 @@ def test_precision_needs_a_cuda_backend():
 def test_tensor_core_gemm_shapes_and_transposes(own, m, k, n, trans_a, trans_b):
     """gemm_tc_f32: partial 64x64 tiles and K steps, every storage order, TF32 rounding."""
     a, b = _operands(m, k, n, trans_a, trans_b, np.float32, seed=m + k + n)
-    own.set_matmul_precision("tf32")
-    try:
+    with _precision(own, "tf32"):
         got = own.to_host(own.k.matmul(own.asarray(a), own.asarray(b), trans_a=trans_a, trans_b=trans_b))
-    finally:
-        own.set_matmul_precision("float32")
     opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
     expected = _round_mantissa(opa, 10).astype(np.float64) @ _round_mantissa(opb, 10)
     bound = np.abs(opa).astype(np.float64) @ np.abs(opb)
     assert np.all(np.abs(got - expected) <= 1e-6 * bound + 1e-30)
 
 
+def _tf32_matmul_raises(be, message: str) -> None:
+    with _precision(be, "tf32"), pytest.raises(RuntimeError, match=message):
+        be.k.matmul(be.asarray(np.ones((2, 3), np.float32)), be.asarray(np.ones((3, 4), np.float32)))
+
+
 def test_tensor_core_gemm_needs_compute_capability_8(own, monkeypatch):
     monkeypatch.setattr(type(own.xp.cuda.Device()), "compute_capability", "75")
-    own.set_matmul_precision("tf32")
-    try:
-        with pytest.raises(
-            RuntimeError, match=r"needs TF32 tensor cores \(compute capability 8.0\+\).*sm_75"
-        ):
-            own.k.matmul(own.asarray(np.ones((2, 3), np.float32)), own.asarray(np.ones((3, 4), np.float32)))
-    finally:
-        own.set_matmul_precision("float32")
+    _tf32_matmul_raises(own, r"needs TF32 tensor cores \(compute capability 8.0\+\).*sm_75")
 
 
 def test_graph_steps_train_in_tf32_on_tensor_cores(be, monkeypatch):
@@ -245,16 +248,13 @@ def test_graph_steps_train_in_tf32_on_tensor_cores(be, monkeypatch):
     rng = np.random.default_rng(1)
     X, y = rng.random((300, 784)).astype(np.float32), rng.integers(0, 10, 300)
     fit_kw = dict(epochs=2, batch_size=50, optimizer="adam", lr=1e-3, seed=2)
-    be.set_matmul_precision("tf32")
-    try:
+    with _precision(be, "tf32"):
         curves = {
             graphs: MLP("784-64-10", act="relu", backend=be, seed=2).fit(X, y, cuda_graphs=graphs, **fit_kw)[
                 "loss"
             ]
             for graphs in (False, True)
         }
-    finally:
-        be.set_matmul_precision("float32")
     assert "gemm_tc" in launched and "gemm" not in launched
     np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4)
     assert curves[True][1] < curves[True][0]
@@ -271,11 +271,4 @@ def test_tensor_core_gemm_without_crt_headers_says_what_to_install(own, monkeypa
         return real_kernel(base, sfx)
 
     monkeypatch.setattr(own.k, "_kernel", compile_fails)
-    own.set_matmul_precision("tf32")
-    try:
-        with pytest.raises(
-            RuntimeError, match=r"pip install nvidia-cuda-crt.*--precision float32.*crt/mma.h"
-        ):
-            own.k.matmul(own.asarray(np.ones((2, 3), np.float32)), own.asarray(np.ones((3, 4), np.float32)))
-    finally:
-        own.set_matmul_precision("float32")
+    _tf32_matmul_raises(own, r"pip install nvidia-cuda-crt.*--precision float32.*crt/mma.h")
