@@ -125,7 +125,7 @@ class Activation(Layer):
 
 
 class Dropout(Layer):
-    """Inverted dropout with rate p. Masks are a counter-based hash of (layer
+    """Inverted dropout with rate p. Masks are Philox4x32-10 draws keyed by (layer
     seed, training step), so they are identical on every backend, reproducible
     on resume, and drawn on the device (a CUDA graph replays fresh masks); in
     eval mode the layer is the identity."""

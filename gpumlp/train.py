@@ -1,9 +1,9 @@
 """The one training loop, shared by every backend.
 
 The data and labels are uploaded once. Per epoch, the backend shuffles on its
-device (a counter-hash permutation, identical on every backend); each minibatch
+device (a Philox-keyed permutation, identical on every backend); each minibatch
 is gathered on the device into a preallocated buffer, optionally shifted
-(augmentation drawn from the same kind of hash, keyed by the step);
+(augmentation drawn from Philox too, keyed by the step);
 forward, fused loss+gradient, backward, optional clipping, one fused optimizer
 kernel per parameter. Loss and accuracy accumulate on the device and are read
 once per epoch, so nothing synchronises inside an epoch. After each epoch:
@@ -29,7 +29,7 @@ from gpumlp.kernels.reference import _image_side
 from gpumlp.optim import Optimizer, Schedule, clip_grad_norm
 from gpumlp.validate import check_features, check_labels
 
-# Salts of the training seed, so the shuffle's and the shifts' counter-hash streams never
+# Salts of the training seed, so the shuffle's and the shifts' Philox streams never
 # coincide with dropout's (keyed by the model seed * 1000 + layer index).
 _SHUFFLE_SALT = 0x53485546  # "SHUF"
 _AUGMENT_SALT = 0x41554721  # "AUG!"

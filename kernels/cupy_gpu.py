@@ -181,6 +181,11 @@ def _step(t: _Any, name: str) -> _Any:
     return t
 
 
+def _seed64(seed: int) -> np.uint64:
+    """A random stream's seed as the kernels' ``unsigned long long`` (mod 2^64, as the reference)."""
+    return np.uint64(int(seed) & (2**64 - 1))
+
+
 def _act_code(act: str) -> np.int32:
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
@@ -340,28 +345,28 @@ def gather_rows(src, idx, out=None):
 
 
 def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
-    """Minibatch gather with the reference's hash-drawn, edge-repeating shifts, in one
+    """Minibatch gather with the reference's Philox-drawn, edge-repeating shifts, in one
     launch; ``step`` read on the device. src: (N, side*side) float, idx: (B,) int -> (B, side*side)."""
     src, idx = _dev(src, "src"), _dev(idx, "idx")
     side = _image_side(src.shape[1], max_shift)
     if idx.dtype != np.int32:
         idx = idx.astype(np.int32)
     out = _out(out, "out", (idx.shape[0], src.shape[1]), src.dtype)
-    seed32, step_d = np.uint32(seed & 0xFFFFFFFF), _step(step, "step")
-    args = (src, idx, out, np.int64(out.size), np.int32(side), np.int32(max_shift), seed32, step_d)
+    seed64, step_d = _seed64(seed), _step(step, "step")
+    args = (src, idx, out, np.int64(out.size), np.int32(side), np.int32(max_shift), seed64, step_d)
     _elementwise("gather_shifted", out, *args)
     return out
 
 
 def permutation(seed, n, epoch=0, out=None):
-    """The reference's hash-ordered permutation of range(n), made on the device: 64-bit
-    keys hash << 32 | index, CuPy's sort, their low words. -> (n,) int32 device array."""
+    """The reference's Philox-ordered permutation of range(n), made on the device: 64-bit
+    keys word << 32 | index, CuPy's sort, their low words. -> (n,) int32 device array."""
     _check_permutation_size(n)
     out = _out(out, "out", (n,), np.int32)
     if n:
         keys = _xp().empty((n,), dtype=np.uint64)
-        grid, count, seed32 = (_grid(n),), np.int64(n), np.uint32(seed & 0xFFFFFFFF)
-        _kernel("perm_keys", "u64")(grid, (_BLOCK,), (keys, count, seed32, np.int64(epoch)))
+        grid, count, seed64 = (_grid(n),), np.int64(n), _seed64(seed)
+        _kernel("perm_keys", "u64")(grid, (_BLOCK,), (keys, count, seed64, np.int64(epoch)))
         keys.sort()
         _kernel("perm_index", "u64")(grid, (_BLOCK,), (keys, out, count))
     return out
@@ -504,13 +509,13 @@ def hash_uniform(seed, n, step=0):
     """Counter-based uniforms in [0,1), bit-identical to the reference. -> (n,) float64 device array."""
     out = _xp().empty((n,), dtype=np.float64)
     if n:
-        args = (out, np.int64(n), np.uint32(seed & 0xFFFFFFFF), _step(step, "step"))
+        args = (out, np.int64(n), _seed64(seed), _step(step, "step"))
         _kernel("hash_uniform", "f64")((_grid(n),), (_BLOCK,), args)
     return out
 
 
 def dropout_forward(x, p, seed, out=None, mask=None, step=0):
-    """Inverted dropout with hash masks (bit-identical to the reference). -> (out, mask)."""
+    """Inverted dropout with Philox masks (bit-identical to the reference). -> (out, mask)."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     x = _dev(x, "x")
@@ -522,7 +527,7 @@ def dropout_forward(x, p, seed, out=None, mask=None, step=0):
         out,
         mask,
         np.int64(x.size),
-        np.uint32(seed & 0xFFFFFFFF),
+        _seed64(seed),
         _step(step, "step"),
         thresh,
         x.dtype.type(1.0 / (1.0 - p)),

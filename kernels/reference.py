@@ -39,7 +39,11 @@ LEAKY_SLOPE = 0.01
 # sigmoid_bce treats probabilities as clipped to [LOG_EPS, 1 - LOG_EPS]: no log(0), and
 # each class term costs at most -log(LOG_EPS) ~ 27.6.
 LOG_EPS = 1e-12
-_GOLDEN = 0x9E3779B1  # 2^32 / golden ratio: spreads consecutive dropout steps over the key space
+_M32 = 0xFFFFFFFF
+# Philox4x32-10 (Salmon, Moraes, Dror & Shaw, SC'11; the generator of Random123 and cuRAND):
+# round multipliers and Weyl key increments.
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 
 
 def _check_act(act: str) -> None:
@@ -275,31 +279,35 @@ def adam_step(w, g, m, v, lr, t, beta1=0.9, beta2=0.999, eps=1e-8, l2=0.0, l1=0.
 
 
 # ------------------------------------------------------------ counter hashes
-def _mix32(x):
-    """Wellons' "lowbias32" integer mixer on uint32 arrays (wrapping arithmetic)."""
-    x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(0x7FEB352D)
-    x = x ^ (x >> np.uint32(15))
-    x = x * np.uint32(0x846CA68B)
-    return x ^ (x >> np.uint32(16))
+def _philox4x32(counter, key):
+    """Philox4x32-10 on 32-bit words held in uint64: counter (c0, c1, c2, c3), arrays or ints
+    (broadcast), key (k0, k1) ints -> the 4 output words as uint64 arrays."""
+    c0, c1, c2, c3 = np.broadcast_arrays(*(np.asarray(c, dtype=np.uint64) & np.uint64(_M32) for c in counter))
+    k0, k1 = np.uint64(key[0] & _M32), np.uint64(key[1] & _M32)
+    m0, m1, m32 = np.uint64(_PHILOX_M[0]), np.uint64(_PHILOX_M[1]), np.uint64(_M32)
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + np.uint64(_PHILOX_W[0])) & m32, (k1 + np.uint64(_PHILOX_W[1])) & m32
+        p0, p1 = m0 * c0, m1 * c2  # exact 64-bit products of 32-bit words
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & m32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & m32
+    return c0, c1, c2, c3
 
 
 def _hash32(seed, n, step=0):
-    """Counter hashes: element i is lowbias32(i ^ key) with key =
-    lowbias32(seed + step * 0x9E3779B1 mod 2^32). -> (n,) uint32."""
-    key32 = (seed + _step_value(step) * _GOLDEN) & 0xFFFFFFFF
-    key = _mix32(np.array([key32], dtype=np.uint32))  # 1-elem array: wraps silently
-    return _mix32(np.arange(n, dtype=np.uint32) ^ key)
+    """Counter-based random words: element i is word i % 4 of Philox4x32-10 with counter
+    (i // 4, 0, step mod 2^32, step // 2^32) and key (seed mod 2^32, seed // 2^32 mod 2^32),
+    seed taken mod 2^64. -> (n,) uint32."""
+    step, seed = _step_value(step), int(seed) & (2**64 - 1)
+    blocks = np.arange(-(-n // 4), dtype=np.uint64)
+    words = _philox4x32((blocks, 0, step & _M32, step >> 32), (seed & _M32, seed >> 32))
+    return np.stack(words, axis=1).reshape(-1)[:n].astype(np.uint32)
 
 
 def hash_uniform(seed, n, step=0):
-    """Counter-based uniform numbers in [0,1): element i gets hash(key, i) with
-    key = seed + step * 0x9E3779B1 (mod 2^32), so each training step draws a
-    fresh stream from one layer seed.
-
-    The hash is Wellons' "lowbias32" integer mixer on 32-bit unsigned ints;
-    every backend computes the identical stream, so dropout masks agree bit
-    for bit across numpy, numba and CUDA. -> (n,) float64."""
+    """Counter-based uniform numbers in [0,1): element i is (_hash32(seed, n, step)[i] >> 8) / 2^24,
+    Philox4x32-10 keyed by the seed with the step in the counter, so each training step draws
+    a fresh stream from one layer seed. Every backend computes the identical stream, so dropout
+    masks agree bit for bit across numpy, numba and CUDA. -> (n,) float64."""
     return (_hash32(seed, n, step) >> np.uint32(8)).astype(np.float64) * (1.0 / (1 << 24))
 
 

@@ -416,6 +416,36 @@ def test_sum_squares_and_clip_scale(be, dtype, n):
 
 
 # ================================================================ dropout
+# Random123's published known-answer vectors for Philox4x32-10: (counter, key, output).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize("counter, key, expected", PHILOX_KAT)
+def test_reference_philox_known_answers(counter, key, expected):
+    assert tuple(int(w) for w in ref._philox4x32(counter, key)) == expected
+
+
+def test_every_backend_draws_the_published_philox_stream(be):
+    """Seed 0, step 0: elements 0..3 are the words of Philox4x32-10 at counter 0, key 0 (the
+    first KAT), so every backend's dropout and shuffle stream is the published generator."""
+    u = be.to_host(be.k.hash_uniform(0, 4, 0))
+    np.testing.assert_array_equal(u * 2**24, [w >> 8 for w in PHILOX_KAT[0][2]])
+    stream = (4, 7)  # block 1 of step 0 with seed 2^32 * 7 + 4 is the counter (1, 0, 0, 0), key (4, 7)
+    words = ref._philox4x32((1, 0, 0, 0), stream)
+    seed = stream[1] << 32 | stream[0]
+    np.testing.assert_array_equal(
+        be.to_host(be.k.hash_uniform(seed, 8, 0))[4:] * 2**24, [w >> 8 for w in words]
+    )
+
+
 @pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 + 7, 2**40 + 3, -5])
 @pytest.mark.parametrize("n", [1, 7, 1000, 100_003])
 def test_hash_uniform_bit_identical(be, seed, n):

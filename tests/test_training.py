@@ -42,8 +42,11 @@ def test_nonlinear_activation_separates_what_a_linear_model_cannot(make):
 def test_every_optimizer_learns(opt):
     X, y = make_circles(n=300, noise=0.05, seed=1)
     lr = {"sgd": 0.5, "momentum": 0.1, "nesterov": 0.1, "adagrad": 0.5, "rmsprop": 0.03, "adam": 0.03}[opt]
+    # plain SGD leaves the circles' plateau after 20-60 epochs depending on the shuffle; by 80 it
+    # is at ~0.05x the first loss for every shuffle seed tried
+    epochs = 80 if opt == "sgd" else 40
     hist = MLP("2-16-2", act="tanh", backend="numpy", seed=1).fit(
-        X, y, epochs=40, batch_size=30, optimizer=opt, lr=lr, l2=1e-4
+        X, y, epochs=epochs, batch_size=30, optimizer=opt, lr=lr, l2=1e-4
     )
     assert hist["loss"][-1] < 0.6 * hist["loss"][0], hist["loss"]
 

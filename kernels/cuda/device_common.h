@@ -71,20 +71,31 @@ __device__ __forceinline__ T activate_grad(T y, int act, T slope) {
     }
 }
 
-// Wellons' lowbias32 mixer: the same stream as reference.hash_uniform.
-__device__ __forceinline__ unsigned int lowbias32(unsigned int x) {
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x *= 0x846ca68bU;
-    x ^= x >> 16;
-    return x;
-}
-
-// The key of the counter stream (seed, step): lowbias32(seed + step * GOLDEN mod 2^32),
-// as reference._hash32; element i of the stream is lowbias32(i ^ key).
-__device__ __forceinline__ unsigned int stream_key(unsigned int seed, long long step) {
-    return lowbias32(seed + (unsigned int)step * 0x9E3779B1u);
+// Counter-based random words, as reference._hash32: element i of the stream (seed, step) is
+// word i % 4 of Philox4x32-10 (Salmon et al., SC'11; Random123's and cuRAND's generator) with
+// counter (i / 4, 0, step mod 2^32, step / 2^32) and key (seed mod 2^32, seed / 2^32).
+__device__ __forceinline__ unsigned int philox_word(unsigned long long seed, long long step, long long i) {
+    unsigned int c0 = (unsigned int)((unsigned long long)i >> 2), c1 = 0u;
+    unsigned int c2 = (unsigned int)step, c3 = (unsigned int)((unsigned long long)step >> 32);
+    unsigned int k0 = (unsigned int)seed, k1 = (unsigned int)(seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+        if (r) {
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        const unsigned long long p0 = 0xD2511F53ull * c0, p1 = 0xCD9E8D57ull * c2;
+        const unsigned int n0 = (unsigned int)(p1 >> 32) ^ c1 ^ k0, n2 = (unsigned int)(p0 >> 32) ^ c3 ^ k1;
+        c1 = (unsigned int)p1;
+        c3 = (unsigned int)p0;
+        c0 = n0;
+        c2 = n2;
+    }
+    switch (i & 3) {
+        case 0: return c0;
+        case 1: return c1;
+        case 2: return c2;
+        default: return c3;
+    }
 }
 
 // op(X)[r, c] of a stored matrix, zero outside [0, rows) x [0, cols) of op(X).

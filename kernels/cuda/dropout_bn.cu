@@ -1,24 +1,24 @@
-// Dropout (counter-hash masks, bit-identical to reference.hash_uniform) and
+// Dropout (Philox masks, bit-identical to reference.hash_uniform) and
 // batch norm (training forward, inference, backward).
 // Contract: kernels/reference.py (hash_uniform, dropout_forward/backward, batchnorm_*).
 #include "device_common.h"
 
-// out[i] = (lowbias32(i ^ key) >> 8) / 2^24, exactly as the reference.
-extern "C" __global__ void hash_uniform_f64(double* __restrict__ out, long long n, unsigned int seed,
+// out[i] = (philox_word(seed, step, i) >> 8) / 2^24, exactly as the reference.
+extern "C" __global__ void hash_uniform_f64(double* __restrict__ out, long long n, unsigned long long seed,
                                             const long long* __restrict__ step) {
-    const unsigned int key = stream_key(seed, *step);
-    GRID_STRIDE(i, n) { out[i] = (double)(lowbias32((unsigned int)i ^ key) >> 8) * (1.0 / 16777216.0); }
+    const long long t = *step;
+    GRID_STRIDE(i, n) { out[i] = (double)(philox_word(seed, t, i) >> 8) * (1.0 / 16777216.0); }
 }
 
 // Keep element i when its 24-bit hash h >= thresh (= ceil(p * 2^24), i.e. u >= p
 // exactly); mask = scale (= 1/(1-p) rounded to T) or 0; out = x * mask.
 template <typename T>
 __device__ void dropout_forward_impl(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ mask,
-                                     long long n, unsigned int seed, const long long* __restrict__ step,
+                                     long long n, unsigned long long seed, const long long* __restrict__ step,
                                      unsigned int thresh, T scale) {
-    const unsigned int key = stream_key(seed, *step);
+    const long long t = *step;
     GRID_STRIDE(i, n) {
-        const T mk = (lowbias32((unsigned int)i ^ key) >> 8) >= thresh ? scale : T(0);
+        const T mk = (philox_word(seed, t, i) >> 8) >= thresh ? scale : T(0);
         mask[i] = mk;
         out[i] = x[i] * mk;
     }
@@ -115,13 +115,13 @@ __device__ void batchnorm_backward_impl(const T* __restrict__ dy, const T* __res
 }
 
 extern "C" __global__ void dropout_forward_f32(const float* __restrict__ x, float* __restrict__ out,
-                                               float* __restrict__ mask, long long n, unsigned int seed,
+                                               float* __restrict__ mask, long long n, unsigned long long seed,
                                                const long long* __restrict__ step, unsigned int thresh,
                                                float scale) {
     dropout_forward_impl(x, out, mask, n, seed, step, thresh, scale);
 }
 extern "C" __global__ void dropout_forward_f64(const double* __restrict__ x, double* __restrict__ out,
-                                               double* __restrict__ mask, long long n, unsigned int seed,
+                                               double* __restrict__ mask, long long n, unsigned long long seed,
                                                const long long* __restrict__ step, unsigned int thresh,
                                                double scale) {
     dropout_forward_impl(x, out, mask, n, seed, step, thresh, scale);

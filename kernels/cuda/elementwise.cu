@@ -50,18 +50,18 @@ __device__ void gather_rows_impl(const T* __restrict__ src, const I* __restrict_
 }
 
 // Row r of out = the side x side image src[idx[r]] shifted by (dy, dx) drawn from
-// h = lowbias32(r ^ stream_key(seed, *step)), edge pixels repeated; n = B * side * side.
+// h = philox_word(seed, *step, r), edge pixels repeated; n = B * side * side.
 template <typename T>
 __device__ void gather_shifted_impl(const T* __restrict__ src, const int* __restrict__ idx,
                                     T* __restrict__ out, long long n, int side, int max_shift,
-                                    unsigned int seed, const long long* __restrict__ step) {
-    const unsigned int key = stream_key(seed, *step);
+                                    unsigned long long seed, const long long* __restrict__ step) {
+    const long long t = *step;
     const unsigned int span = 2 * max_shift + 1;
     const long long width = (long long)side * side;
     GRID_STRIDE(i, n) {
         const long long row = i / width;
         const int pixel = (int)(i - row * width), y = pixel / side, x = pixel - y * side;
-        const unsigned int h = lowbias32((unsigned int)row ^ key);
+        const unsigned int h = philox_word(seed, t, row);
         const int dy = (int)((h & 0xffffu) % span) - max_shift, dx = (int)((h >> 16) % span) - max_shift;
         const int sy = min(max(y - dy, 0), side - 1), sx = min(max(x - dx, 0), side - 1);
         out[i] = src[(long long)idx[row] * width + sy * side + sx];
@@ -118,21 +118,20 @@ extern "C" __global__ void gather_rows_f64_i64(const double* __restrict__ src,
 
 extern "C" __global__ void gather_shifted_f32(const float* __restrict__ src, const int* __restrict__ idx,
                                               float* __restrict__ out, long long n, int side, int max_shift,
-                                              unsigned int seed, const long long* __restrict__ step) {
+                                              unsigned long long seed, const long long* __restrict__ step) {
     gather_shifted_impl(src, idx, out, n, side, max_shift, seed, step);
 }
 extern "C" __global__ void gather_shifted_f64(const double* __restrict__ src, const int* __restrict__ idx,
                                               double* __restrict__ out, long long n, int side, int max_shift,
-                                              unsigned int seed, const long long* __restrict__ step) {
+                                              unsigned long long seed, const long long* __restrict__ step) {
     gather_shifted_impl(src, idx, out, n, side, max_shift, seed, step);
 }
 
 // permutation(): keys[i] = hash(i) << 32 | i. They are distinct, so sorting them gives the
 // reference's stable argsort of the hashes whatever the sort.
-extern "C" __global__ void perm_keys_u64(unsigned long long* __restrict__ keys, long long n, unsigned int seed,
-                                         long long epoch) {
-    const unsigned int key = stream_key(seed, epoch);
-    GRID_STRIDE(i, n) { keys[i] = (unsigned long long)lowbias32((unsigned int)i ^ key) << 32 | i; }
+extern "C" __global__ void perm_keys_u64(unsigned long long* __restrict__ keys, long long n,
+                                         unsigned long long seed, long long epoch) {
+    GRID_STRIDE(i, n) { keys[i] = (unsigned long long)philox_word(seed, epoch, i) << 32 | i; }
 }
 
 // The permutation from the sorted keys: their low 32 bits.
