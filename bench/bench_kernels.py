@@ -116,3 +116,14 @@ def test_epoch_permutation(benchmark, name):
         return
     be = _backend(name)
     _run(benchmark, be, lambda: be.k.permutation(0, 55_000, 3, out=out), out.nbytes)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("shape", [(128, 1024), (256, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dropout_forward(benchmark, name, shape):
+    """Philox4x32-10 masks for a hidden layer, step on the device as training passes it."""
+    be = _backend(name)
+    x, out, mask = _data(shape), np.empty(shape, DTYPE), np.empty(shape, DTYPE)
+    t = be.asarray(np.array([10], np.int64))
+    fn = lambda: be.k.dropout_forward(x, 0.2, 7, out=out, mask=mask, step=t)  # noqa: E731
+    _run(benchmark, be, fn, 3 * x.nbytes)  # read x; write out, mask
