@@ -278,7 +278,7 @@ def adam_step(w, g, m, v, lr, t, beta1=0.9, beta2=0.999, eps=1e-8, l2=0.0, l1=0.
     w -= (lr * m_hat / (np.sqrt(v_hat) + eps)).astype(w.dtype)
 
 
-# ------------------------------------------------------------ counter hashes
+# ------------------------------------------------------ counter-based random words
 def _philox4x32(counter, key):
     """Philox4x32-10 on 32-bit words held in uint64: counter (c0, c1, c2, c3), arrays or ints
     (broadcast), key (k0, k1) ints -> the 4 output words as uint64 arrays."""
@@ -319,9 +319,9 @@ def _check_permutation_size(n: int) -> None:
 
 def permutation(seed, n, epoch=0, out=None):
     """A pseudo-random permutation of range(n), identical on every backend: the
-    indices in the order of their counter hash ``_hash32(seed, n, epoch)``,
-    equal hashes by index (a stable argsort; a GPU sorts 64-bit keys
-    hash << 32 | index instead). Made on the device, so shuffling uploads
+    indices in the order of their random words ``_hash32(seed, n, epoch)``,
+    equal words by index (a stable argsort; a GPU sorts 64-bit keys
+    word << 32 | index instead). Made on the device, so shuffling uploads
     nothing. seed, epoch: int, n < 2^31 -> (n,) int32."""
     _check_permutation_size(n)
     return _put(out, np.argsort(_hash32(seed, n, epoch), kind="stable").astype(np.int32))

@@ -1,4 +1,4 @@
-// Device helpers shared by kernels/cuda/*.cu (activations, hashing, reductions).
+// Device helpers shared by kernels/cuda/*.cu (activations, Philox, reductions).
 //
 // Included by every .cu file. cupy_gpu.py pastes it into the source it hands to
 // NVRTC (so no include path is needed); nvcc and the host emulation find it

@@ -10,8 +10,8 @@ extern "C" __global__ void hash_uniform_f64(double* __restrict__ out, long long 
     GRID_STRIDE(i, n) { out[i] = (double)(philox_word(seed, t, i) >> 8) * (1.0 / 16777216.0); }
 }
 
-// Keep element i when its 24-bit hash h >= thresh (= ceil(p * 2^24), i.e. u >= p
-// exactly); mask = scale (= 1/(1-p) rounded to T) or 0; out = x * mask.
+// Keep element i when the top 24 bits of its random word are >= thresh (= ceil(p * 2^24),
+// i.e. u >= p exactly); mask = scale (= 1/(1-p) rounded to T) or 0; out = x * mask.
 template <typename T>
 __device__ void dropout_forward_impl(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ mask,
                                      long long n, unsigned long long seed, const long long* __restrict__ step,

@@ -127,8 +127,8 @@ extern "C" __global__ void gather_shifted_f64(const double* __restrict__ src, co
     gather_shifted_impl(src, idx, out, n, side, max_shift, seed, step);
 }
 
-// permutation(): keys[i] = hash(i) << 32 | i. They are distinct, so sorting them gives the
-// reference's stable argsort of the hashes whatever the sort.
+// permutation(): keys[i] = word(i) << 32 | i. They are distinct, so sorting them gives the
+// reference's stable argsort of the words whatever the sort.
 extern "C" __global__ void perm_keys_u64(unsigned long long* __restrict__ keys, long long n,
                                          unsigned long long seed, long long epoch) {
     GRID_STRIDE(i, n) { keys[i] = (unsigned long long)philox_word(seed, epoch, i) << 32 | i; }
