@@ -336,13 +336,10 @@ def _sigmoid_bce_k(z, labels, grad, scale, cap):
             raise ValueError("sigmoid_bce: label out of range [0, K)")
         for j in range(k):
             x = np.float64(z[i, j])
-            if x >= 0:  # never exp of a large positive number: finite for any logit
-                p = 1.0 / (1.0 + math.exp(-x))
-            else:
-                e = math.exp(x)
-                p = e / (1.0 + e)
+            e = math.exp(-abs(x))  # never exp of a large positive number: finite for any logit
+            p = 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
             s = -x if j == y else x  # the term is softplus(s): -log p for t=1, -log(1-p) for t=0
-            total += min(max(s, 0.0) + math.log1p(math.exp(-abs(s))), cap)
+            total += min(max(s, 0.0) + math.log1p(e), cap)  # |s| = |x|: the same exp serves both
             grad[i, j] = ((p - 1.0) if j == y else p) * scale
     return total
 
