@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU suite: on a CUDA machine with CuPy (and PyTorch for the peer column),
-# run the tests (GPU tests included, slow ones not), the per-step launch
-# profile and the side-by-side benchmark; results land in
+# run the tests (GPU tests included, slow ones not) and the side-by-side
+# benchmark (the per-step launch profile is computed without a GPU, by
+# bench/gpu_step_profile.py on the emulated device); results land in
 # bench/results/gpu-<device>.{json,md} and gpu-<device>-tests.log.
 #   usage: bench/gpu_suite.sh [extra args for gpumlp.bench, e.g. --quick]
 # Works offline: gpumlp is installed without dependencies (or, if pip cannot,
