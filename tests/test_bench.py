@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,31 @@ def test_epoch_flops_deep_by_hand():
     assert per_sample == 9_564_160
     assert epoch_flops([784, 1024, 1024, 10], 55_000) == 55_000 * per_sample
     assert step_flops([784, 1024, 1024, 10], 256) == 256 * per_sample
+
+
+@pytest.mark.parametrize("spec", ["784-100-10", "784-1024-1024-10"])
+def test_step_matmuls_are_the_matmuls_a_training_step_runs(spec):
+    """The floor times exactly the matmul calls of a real step: same shapes, same transposes."""
+    from gpumlp.backend import Backend
+    from gpumlp.bench.flops import step_matmuls
+    from gpumlp.kernels import reference
+    from gpumlp.model import MLP
+
+    calls = []
+
+    def recording_matmul(a, b, out=None, trans_a=False, trans_b=False):
+        calls.append((a.shape, b.shape, trans_a, trans_b))
+        return reference.matmul(a, b, out=out, trans_a=trans_a, trans_b=trans_b)
+
+    recording = Backend("numpy", np, types.SimpleNamespace(**{**vars(reference), "matmul": recording_matmul}))
+    model = MLP(spec, act="relu", backend=recording)
+    x = np.random.default_rng(0).standard_normal((32, model.n_features)).astype(np.float32)
+    scores = model.forward(x, train=True)
+    _, grad = model.loss(model.be, scores, np.zeros(32, np.int32))
+    calls.clear()  # one step: forward and backward
+    model.forward(x, train=True)
+    model.backward(grad)
+    assert calls == step_matmuls([int(w) for w in spec.split("-")], 32)
 
 
 def test_kernel_bytes_by_hand():
@@ -89,9 +115,13 @@ def test_quick_run_schema(quick_json):
         assert e["min"] <= e["median"] <= e["max"] and len(e["seconds"]) == e["repeats"]
         assert "vs_numpy" in e
         assert ("vs_torch" in e) == ("torch" in ran)
+        # the floor (the epoch's matmuls alone) is measured in the same run for every config
+        assert e["x_floor"] == pytest.approx(e["median"] / e["floor_seconds"])
+    floors = {(f["config"], f["device"]) for f in res["floors"]}
+    assert floors == {(e["config"], e["device"]) for e in res["epochs"]}
     kernels = {r["kernel"] for r in res["kernels"]}
     assert {"matmul", "bias_act", "act_grad", "softmax_xent", "sgd_step", "adam_step"} <= kernels
-    numeric = {k: res[k] for k in ("peaks", "configs", "epochs", "kernels")}
+    numeric = {k: res[k] for k in ("peaks", "configs", "epochs", "kernels", "floors")}
     for e in numeric["epochs"]:
         e.pop("first_epoch_extra_seconds")  # may be 0 when the first epoch was not slower
     _positive_finite(numeric, "res")

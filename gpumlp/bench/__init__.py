@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
             if b == "numba" and firsts:
                 res["jit_seconds"][b] = firsts[0]
     res["peaks"]["cpu"] = merge_peaks(res["peaks"]["cpu"], measure_peaks(args.dtype, quick))
-    R.add_ratios(res["epochs"], res["peaks"])
+    R.add_ratios(res["epochs"], res["peaks"], res.get("floors", []))
     R.add_kernel_peaks(res.get("kernels", []), res["peaks"])
     if "start" in res["machine"]["loadavg"]:  # other jobs on the machine make timings noisy
         res["machine"]["loadavg"]["end"] = os.getloadavg()[0]
@@ -150,7 +150,9 @@ def _plan(args: argparse.Namespace, backends: list[str], cfg_names: list[str], d
     X, y, Xt, yt = data
     dt_, quick = args.dtype, args.quick
     tasks = [(f"JIT {b}", "jit_seconds", R.jit_warmup, (b, dt_)) for b in backends]
+    devices = sorted({R.device_of(b) for b in backends})
     for c in cfg_names:  # config-major, so slow drifts in machine load hit every backend alike
+        tasks += [(f"floor {c} {d}", "floors", R.time_floor, (d, c, samples, repeats, dt_)) for d in devices]
         tasks += [(f"{c} {b}", "epochs", R.time_epochs, (b, c, X[:samples], y[:samples], repeats, dt_))
                   for b in backends]  # fmt: skip
     if not args.no_kernels:

@@ -14,16 +14,32 @@ def layer_shapes(widths: Sequence[int]) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(widths[:-1], widths[1:])]
 
 
-def step_flops(widths: Sequence[int], batch: int) -> int:
-    """Matmul FLOPs of one training step on ``batch`` samples.
+MatmulCall = tuple[tuple[int, int], tuple[int, int], bool, bool]  # (a shape, b shape, trans_a, trans_b)
 
-    Per layer (fan_in i, fan_out o): forward X·W is 2·B·i·o, backward dW = Xᵀ·dZ is
-    2·B·i·o, and dX = dZ·Wᵀ is 2·B·i·o for every layer but the first (whose input
-    gradient nobody needs)."""
+
+def step_matmuls(widths: Sequence[int], batch: int) -> list[MatmulCall]:
+    """The matmuls of one training step on ``batch`` samples, as Dense runs them:
+    (shape of a, shape of b, trans_a, trans_b) for ``matmul(a, b, trans_a, trans_b)``.
+
+    Per layer (fan_in i, fan_out o): forward X·W ((B,i)·(i,o)), backward dW = Xᵀ·dZ
+    ((B,i)ᵀ·(B,o)), and dX = dZ·Wᵀ ((B,o)·(i,o)ᵀ) for every layer but the first (whose
+    input gradient nobody needs)."""
+    layers = layer_shapes(widths)
+    steps = [((batch, i), (i, o), False, False) for i, o in layers]
+    for layer, (i, o) in reversed(list(enumerate(layers))):
+        steps.append(((batch, i), (batch, o), True, False))
+        if layer:
+            steps.append(((batch, o), (i, o), False, True))
+    return steps
+
+
+def step_flops(widths: Sequence[int], batch: int) -> int:
+    """Matmul FLOPs of one training step on ``batch`` samples (see :func:`step_matmuls`)."""
     total = 0
-    for layer, (i, o) in enumerate(layer_shapes(widths)):
-        passes = 2 if layer == 0 else 3
-        total += passes * 2 * batch * i * o
+    for a, b, trans_a, trans_b in step_matmuls(widths, batch):
+        m, k = a[::-1] if trans_a else a
+        n = b[0] if trans_b else b[1]
+        total += matmul_flops(m, k, n)
     return total
 
 

@@ -10,6 +10,8 @@ REGRESSION = 1.10  # new/old time ratio above which --compare flags a regression
 LEGEND = (
     "vs torch / vs numpy: ratio of epoch times (< 1 is faster). GFLOP/s: matmul FLOPs of the epoch / "
     "median time. × GEMM bound: median time / (matmul FLOPs / GEMM peak measured in this run). "
+    "× floor: median time / median time of the same epoch's matmuls alone (real batch shapes, "
+    "preallocated outputs, nothing else), measured in this run: everything above 1.00 is overhead. "
     "JIT s: one-time compile (or cache load), not in the epoch times."
 )
 
@@ -70,6 +72,7 @@ def epochs_table(res: dict, markdown: bool = False) -> str:
         "GFLOP/s",
         "% GEMM peak",
         "× GEMM bound",
+        "× floor",
         "JIT s",
     ]
     jit = res.get("jit_seconds", {})
@@ -88,6 +91,7 @@ def epochs_table(res: dict, markdown: bool = False) -> str:
                 f"{e['gflops']:.1f}",
                 f"{e['pct_gemm_peak']:.0f}%",
                 f"{e['x_gemm_bound']:.2f}",
+                _fmt(e.get("x_floor"), ".2f"),
                 _fmt(jit.get(e["backend"]), ".2f"),
             ]
         )

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from gpumlp.backend import MATMUL_PRECISIONS, BackendUnavailable, get_backend
-from gpumlp.bench.flops import epoch_flops, kernel_bytes, matmul_flops
+from gpumlp.bench.flops import epoch_flops, kernel_bytes, matmul_flops, step_matmuls
 from gpumlp.bench.machine import best_time
 from gpumlp.model import MLP, parse_spec
 
@@ -168,9 +168,58 @@ def time_epochs(name: str, cfg_name: str, X, y, repeats: int, dtype: str) -> dic
     return out
 
 
-def add_ratios(entries: list[dict], peaks: dict) -> None:
-    """Fill vs_torch, vs_numpy, GFLOP/s and GEMM-bound columns in place."""
+def _device_arrays(device: str) -> tuple:
+    """(array module, synchronize) of the device a floor is measured on."""
+    if device == "gpu":
+        import cupy
+
+        return cupy, cupy.cuda.Device().synchronize
+    return np, lambda: None
+
+
+def time_floor(device: str, cfg_name: str, samples: int, repeats: int, dtype: str) -> dict:
+    """The floor of one epoch of ``cfg_name`` on ``device``: only the steps' matmuls
+    (:func:`~gpumlp.bench.flops.step_matmuls`), at the real batch shapes (full batches and the
+    last partial one), into preallocated outputs, nothing else. Median of ``repeats``
+    epochs over ``samples`` rows, scaled to EPOCH_SAMPLES like :func:`time_epochs`."""
+    cfg = CONFIGS[cfg_name]
+    xp, sync = _device_arrays(device)
+    rng = np.random.default_rng(0)
+    full, rest = divmod(samples, cfg.batch_size)
+
+    def operands(batch: int) -> list[tuple]:
+        ops = []
+        for a_shape, b_shape, trans_a, trans_b in step_matmuls(cfg.widths, batch):
+            a, b = (xp.asarray(rng.standard_normal(s).astype(dtype)) for s in (a_shape, b_shape))
+            a, b = a.T if trans_a else a, b.T if trans_b else b  # views: BLAS gets transpose flags
+            ops.append((a, b, xp.empty((a.shape[0], b.shape[1]), dtype=dtype)))
+        return ops
+
+    plan = [(operands(cfg.batch_size), full)] + ([(operands(rest), 1)] if rest else [])
+
+    def epoch() -> None:
+        for ops, count in plan:
+            for _ in range(count):
+                for a, b, out in ops:
+                    xp.matmul(a, b, out=out)
+
+    epoch()  # warm-up: thread pools, page faults
+    sync()
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        epoch()
+        sync()
+        seconds.append((time.perf_counter() - t0) * EPOCH_SAMPLES / samples)
+    out = {"config": cfg_name, "device": device, "dtype": dtype, "samples_timed": int(samples)}
+    out.update(matmuls_per_step=len(plan[0][0]), seconds=seconds, median=statistics.median(seconds))
+    return out
+
+
+def add_ratios(entries: list[dict], peaks: dict, floors: Sequence[dict] = ()) -> None:
+    """Fill vs_torch, vs_numpy, GFLOP/s, GEMM-bound and floor columns in place."""
     by = {(e["config"], e["backend"]): e["median"] for e in entries}
+    floor = {(f["config"], f["device"]): f["median"] for f in floors}
     for e in entries:
         cfg = CONFIGS[e["config"]]
         flops = epoch_flops(cfg.widths, EPOCH_SAMPLES)
@@ -180,6 +229,9 @@ def add_ratios(entries: list[dict], peaks: dict) -> None:
         e["gemm_bound_seconds"] = flops / (peak * 1e9)
         e["x_gemm_bound"] = e["median"] / e["gemm_bound_seconds"]
         e["pct_gemm_peak"] = 100 * e["gflops"] / peak
+        if (e["config"], e["device"]) in floor:
+            e["floor_seconds"] = floor[(e["config"], e["device"])]
+            e["x_floor"] = e["median"] / e["floor_seconds"]
         for ref in ("torch", "numpy"):
             if (e["config"], ref) in by:
                 e[f"vs_{ref}"] = e["median"] / by[(e["config"], ref)]
