@@ -92,7 +92,11 @@ PRESETS: dict[str, dict] = {
 PRESETS["accurate"] = copy.deepcopy(PRESETS["fast"])
 PRESETS["accurate"]["model"].update(spec="784-1024-1024-10", dropout=0.2)
 PRESETS["accurate"]["fit"].update(lr_gamma=0.85, epochs=20, augment_shift=2)
-
+# The time-to-accuracy recipe (the bench's --tta run): a narrow two-layer net, a high Adam rate
+# halved every epoch; measured 98.05-98.08 % MNIST test after 4 epochs (seeds 1-3, numba).
+PRESETS["fastest"] = copy.deepcopy(PRESETS["fast"])
+PRESETS["fastest"]["model"].update(spec="784-256-128-10")
+PRESETS["fastest"]["fit"].update(lr=0.002, lr_gamma=0.5, batch_size=100, epochs=4)
 
 FIT_SCHEDULE_KEYS = ("schedule", "lr_gamma", "lr_step")
 

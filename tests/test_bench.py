@@ -203,3 +203,29 @@ def test_gpu_suite_refuses_without_a_gpu_and_names_only_known_runs():
     for name in names:
         if name not in R.PEERS:
             R.split_variant(name)  # raises on an unknown run option
+
+
+def test_time_to_accuracy_runs_the_fastest_preset_recipe():
+    from gpumlp.bench.runner import TTA_CONFIG
+    from gpumlp.presets import get_preset
+
+    p = get_preset("fastest")
+    assert (TTA_CONFIG.spec, TTA_CONFIG.lr, TTA_CONFIG.batch_size) == (
+        p["model"]["spec"],
+        p["fit"]["lr"],
+        p["fit"]["batch_size"],
+    )
+    assert p["fit"]["schedule"] == "exp" and TTA_CONFIG.lr_gamma == p["fit"]["lr_gamma"] < 1
+
+
+def test_torch_peer_decays_the_learning_rate_per_epoch_like_gpumlp():
+    pytest.importorskip("torch")
+    from gpumlp.bench.peers import TorchRecipe
+    from gpumlp.optim import Schedule
+
+    peer = TorchRecipe([4, 3, 2], "relu", "softmax_xent", "adam", 0.01, lr_gamma=0.5)
+    seen = []
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((8, 4)).astype(np.float32), rng.integers(0, 2, 8)
+    peer.fit(X, y, 3, 4, callbacks=[lambda rec, p: seen.append(p.opt.param_groups[0]["lr"])])
+    assert seen == pytest.approx([Schedule("exp", gamma=0.5).lr(0.01, e) for e in range(3)])

@@ -61,6 +61,7 @@ class TorchRecipe:
         dtype: str = "float32",
         seed: int = 0,
         name: str = "torch",
+        lr_gamma: float = 1.0,
     ):
         import torch
 
@@ -97,6 +98,7 @@ class TorchRecipe:
         if name == "torch-graphs":
             self.forward = torch.compile(self.model, mode="reduce-overhead")
         self.n_classes = int(widths[-1])
+        self.lr, self.lr_gamma = lr, lr_gamma  # per-epoch exponential decay, as gpumlp's Schedule("exp")
 
     def sync(self) -> None:
         """Wait for the device (no-op on the CPU)."""
@@ -137,6 +139,8 @@ class TorchRecipe:
         self.model.train()
         for epoch in range(epochs):
             t0 = time.perf_counter()
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr * self.lr_gamma**epoch
             perm = torch.from_numpy(rng.permutation(n)).to(self.device)
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             correct = torch.zeros((), dtype=torch.int64, device=self.device)

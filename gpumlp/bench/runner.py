@@ -39,6 +39,20 @@ class Config:
     batch_size: int
     reduction: str = "mean"
     about: str = ""
+    lr_gamma: float = 1.0  # the learning rate is multiplied by this after every epoch
+
+    @classmethod
+    def of_preset(cls, name: str) -> Config:
+        """The recipe of a gpumlp preset (constant or per-epoch exponential learning rate)."""
+        from gpumlp.presets import get_preset
+
+        preset = get_preset(name)
+        m, f = preset["model"], preset["fit"]
+        if f["schedule"] not in ("constant", "exp"):
+            raise ValueError(f"preset {name!r}: the bench runs constant or exp schedules only")
+        gamma = f["lr_gamma"] if f["schedule"] == "exp" else 1.0
+        args = (m["spec"], m["act"], m["loss"], f["optimizer"], f["lr"], f["batch_size"], f["reduction"])
+        return cls(*args, about=f"the {name} preset", lr_gamma=gamma)
 
     @property
     def widths(self) -> list[int]:
@@ -55,7 +69,7 @@ CONFIGS = {
     ),
 }
 QUICK_CONFIGS = ("seed", "adam256")
-TTA_CONFIG = Config("784-512-256-10", "relu", "softmax_xent", "adam", 1e-3, 128, "mean", "time-to-accuracy")
+TTA_CONFIG = Config.of_preset("fastest")
 TTA_TARGETS = (0.975, 0.98)
 
 
@@ -88,6 +102,7 @@ def device_of(name: str) -> str:
 
 def train_gpumlp(name: str, cfg: Config, X, y, epochs: int, dtype: str, seed: int = 0, callbacks=()):
     """gpumlp.train.fit on backend ``name`` (with its run options); -> per-epoch records."""
+    from gpumlp.optim import Schedule
     from gpumlp.train import fit
 
     base, fit_kw, precision = split_variant(name)
@@ -104,6 +119,7 @@ def train_gpumlp(name: str, cfg: Config, X, y, epochs: int, dtype: str, seed: in
             optimizer=cfg.optimizer,
             lr=cfg.lr,
             reduction=cfg.reduction,
+            schedule=Schedule("exp", gamma=cfg.lr_gamma) if cfg.lr_gamma != 1 else "constant",
             seed=seed,
             callbacks=list(callbacks),
             **fit_kw,
@@ -117,7 +133,7 @@ def train_peer(name: str, cfg: Config, X, y, epochs: int, dtype: str, seed: int 
     """The PyTorch peer with the same recipe; -> per-epoch records."""
     from gpumlp.bench.peers import TorchRecipe
 
-    peer = TorchRecipe(cfg.widths, cfg.act, cfg.loss, cfg.optimizer, cfg.lr, dtype, seed, name=name)
+    peer = TorchRecipe(cfg.widths, cfg.act, cfg.loss, cfg.optimizer, cfg.lr, dtype, seed, name, cfg.lr_gamma)
     recs = peer.fit(X, y, epochs, cfg.batch_size, cfg.reduction, seed, callbacks)
     return recs, peer
 
@@ -377,6 +393,7 @@ def time_to_accuracy(name: str, data, dtype: str, max_epochs: int, n_train: int)
         "backend": name,
         "device": device_of(name),
         "spec": TTA_CONFIG.spec,
+        "recipe": asdict(TTA_CONFIG),
         "samples": int(X.shape[0]),
         "jit_seconds": jit,
         "warmup_seconds": warm,
