@@ -32,6 +32,7 @@ from .reference import (
     LEAKY_SLOPE,
     LOG_EPS,
     _check_permutation_size,
+    _gaussian_taps,
     _image_side,
     _updates_running_stats,
 )
@@ -71,6 +72,7 @@ _FILES = {
         ("hash_uniform", "dropout_forward", "mul", "batchnorm_forward", "batchnorm_inference"), "dropout_bn"
     ),
     "batchnorm_backward": "dropout_bn",
+    **dict.fromkeys(("signed_noise", "blur", "gather_warped"), "augment"),
     "gemm": "gemm",
     "gemm_tc": "gemm_tc",
 }
@@ -355,6 +357,40 @@ def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
     seed64, step_d = _seed64(seed), _step(step, "step")
     args = (src, idx, out, np.int64(out.size), np.int32(side), np.int32(max_shift), seed64, step_d)
     _elementwise("gather_shifted", out, *args)
+    return out
+
+
+def elastic_field(seed, n, side, alpha, sigma, step=0, out=None, work=None):
+    """The reference's Simard displacement fields, on the device in three launches: Philox noise,
+    Gaussian blur along x into ``work``, along y (x alpha) back into out. -> (n, 2, side, side)."""
+    _gaussian_taps(sigma)  # checks sigma
+    shape = (n, 2, side, side)
+    out = _out(out, "out", shape, np.float32 if out is None else out.dtype)
+    work = _out(work, "work", shape, out.dtype)
+    count, sfx = np.int64(out.size), _sfx(out, "elastic_field")
+    if out.size:
+        grid = (_grid(out.size),), (_BLOCK,)
+        _kernel("signed_noise", sfx)(*grid, (out, count, _seed64(seed), _step(step, "step")))
+        for a, b, scale, along_rows in ((out, work, 1.0, 0), (work, out, float(alpha), 1)):
+            args = (a, b, count, np.int32(side), float(sigma), scale, np.int32(along_rows))
+            _kernel("blur", sfx)(*grid, args)
+    return out
+
+
+def gather_warped(src, idx, max_rotate, max_scale, max_shift, seed, step=0, field=None, out=None):
+    """Minibatch gather with the reference's Philox-drawn rotation, scaling, translation and optional
+    elastic ``field``, bilinear with edges repeated, one launch. src: (N, side*side), idx: (B,) int."""
+    src, idx = _dev(src, "src"), _dev(idx, "idx")
+    side = _image_side(src.shape[1], 0)
+    if idx.dtype != np.int32:
+        idx = idx.astype(np.int32)
+    out = _out(out, "out", (idx.shape[0], src.shape[1]), src.dtype)
+    if field is not None:
+        field = _out(field, "field", (idx.shape[0], 2, side, side), src.dtype)
+    limits = (_math.radians(max_rotate), float(max_scale), float(max_shift))
+    args = (src, idx, out if field is None else field, out, np.int64(out.size), np.int32(side), *limits)
+    args += (np.int32(field is not None), _seed64(seed), _step(step, "step"))
+    _elementwise("gather_warped", out, *args)
     return out
 
 

@@ -62,6 +62,7 @@ from .reference import (
     LOG_EPS,
     _accumulate,  # the same 0-d accumulator glue as the reference
     _check_permutation_size,
+    _gaussian_taps,
     _image_side,
     _put,
     _step_value,
@@ -752,6 +753,126 @@ def gather_shifted(
     if not (src.flags.c_contiguous and out.flags.c_contiguous):
         raise ValueError("gather_shifted: src and out must be C-contiguous")
     _gather_shifted_k(src, idx, out, side, max_shift, *_stream(seed, step, idx.shape[0]))
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _signed_noise_k(w0, w1, w2, w3, flat):
+    """flat[i] = 2 * uniform(element i of the stream) - 1, block by block (vectorisable)."""
+    n, words = flat.size, (w0, w1, w2, w3)
+    for j in range(4):
+        wj, lanes = words[j], flat[j:n:4]
+        for b in range(lanes.size):
+            lanes[b] = 2.0 * _uniform(wj[b]) - 1.0
+
+
+@njit(cache=True, error_model="numpy")
+def _blur_k(taps, scale, src, out, rows):
+    """out = scale * src smoothed by taps along axis 1 (rows=False: x) or 0 (rows=True: y) of
+    each side x side image in src/out (n * side, side); float64 sums, zero outside. Each tap
+    adds a shifted source row into a row accumulator, so the inner loop vectorises."""
+    side, radius = src.shape[1], taps.size // 2
+    acc = np.empty(side, np.float64)
+    for row in range(src.shape[0]):
+        i = row % side
+        acc[:] = 0.0
+        for k in range(taps.size):
+            d = k - radius
+            if rows and not 0 <= i + d < side:
+                continue
+            shift = 0 if rows else d
+            lo, hi = max(0, -shift), min(side, side - shift)
+            line = src[row + d] if rows else src[row]
+            part, body = acc[lo:hi], line[lo + shift : hi + shift]
+            for j in range(hi - lo):
+                part[j] += taps[k] * np.float64(body[j])
+        for j in range(side):
+            out[row, j] = scale * acc[j]
+
+
+def elastic_field(
+    seed: int,
+    n: int,
+    side: int,
+    alpha: float,
+    sigma: float,
+    step=0,
+    out: np.ndarray | None = None,
+    work: np.ndarray | None = None,
+) -> np.ndarray:
+    """The reference's Simard displacement fields: Philox noise in [-1, 1), Gaussian-smoothed
+    along x then y, times alpha. -> (n, 2, side, side) out's dtype (float32 when out is None)."""
+    taps = _gaussian_taps(sigma)
+    shape = (n, 2, side, side)
+    out = np.empty(shape, np.float32) if out is None else out
+    work = np.empty(shape, out.dtype) if work is None else work
+    if out.shape != shape or work.shape != shape or not (out.flags.c_contiguous and work.flags.c_contiguous):
+        raise ValueError(f"elastic_field: out and work must be C-contiguous arrays of shape {shape}")
+    rows = (n * 2 * side, side)
+    _signed_noise_k(*_stream(seed, step, n * 2 * side * side), out.reshape(-1))
+    _blur_k(taps, 1.0, out.reshape(rows), work.reshape(rows), False)
+    _blur_k(taps, float(alpha), work.reshape(rows), out.reshape(rows), True)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _bilinear(img, side, sy, sx):
+    """img (side*side,) sampled at (sy, sx) with edge pixels repeated, in float64."""
+    y0, x0 = math.floor(sy), math.floor(sx)
+    fy, fx = sy - y0, sx - x0
+    r0, r1 = min(max(y0, 0), side - 1) * side, min(max(y0 + 1, 0), side - 1) * side
+    c0, c1 = min(max(x0, 0), side - 1), min(max(x0 + 1, 0), side - 1)
+    top = (1 - fx) * np.float64(img[r0 + c0]) + fx * np.float64(img[r0 + c1])
+    bottom = (1 - fx) * np.float64(img[r1 + c0]) + fx * np.float64(img[r1 + c1])
+    return (1 - fy) * top + fy * bottom
+
+
+@njit(cache=True, error_model="numpy")
+def _gather_warped_k(src, idx, out, side, limits, field, w0, w1, w2, w3):
+    c = (side - 1) / 2.0
+    for r in range(idx.shape[0]):
+        img = src[_source_row(idx, r, src.shape[0])]
+        angle = (2.0 * _uniform(_word(w0, w1, w2, w3, 4 * r)) - 1.0) * limits[0]
+        scale = 1.0 + (2.0 * _uniform(_word(w0, w1, w2, w3, 4 * r + 1)) - 1.0) * limits[1]
+        ty = (2.0 * _uniform(_word(w0, w1, w2, w3, 4 * r + 2)) - 1.0) * limits[2]
+        tx = (2.0 * _uniform(_word(w0, w1, w2, w3, 4 * r + 3)) - 1.0) * limits[2]
+        cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+        for i in range(side):
+            y = i - c - ty
+            for j in range(side):
+                x = j - c - tx
+                sy, sx = cos * y + sin * x + c, cos * x - sin * y + c
+                if field.shape[0]:
+                    sy += np.float64(field[r, 0, i, j])
+                    sx += np.float64(field[r, 1, i, j])
+                out[r, i * side + j] = _bilinear(img, side, sy, sx)
+
+
+def gather_warped(
+    src: np.ndarray,
+    idx: np.ndarray,
+    max_rotate: float,
+    max_scale: float,
+    max_shift: float,
+    seed: int,
+    step=0,
+    field: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Minibatch gather with the reference's Philox-drawn rotation, scaling and translation and an
+    optional elastic ``field``, bilinear with edges repeated, in one pass.
+    src: (N, side*side) float, idx: (B,) int -> (B, side*side)."""
+    side, b = _image_side(src.shape[1], 0), idx.shape[0]
+    if out is None:
+        out = np.empty((b, src.shape[1]), dtype=src.dtype)
+    if not (src.flags.c_contiguous and out.flags.c_contiguous):
+        raise ValueError("gather_warped: src and out must be C-contiguous")
+    if field is None:
+        field = np.empty((0, 2, side, side), src.dtype)
+    elif field.shape != (b, 2, side, side):
+        raise ValueError(f"gather_warped: field must have shape {(b, 2, side, side)}, got {field.shape}")
+    limits = np.array([math.radians(max_rotate), max_scale, max_shift], np.float64)
+    _gather_warped_k(src, idx, out, side, limits, field, *_stream(seed, step, 4 * b))
     return out
 
 

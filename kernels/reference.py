@@ -166,6 +166,81 @@ def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
     return _put(out, images[np.arange(b)[:, None, None], rows, cols].reshape(b, side * side))
 
 
+def _square_side(width: int) -> int:
+    """Side of the square images stored as rows of ``width`` features."""
+    return _image_side(width, 0)
+
+
+def _gaussian_taps(sigma: float) -> np.ndarray:
+    """The normalised Gaussian of std ``sigma`` the elastic fields are smoothed with, as
+    scipy.ndimage.gaussian_filter samples it: radius int(4 sigma + 0.5). -> (2R+1,) float64."""
+    if not sigma > 0:
+        raise ValueError(f"elastic sigma must be > 0 pixels, got {sigma}")
+    radius = int(4.0 * sigma + 0.5)
+    g = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    return g / g.sum()
+
+
+def elastic_field(seed, n, side, alpha, sigma, step=0, out=None, work=None):
+    """Random elastic displacement fields (Simard et al. 2003): noise u_i = 2 * uniform_i - 1
+    (element i of hash_uniform(seed, n*2*side*side, step), laid out (n, 2, side, side)),
+    smoothed along columns then rows by :func:`_gaussian_taps` (zero outside the image),
+    times ``alpha``. Channel 0 displaces rows (y), channel 1 columns (x); in pixels.
+    ``work``: scratch of out's shape (the GPU needs one). -> (n, 2, side, side) out's dtype
+    (float32 when out is None), computed in float64."""
+    taps = _gaussian_taps(sigma)
+    radius = taps.size // 2
+    noise = 2.0 * hash_uniform(seed, n * 2 * side * side, step).reshape(n, 2, side, side) - 1.0
+    padded = np.pad(noise, ((0, 0), (0, 0), (0, 0), (radius, radius)))
+    across = sum(t * padded[..., k : k + side] for k, t in enumerate(taps))  # along x
+    padded = np.pad(across, ((0, 0), (0, 0), (radius, radius), (0, 0)))
+    field = alpha * sum(t * padded[:, :, k : k + side, :] for k, t in enumerate(taps))  # along y
+    dtype = out.dtype if out is not None else np.float32
+    return _put(out, field.astype(dtype))
+
+
+def _warp_params(seed, n, max_rotate, max_scale, max_shift, step=0):
+    """Each row's random similarity transform for :func:`gather_warped`, from the words
+    4r .. 4r+3 of hash_uniform(seed, 4n, step): angle (radians, |.| <= max_rotate degrees),
+    scale (|scale - 1| <= max_scale), row and column shift (|.| <= max_shift pixels).
+    -> (angle, scale, ty, tx), each (n,) float64."""
+    u = 2.0 * hash_uniform(seed, 4 * n, step).reshape(n, 4) - 1.0
+    angle, scale = u[:, 0] * np.deg2rad(max_rotate), 1.0 + u[:, 1] * max_scale
+    return angle, scale, u[:, 2] * max_shift, u[:, 3] * max_shift
+
+
+def gather_warped(src, idx, max_rotate, max_scale, max_shift, seed, step=0, field=None, out=None):
+    """Minibatch gather with random rotation, scaling and (sub-pixel) translation about the image
+    centre c = (side-1)/2, plus an optional elastic displacement ``field`` (n, 2, side, side), sampled
+    bilinearly with edge pixels repeated. For output pixel (i, j) of row r, with
+    (angle, scale, ty, tx) = _warp_params(...)[r], y = i - c - ty, x = j - c - tx:
+    source row = (cos(angle) y + sin(angle) x) / scale + c + field[r, 0, i, j],
+    source col = (-sin(angle) y + cos(angle) x) / scale + c + field[r, 1, i, j] (float64).
+    src: (N, side*side) float, idx: (B,) int -> (B, side*side) src's dtype."""
+    side = _square_side(src.shape[1])
+    b = idx.shape[0]
+    if field is not None and field.shape != (b, 2, side, side):
+        raise ValueError(f"gather_warped: field must have shape {(b, 2, side, side)}, got {field.shape}")
+    params = _warp_params(seed, b, max_rotate, max_scale, max_shift, step)
+    angle, scale, ty, tx = (a[:, None, None] for a in params)
+    c = (side - 1) / 2.0
+    i, j = np.meshgrid(np.arange(side, dtype=np.float64), np.arange(side, dtype=np.float64), indexing="ij")
+    y, x = i - c - ty, j - c - tx
+    sy = (np.cos(angle) * y + np.sin(angle) * x) / scale + c
+    sx = (-np.sin(angle) * y + np.cos(angle) * x) / scale + c
+    if field is not None:
+        sy, sx = sy + field[:, 0].astype(np.float64), sx + field[:, 1].astype(np.float64)
+    y0, x0 = np.floor(sy), np.floor(sx)
+    fy, fx = sy - y0, sx - x0
+    rows = [np.clip(y0 + d, 0, side - 1).astype(np.int64) for d in (0, 1)]
+    cols = [np.clip(x0 + d, 0, side - 1).astype(np.int64) for d in (0, 1)]
+    img = src[idx].reshape(b, side, side).astype(np.float64)
+    r = np.arange(b)[:, None, None]
+    top = (1 - fx) * img[r, rows[0], cols[0]] + fx * img[r, rows[0], cols[1]]
+    bottom = (1 - fx) * img[r, rows[1], cols[0]] + fx * img[r, rows[1], cols[1]]
+    return _put(out, ((1 - fy) * top + fy * bottom).reshape(b, side * side).astype(src.dtype))
+
+
 # -------------------------------------------------------------------- losses
 def _accumulate(acc, value, dtype):
     """Add ``value`` into the 0-d accumulator ``acc`` if given, else a new 0-d array of dtype."""
