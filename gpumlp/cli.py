@@ -145,6 +145,14 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     f.add_argument("--tol", type=POS_FLOAT, help="stop when the loss changes by less than this")
     f.add_argument("--patience", type=POS_INT, help="early stop after N epochs without better valid acc")
     f.add_argument("--augment-shift", type=NONNEG_INT, help="random shifts of up to N pixels")
+    f.add_argument("--augment-rotate", type=NONNEG_FLOAT, metavar="DEG", help="random rotations up to DEG")
+    f.add_argument("--augment-scale", type=NONNEG_FLOAT, metavar="F", help="random scaling by 1 +- F")
+    f.add_argument(
+        "--augment-elastic", type=NONNEG_FLOAT, metavar="ALPHA", help="elastic distortions of strength ALPHA"
+    )
+    f.add_argument(
+        "--augment-elastic-sigma", type=POS_FLOAT, metavar="PX", help="smoothing of the elastic fields (4)"
+    )
     d = p.add_argument_group("data and run")
     d.add_argument("--scale", choices=SCALE_MODES, help="input preprocessing")
     d.add_argument("--valid", type=NONNEG_INT, help="validation rows from the end of the train set")

@@ -53,6 +53,10 @@ PRESETS: dict[str, dict] = {
             "tol": None,
             "patience": None,
             "augment_shift": 0,
+            "augment_rotate": 0.0,
+            "augment_scale": 0.0,
+            "augment_elastic": 0.0,
+            "augment_elastic_sigma": 4.0,
         },
         "data": {"scale": "-1,1", "valid": 5000},
     },
@@ -84,6 +88,10 @@ PRESETS: dict[str, dict] = {
             "tol": None,
             "patience": None,
             "augment_shift": 0,
+            "augment_rotate": 0.0,
+            "augment_scale": 0.0,
+            "augment_elastic": 0.0,
+            "augment_elastic_sigma": 4.0,
         },
         "data": {"scale": "0,1", "valid": 5000},
     },
@@ -99,15 +107,26 @@ PRESETS["fastest"]["model"].update(spec="784-256-128-10")
 PRESETS["fastest"]["fit"].update(lr=0.002, lr_gamma=0.5, batch_size=100, epochs=4)
 
 FIT_SCHEDULE_KEYS = ("schedule", "lr_gamma", "lr_step")
+# config key -> Augment field (runs saved before rotation/scale/elastic existed lack all but the shift)
+FIT_AUGMENT_KEYS = {
+    "augment_shift": "shift",
+    "augment_rotate": "rotate",
+    "augment_scale": "scale",
+    "augment_elastic": "elastic_alpha",
+    "augment_elastic_sigma": "elastic_sigma",
+}
 
 
 def fit_kwargs(config: dict) -> dict:
-    """The :func:`gpumlp.train.fit` keyword arguments of a preset or run config (schedule as a Schedule)."""
+    """The :func:`gpumlp.train.fit` keyword arguments of a preset or run config (schedule as a
+    Schedule, augmentation as an Augment)."""
+    from gpumlp.augment import Augment
     from gpumlp.optim import Schedule
 
     f = config["fit"]
-    kw = {k: v for k, v in f.items() if k not in FIT_SCHEDULE_KEYS}
+    kw = {k: v for k, v in f.items() if k not in FIT_SCHEDULE_KEYS and k not in FIT_AUGMENT_KEYS}
     kw["schedule"] = Schedule(f["schedule"], gamma=f["lr_gamma"], step_size=f["lr_step"])
+    kw["augment"] = Augment(**{field: f[key] for key, field in FIT_AUGMENT_KEYS.items() if key in f})
     return kw
 
 

@@ -24,8 +24,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gpumlp import checkpoint
+from gpumlp.augment import Augment
 from gpumlp.data import split_train_valid
-from gpumlp.kernels.reference import _image_side
 from gpumlp.optim import Optimizer, Schedule, clip_grad_norm
 from gpumlp.validate import check_features, check_labels
 
@@ -33,6 +33,7 @@ from gpumlp.validate import check_features, check_labels
 # coincide with dropout's (keyed by the model seed * 1000 + layer index).
 _SHUFFLE_SALT = 0x53485546  # "SHUF"
 _AUGMENT_SALT = 0x41554721  # "AUG!"
+_ELASTIC_SALT = 0x454C4153  # "ELAS"
 
 
 class TrainingDiverged(FloatingPointError):
@@ -157,6 +158,7 @@ def fit(
     tol: float | None = None,
     patience: int | None = None,
     augment_shift: int = 0,
+    augment: Augment | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = False,
     checkpoint_extra: tuple[dict, dict] = ({}, {}),
@@ -175,9 +177,11 @@ def fit(
     restored). ``shuffle`` reorders the samples every epoch (on the device, the
     same order on every backend for a given ``seed``). ``augment_shift`` shifts
     each gathered square image by up to that many pixels (edges repeated),
-    drawn afresh every step. With ``checkpoint_path`` the state is saved atomically after
-    each epoch, with ``checkpoint_extra`` = (host arrays, JSON meta) of the
-    caller's (e.g. preprocessing); ``resume=True`` continues from it exactly.
+    drawn afresh every step; ``augment`` (an :class:`~gpumlp.augment.Augment`) adds
+    rotation, scaling, sub-pixel shifts and elastic distortions, drawn the same way.
+    With ``checkpoint_path`` the state is saved atomically after each epoch, with
+    ``checkpoint_extra`` = (host arrays, JSON meta) of the caller's (e.g. preprocessing);
+    ``resume=True`` continues from it exactly.
     ``cuda_graphs`` (cupy/cuda-emu) replays each full-size step as one CUDA graph
     (any optimizer, dropout, batch norm and clipping included).
     ``callbacks`` get (epoch record, model) and may return True to stop."""
@@ -191,8 +195,10 @@ def fit(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
-    if augment_shift:
-        _image_side(X.shape[1], augment_shift)  # square images with room for the shift, or ValueError
+    if augment is not None and augment_shift:
+        raise ValueError("give the shift either as augment_shift or inside augment, not both")
+    augment = augment or Augment(shift=augment_shift)
+    augment.check_images(X.shape[1])  # square images with room for the shift, or ValueError
     opt = (
         optimizer
         if isinstance(optimizer, Optimizer)
@@ -211,7 +217,7 @@ def fit(
     else:
         valid_host = None
     step = _Step(model, opt, opt_state, min(batch_size, X.shape[0]), X.shape[0], reduction, clip_norm)
-    step.configure(shuffle, augment_shift, cuda_graphs)
+    step.configure(shuffle, augment, cuda_graphs)
     bar = tqdm(total=epochs, initial=st.epoch, disable=not progress, unit="epoch", file=sys.stderr)
     try:
         Xd, yd = be.asarray(X, dtype=model.dtype), be.asarray(y.astype(np.int32, copy=False))
@@ -274,15 +280,19 @@ class _Step:
         # Device accumulators the loss and count kernels add into: no extra op, no allocation per step.
         self.loss_sum, self.correct = xp.zeros((), dtype=dt), xp.zeros((), dtype=np.int64)
         self.sumsq = xp.zeros((), dtype=dt)  # clipping's squared gradient norm
-        self.configure(True, 0, False)
+        self.configure(True, Augment(), False)
 
-    def configure(self, shuffle: bool, shift: int, graphs: bool) -> None:
-        """Shuffle every epoch or keep the data order; shift images by up to ``shift``
-        pixels (0: no augmentation); replay full-size steps as CUDA graphs."""
+    def configure(self, shuffle: bool, augment: Augment, graphs: bool) -> None:
+        """Shuffle every epoch or keep the data order; augment the gathered images;
+        replay full-size steps as CUDA graphs."""
         be, xp = self.model.be, self.model.be.xp
         if graphs and be.capture is None:
             raise ValueError(f"cuda_graphs needs a CUDA backend (cupy or cuda-emu), not {be.name!r}")
-        self.shuffle, self.shift, self.use_graphs = shuffle, shift, graphs
+        self.shuffle, self.augment, self.use_graphs = shuffle, augment, graphs
+        if augment.elastic_alpha:  # the displacement fields and their blur scratch, per batch shape
+            side = augment.check_images(self.model.n_features)
+            shape, dt = (2, side, side), self.model.dtype
+            self.fields = {b: tuple(xp.empty((b, *shape), dtype=dt) for _ in "fw") for b in self.x_buf}
         self.graph, self.graph_key = None, None
         if not shuffle:
             self.order[...] = xp.arange(self.n, dtype=np.int32)
@@ -295,10 +305,7 @@ class _Step:
         loss, backward, clipping, update. ``t``: the 1-based step as a 1-element int64 device array."""
         model, be = self.model, self.model.be
         b, k = idx.shape[0], be.k
-        if self.shift:
-            x = k.gather_shifted(Xd, idx, self.shift, seed ^ _AUGMENT_SALT, step=t, out=self.x_buf[b])
-        else:
-            x = k.gather_rows(Xd, idx, out=self.x_buf[b])
+        x = self._gather(Xd, idx, t, seed)
         scores = model.forward(x, train=True, step=t)
         scale = 1.0 / b if self.mean else 1.0
         _, grad = model.loss(be, scores, labels, grad=self.g_buf[b], grad_scale=scale, loss=self.loss_sum)
@@ -308,6 +315,21 @@ class _Step:
             clip_grad_norm(be, [g for _, _, g, _ in self.params], self.clip, self.sumsq)
         for (_, w, g, decayed), state in zip(self.params, self.opt_state):
             self.opt.update(be, w, g, state, lr, t, decayed)
+
+    def _gather(self, Xd, idx, t, seed: int):
+        """The minibatch rows ``idx`` of Xd into the batch buffer, augmented as configured."""
+        k, aug, out = self.model.be.k, self.augment, self.x_buf[idx.shape[0]]
+        if aug.warps:
+            field = None
+            if aug.elastic_alpha:
+                field, work = self.fields[idx.shape[0]]
+                side, args = field.shape[-1], (aug.elastic_alpha, aug.elastic_sigma)
+                k.elastic_field(seed ^ _ELASTIC_SALT, idx.shape[0], side, *args, step=t, out=field, work=work)
+            limits = (aug.rotate, aug.scale, aug.shift)
+            return k.gather_warped(Xd, idx, *limits, seed ^ _AUGMENT_SALT, step=t, field=field, out=out)
+        if aug.shift:
+            return k.gather_shifted(Xd, idx, int(aug.shift), seed ^ _AUGMENT_SALT, step=t, out=out)
+        return k.gather_rows(Xd, idx, out=out)
 
     def _replay(self, Xd, batch, t, lr: float, seed: int) -> None:
         """The same step through a CUDA graph. ``batch``: the step's indices|labels

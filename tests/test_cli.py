@@ -171,3 +171,15 @@ def test_tf32_training_on_the_emulated_device():
     args = ["--limit", "500", "--spec", "784-16-10", "--valid", "0", "--no-progress", "--epochs", "2"]
     proc = gpumlp("train", *args, "--backend", "cuda-emu", "--precision", "tf32", timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_train_with_rotation_scaling_and_elastic_augmentation(tmp_path):
+    out = tmp_path / "aug"
+    aug = ["--augment-rotate", "10", "--augment-scale", "0.1", "--augment-elastic", "20"]
+    proc = gpumlp("train", *TINY, "--limit", "500", "--epochs", "1", *aug, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    fit = json.loads((out / "config.json").read_text())["fit"]
+    assert (fit["augment_rotate"], fit["augment_scale"], fit["augment_elastic"]) == (10.0, 0.1, 20.0)
+    assert fit["augment_elastic_sigma"] == 4.0  # the preset's default smoothing
+    bad = gpumlp("train", *TINY, "--limit", "500", "--epochs", "1", "--augment-rotate", "270")
+    assert bad.returncode != 0 and "rotate in [0, 180]" in bad.stderr

@@ -1,0 +1,57 @@
+"""What random augmentation a training run applies to its (square) images.
+
+Everything is drawn on the device per training step and minibatch row from Philox streams
+keyed by the run's seed, inside the minibatch gather: integer shifts alone go through the
+exact, edge-repeating ``gather_shifted``; rotation, scaling, sub-pixel shifts and elastic
+distortions (Simard et al. 2003) through ``gather_warped`` with bilinear sampling, the
+displacement fields made by ``elastic_field``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Augmentation limits: ``shift`` pixels (|dy|, |dx| <= shift), ``rotate`` degrees,
+    ``scale`` (|factor - 1| <= scale), elastic fields of strength ``elastic_alpha`` (pixels per
+    unit of smoothed noise; 0: none) smoothed by a Gaussian of ``elastic_sigma`` pixels."""
+
+    shift: float = 0
+    rotate: float = 0.0
+    scale: float = 0.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"augmentation {name} must be a finite number, got {value!r}")
+        if min(self.shift, self.rotate, self.scale, self.elastic_alpha) < 0:
+            raise ValueError(f"augmentation limits must be >= 0, got {self}")
+        if not 0 <= self.rotate <= 180 or not self.scale < 1 or not self.elastic_sigma > 0:
+            raise ValueError(
+                "augmentation needs rotate in [0, 180] degrees, scale in [0, 1) and elastic_sigma > 0, "
+                f"got rotate={self.rotate}, scale={self.scale}, elastic_sigma={self.elastic_sigma}"
+            )
+
+    @property
+    def active(self) -> bool:
+        """True when any augmentation is on."""
+        return bool(self.shift or self.rotate or self.scale or self.elastic_alpha)
+
+    @property
+    def warps(self) -> bool:
+        """True when the run needs the bilinear warp (anything beyond whole-pixel shifts)."""
+        return bool(self.rotate or self.scale or self.elastic_alpha or self.shift != int(self.shift))
+
+    def check_images(self, width: int) -> int:
+        """The side of the square images of ``width`` features, checking the shift fits. -> side."""
+        side = int(round(width**0.5))
+        if self.active and side * side != width:
+            raise ValueError(f"augmentation needs square images; {width} features is not a square")
+        if not self.shift < side:
+            raise ValueError(f"augment shift must be below the image side {side}, got {self.shift}")
+        return side
