@@ -64,9 +64,12 @@ def kernel_bytes(kernel: str, shape: Sequence[int], itemsize: int, label_itemsiz
     if kernel in ("softmax_xent", "sigmoid_bce"):
         b, k = shape
         return 2 * b * k * itemsize + b * label_itemsize
-    if kernel in ("gather_rows", "gather_shifted"):
+    if kernel in ("gather_rows", "gather_shifted", "gather_warped"):
         b, f = shape
         return 2 * b * f * itemsize + b * label_itemsize
+    if kernel == "elastic_field":  # writes the (B, 2, side, side) field
+        b, f = shape
+        return 2 * b * f * itemsize
     n_params = 1
     for s in shape:
         n_params *= int(s)

@@ -110,6 +110,7 @@ def kernels_table(res: dict, markdown: bool = False) -> str:
         "GFLOP/s",
         "% peak",
         "% cached copy",
+        "images/s",
     ]
     rows = [
         [
@@ -122,6 +123,7 @@ def kernels_table(res: dict, markdown: bool = False) -> str:
             _fmt(r.get("gflops"), ".1f"),
             f"{r['pct_peak']:.0f}%",
             f"{r['pct_cached_copy']:.0f}%" if "pct_cached_copy" in r else "–",
+            _fmt(r.get("images_per_s"), ".3g"),
         ]
         for r in res.get("kernels", [])
     ]

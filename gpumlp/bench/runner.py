@@ -71,6 +71,7 @@ CONFIGS = {
 QUICK_CONFIGS = ("seed", "adam256")
 TTA_CONFIG = Config.of_preset("fastest")
 TTA_TARGETS = (0.975, 0.98)
+AUGMENT_KERNELS = ("gather_shifted", "elastic_field", "gather_warped")  # also reported in images/s
 
 
 # ------------------------------------------------------------------- runners
@@ -274,6 +275,7 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
     W, G, M, V = arr(1024, 1024), arr(1024, 1024), arr(1024, 1024), asa(np.abs(rng.random((1024, 1024))))
     W = W * 0.01  # keep weights bounded over many in-place steps
     t = asa(np.array([10], np.int64))  # Adam's step on the device, as the training step passes it
+    fd, fw = (be.xp.empty((256, 2, 28, 28), dtype=dtype) for _ in "fw")  # elastic field and scratch
     return [
         ("matmul", "x·W", (256, 784, 1024), lambda: k.matmul(a1, w1, out=c1)),
         ("matmul", "x·W", (256, 1024, 1024), lambda: k.matmul(a2, w2, out=c2)),
@@ -293,6 +295,13 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
         ("sigmoid_bce", "", (256, 10), lambda: k.sigmoid_bce(logits, labels, grad=grad)),
         ("gather_rows", "", (256, 784), lambda: k.gather_rows(Xall, idx, out=xb)),
         ("gather_shifted", "±2 px", (256, 784), lambda: k.gather_shifted(Xall, idx, 2, 0, t, out=xb)),
+        ("elastic_field", "α 34 σ 4", (256, 784), lambda: k.elastic_field(0, 256, 28, 34.0, 4.0, t, fd, fw)),
+        (
+            "gather_warped",
+            "±10° ±10% ±2 px + field",
+            (256, 784),
+            lambda: k.gather_warped(Xall, idx, 10.0, 0.1, 2.0, 0, t, field=fd, out=xb),
+        ),
         ("sgd_step", "", (1024, 1024), lambda: k.sgd_step(W, G, 1e-9)),
         ("adam_step", "", (1024, 1024), lambda: k.adam_step(W, G, M, V, 1e-9, t)),
     ]
@@ -315,6 +324,8 @@ def time_kernels(name: str, dtype: str, quick: bool = False) -> list[dict]:
         else:
             row["bytes"] = kernel_bytes(kernel, shape, dt.itemsize, label_itemsize=4)
             row["gbs"] = row["bytes"] / t / 1e9
+        if kernel in AUGMENT_KERNELS:
+            row["images_per_s"] = shape[0] / t
         rows.append(row)
     return rows
 
