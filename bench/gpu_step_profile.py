@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from gpumlp.augment import Augment
 from gpumlp.backend import get_backend
 from gpumlp.bench.runner import CONFIGS, EPOCH_SAMPLES, Config
 from gpumlp.model import MLP
@@ -357,7 +358,7 @@ def profile_config(name: str, steps: int, label_check: bool, graphs: bool = Fals
     epochs = {}
     for k in (1, 2, steps + 1):
         epochs[k] = _Step(model, opt, opt_state, B, k * B, cfg.reduction, clip)
-        epochs[k].configure(True, shift, graphs)
+        epochs[k].configure(True, Augment(shift=shift), graphs)
         epochs[k].epoch(
             Xd, yd, cfg.lr, st
         )  # warm-up: kernel builds, workspaces (graph: eager step + capture)
