@@ -9,7 +9,8 @@ and ``Pipeline`` work); ``fit`` returns self; any label values (ints such as
 estimator works on NumPy arrays with a small stand-in for ``get_params``.
 
 Each ``fit``/``partial_fit`` call starts fresh optimizer state (Adam's moments,
-momentum); the weights carry over with ``warm_start`` and ``partial_fit``.
+momentum) and learning-rate schedule; the weights carry over with ``warm_start``
+and ``partial_fit``.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         X, y = self._validate(X, y, reset=True)
         classes = np.unique(y)
         keep = self.warm_start and self._fitted() and np.array_equal(classes, self.classes_)
+        keep = keep and self.model_.n_features == X.shape[1]
         if not keep:
             self.classes_ = classes
             self._start(X.shape[1])

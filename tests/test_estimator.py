@@ -150,6 +150,8 @@ def test_warm_start_continues_from_the_weights(digits):
     warm.fit(X, y)
     assert warm.model_ is model and warm.n_iter_ == 4 and len(warm.loss_curve_) == 4
     assert not np.array_equal(first, model.state_arrays()["param/0.W"])
+    warm.fit(X[:, :32], y)  # other data width: a fresh model, not an error
+    assert warm.model_.n_features == 32 and warm.n_iter_ == 2
     cold = small(epochs=2).fit(X, y)
     cold_model = cold.model_
     cold.fit(X, y)
