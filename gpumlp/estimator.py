@@ -224,9 +224,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         index = self.predict_proba(X).argmax(axis=1)
         return self.classes_[index]
 
-    def score(self, X, y) -> float:
-        """Mean accuracy of ``predict(X)`` against y."""
-        return float(np.mean(self.predict(X) == np.asarray(y)))
+    def score(self, X, y, sample_weight=None) -> float:
+        """Mean accuracy of ``predict(X)`` against y (weighted by ``sample_weight`` when given)."""
+        return float(np.average(self.predict(X) == np.asarray(y).reshape(-1), weights=sample_weight))
 
     def summary(self) -> str:
         """Layers, output shapes and parameter counts of the fitted model (:func:`gpumlp.export.summary`)."""

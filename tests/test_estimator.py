@@ -73,6 +73,8 @@ def test_fit_returns_self_and_learns(digits):
     assert clf.score(X[1200:] / 16, y[1200:]) > 0.9
     assert len(clf.loss_curve_) == 8 and clf.loss_curve_[-1] < clf.loss_curve_[0] and clf.n_iter_ == 8
     assert clf.validation_scores_ is None
+    correct = clf.predict(X[1200:] / 16) == y[1200:]
+    assert clf.score(X[1200:] / 16, y[1200:], sample_weight=correct + 0.0) == 1.0
     proba = clf.predict_proba(X[:5] / 16)
     assert proba.shape == (5, 10) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
 

@@ -71,13 +71,17 @@ def test_onnx_cli_export_matches_gpumlp_on_1000_mnist_images(trained, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "act, loss, batchnorm",
-    [("sigmoid", "logistic", False), ("tanh", "mse", False), ("leaky_relu", "softmax_xent", True)],
+    "act, loss, batchnorm, dtype",
+    [
+        ("sigmoid", "logistic", False, "float32"),
+        ("tanh", "mse", False, "float64"),  # exported as float32
+        ("leaky_relu", "softmax_xent", True, "float32"),
+    ],
 )
-def test_onnx_every_activation_and_cost(act, loss, batchnorm):
+def test_onnx_every_activation_and_cost(act, loss, batchnorm, dtype):
     """Random models (no prep) of every hidden activation and cost agree with onnxruntime."""
     ort = pytest.importorskip("onnxruntime")
-    model = MLP("20-16-12-5", act=act, loss=loss, batchnorm=batchnorm, backend="numpy", seed=3)
+    model = MLP("20-16-12-5", act=act, loss=loss, batchnorm=batchnorm, dtype=dtype, backend="numpy", seed=3)
     x = np.random.default_rng(1).normal(size=(64, 20)).astype(np.float32)
     if batchnorm:  # move the running statistics off their initial 0/1
         model.fit(x, np.arange(64) % 5, epochs=2, batch_size=16, optimizer="adam", lr=1e-2)
@@ -132,3 +136,13 @@ def test_cli_summary_and_bad_export(trained, tmp_path):
     assert bad.returncode == 2 and "invalid choice: 'tflite'" in bad.stderr
     missing = gpumlp("export", tmp_path / "none.npz", tmp_path / "m.onnx", "--format", "onnx")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_export_without_onnx_says_how_to_install(trained, tmp_path):
+    code = "import sys; sys.modules['onnx'] = None; from gpumlp.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["export", str(trained[0]), str(tmp_path / "m.onnx"), "--format", "onnx"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and not (tmp_path / "m.onnx").exists()
+    assert (
+        proc.stderr.strip() == "gpumlp: error: ONNX export needs the onnx package: pip install 'gpumlp[onnx]'"
+    )
