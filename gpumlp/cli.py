@@ -88,9 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--proba", action="store_true", help="also print the class probabilities")
     pr.add_argument("--backend", default=None, help="compute backend (default: $GPUMLP_BACKEND or auto)")
     _add_precision(pr)
+    _add_export(sub)
     sub.add_parser("info", help="versions, backends, BLAS and GPU")
     sub.add_parser("bench", help="benchmarks (gpumlp bench --help)", add_help=False)
     return p
+
+
+def _add_export(sub) -> None:
+    """``export MODEL --format onnx|torch OUT`` and ``summary MODEL``."""
+    ex = sub.add_parser("export", help="write a saved model as ONNX or a PyTorch state_dict + module spec")
+    ex.add_argument("model", help="model file (DIR/model.npz)")
+    ex.add_argument("out", help="output file (.onnx, or .pt for torch)")
+    ex.add_argument("--format", choices=("onnx", "torch"), required=True, help="export format")
+    sm = sub.add_parser("summary", help="layers, output shapes and parameter counts of a saved model")
+    sm.add_argument("model", help="model file (DIR/model.npz)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -168,6 +179,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         help="replay each full-size step as one CUDA graph (cupy/cuda-emu)",
     )
     d.add_argument("--plots", action="store_true", help="also write PNG plots to OUT (needs matplotlib)")
+    d.add_argument("--tensorboard", metavar="DIR", help="write per-epoch scalars as TensorBoard event files")
 
 
 # ------------------------------------------------------------------ config
@@ -290,7 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 checkpoint_path=paths.get("checkpoint"), resume=args.resume,
                 checkpoint_extra=(prep.to_arrays(), {"prep": prep.to_meta()}),
                 cuda_graphs=args.cuda_graphs,
-                progress=not args.no_progress, verbose=True,
+                progress=not args.no_progress, verbose=True, callbacks=_callbacks(args),
             )  # fmt: skip
     except KeyboardInterrupt:
         ckpt = paths.get("checkpoint")
@@ -315,6 +327,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out:
         print(f"model: {paths['model']}")
     return EXIT_OK
+
+
+def _callbacks(args: argparse.Namespace) -> list:
+    """Per-epoch callbacks the flags ask for (``--tensorboard DIR``)."""
+    from gpumlp.tracking import TensorBoardWriter
+
+    return [TensorBoardWriter(args.tensorboard)] if args.tensorboard else []
 
 
 class _Interrupted(Exception):
@@ -453,6 +472,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------ export / summary
+def cmd_export(args: argparse.Namespace) -> int:
+    """``gpumlp export MODEL --format onnx|torch OUT``."""
+    from gpumlp.export import EXPORTERS
+
+    model, prep = load_model(args.model, "numpy")
+    EXPORTERS[args.format](model, prep, args.out)
+    print(f"{args.format} model: {args.out}")
+    return EXIT_OK
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    """``gpumlp summary MODEL``."""
+    from gpumlp.export import summary
+
+    model, prep = load_model(args.model, "numpy")
+    print(summary(model, prep))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------ info / bench
 def _version(module: str) -> str:
     """Version of an importable module, or 'not installed' (or why it failed to import)."""
@@ -554,6 +593,7 @@ def cmd_bench(argv: Sequence[str]) -> int:
 
 # ------------------------------------------------------------------ main
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info": cmd_info}
+COMMANDS.update(export=cmd_export, summary=cmd_summary)
 
 
 def _log(msg: str) -> None:

@@ -131,6 +131,12 @@ class MLP:
             "seed": self.seed,
         }
 
+    def summary(self) -> str:
+        """Layers, output shapes and parameter counts as a text table (:func:`gpumlp.export.summary`)."""
+        from gpumlp.export import summary
+
+        return summary(self)
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{type(la).__name__}({la.config()})" for la in self.layers)
         return f"MLP({self.config()['spec']}, backend={self.be.name}, layers=[{inner}])"
