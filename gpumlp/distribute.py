@@ -99,6 +99,9 @@ class DaskTrials:
             from dask.distributed import Client, LocalCluster
         except ImportError:
             raise ImportError("--dask needs dask.distributed: pip install 'gpumlp[dask]'") from None
+        from gpumlp import logs
+
+        logs.silence_third_party()  # importing distributed sets its own log levels
         self.cluster = None
         if address == "local":
             self.cluster = LocalCluster(
@@ -120,8 +123,8 @@ class DaskTrials:
 
     def scatter_count(self) -> int:
         """How many scatters this client made, from the scheduler's event log."""
-        events = self.client.get_events("all")
-        return sum(1 for _, e in events if e.get("action") == "scatter" and e.get("client") == self.client.id)
+        events = self.client.get_events(self.client.id)  # the scheduler logs each scatter under the client
+        return sum(1 for _, e in events if isinstance(e, dict) and e.get("action") == "scatter")
 
     def close(self) -> None:
         if getattr(self, "client", None) is not None:

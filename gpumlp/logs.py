@@ -14,6 +14,7 @@ import sys
 import warnings
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
+_LEVEL = [NORMAL]  # the level of the last setup(), for silence_third_party()
 _THIRD_PARTY = ("matplotlib", "PIL", "numba", "distributed", "tornado", "asyncio", "bokeh")
 
 
@@ -36,12 +37,19 @@ def setup(level: int = NORMAL) -> None:
     root.addHandler(handler)
     root.propagate = False
     root.setLevel({QUIET: logging.WARNING, NORMAL: logging.INFO, VERBOSE: logging.DEBUG}[level])
-    for name in _THIRD_PARTY:
-        logging.getLogger(name).setLevel(logging.INFO if level == VERBOSE else logging.ERROR)
+    _LEVEL[0] = level
+    silence_third_party()
     if level < VERBOSE:
         warnings.showwarning = _one_line_warning
     if level == QUIET:
         warnings.simplefilter("ignore")
+
+
+def silence_third_party() -> None:
+    """Third-party loggers at ERROR (INFO with --verbose); call again after a library that sets its
+    own levels on import (dask.distributed) is imported."""
+    for name in _THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.INFO if _LEVEL[0] == VERBOSE else logging.ERROR)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -103,7 +103,7 @@ def encode_labels(y, classes: np.ndarray | None = None) -> tuple[np.ndarray, np.
     unseen = classes[pos] != y
     if unseen.any():
         raise DataError(
-            f"label {y[np.flatnonzero(unseen)[0]]!r} is not one of the {len(classes)} classes the model "
+            f"label {classes_to_json(y[unseen][:1])[0]!r} is not one of the {len(classes)} classes the model "
             f"was trained on ({_show(classes)}); evaluate on data with the same labels"
         )
     return classes, pos.astype(np.int64)
