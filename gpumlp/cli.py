@@ -508,7 +508,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``gpumlp predict MODEL FILE``."""
     model, prep, meta = load_model(args.model, args.backend)
     model.be.set_matmul_precision(args.precision)
-    x = prep.apply(read_images(args.file, model.n_features, args.label_column), model.dtype)
+    saved = meta.get("config", {}).get("data", {}).get("source", {})  # the training table's label column
+    label_column = args.label_column or saved.get("label_column")
+    x = prep.apply(read_images(args.file, model.n_features, label_column), model.dtype)
     classes = np.asarray(meta["classes"])
     if not args.proba:
         print("\n".join(str(c) for c in classes[model.predict(x)]))

@@ -190,7 +190,12 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def fashion_mirror(tmp_path_factory):
-    """127.0.0.1 serving /good/ (Debian's Fashion-MNIST files) and /bad/ (altered copies)."""
+    """The loopback mirror of :func:`serve_fashion`'s base URL."""
+    yield from serve_fashion(tmp_path_factory)
+
+
+def serve_fashion(tmp_path_factory):
+    """127.0.0.1 serving /good/ (Debian's Fashion-MNIST files) and /bad/ (altered copies); yields its URL."""
     if not (FASHION / "t10k-labels-idx1-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     root = tmp_path_factory.mktemp("fmirror")
