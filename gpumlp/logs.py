@@ -28,7 +28,8 @@ def setup(level: int = NORMAL) -> None:
     from gpumlp.data.mnist import cache_root
 
     # matplotlib builds its font cache under MPLCONFIGDIR: keep it in our cache so it is built once.
-    os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
+    if not os.environ.get("MPLCONFIGDIR"):
+        os.environ["MPLCONFIGDIR"] = str(cache_root() / "matplotlib")
     root = logging.getLogger("gpumlp")
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -110,9 +110,7 @@ def read_space_file(path: str) -> dict:
         raise ValueError(f"--space {path}: cannot read it ({e.strerror or e})") from None
     try:
         if p.suffix.lower() == ".toml":
-            import tomllib
-
-            raw = tomllib.loads(text)
+            raw = _toml().loads(text)
         else:
             raw = json.loads(text)
     except ValueError as e:
@@ -131,6 +129,18 @@ def read_space_file(path: str) -> dict:
                 f'--space {path}: {name!r} must be a list of choices or e.g. {{"log": [lo, hi]}}'
             )
     return space
+
+
+def _toml():
+    """tomllib (Python 3.11+), else the tomli backport."""
+    try:
+        import tomllib
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ValueError("a TOML --space needs Python 3.11+ or 'pip install tomli'; or use JSON") from None
+    return tomllib
 
 
 def build_space(args: argparse.Namespace) -> dict:

@@ -178,3 +178,30 @@ def test_preset_learning_rate_unchanged_without_a_new_optimizer():
     assert seed_sgd["fit"]["lr"] == pytest.approx(0.01 / 100)  # per sample: the seed preset sums over 100
     own = resolve_config(build_parser().parse_args(["train", "--optimizer", "sgd", "--lr", "0.3"]))
     assert own["fit"]["lr"] == 0.3
+
+
+def test_plots_in_a_fresh_home_log_no_font_cache_chatter(tmp_path):
+    """matplotlib builds its font cache under our cache dir, silently; no third-party lines leak."""
+    pytest.importorskip("matplotlib")
+    X, y = blobs()
+    np.savez(tmp_path / "b.npz", X=X, y=y)
+    env = {"HOME": str(tmp_path / "home"), "GPUMLP_CACHE": str(tmp_path / "cache"), "MPLCONFIGDIR": ""}
+    args = ["--data", tmp_path / "b.npz", "--epochs", "1", "--hidden", "8", "--out", tmp_path / "run", "--plots"]
+    proc = gpumlp("train", *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "history.png").is_file() and (tmp_path / "cache" / "matplotlib").is_dir()
+    assert all(line.startswith(("gpumlp: ", "epoch ")) for line in proc.stderr.splitlines()), proc.stderr
+    assert "atplotlib" not in proc.stderr and "font" not in proc.stderr
+
+
+def test_warnings_print_as_one_line_without_a_source_path(capsys, monkeypatch):
+    import warnings
+
+    from gpumlp import logs
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    logs.setup(logs.NORMAL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("overflow encountered\n in exp", RuntimeWarning, stacklevel=1)
+    assert capsys.readouterr().err == "gpumlp: warning: RuntimeWarning: overflow encountered in exp\n"
