@@ -439,7 +439,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _, y_test = encode_labels(data.classes[data.y_test], np.asarray(meta["classes"]))
     y_pred = model.predict(prep.apply(data.x_test, model.dtype))
     print(f"test accuracy: {100 * accuracy(y_test, y_pred):.2f}%")
-    print(classification_report(y_test, y_pred, model.n_classes))
+    print(classification_report(y_test, y_pred, model.n_classes, names=meta["classes"]))
     print(f"backend: {model.be.name}")
     return EXIT_OK
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -65,7 +66,11 @@ def add_data_args(p: argparse.ArgumentParser, test_split: bool = True) -> None:
 def data_source(args: argparse.Namespace) -> dict:
     """The data flags as a JSON-able dict (saved with a model so that eval finds the data again)."""
     keys = ("data", "dataset", "data_dir", "label_column", "idx_files")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    source = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    for k in ("data", "data_dir"):  # absolute, so that eval finds them from any directory
+        if k in source:
+            source[k] = str(Path(source[k]).expanduser().absolute())
+    return source
 
 
 def load_dataset(source: dict, mirrors=None) -> Dataset:

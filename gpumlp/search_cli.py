@@ -139,7 +139,9 @@ def _toml():
         try:
             import tomli as tomllib
         except ImportError:
-            raise ValueError("a TOML --space needs Python 3.11+ or 'pip install tomli'; or use JSON") from None
+            raise ValueError(
+                "a TOML --space needs Python 3.11+ or 'pip install tomli'; or use JSON"
+            ) from None
     return tomllib
 
 

@@ -34,6 +34,9 @@ def train_eval_predict(tmp_path: Path, data_args: list, predict_file: Path, env=
     ev = gpumlp("eval", out / "model.npz", env=env)
     assert ev.returncode == 0, ev.stderr
     assert f"test accuracy: {100 * metrics['test_accuracy']:.2f}%" in ev.stdout  # the same held-out rows
+    report_rows = [line.split()[0] for line in ev.stdout.splitlines()[3:-4] if line.strip()]
+    classes = json.loads((out / "metrics.json").read_text())["config"]["model"]["spec"].split("-")[-1]
+    assert len(report_rows) == int(classes)  # one row per class, named by its label
     pr = gpumlp("predict", out / "model.npz", predict_file, env=env)
     assert pr.returncode == 0, pr.stderr
     return metrics, pr.stdout.split(), tr
@@ -58,6 +61,8 @@ def test_npz_with_string_labels(tmp_path):
     assert metrics["config"]["data"]["scale"] == "standardize"  # features, not pixels
     assert sum(metrics["support"]) == 80  # --test-split 0.2 of 400 rows
     assert predicted == y[:5].tolist()  # the original labels, not class ids
+    ev = gpumlp("eval", tmp_path / "run" / "model.npz")
+    assert [line.split()[0] for line in ev.stdout.splitlines()[3:6]] == ["ant", "bee", "cat"]
 
 
 def test_csv_with_a_named_label_column(tmp_path):
@@ -186,7 +191,17 @@ def test_plots_in_a_fresh_home_log_no_font_cache_chatter(tmp_path):
     X, y = blobs()
     np.savez(tmp_path / "b.npz", X=X, y=y)
     env = {"HOME": str(tmp_path / "home"), "GPUMLP_CACHE": str(tmp_path / "cache"), "MPLCONFIGDIR": ""}
-    args = ["--data", tmp_path / "b.npz", "--epochs", "1", "--hidden", "8", "--out", tmp_path / "run", "--plots"]
+    args = [
+        "--data",
+        tmp_path / "b.npz",
+        "--epochs",
+        "1",
+        "--hidden",
+        "8",
+        "--out",
+        tmp_path / "run",
+        "--plots",
+    ]
     proc = gpumlp("train", *args, env=env)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "history.png").is_file() and (tmp_path / "cache" / "matplotlib").is_dir()
