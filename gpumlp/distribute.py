@@ -41,7 +41,6 @@ def _init_worker(token: str, data: tuple, counter, n_gpus: int) -> None:
             index = counter.value
             counter.value += 1
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index % n_gpus)
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 def run_shared_trial(params: dict, base: dict, data) -> dict:
