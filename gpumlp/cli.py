@@ -408,8 +408,7 @@ def _save_outputs(model, prep: Prep, history, metrics: dict, paths: dict, plots:
 
 # ------------------------------------------------------------------ eval / predict
 def load_model(path: str, backend: str | None):
-    """(model, prep, meta) from a model file; a missing or bad file is a clear error."""
-    from gpumlp import checkpoint
+    """(model, prep) from a model file; a missing or bad file is a clear error."""
     from gpumlp.model import MLP
 
     if not Path(path).is_file():
@@ -419,9 +418,16 @@ def load_model(path: str, backend: str | None):
     if prep is None:
         _log(f"warning: {path} stores no preprocessing; assuming pixels scaled to [0, 1]")
         prep = Prep("0,1")
+    return model, prep
+
+
+def model_meta(path: str, n_classes: int) -> dict:
+    """A model file's JSON header, with ``classes`` (the label of each output; 0..K-1 when absent)."""
+    from gpumlp import checkpoint
+
     meta = checkpoint.read(path)[1]
-    meta.setdefault("classes", list(range(model.n_classes)))  # models saved before classes were stored
-    return model, prep, meta
+    meta.setdefault("classes", list(range(n_classes)))  # models saved before classes were stored
+    return meta
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -430,8 +436,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gpumlp.data.datasets import encode_labels
     from gpumlp.metrics import accuracy, classification_report
 
-    model, prep, meta = load_model(args.model, args.backend)
+    model, prep = load_model(args.model, args.backend)
     model.be.set_matmul_precision(args.precision)
+    meta = model_meta(args.model, model.n_classes)
     config = meta.get("config", {})
     given = data_source(args)  # no data flags: the data set the model was trained on
     source = {**given, "test_split": args.test_split} if given else config.get("data", {}).get("source", {})
@@ -506,8 +513,9 @@ def _read_png(path: Path) -> np.ndarray:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``gpumlp predict MODEL FILE``."""
-    model, prep, meta = load_model(args.model, args.backend)
+    model, prep = load_model(args.model, args.backend)
     model.be.set_matmul_precision(args.precision)
+    meta = model_meta(args.model, model.n_classes)
     saved = meta.get("config", {}).get("data", {}).get("source", {})  # the training table's label column
     label_column = args.label_column or saved.get("label_column")
     x = prep.apply(read_images(args.file, model.n_features, label_column), model.dtype)
