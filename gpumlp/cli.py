@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 import gpumlp
+from gpumlp import logs
+from gpumlp.cli_data import describe, hidden_widths
 from gpumlp.presets import PRESETS, SCALE_MODES, Prep, fit_kwargs, get_preset
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -31,7 +33,12 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line: ``gpumlp: error: ...`` (exit 2)."""
+    """ArgumentParser whose errors are one line: ``gpumlp: error: ...`` (exit 2). No abbreviations:
+    ``--data`` must never be taken for ``--data-dir``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         hint = f" (see '{self.prog} --help')"
@@ -75,20 +82,26 @@ def _dropout(text: str) -> float:
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     """The full ``gpumlp`` argument parser."""
-    p = _Parser(prog="gpumlp", description="Train and use multilayer perceptrons on MNIST.")
+    from gpumlp import search_cli
+
+    p = _Parser(prog="gpumlp", description="Train and use multilayer perceptrons on MNIST or any data set.")
     p.add_argument("--version", action="version", version=f"gpumlp {gpumlp.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    _add_train(sub.add_parser("train", help="train a model on MNIST"))
+    _add_train(sub.add_parser("train", help="train a model (MNIST, or --data/--dataset)"))
     ev = sub.add_parser("eval", help="test accuracy and per-class report of a saved model")
     ev.add_argument("model", help="model file written by 'gpumlp train --out' (DIR/model.npz)")
     _add_common(ev)
     pr = sub.add_parser("predict", help="predict the class of images in a file")
     pr.add_argument("model", help="model file (DIR/model.npz)")
-    pr.add_argument("file", help="images: IDX (.gz or raw), .npz (array 'x' or the first) or a 28x28 PNG")
+    pr.add_argument(
+        "file", help="inputs: IDX (.gz or raw), .npz (array 'x'/'X' or the first), .csv/.tsv or a PNG"
+    )
+    pr.add_argument("--label-column", help="of a .csv/.tsv with one column too many: the one to ignore")
     pr.add_argument("--proba", action="store_true", help="also print the class probabilities")
     pr.add_argument("--backend", default=None, help="compute backend (default: $GPUMLP_BACKEND or auto)")
     _add_precision(pr)
     _add_export(sub)
+    search_cli.add_args(sub.add_parser("search", help="hyper-parameter search (grid, random, halving; Dask)"))
     sub.add_parser("info", help="versions, backends, BLAS and GPU")
     sub.add_parser("bench", help="benchmarks (gpumlp bench --help)", add_help=False)
     return p
@@ -110,7 +123,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--backend", default=None, help="numpy | numba | cupy | auto (default: $GPUMLP_BACKEND or auto)"
     )
     _add_precision(p)
-    p.add_argument("--data-dir", default=None, help="directory holding the four MNIST IDX files")
+    from gpumlp.cli_data import add_data_args
+
+    add_data_args(p)
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
@@ -133,7 +148,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--preset", choices=list(PRESETS), default="fast", help="base recipe (default: fast)")
     m = p.add_argument_group("model")
-    m.add_argument("--spec", help="layer widths, e.g. 784-100-10")
+    m.add_argument("--spec", help="layer widths, e.g. 784-100-10 (must match the data)")
+    m.add_argument("--hidden", type=hidden_widths, help="hidden widths, e.g. 256,128 (in/out from the data)")
     m.add_argument("--act", choices=ACTIVATIONS, help="hidden activation")
     m.add_argument("--loss", choices=[*LOSSES, *ALIASES], help="cost")
     m.add_argument("--init", choices=INITS, help="weight init")
@@ -172,7 +188,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     _add_common(d)
     d.add_argument("--out", help="output directory: model.npz, checkpoint.npz, history.json, metrics.json")
     d.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (none unless stderr is a terminal)"
+    )
+    d.add_argument("--quiet", action="store_true", help="only results and errors")
+    d.add_argument("--verbose", action="store_true", help="also debug messages and third-party warnings")
     d.add_argument(
         "--cuda-graphs",
         action="store_true",
@@ -192,6 +212,7 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> dict:
     """Preset (or a resumed run's saved config), overridden by every flag given explicitly."""
     config = saved if saved is not None else get_preset(args.preset)
     config["preset"] = config.get("preset", args.preset)
+    _usual_lr(args, config)
     for section, keys in (("model", MODEL_KEYS), ("fit", FIT_KEYS), ("data", DATA_KEYS)):
         for key in keys:
             value = getattr(args, key, None)
@@ -206,26 +227,35 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> dict:
     return config
 
 
+def _usual_lr(args: argparse.Namespace, config: dict) -> None:
+    """A new --optimizer without --lr gets that optimizer's usual rate, not the preset's."""
+    from gpumlp.cli_data import usual_lr
+
+    f = config["fit"]
+    opt = getattr(args, "optimizer", None)
+    if opt is not None and getattr(args, "lr", None) is None and opt != f["optimizer"]:
+        reduction = getattr(args, "reduction", None) or f["reduction"]
+        f["lr"] = usual_lr(opt, reduction, getattr(args, "batch_size", None) or f["batch_size"])
+
+
 # ------------------------------------------------------------------ data
-def load_data(data_dir: str | None):
-    """MNIST from ``data_dir`` (which must exist) or the default search."""
-    from gpumlp.data import load_mnist
+def load_data(args: argparse.Namespace, source: dict | None = None, seed: int = 0):
+    """The data set of the flags (or ``source``, a saved run's), split and labels as class ids."""
+    from gpumlp.cli_data import data_source, load_dataset, prepare
 
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise UsageError(
-            f"data directory {data_dir} does not exist; pass a directory holding the MNIST files"
-        )
-    return load_mnist(data_dir)
+    source = data_source(args) if source is None else source
+    ds = load_dataset(source, getattr(args, "mirror", None))
+    return prepare(ds, source.get("test_split", getattr(args, "test_split", 0.2)), seed)
 
 
-def split_data(mnist, config: dict):
-    """-> (x_train, y_train, x_valid | None, y_valid | None) raw pixels; validation = last rows."""
+def split_data(data, config: dict):
+    """-> (x_train, y_train, x_valid | None, y_valid | None) raw features; validation = last rows."""
     from gpumlp.data import split_train_valid
 
     n_valid, limit = config["data"]["valid"], config["data"]["limit"]
-    if not 0 <= n_valid < len(mnist.x_train):
-        raise UsageError(f"--valid {n_valid} must be smaller than the {len(mnist.x_train)} training samples")
-    x_tr, y_tr, x_va, y_va = split_train_valid(mnist.x_train, mnist.y_train, n_valid)
+    if not 0 <= n_valid < len(data.x_train):
+        raise UsageError(f"--valid {n_valid} must be smaller than the {len(data.x_train)} training samples")
+    x_tr, y_tr, x_va, y_va = split_train_valid(data.x_train, data.y_train, n_valid)
     if limit is not None:
         x_tr, y_tr = x_tr[:limit], y_tr[:limit]
     return (x_tr, y_tr, x_va, y_va) if n_valid else (x_tr, y_tr, None, None)
@@ -272,6 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gpumlp.model import MLP
 
     t_start = time.perf_counter()
+    level = logs.verbosity(args.quiet, args.verbose)
     out = Path(args.out) if args.out else None
     paths = _out_paths(out)
     config = _train_config(args, paths)
@@ -282,16 +313,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         _pyplot()  # fail now, not after training, when matplotlib is missing
     be = get_backend(args.backend)
     be.set_matmul_precision(args.precision)
+    data = _train_data(args, config)
     model = MLP(**config["model"], backend=be)
-    mnist = load_data(args.data_dir)
-    x_tr, y_tr, x_va, y_va = split_data(mnist, config)
+    x_tr, y_tr, x_va, y_va = split_data(data, config)
     prep = Prep.fit(x_tr, config["data"]["scale"])
     dt = model.dtype
     X_valid = prep.apply(x_va, dt) if x_va is not None else None
     if config["fit"]["patience"] and X_valid is None:
         raise UsageError("--patience needs a validation set (--valid N > 0)")
     spec, preset = config["model"]["spec"], config["preset"]
-    _log(f"training {spec} on {len(x_tr)} samples, backend {be.name}, preset {preset}")
+    _log(f"training {spec} on {len(x_tr)} samples of {data.source}, backend {be.name}, preset {preset}")
+    _log(f"hyper-parameters: {describe(config)}")
     if out:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(paths["config"], config)
@@ -302,7 +334,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 checkpoint_path=paths.get("checkpoint"), resume=args.resume,
                 checkpoint_extra=(prep.to_arrays(), {"prep": prep.to_meta()}),
                 cuda_graphs=args.cuda_graphs,
-                progress=not args.no_progress, verbose=True, callbacks=_callbacks(args),
+                progress=logs.progress_bar_wanted(args.no_progress, level), verbose=level > logs.QUIET,
+                callbacks=_callbacks(args),
             )  # fmt: skip
     except KeyboardInterrupt:
         ckpt = paths.get("checkpoint")
@@ -313,13 +346,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         raise _Interrupted(f"interrupted; {kept}") from None
     train_s = float(sum(history["seconds"]))
-    y_pred = model.predict(prep.apply(mnist.x_test, dt))
-    metrics = _test_metrics(mnist.y_test, y_pred, model.n_classes)
+    y_pred = model.predict(prep.apply(data.x_test, dt))
+    metrics = _test_metrics(data.y_test, y_pred, model.n_classes)
     total_s = time.perf_counter() - t_start
     metrics.update(backend=be.name, train_seconds=train_s, seconds=total_s, epochs=len(history))
     metrics.update(stop_reason=history.stop_reason, samples=len(x_tr), config=config)
     if out:
-        _save_outputs(model, prep, history, metrics, paths, args.plots, mnist, y_pred)
+        _save_outputs(model, prep, history, metrics, paths, args.plots, data, y_pred)
     print(f"test accuracy: {100 * metrics['test_accuracy']:.2f}%")
     print(f"epochs: {len(history)} (stop: {history.stop_reason}), train seconds: {train_s:.2f}")
     print(f"total seconds: {total_s:.2f}")
@@ -334,6 +367,26 @@ def _callbacks(args: argparse.Namespace) -> list:
     from gpumlp.tracking import TensorBoardWriter
 
     return [TensorBoardWriter(args.tensorboard)] if args.tensorboard else []
+
+
+def _train_data(args: argparse.Namespace, config: dict):
+    """Load the run's data set and fit the config to it: widths from the data (``--spec`` checked,
+    ``--hidden`` or the preset's hidden widths), standardisation for non-pixel features and a
+    validation set of at most a tenth of the rows unless given."""
+    from gpumlp.cli_data import data_source, model_spec
+
+    given = data_source(args)
+    resumed = "source" in config["data"] and not given
+    source = config["data"]["source"] if resumed else {**given, "test_split": args.test_split}
+    config["data"]["source"] = source
+    data = load_data(args, source, seed=config["fit"]["seed"])
+    spec = model_spec(args.spec, args.hidden, config["model"]["spec"], data.n_features, len(data.classes))
+    config["model"]["spec"] = spec
+    if args.scale is None and not data.pixels and not resumed:
+        config["data"]["scale"] = "standardize"
+    if args.valid is None and not resumed:
+        config["data"]["valid"] = min(config["data"]["valid"], len(data.x_train) // 10)
+    return data
 
 
 class _Interrupted(Exception):
@@ -358,9 +411,12 @@ def _test_metrics(y_true, y_pred, n_classes: int) -> dict:
     }
 
 
-def _save_outputs(model, prep: Prep, history, metrics: dict, paths: dict, plots: bool, mnist, y_pred) -> None:
-    """model.npz (with its preprocessing), history.json, metrics.json and optionally PNGs."""
+def _save_outputs(model, prep: Prep, history, metrics: dict, paths: dict, plots: bool, data, y_pred) -> None:
+    """model.npz (with its preprocessing and classes), history.json, metrics.json and optionally PNGs."""
+    from gpumlp.data.datasets import classes_to_json
+
     meta = {"prep": prep.to_meta(), "gpumlp_version": gpumlp.__version__, "config": metrics["config"]}
+    meta["classes"] = classes_to_json(data.classes)
     model.save(paths["model"], extra_arrays=prep.to_arrays(), extra_meta=meta)
     _write_json(paths["history"], history.to_dict())
     _write_json(paths["metrics"], metrics)
@@ -369,9 +425,13 @@ def _save_outputs(model, prep: Prep, history, metrics: dict, paths: dict, plots:
 
         out = paths["model"].parent
         report.plot_history(history.to_dict(), out / "history.png")
-        report.plot_misclassified(mnist.x_test, mnist.y_test, y_pred, out / "misclassified.png")
         report.plot_confusion(metrics["confusion_matrix"], out / "confusion.png")
-        _log(f"plots written to {out}/history.png, misclassified.png, confusion.png")
+        if data.n_features == 784:  # the digit grid draws 28x28 images
+            report.plot_misclassified(data.x_test, data.y_test, y_pred, out / "misclassified.png")
+        _log(
+            f"plots written to {out}/history.png, confusion.png"
+            + (", misclassified.png" * (data.n_features == 784))
+        )
 
 
 # ------------------------------------------------------------------ eval / predict
@@ -389,27 +449,47 @@ def load_model(path: str, backend: str | None):
     return model, prep
 
 
+def model_meta(path: str, n_classes: int) -> dict:
+    """A model file's JSON header, with ``classes`` (the label of each output; 0..K-1 when absent)."""
+    from gpumlp import checkpoint
+
+    meta = checkpoint.read(path)[1]
+    meta.setdefault("classes", list(range(n_classes)))  # models saved before classes were stored
+    return meta
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``gpumlp eval MODEL``."""
+    from gpumlp.cli_data import data_source
+    from gpumlp.data.datasets import encode_labels
     from gpumlp.metrics import accuracy, classification_report
 
     model, prep = load_model(args.model, args.backend)
     model.be.set_matmul_precision(args.precision)
-    mnist = load_data(args.data_dir)
-    y_pred = model.predict(prep.apply(mnist.x_test, model.dtype))
-    print(f"test accuracy: {100 * accuracy(mnist.y_test, y_pred):.2f}%")
-    print(classification_report(mnist.y_test, y_pred, model.n_classes))
+    meta = model_meta(args.model, model.n_classes)
+    config = meta.get("config", {})
+    given = data_source(args)  # no data flags: the data set the model was trained on
+    source = {**given, "test_split": args.test_split} if given else config.get("data", {}).get("source", {})
+    data = load_data(args, source, seed=config.get("fit", {}).get("seed", 0))
+    _, y_test = encode_labels(data.classes[data.y_test], np.asarray(meta["classes"]))
+    y_pred = model.predict(prep.apply(data.x_test, model.dtype))
+    print(f"test accuracy: {100 * accuracy(y_test, y_pred):.2f}%")
+    print(classification_report(y_test, y_pred, model.n_classes, names=meta["classes"]))
     print(f"backend: {model.be.name}")
     return EXIT_OK
 
 
-def read_images(path: str, n_features: int) -> np.ndarray:
-    """Raw pixels (N, n_features) from an IDX (.gz or raw), .npz or PNG file."""
+def read_images(path: str, n_features: int, label_column: str | None = None) -> np.ndarray:
+    """Raw inputs (N, n_features) from an IDX (.gz or raw), .npz, .csv/.tsv or PNG file."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"input file {path} does not exist")
     suffix = p.suffix.lower()
-    if suffix == ".npz":
+    if suffix in (".csv", ".tsv"):
+        from gpumlp.data.datasets import table_features
+
+        x = table_features(p, n_features, label_column)
+    elif suffix == ".npz":
         x = _read_npz(p)
     elif suffix == ".png":
         x = _read_png(p)
@@ -432,7 +512,8 @@ def _read_npz(path: Path) -> np.ndarray:
         with np.load(path, allow_pickle=False) as z:
             if not z.files:
                 raise UsageError(f"{path}: the .npz file holds no arrays")
-            return z["x" if "x" in z.files else z.files[0]]
+            key = next((k for k in ("x", "X", "x_test", "X_test") if k in z.files), z.files[0])
+            return z[key]
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: not a readable .npz file ({e})") from None
 
@@ -462,12 +543,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``gpumlp predict MODEL FILE``."""
     model, prep = load_model(args.model, args.backend)
     model.be.set_matmul_precision(args.precision)
-    x = prep.apply(read_images(args.file, model.n_features), model.dtype)
+    meta = model_meta(args.model, model.n_classes)
+    saved = meta.get("config", {}).get("data", {}).get("source", {})  # the training table's label column
+    label_column = args.label_column or saved.get("label_column")
+    x = prep.apply(read_images(args.file, model.n_features, label_column), model.dtype)
+    classes = np.asarray(meta["classes"])
     if not args.proba:
-        print("\n".join(str(c) for c in model.predict(x)))
+        print("\n".join(str(c) for c in classes[model.predict(x)]))
         return EXIT_OK
     proba = model.predict_proba(x)
-    for c, row in zip(proba.argmax(axis=1), proba):
+    for c, row in zip(classes[proba.argmax(axis=1)], proba):
         print(f"{c}\t" + " ".join(f"{v:.4f}" for v in row))
     return EXIT_OK
 
@@ -592,13 +677,27 @@ def cmd_bench(argv: Sequence[str]) -> int:
 
 
 # ------------------------------------------------------------------ main
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info": cmd_info}
+def cmd_search(args: argparse.Namespace) -> int:
+    """``gpumlp search``: see :mod:`gpumlp.search_cli`."""
+    from gpumlp import search_cli
+
+    return search_cli.run(args)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "predict": cmd_predict,
+    "info": cmd_info,
+    "search": cmd_search,
+}
 COMMANDS.update(export=cmd_export, summary=cmd_summary)
 
 
 def _log(msg: str) -> None:
-    """A diagnostic line on stderr."""
-    print(f"gpumlp: {msg}", file=sys.stderr, flush=True)
+    """A diagnostic line on stderr (``gpumlp: msg``; hidden by --quiet unless it is a warning)."""
+    log = logging.getLogger("gpumlp.cli")
+    (log.warning if msg.startswith("warning:") else log.info)(msg)
 
 
 def _one_line(e: BaseException) -> str:
@@ -634,6 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["bench"]:
             return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
+        logs.setup(logs.verbosity(getattr(args, "quiet", False), getattr(args, "verbose", False)))
         if args.command is None:
             build_parser().print_help(sys.stderr)
             return EXIT_USAGE

@@ -69,16 +69,18 @@ def precision_recall_f1(y_true, y_pred, n_classes: int) -> dict:
     }
 
 
-def classification_report(y_true, y_pred, n_classes: int, digits: int = 4) -> str:
-    """A readable table: one row per class (precision, recall, f1, support), then accuracy and macro avg."""
+def classification_report(y_true, y_pred, n_classes: int, digits: int = 4, names=None) -> str:
+    """A readable table: one row per class (precision, recall, f1, support), then accuracy and macro avg.
+    ``names``: the classes' labels for the rows (default 0..n_classes-1)."""
     m = precision_recall_f1(y_true, y_pred, n_classes)
-    width = max(len("macro avg"), len(str(n_classes - 1)))
+    names = [str(c) for c in (range(n_classes) if names is None else names)]
+    width = max(len("macro avg"), *map(len, names))
     col = max(digits + 3, 9)
     head = f"{'':>{width}} " + "".join(f"{h:>{col}}" for h in ("precision", "recall", "f1-score", "support"))
     lines = [head, ""]
     for c in range(n_classes):
         vals = (m["precision"][c], m["recall"][c], m["f1"][c])
-        lines.append(_row(str(c), vals, int(m["support"][c]), width, col, digits))
+        lines.append(_row(names[c], vals, int(m["support"][c]), width, col, digits))
     n = int(m["support"].sum())
     lines.append("")
     lines.append(

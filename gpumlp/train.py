@@ -239,8 +239,11 @@ def fit(
                 st.history.stop_reason = "callback"
             if ckpt:
                 _save_checkpoint(ckpt, model, opt, opt_state, st, checkpoint_extra)
+            # postfix first: update() redraws, so the bar shows this epoch's numbers, not the last one's
+            bar.set_postfix(
+                {key: f"{v:.4f}" for key, v in rec.items() if key not in ("epoch", "lr")}, refresh=False
+            )
             bar.update(1)
-            bar.set_postfix({key: f"{v:.4f}" for key, v in rec.items() if key not in ("epoch", "lr")})
             if verbose:
                 bar.write(format_record(rec, epochs), file=sys.stderr)
     except MemoryError as e:

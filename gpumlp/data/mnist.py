@@ -9,12 +9,14 @@ mirror in turn, verify md5 before an atomic rename, and time out after 30 s.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import os
 import tempfile
 import urllib.request
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,10 +80,15 @@ def _missing(directory: Path) -> list[str]:
     return [stem for stem in FILES.values() if _find_file(directory, stem) is None]
 
 
-def default_cache_dir() -> Path:
-    """Where downloads go: ``$GPUMLP_CACHE/mnist``, default ``~/.cache/gpumlp/mnist``."""
+def cache_root() -> Path:
+    """The download cache: ``$GPUMLP_CACHE``, default ``~/.cache/gpumlp`` (one subdirectory per data set)."""
     root = os.environ.get("GPUMLP_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "gpumlp") / "mnist"
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "gpumlp"
+
+
+def default_cache_dir() -> Path:
+    """Where MNIST downloads go: ``$GPUMLP_CACHE/mnist``, default ``~/.cache/gpumlp/mnist``."""
+    return cache_root() / "mnist"
 
 
 def _search_dirs() -> list[Path]:
@@ -104,18 +111,23 @@ def _search_dirs() -> list[Path]:
 # ---------------------------------------------------------------- downloading
 
 
-def _mirrors(mirrors: Sequence[str] | None) -> list[str]:
-    """Explicit mirrors, else ``$GPUMLP_MNIST_MIRRORS`` (comma-separated), else DEFAULT_MIRRORS."""
+def _mirrors(
+    mirrors: Sequence[str] | None, default: Sequence[str] = DEFAULT_MIRRORS, env: str = "GPUMLP_MNIST_MIRRORS"
+) -> list[str]:
+    """Explicit mirrors, else ``$env`` (comma-separated base URLs), else ``default``."""
     if mirrors is None:
-        env = os.environ.get("GPUMLP_MNIST_MIRRORS", "")
-        mirrors = [m.strip() for m in env.split(",") if m.strip()] or DEFAULT_MIRRORS
+        mirrors = [m.strip() for m in os.environ.get(env, "").split(",") if m.strip()] or list(default)
     if isinstance(mirrors, str):
         raise DataError(f"mirrors must be a list of base URLs, not the string {mirrors!r}; wrap it in a list")
     return list(mirrors)
 
 
-def _download_file(url: str, dest: Path, md5: str, timeout: float) -> None:
-    """Stream ``url`` to a temp file beside ``dest``, check its md5, then rename it into place atomically."""
+def _download_file(url: str, dest: Path, md5: str | tuple[str, str | None], timeout: float) -> None:
+    """Stream ``url`` to a temp file beside ``dest``, check its md5, then rename it into place atomically.
+
+    ``md5`` is the archive's md5, or (archive md5, md5 of the gunzipped bytes): a repackaged copy
+    (recompressed, so another archive md5) is accepted when its content md5 matches."""
+    want, content_md5 = (md5, None) if isinstance(md5, str) else md5
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
         digest = hashlib.md5()
@@ -125,8 +137,8 @@ def _download_file(url: str, dest: Path, md5: str, timeout: float) -> None:
                 digest.update(chunk)
                 f.write(chunk)
         got = digest.hexdigest()
-        if got != md5:
-            raise DataError(f"md5 mismatch for {dest.name} from {url}: expected {md5}, got {got}")
+        if got != want and not (content_md5 and _gunzip_md5(Path(tmp)) == content_md5):
+            raise DataError(f"md5 mismatch for {dest.name} from {url}: expected {want}, got {got}")
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the data is not secret
         os.replace(tmp, dest)
     finally:
@@ -134,23 +146,45 @@ def _download_file(url: str, dest: Path, md5: str, timeout: float) -> None:
             os.unlink(tmp)
 
 
-def download_mnist(target: str | os.PathLike, mirrors: Sequence[str] | None = None) -> Path:
-    """Download the missing MNIST .gz files into ``target`` (md5-verified, atomic); returns the dir."""
+def _gunzip_md5(path: Path) -> str | None:
+    """md5 of a gzip file's decompressed bytes, or None when it is not valid gzip."""
+    digest = hashlib.md5()
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return digest.hexdigest()
+
+
+def download_files(
+    target: str | os.PathLike,
+    md5s: Mapping[str, str | tuple[str, str | None]],
+    mirrors: Sequence[str] | None = None,
+    default_mirrors: Sequence[str] = DEFAULT_MIRRORS,
+    env: str = "GPUMLP_MNIST_MIRRORS",
+    what: str = "MNIST",
+) -> Path:
+    """Download the files of ``md5s`` (name -> md5) that ``target`` lacks (as ``name`` or without
+    ``.gz``), trying each mirror (``mirrors``, else ``$env``, else ``default_mirrors``); md5-verified,
+    atomic. Returns ``target``."""
     target = Path(target).expanduser()
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        msg = f"{target}: cannot create the MNIST download directory ({e}); pick a writable dir"
+        msg = f"{target}: cannot create the {what} download directory ({e}); pick a writable dir"
         raise DataError(msg) from e
-    urls = _mirrors(mirrors)
-    for stem in _missing(target):
-        name = stem + ".gz"
+    urls = _mirrors(mirrors, default_mirrors, env)
+    for name, md5 in md5s.items():
+        if _find_file(target, name.removesuffix(".gz")) is not None:
+            continue
         failures = []
         for base in urls:
             url = base.rstrip("/") + "/" + name
             log.info("downloading %s", url)
             try:
-                _download_file(url, target / name, MD5[name], DOWNLOAD_TIMEOUT_S)
+                _download_file(url, target / name, md5, DOWNLOAD_TIMEOUT_S)
                 break
             except (OSError, DataError) as e:  # URLError, HTTPError, timeouts are OSErrors
                 failures.append(f"  {url}: {e}")
@@ -158,10 +192,16 @@ def download_mnist(target: str | os.PathLike, mirrors: Sequence[str] | None = No
             raise DataError(
                 f"could not download {name} into {target}; every mirror failed:\n"
                 + "\n".join(failures)
-                + "\nFix: check the network/proxy, set GPUMLP_MNIST_MIRRORS=url1,url2 to other mirrors, "
-                f"or copy the four MNIST .gz files into {target} by hand (or set GPUMLP_DATA)"
+                + f"\nFix: check the network/proxy, set {env}=url1,url2 to other mirrors, "
+                f"or copy the {what} .gz files into {target} by hand"
+                + (" (or set GPUMLP_DATA)" if what == "MNIST" else "")
             )
     return target
+
+
+def download_mnist(target: str | os.PathLike, mirrors: Sequence[str] | None = None) -> Path:
+    """Download the missing MNIST .gz files into ``target`` (md5-verified, atomic); returns the dir."""
+    return download_files(target, MD5, mirrors)
 
 
 # ---------------------------------------------------------------- parsing and validation
