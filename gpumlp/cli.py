@@ -136,6 +136,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     f.add_argument("--l1", type=NONNEG_FLOAT)
     f.add_argument("--l2", type=NONNEG_FLOAT)
     f.add_argument("--clip-norm", type=POS_FLOAT, help="clip gradients to this global L2 norm")
+    f.add_argument("--clip-value", type=POS_FLOAT, help="clip every gradient element to [-V, V]")
     f.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule")
     f.add_argument("--lr-gamma", type=POS_FLOAT, help="schedule factor (0, 1]")
     f.add_argument("--lr-step", type=POS_INT, help="epochs per step of the 'step' schedule")
@@ -143,6 +144,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     f.add_argument("--batch-size", type=POS_INT)
     f.add_argument("--epochs", type=POS_INT, help="total epochs (with --resume: including those done)")
     f.add_argument("--tol", type=POS_FLOAT, help="stop when the loss changes by less than this")
+    f.add_argument(
+        "--stop-param-change", type=POS_FLOAT, help="stop when no weight or bias changes by EPS in an epoch"
+    )
     f.add_argument("--patience", type=POS_INT, help="early stop after N epochs without better valid acc")
     f.add_argument("--augment-shift", type=NONNEG_INT, help="random shifts of up to N pixels")
     d = p.add_argument_group("data and run")
@@ -160,6 +164,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         help="replay each full-size step as one CUDA graph (cupy/cuda-emu)",
     )
     d.add_argument("--plots", action="store_true", help="also write PNG plots to OUT (needs matplotlib)")
+    d.add_argument(
+        "--log-grad-norms", action="store_true", help="record each layer's gradient norm per epoch"
+    )
 
 
 # ------------------------------------------------------------------ config
@@ -281,7 +288,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 prep.apply(x_tr, dt), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
                 checkpoint_path=paths.get("checkpoint"), resume=args.resume,
                 checkpoint_extra=(prep.to_arrays(), {"prep": prep.to_meta()}),
-                cuda_graphs=args.cuda_graphs,
+                cuda_graphs=args.cuda_graphs, log_grad_norms=args.log_grad_norms,
                 progress=not args.no_progress, verbose=True,
             )  # fmt: skip
     except KeyboardInterrupt:
@@ -345,6 +352,9 @@ def _save_outputs(model, prep: Prep, history, metrics: dict, paths: dict, plots:
         report.plot_misclassified(mnist.x_test, mnist.y_test, y_pred, out / "misclassified.png")
         report.plot_confusion(metrics["confusion_matrix"], out / "confusion.png")
         _log(f"plots written to {out}/history.png, misclassified.png, confusion.png")
+        if "grad_norms" in history.records[-1]:
+            path = report.plot_grad_norms(history.to_dict(), out / "grad_norms.png")
+            _log(f"gradient norms plotted in {path}")
 
 
 # ------------------------------------------------------------------ eval / predict
