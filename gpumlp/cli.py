@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import gpumlp
+from gpumlp import cli_tools
 from gpumlp.presets import PRESETS, SCALE_MODES, Prep, fit_kwargs, get_preset
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--backend", default=None, help="compute backend (default: $GPUMLP_BACKEND or auto)")
     _add_precision(pr)
     sub.add_parser("info", help="versions, backends, BLAS and GPU")
+    cli_tools.add_parsers(sub, _add_common)
     sub.add_parser("bench", help="benchmarks (gpumlp bench --help)", add_help=False)
     return p
 
@@ -305,6 +307,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     total_s = time.perf_counter() - t_start
     metrics.update(backend=be.name, train_seconds=train_s, seconds=total_s, epochs=len(history))
     metrics.update(stop_reason=history.stop_reason, samples=len(x_tr), config=config)
+    metrics["machine"] = _machine(be.name)
     if out:
         _save_outputs(model, prep, history, metrics, paths, args.plots, mnist, y_pred)
     print(f"test accuracy: {100 * metrics['test_accuracy']:.2f}%")
@@ -314,6 +317,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out:
         print(f"model: {paths['model']}")
     return EXIT_OK
+
+
+def _machine(backend_name: str) -> dict:
+    from gpumlp.html_report import machine_summary
+
+    return machine_summary(backend_name)
 
 
 class _Interrupted(Exception):
@@ -556,6 +565,7 @@ def cmd_bench(argv: Sequence[str]) -> int:
 
 # ------------------------------------------------------------------ main
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info": cmd_info}
+COMMANDS.update(cli_tools.COMMANDS)
 
 
 def _log(msg: str) -> None:

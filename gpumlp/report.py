@@ -29,6 +29,11 @@ def _pyplot():
     return plt
 
 
+def require_matplotlib() -> None:
+    """Raise the ImportError naming the ``plot`` extra now (before a long run) if matplotlib is missing."""
+    _pyplot()
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     """Write a figure as PNG (creating parent folders) and close it."""
     path = Path(path)
@@ -124,7 +129,8 @@ def plot_grad_norms(history: dict, path: str | os.PathLike) -> Path:
 def _digit_grid(fig, images, titles: list[str], cols: int, title: str) -> None:
     """Draw 28x28 images (N, 784) into ``fig`` (a figure or subfigure) as a grid of ``cols`` columns."""
     rows = max(1, -(-len(images) // cols))
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    space = 0.35 if any(titles) else 0.05
+    axes = np.atleast_1d(fig.subplots(rows, cols, gridspec_kw={"hspace": space, "wspace": 0.05})).ravel()
     for ax in axes:
         ax.axis("off")
     for ax, img, t in zip(axes, images, titles):
