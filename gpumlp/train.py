@@ -176,8 +176,8 @@ def fit(
     ``sum`` adds it up (the classic seed recipe). ``clip_value`` clamps every
     gradient element to [-clip_value, clip_value], then ``clip_norm`` scales all
     gradients to at most that global L2 norm. Stops after ``epochs``, when
-    the training loss changes by less than ``tol``, when no weight or bias changed
-    by more than ``stop_param_change`` over an epoch, or after ``patience``
+    the training loss changes by less than ``tol``, when every weight and bias changed
+    by less than ``stop_param_change`` over an epoch, or after ``patience``
     epochs without a better validation accuracy (then the best weights are
     restored). ``shuffle`` reorders the samples every epoch (on the device, the
     same order on every backend for a given ``seed``). ``augment_shift`` shifts

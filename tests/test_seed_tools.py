@@ -95,6 +95,25 @@ def test_cli_experiment_rejects_an_unknown_dataset(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_clip_value_bounds_the_steps_and_stop_param_change_stops(tmp_path):
+    """SGD with every gradient element clipped to 1e-7 and lr 0.1 moves no parameter by more
+    than 1e-8 per step, plus float32 rounding (half an ulp, <= 3e-8 for |w| < 0.5): at most 8e-8
+    over the 2 steps of an epoch, below --stop-param-change 1e-7, so training stops after one
+    epoch; without the clip it runs all 3."""
+    base = ["--limit", "256", "--batch-size", "128", "--spec", "784-16-10", "--optimizer", "sgd"]
+    base += ["--lr", "0.1", "--schedule", "constant", "--epochs", "3", "--valid", "100", "--no-progress"]
+    runs = {}
+    for clip in (["--clip-value", "1e-7"], []):
+        out = tmp_path / f"clip{len(clip)}"
+        proc = gpumlp("train", *base, *clip, "--stop-param-change", "1e-7", "--out", out)
+        assert proc.returncode == 0, proc.stderr
+        runs[bool(clip)] = (json.loads((out / "history.json").read_text()), proc.stdout)
+    history, stdout = runs[True]
+    assert len(history["records"]) == 1 and history["records"][0]["param_change"] <= 8e-8
+    assert "stop: converged: no weight or bias changed by 1e-07 or more" in stdout
+    assert len(runs[False][0]["records"]) == 3 and runs[False][0]["records"][0]["param_change"] > 1e-3
+
+
 # ------------------------------------------------------------------ show-data
 def test_show_data_writes_one_sample_per_class_and_variants(tmp_path):
     proc = gpumlp("show-data", "--digit", "3", "--n", "9", "--augment-shift", "2", "--out", tmp_path)
