@@ -45,8 +45,8 @@ def _img(png: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    """An HTML table; numbers right-aligned (floats to 4 digits), everything escaped."""
+def _table(header: list[str] | None, rows: list[list]) -> str:
+    """An HTML table (no header row for None); numbers right-aligned (floats to 4 digits), all escaped."""
 
     def cell(v) -> str:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -54,9 +54,9 @@ def _table(header: list[str], rows: list[list]) -> str:
             return f'<td class="num">{text}</td>'
         return f"<td>{html.escape(str(v))}</td>"
 
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _settings_table(config: dict) -> str:
@@ -72,7 +72,7 @@ def _machine_table(metrics: dict) -> str:
     if not machine:
         return '<p class="note">This run did not record its machine (written by an older gpumlp).</p>'
     return _table(
-        ["", ""], [[key, json.dumps(v) if isinstance(v, (dict, list)) else v] for key, v in machine.items()]
+        None, [[key, json.dumps(v) if isinstance(v, (dict, list)) else v] for key, v in machine.items()]
     )
 
 
@@ -145,7 +145,7 @@ def render(run_dir: str | os.PathLike, backend: str | None = None, data_dir: str
     ]
     parts = [
         f"<h1>gpumlp run {html.escape(run.resolve().name)}</h1>",
-        _table(["", ""], summary),
+        _table(None, summary),
         *(f"<h2>{html.escape(title)}</h2>{body}" for title, body in figs.items()),
         "<h2>Per-class precision, recall and F1 (test set)</h2>",
         _per_class_table(metrics),
