@@ -122,6 +122,9 @@ def test_cuda_graphs_replay_clip_value_and_grad_norms_exactly(monkeypatch):
     non-kernel work during capture)."""
     be = get_backend("cuda-emu")
     monkeypatch.setattr(be.k, "_GEMM", "own")
+    captures = []
+    real_capture = be.capture
+    monkeypatch.setattr(be, "capture", lambda fn: captures.append(fn) or real_capture(fn))
     X, y = make_circles(n=230, noise=0.05, seed=3)  # 4 full batches of 50 and a partial one
     kw = dict(epochs=3, batch_size=50, optimizer="momentum", lr=0.2, clip_value=0.02, log_grad_norms=True)
     runs = {}
@@ -129,6 +132,7 @@ def test_cuda_graphs_replay_clip_value_and_grad_norms_exactly(monkeypatch):
         model = MLP("2-16-16-2", act="tanh", backend=be, seed=3)
         hist = model.fit(X, y, **kw, cuda_graphs=graphs)
         runs[graphs] = (hist["loss"], hist["grad_norms"], model.state_arrays())
+    assert len(captures) == 1  # constant lr: one capture, then 11 replays
     assert runs[True][0] == runs[False][0] and runs[True][1] == runs[False][1]
     for key, eager in runs[False][2].items():
         np.testing.assert_array_equal(runs[True][2][key], eager, err_msg=key)
