@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import gpumlp
-from gpumlp import logs
+from gpumlp import cli_tools, logs
 from gpumlp.cli_data import describe, hidden_widths
 from gpumlp.presets import PRESETS, SCALE_MODES, Prep, fit_kwargs, get_preset
 
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     search_cli.add_args(sub.add_parser("search", help="hyper-parameter search (grid, random, halving; Dask)"))
     sub.add_parser("info", help="versions, backends, BLAS and GPU")
+    cli_tools.add_parsers(sub, _add_common)
     sub.add_parser("bench", help="benchmarks (gpumlp bench --help)", add_help=False)
     return p
 
@@ -163,6 +164,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     f.add_argument("--l1", type=NONNEG_FLOAT)
     f.add_argument("--l2", type=NONNEG_FLOAT)
     f.add_argument("--clip-norm", type=POS_FLOAT, help="clip gradients to this global L2 norm")
+    f.add_argument("--clip-value", type=POS_FLOAT, help="clip every gradient element to [-V, V]")
     f.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule")
     f.add_argument("--lr-gamma", type=POS_FLOAT, help="schedule factor (0, 1]")
     f.add_argument("--lr-step", type=POS_INT, help="epochs per step of the 'step' schedule")
@@ -170,6 +172,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     f.add_argument("--batch-size", type=POS_INT)
     f.add_argument("--epochs", type=POS_INT, help="total epochs (with --resume: including those done)")
     f.add_argument("--tol", type=POS_FLOAT, help="stop when the loss changes by less than this")
+    f.add_argument(
+        "--stop-param-change", type=POS_FLOAT, help="stop when no weight or bias changes by EPS in an epoch"
+    )
     f.add_argument("--patience", type=POS_INT, help="early stop after N epochs without better valid acc")
     f.add_argument("--augment-shift", type=NONNEG_INT, help="random shifts of up to N pixels")
     f.add_argument("--augment-rotate", type=NONNEG_FLOAT, metavar="DEG", help="random rotations up to DEG")
@@ -200,6 +205,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     )
     d.add_argument("--plots", action="store_true", help="also write PNG plots to OUT (needs matplotlib)")
     d.add_argument("--tensorboard", metavar="DIR", help="write per-epoch scalars as TensorBoard event files")
+    d.add_argument(
+        "--log-grad-norms", action="store_true", help="record each layer's gradient norm per epoch"
+    )
 
 
 # ------------------------------------------------------------------ config
@@ -333,7 +341,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 prep.apply(x_tr, dt), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
                 checkpoint_path=paths.get("checkpoint"), resume=args.resume,
                 checkpoint_extra=(prep.to_arrays(), {"prep": prep.to_meta()}),
-                cuda_graphs=args.cuda_graphs,
+                cuda_graphs=args.cuda_graphs, log_grad_norms=args.log_grad_norms,
                 progress=logs.progress_bar_wanted(args.no_progress, level), verbose=level > logs.QUIET,
                 callbacks=_callbacks(args),
             )  # fmt: skip
@@ -351,6 +359,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     total_s = time.perf_counter() - t_start
     metrics.update(backend=be.name, train_seconds=train_s, seconds=total_s, epochs=len(history))
     metrics.update(stop_reason=history.stop_reason, samples=len(x_tr), config=config)
+    metrics["machine"] = _machine(be.name)
     if out:
         _save_outputs(model, prep, history, metrics, paths, args.plots, data, y_pred)
     print(f"test accuracy: {100 * metrics['test_accuracy']:.2f}%")
@@ -387,6 +396,10 @@ def _train_data(args: argparse.Namespace, config: dict):
     if args.valid is None and not resumed:
         config["data"]["valid"] = min(config["data"]["valid"], len(data.x_train) // 10)
     return data
+def _machine(backend_name: str) -> dict:
+    from gpumlp.html_report import machine_summary
+
+    return machine_summary(backend_name)
 
 
 class _Interrupted(Exception):
@@ -432,6 +445,9 @@ def _save_outputs(model, prep: Prep, history, metrics: dict, paths: dict, plots:
             f"plots written to {out}/history.png, confusion.png"
             + (", misclassified.png" * (data.n_features == 784))
         )
+        if "grad_norms" in history.records[-1]:
+            path = report.plot_grad_norms(history.to_dict(), out / "grad_norms.png")
+            _log(f"gradient norms plotted in {path}")
 
 
 # ------------------------------------------------------------------ eval / predict
@@ -692,6 +708,7 @@ COMMANDS = {
     "search": cmd_search,
 }
 COMMANDS.update(export=cmd_export, summary=cmd_summary)
+COMMANDS.update(cli_tools.COMMANDS)
 
 
 def _log(msg: str) -> None:

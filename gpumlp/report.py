@@ -29,6 +29,11 @@ def _pyplot():
     return plt
 
 
+def require_matplotlib() -> None:
+    """Raise the ImportError naming the ``plot`` extra now (before a long run) if matplotlib is missing."""
+    _pyplot()
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     """Write a figure as PNG (creating parent folders) and close it."""
     path = Path(path)
@@ -101,4 +106,94 @@ def plot_confusion(cm, path: str | os.PathLike) -> Path:
         for j in range(k):
             color = "white" if cm[i, j] > threshold else "black"
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=color)
+    return _save(fig, path)
+
+
+def plot_grad_norms(history: dict, path: str | os.PathLike) -> Path:
+    """Each layer's RMS gradient norm per epoch (the ``grad_norms`` records), log scale -> PNG."""
+    plt = _pyplot()
+    recs = _records(history)
+    if not all("grad_norms" in r for r in recs):
+        raise ValueError("history has no grad_norms; train with log_grad_norms=True (--log-grad-norms)")
+    epochs = [r["epoch"] for r in recs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in recs[0]["grad_norms"]:
+        ax.semilogy(epochs, [r["grad_norms"][name] for r in recs], marker=".", label=name)
+    ax.set(xlabel="epoch", ylabel="RMS gradient L2 norm per step", title="gradient norm per layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _digit_grid(fig, images, titles: list[str], cols: int, title: str) -> None:
+    """Draw 28x28 images (N, 784) into ``fig`` (a figure or subfigure) as a grid of ``cols`` columns."""
+    rows = max(1, -(-len(images) // cols))
+    space = 0.35 if any(titles) else 0.05
+    axes = np.atleast_1d(fig.subplots(rows, cols, gridspec_kw={"hspace": space, "wspace": 0.05})).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, img, t in zip(axes, images, titles):
+        ax.imshow(np.asarray(img).reshape(28, 28), cmap="gray_r")
+        ax.set_title(t, fontsize=8)
+    fig.suptitle(title)
+
+
+def plot_samples(X, y, path: str | os.PathLike, title: str = "one sample per class") -> Path:
+    """The first image (N, 784) of every class in y, left to right by class -> PNG."""
+    plt = _pyplot()
+    X, y = np.asarray(X), np.asarray(y)
+    classes = np.unique(y)
+    first = [int(np.flatnonzero(y == c)[0]) for c in classes]
+    fig = plt.figure(figsize=(1.2 * len(classes), 1.7))
+    _digit_grid(fig, X[first], [f"class {c}" for c in classes], len(classes), title)
+    return _save(fig, path)
+
+
+def plot_variants(panels: dict[str, np.ndarray], path: str | os.PathLike, title: str) -> Path:
+    """Side-by-side square grids, one per {panel title: images (N, 784)} -> PNG."""
+    plt = _pyplot()
+    n = max(len(v) for v in panels.values())
+    cols = max(1, int(np.ceil(np.sqrt(n))))
+    fig = plt.figure(figsize=(1.1 * cols * len(panels) + 0.5, 1.1 * cols + 0.8))
+    for sub, (name, images) in zip(np.atleast_1d(fig.subfigures(1, len(panels))), panels.items()):
+        _digit_grid(sub, images, [""] * len(images), cols, name)
+    fig.suptitle(title, y=1.04)
+    return _save(fig, path)
+
+
+def plot_nonlinear(result, path: str | os.PathLike, resolution: int = 200) -> Path:
+    """Decision boundaries of every variant of a :class:`gpumlp.experiment.NonlinearResult`
+    side by side (training points on top), plus their loss curves -> PNG."""
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+
+    X, y, k = result.X, result.y, int(result.y.max()) + 1
+    lo, hi = X.min(axis=0) - 0.4, X.max(axis=0) + 0.4
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], resolution), np.linspace(lo[1], hi[1], resolution))
+    grid = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    colors = plt.get_cmap("tab10").colors[:k]
+    n_panels = len(result.variants) + 1
+    cols = min(3, n_panels)
+    rows = -(-n_panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
+    axes = axes.ravel()
+    for ax, v in zip(axes, result.variants):
+        zone = v.predict(grid).reshape(gx.shape)
+        ax.contourf(gx, gy, zone, levels=np.arange(k + 1) - 0.5, cmap=ListedColormap(colors), alpha=0.25)
+        ax.contour(gx, gy, zone, levels=np.arange(k) + 0.5, colors="k", linewidths=0.8)
+        ax.scatter(X[:, 0], X[:, 1], c=[colors[c] for c in y], s=8, edgecolors="k", linewidths=0.2)
+        label = v.name if v.act == v.name else f"{v.name} ({v.act} activation)"
+        ax.set_title(f"{label}: test {100 * v.test_acc:.1f}%", fontsize=10)
+        ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xticks=[], yticks=[], aspect="equal")
+    curves = axes[len(result.variants)]
+    for v in result.variants:
+        curves.semilogy(range(1, len(v.losses) + 1), v.losses, label=v.name)
+    curves.set(xlabel="epoch", ylabel="training loss (cross-entropy)", title="convergence")
+    curves.grid(alpha=0.3, which="both")
+    curves.legend(fontsize=8)
+    for ax in axes[n_panels:]:
+        ax.axis("off")
+    fig.suptitle(f"{result.dataset}: linear vs nonlinear models", fontsize=13)
+    fig.tight_layout()
     return _save(fig, path)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from gpumlp import checkpoint
 from gpumlp.augment import Augment
 from gpumlp.data import split_train_valid
+from gpumlp.monitor import GradNorms, ParamChange
 from gpumlp.optim import Optimizer, Schedule, clip_grad_norm
 from gpumlp.validate import check_features, check_labels
 
@@ -148,6 +149,7 @@ def fit(
     l1: float = 0.0,
     l2: float = 0.0,
     clip_norm: float | None = None,
+    clip_value: float | None = None,
     schedule: str | Schedule = "constant",
     reduction: str = "mean",
     shuffle: bool = True,
@@ -156,6 +158,7 @@ def fit(
     y_valid=None,
     valid_split: int = 0,
     tol: float | None = None,
+    stop_param_change: float | None = None,
     patience: int | None = None,
     augment_shift: int = 0,
     augment: Augment | None = None,
@@ -163,6 +166,7 @@ def fit(
     resume: bool = False,
     checkpoint_extra: tuple[dict, dict] = ({}, {}),
     cuda_graphs: bool = False,
+    log_grad_norms: bool = False,
     progress: bool = False,
     verbose: bool = False,
     callbacks: Sequence[Callable[[dict, object], bool | None]] = (),
@@ -171,8 +175,11 @@ def fit(
 
     Minibatch SGD family (``batch_size=1`` is stochastic, ``batch_size>=n`` full
     batch); ``reduction`` ``mean`` averages the gradient over a minibatch,
-    ``sum`` adds it up (the classic seed recipe). Stops after ``epochs``, when
-    the training loss changes by less than ``tol``, or after ``patience``
+    ``sum`` adds it up (the classic seed recipe). ``clip_value`` clamps every
+    gradient element to [-clip_value, clip_value], then ``clip_norm`` scales all
+    gradients to at most that global L2 norm. Stops after ``epochs``, when
+    the training loss changes by less than ``tol``, when every weight and bias changed
+    by less than ``stop_param_change`` over an epoch, or after ``patience``
     epochs without a better validation accuracy (then the best weights are
     restored). ``shuffle`` reorders the samples every epoch (on the device, the
     same order on every backend for a given ``seed``). ``augment_shift`` shifts
@@ -184,6 +191,8 @@ def fit(
     ``resume=True`` continues from it exactly.
     ``cuda_graphs`` (cupy/cuda-emu) replays each full-size step as one CUDA graph
     (any optimizer, dropout, batch norm and clipping included).
+    ``log_grad_norms`` records each layer's RMS gradient norm per epoch (``grad_norms``
+    in the records), accumulated on the device and read once per epoch.
     ``callbacks`` get (epoch record, model) and may return True to stop."""
     be = model.be
     X = check_features(X, model.n_features)
@@ -193,8 +202,10 @@ def fit(
         raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if clip_norm is not None and not clip_norm > 0:
-        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+    positive = {"clip_norm": clip_norm, "clip_value": clip_value, "stop_param_change": stop_param_change}
+    for name, value in positive.items():
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
     if augment is not None and augment_shift:
         raise ValueError("give the shift either as augment_shift or inside augment, not both")
     augment = augment or Augment(shift=augment_shift)
@@ -218,6 +229,8 @@ def fit(
         valid_host = None
     step = _Step(model, opt, opt_state, min(batch_size, X.shape[0]), X.shape[0], reduction, clip_norm)
     step.configure(shuffle, augment, cuda_graphs)
+    step.clip_value, step.grad_norms = clip_value, GradNorms(model) if log_grad_norms else None
+    change = ParamChange(model) if stop_param_change else None
     bar = tqdm(total=epochs, initial=st.epoch, disable=not progress, unit="epoch", file=sys.stderr)
     try:
         Xd, yd = be.asarray(X, dtype=model.dtype), be.asarray(y.astype(np.int32, copy=False))
@@ -225,24 +238,29 @@ def fit(
         while st.epoch < epochs and not st.history.stop_reason:
             t0 = time.perf_counter()
             epoch_lr = sched.lr(opt.lr, st.epoch)
+            if change:
+                change.mark()
             train_loss, train_acc = step.epoch(Xd, yd, epoch_lr, st)
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(_diverged_message(train_loss, st.epoch + 1, epoch_lr, ckpt))
             rec = {"epoch": st.epoch + 1, "loss": train_loss, "train_acc": train_acc, "lr": epoch_lr}
+            if change:
+                rec["param_change"] = change.max_change()
+            if step.grad_norms:
+                rec["grad_norms"] = step.grad_norms.read(-(-step.n // step.B))
             if valid:
                 rec["valid_loss"], rec["valid_acc"] = evaluate(model, *valid)
             rec["seconds"] = time.perf_counter() - t0
             st.history.records.append(rec)
             st.epoch += 1
-            st.history.stop_reason = _stop_reason(st, rec, model, tol, patience)
+            st.history.stop_reason = _stop_reason(st, rec, model, tol, patience, stop_param_change)
             if any(cb(rec, model) for cb in callbacks):
                 st.history.stop_reason = "callback"
             if ckpt:
                 _save_checkpoint(ckpt, model, opt, opt_state, st, checkpoint_extra)
             # postfix first: update() redraws, so the bar shows this epoch's numbers, not the last one's
-            bar.set_postfix(
-                {key: f"{v:.4f}" for key, v in rec.items() if key not in ("epoch", "lr")}, refresh=False
-            )
+            shown = {key: v for key, v in rec.items() if isinstance(v, float) and key != "lr"}
+            bar.set_postfix({key: f"{v:.4f}" for key, v in shown.items()}, refresh=False)
             bar.update(1)
             if verbose:
                 bar.write(format_record(rec, epochs), file=sys.stderr)
@@ -283,6 +301,7 @@ class _Step:
         # Device accumulators the loss and count kernels add into: no extra op, no allocation per step.
         self.loss_sum, self.correct = xp.zeros((), dtype=dt), xp.zeros((), dtype=np.int64)
         self.sumsq = xp.zeros((), dtype=dt)  # clipping's squared gradient norm
+        self.clip_value, self.grad_norms = None, None  # set by fit: clipping by value, a GradNorms
         self.configure(True, Augment(), False)
 
     def configure(self, shuffle: bool, augment: Augment, graphs: bool) -> None:
@@ -314,6 +333,11 @@ class _Step:
         _, grad = model.loss(be, scores, labels, grad=self.g_buf[b], grad_scale=scale, loss=self.loss_sum)
         k.correct_count(scores, labels, count=self.correct)
         model.backward(grad)
+        if self.grad_norms:
+            self.grad_norms.accumulate()
+        if self.clip_value:
+            for _, _, g, _ in self.params:
+                k.clip_value(g, self.clip_value)
         if self.clip:
             clip_grad_norm(be, [g for _, _, g, _ in self.params], self.clip, self.sumsq)
         for (_, w, g, decayed), state in zip(self.params, self.opt_state):
@@ -364,6 +388,8 @@ class _Step:
                 table = xp.concatenate([a[: full * B].reshape(full, B) for a in (order, labels)], axis=1)
             self.loss_sum[...] = 0
             self.correct[...] = 0
+            if self.grad_norms:
+                self.grad_norms.reset()
             for i, s in enumerate(range(0, n, B)):
                 b = min(B, n - s)
                 if self.use_graphs and b == B:
@@ -379,7 +405,7 @@ def _diverged_message(loss: float, epoch: int, lr: float, ckpt: Path | None) -> 
     saved = f"the last good checkpoint is {ckpt}" if ckpt and ckpt.exists() else "no checkpoint was saved"
     return (
         f"training diverged: the loss became {loss} in epoch {epoch} (lr {lr:g}); {saved}. "
-        "Lower the learning rate, add clip_norm, or check the data."
+        "Lower the learning rate, add clip_norm or clip_value, or check the data."
     )
 
 
@@ -401,10 +427,12 @@ class DeviceOutOfMemory(MemoryError):
     """The backend ran out of (device) memory; the message gives the sizes involved."""
 
 
-def _stop_reason(st: _State, rec: dict, model, tol, patience) -> str:
+def _stop_reason(st: _State, rec: dict, model, tol, patience, stop_param_change=None) -> str:
     recs = st.history.records
     if tol is not None and len(recs) > 1 and abs(recs[-2]["loss"] - rec["loss"]) < tol:
         return f"converged: loss changed by less than tol={tol}"
+    if stop_param_change and rec["param_change"] < stop_param_change:
+        return f"converged: no weight or bias changed by {stop_param_change} or more in the epoch"
     if patience and "valid_acc" in rec:
         if rec["valid_acc"] > st.best[0]:
             st.best = (rec["valid_acc"], rec["epoch"], model.state_arrays())

@@ -73,6 +73,7 @@ _FILES = {
     ),
     "batchnorm_backward": "dropout_bn",
     **dict.fromkeys(("signed_noise", "blur", "gather_warped"), "augment"),
+    "clip_value": "optim",
     "gemm": "gemm",
     "gemm_tc": "gemm_tc",
 }
@@ -538,6 +539,12 @@ def clip_scale(g, sumsq, max_norm):
     _inplace(g, "g", g)
     sumsq = _accumulator(sumsq, g.dtype)
     _elementwise("clip_scale", g, g, sumsq, np.int64(g.size), np.float64(max_norm))
+
+
+def clip_value(g, value):
+    """Clip g in place to [-value, value] elementwise (value rounded to g's dtype); NaN stays."""
+    _inplace(g, "g", g)
+    _elementwise("clip_value", g, g, np.int64(g.size), g.dtype.type(value))
 
 
 # ------------------------------------------------------------------- dropout

@@ -1077,6 +1077,18 @@ def clip_scale(g: np.ndarray, sumsq: np.ndarray, max_norm: float) -> None:
     _scale_k(_flat(g, "g"), g.dtype.type(factor))  # the factor rounded to g's dtype, as the reference
 
 
+@njit(cache=True, error_model="numpy")
+def _clip_value_k(g, v):
+    for i in range(g.size):
+        gi = g[i]
+        g[i] = v if gi > v else (-v if gi < -v else gi)  # NaN fails both tests and stays
+
+
+def clip_value(g: np.ndarray, value: float) -> None:
+    """Clip g in place to [-value, value] elementwise (value rounded to g's dtype); NaN stays."""
+    _clip_value_k(_flat(g, "g"), g.dtype.type(value))
+
+
 # ===================================================================== helpers
 def _jit_cache_dir() -> str:
     """Directory of Numba's on-disk cache for this module ($NUMBA_CACHE_DIR/... or __pycache__)."""
@@ -1131,6 +1143,7 @@ def _warmup(dtype=np.float32) -> float:
     y, xh, mean, var = batchnorm_forward(z, b + 1, b, running_mean=b + 0, running_var=b + 1)
     sum_squares(z)
     clip_scale(z.ravel().copy(), sum_squares(z), 1.0)
+    clip_value(z.ravel().copy(), 0.5)
     batchnorm_inference(z, b + 1, b, mean, var)
     batchnorm_backward(z, xh, b + 1, var)
     return time.perf_counter() - t0

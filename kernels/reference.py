@@ -487,3 +487,10 @@ def clip_scale(g, sumsq, max_norm):
     """Scale g in place by min(1, max_norm / (sqrt(sumsq) + 1e-12)): the clipping
     factor for a global L2 norm whose square is the 0-d array ``sumsq``."""
     g *= g.dtype.type(min(1.0, max_norm / (np.sqrt(float(sumsq)) + 1e-12)))
+
+
+def clip_value(g, value):
+    """Clip every element of g in place to [-value, value] (clipping by value, value > 0
+    rounded to g's dtype); NaN stays NaN so a diverging run is still seen."""
+    v = g.dtype.type(value)
+    np.copyto(g, np.where(g > v, v, np.where(g < -v, -v, g)))

@@ -415,6 +415,26 @@ def test_sum_squares_and_clip_scale(be, dtype, n):
     assert np.array_equal(e, a)  # the larger bound leaves g alone
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 1000, 100_003])
+def test_clip_value(be, dtype, n):
+    a = _data((n,), dtype, 32, 2.0)
+    a[0] = np.nan  # stays NaN: clipping must not hide a diverging run
+    for value in (0.1, 1.0, 1e9):
+        e, d = a.copy(), be.asarray(a)
+        ref.clip_value(e, value)
+        assert be.k.clip_value(d, value) is None
+        # exact: a comparison and a copy of either g or the bound rounded to g's dtype
+        np.testing.assert_array_equal(be.to_host(d), e, err_msg=f"clip_value {value}")
+    assert np.isnan(e[0]) and np.array_equal(e[1:], a[1:])  # 1e9 leaves the rest alone
+
+
+def test_clip_value_by_hand(be):
+    g = be.asarray(np.array([[-3.0, -0.5, 0.0], [0.25, 2.0, np.inf]], np.float32))
+    be.k.clip_value(g, 0.5)
+    np.testing.assert_array_equal(be.to_host(g), [[-0.5, -0.5, 0.0], [0.25, 0.5, 0.5]])
+
+
 # ================================================================ dropout
 # Random123's published known-answer vectors for Philox4x32-10: (counter, key, output).
 PHILOX_KAT = [

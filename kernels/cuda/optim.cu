@@ -1,8 +1,8 @@
 // Fused in-place optimizer updates: one elementwise pass over the parameters,
 // weight decay folded in (g_eff = g + l2*w + l1*sign(w)); and gradient clipping
-// by global norm (sum of squares, then a scale), all graph-replayable.
+// by global norm (sum of squares, then a scale) or by value, all graph-replayable.
 // Contract: kernels/reference.py (sgd_step, momentum_step, adagrad_step, rmsprop_step, adam_step,
-// sum_squares, clip_scale).
+// sum_squares, clip_scale, clip_value).
 #include "device_common.h"
 
 template <typename T>
@@ -181,3 +181,15 @@ extern "C" __global__ void clip_scale_f64(double* __restrict__ g, const double* 
                                           double max_norm) {
     clip_scale_impl(g, sumsq, n, max_norm);
 }
+
+// g = clamp(g, -v, v) elementwise; written with comparisons (not fmin/fmax) so NaN stays NaN.
+template <typename T>
+__device__ void clip_value_impl(T* __restrict__ g, long long n, T v) {
+    GRID_STRIDE(i, n) {
+        const T gi = g[i];
+        g[i] = gi > v ? v : (gi < -v ? -v : gi);
+    }
+}
+
+extern "C" __global__ void clip_value_f32(float* __restrict__ g, long long n, float v) { clip_value_impl(g, n, v); }
+extern "C" __global__ void clip_value_f64(double* __restrict__ g, long long n, double v) { clip_value_impl(g, n, v); }
