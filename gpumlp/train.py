@@ -329,7 +329,9 @@ class _Step:
         -> (mean loss, accuracy), read from the device once at the end."""
         be, xp, n, B = self.model.be, self.model.be.xp, self.n, self.B
         steps = -(-n // B)
-        with be.stream():
+        stream = be.stream()
+        be.wait_for_uploads(stream)
+        with stream:
             if self.shuffle:
                 be.k.permutation(st.seed ^ _SHUFFLE_SALT, n, st.epoch, out=self.order)
             order, labels = self.order, be.k.gather_rows(yd, self.order, out=self.y_order)
