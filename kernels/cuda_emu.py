@@ -574,7 +574,11 @@ def _upload(data: np.ndarray, what: str) -> ndarray:
     """A new device array filled from (a staged copy of) host data by an asynchronous copy on the
     current stream; until the copy runs, deferred mode shows garbage there."""
     _no_capture(what)
-    dev = _poison(np.empty_like(data)) if _DEFERRED else data
+    if not _DEFERRED:  # the copy runs now: the staged host copy becomes the device buffer
+        out = ndarray._of(data)
+        _enqueue(what, lambda: None, writes=[data])
+        return out
+    dev = _poison(np.empty_like(data))
     out = ndarray._of(dev)
     _enqueue(what, lambda: np.copyto(dev, data), writes=[dev])
     return out
@@ -610,7 +614,7 @@ def ascontiguousarray(a: Any, dtype: Any = None) -> ndarray:
 
 def asnumpy(a: Any, stream: Any = None) -> np.ndarray:
     """Device array -> host NumPy array (host input passes through)."""
-    return a.get(stream) if isinstance(a, ndarray) else np.asarray(a)
+    return a.get() if isinstance(a, ndarray) else np.asarray(a)
 
 
 def _poison(a: np.ndarray) -> np.ndarray:
