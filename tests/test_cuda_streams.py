@@ -65,6 +65,11 @@ def test_host_read_without_sync_is_a_race(axpy):
             read()
     assert y.get(stream=s)[3] == 7  # a read on the writer's stream waits for it
     assert float(y[3]) == 7  # and the host has now waited for s
+    with s:
+        _launch(axpy, x, y)
+        done = s.record()
+    done.synchronize()  # so does waiting for an event recorded after the write
+    assert y.get()[3] == 13
 
 
 def test_graph_replayed_on_a_stream_that_does_not_wait_for_its_inputs(axpy):
@@ -159,23 +164,25 @@ UNORDERED = f"""
 """
 
 
+def _deferred(script: str, seeds: range, racecheck: str = "0") -> list[str]:
+    outs = []
+    for seed in seeds:
+        env = {"GPUMLP_EMU_SCHEDULE": f"deferred:{seed}", "GPUMLP_EMU_RACECHECK": racecheck}
+        proc = _run(script, **env)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(proc.stdout.strip())
+    return outs
+
+
 def test_deferred_schedule_turns_a_missing_wait_into_wrong_numbers():
     """With the checker off, the unordered upload shows as garbage (NaN) for some seeds; with the
-    event wait every seed gives 2."""
-    results = {}
-    for wait in ("", "s.wait_event(cuda_emu.cuda.Stream.null.record())"):
-        outs = []
-        for seed in range(6):
-            proc = _run(
-                UNORDERED.replace("WAIT", wait),
-                GPUMLP_EMU_SCHEDULE=f"deferred:{seed}",
-                GPUMLP_EMU_RACECHECK="0",
-            )
-            assert proc.returncode == 0, proc.stderr
-            outs.append(proc.stdout.strip())
-        results[bool(wait)] = outs
-    assert set(results[True]) == {"2.0"}
-    assert "nan" in results[False] and "2.0" in results[False], results  # the order is the seed's
+    event wait, or on a blocking stream (ordered after the null stream's work), every seed gives 2."""
+    unordered = _deferred(UNORDERED.replace("WAIT", ""), range(6))
+    assert "nan" in unordered and "2.0" in unordered, unordered  # the order is the seed's
+    waits = UNORDERED.replace("WAIT", "s.wait_event(cuda_emu.cuda.Stream.null.record())")
+    assert set(_deferred(waits, range(3))) == {"2.0"}
+    blocking = UNORDERED.replace("non_blocking=True", "").replace("WAIT", "")
+    assert set(_deferred(blocking, range(3), racecheck="1")) == {"2.0"}
 
 
 def test_racecheck_is_on_by_default_and_off_with_the_variable():
