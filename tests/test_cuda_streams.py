@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from gpumlp.kernels import cuda_emu
+from gpumlp.kernels import cuda_emu, cuda_host
 
 AXPY = r"""
 extern "C" __global__ void axpy(const float* __restrict__ x, float* __restrict__ y, float a, int n) {
@@ -130,6 +130,10 @@ def test_disjoint_slices_on_two_streams_are_not_a_race(axpy):
 
 
 def test_concurrent_reads_of_a_const_input_are_not_a_race(axpy):
+    other = 'extern "C" __global__ void f(float const* a, float* const b) {}'
+    params = cuda_host.parse_kernels(AXPY + other)
+    assert [p.const for p in params["axpy"]] == [True, False, False, False]
+    assert [p.const for p in params["f"]] == [True, False]  # b: a const pointer to writable floats
     x, y = _synced_pair()
     z = cuda_emu.ones(16, dtype=np.float32)
     cuda.Device().synchronize()
