@@ -36,6 +36,9 @@ turns it off). ``GPUMLP_EMU_SCHEDULE=deferred[:seed]`` queues the work per
 stream and runs it only when something forces it (a synchronisation, a host
 read, an array operation whose result the host needs), interleaving the
 streams in a seeded random order, so an ordering bug also gives wrong numbers.
+Argument errors still raise at the launch; errors while a kernel runs (a launch
+configuration it refuses, a deadlock) then surface when its work runs, as CUDA
+reports them asynchronously.
 """
 
 from __future__ import annotations
