@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gpumlp import checkpoint
-from gpumlp.backend import get_backend
+from gpumlp.backend import BackendUnavailable, get_backend
 from gpumlp.model import MLP
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,13 +50,18 @@ def test_resumed_weights_are_ordered_before_the_next_epoch(tmp_path):
     assert h_resumed["loss"] == h["loss"]
 
 
-def test_graph_replays_run_on_the_stream_that_orders_their_inputs():
+@pytest.mark.parametrize("name", ["cuda-emu", pytest.param("cupy", marks=pytest.mark.gpu)])
+def test_graph_replays_run_on_the_stream_that_orders_their_inputs(name):
     """With a constant learning rate one capture serves every epoch: its replays must run on the
     stream that copies each step's indices, labels and step number into the graph's buffers."""
+    try:
+        be = get_backend(name)
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
     X, y = _data()
     results = {}
     for graphs in (False, True):
-        model = MLP("16-8-3", backend="cuda-emu", seed=2)
+        model = MLP("16-8-3", backend=be, seed=2)
         results[graphs] = (model.fit(X, y, **FIT, cuda_graphs=graphs)["loss"], model.state_arrays())
     np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-6)
     for key, eager in results[False][1].items():  # replays use gemm.cu, eager steps BLAS: rounding only
