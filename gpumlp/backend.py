@@ -35,8 +35,9 @@ class Backend:
 
     ``xp`` is the NumPy-compatible array module (numpy, cupy, or the emulated
     device's), ``k`` the kernel module with the reference contract. Devices
-    with CUDA graphs also give ``stream()`` (a context making a fresh stream
-    current) and ``capture(fn)``: record the launches of ``fn()`` on the
+    with CUDA graphs also give ``stream()`` (a new non-blocking stream, a context
+    manager making it current; ``wait_for_uploads`` orders it after the default
+    stream's work) and ``capture(fn)``: record the launches of ``fn()`` on the
     current stream into a graph, without running them, and return ``replay()``."""
 
     name: str
@@ -58,6 +59,15 @@ class Backend:
                 f"matmul precision {precision!r} needs a CUDA backend (cupy, or cuda-emu to emulate it); "
                 f"backend {self.name!r} computes exact float32 GEMMs"
             )
+
+    def wait_for_uploads(self, stream) -> None:
+        """Make ``stream`` (made by ``stream()``) wait for the work issued so far on the current
+        stream (uploads, fills, loaded weights), through an event recorded there; a no-op without
+        CUDA streams. CUDA orders nothing between a non-blocking stream and the default one."""
+        if hasattr(stream, "wait_event"):
+            event = self.xp.cuda.Event(disable_timing=True)
+            event.record(self.xp.cuda.get_current_stream())
+            stream.wait_event(event)
 
     def asarray(self, a, dtype=None):
         """Host (or device) array -> C-contiguous device array of ``dtype``."""

@@ -286,7 +286,8 @@ class _Step:
     each learning rate runs eagerly and is then captured; every later one
     copies its indices|labels row and its step number into fixed device buffers
     (two device-to-device copies) and replays the graph: gather, forward, loss,
-    backward, clipping and update in one launch."""
+    backward, clipping and update in one launch. Every epoch runs on the step's
+    one stream, which first waits for what the default stream uploaded."""
 
     def __init__(self, model, opt, opt_state: list, batch: int, n: int, reduction: str, clip):
         self.model, self.opt, self.opt_state, self.clip = model, opt, opt_state, clip
@@ -302,6 +303,9 @@ class _Step:
         self.loss_sum, self.correct = xp.zeros((), dtype=dt), xp.zeros((), dtype=np.int64)
         self.sumsq = xp.zeros((), dtype=dt)  # clipping's squared gradient norm
         self.clip_value, self.grad_norms = None, None  # set by fit: clipping by value, a GradNorms
+        # One stream for every epoch: graph replays launch on the stream they were captured on, and
+        # CuPy's memory pool keeps freed blocks per stream (a stream per epoch would strand them).
+        self.stream = model.be.stream()
         self.configure(True, Augment(), False)
 
     def configure(self, shuffle: bool, augment: Augment, graphs: bool) -> None:
@@ -378,7 +382,8 @@ class _Step:
         -> (mean loss, accuracy), read from the device once at the end."""
         be, xp, n, B = self.model.be, self.model.be.xp, self.n, self.B
         steps = -(-n // B)
-        with be.stream():
+        be.wait_for_uploads(self.stream)
+        with self.stream:
             if self.shuffle:
                 be.k.permutation(st.seed ^ _SHUFFLE_SALT, n, st.epoch, out=self.order)
             order, labels = self.order, be.k.gather_rows(yd, self.order, out=self.y_order)

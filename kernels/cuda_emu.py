@@ -10,23 +10,49 @@ with the same host-array check. ``empty``/``empty_like`` fill floats with NaN
 so code that reads uninitialised device memory shows it.
 
 :class:`RawModule` compiles the CUDA source with ``cuda_host`` (g++ + the host
-emulation header) and its kernels run on the CPU, synchronously. ``cuda``
-offers ``runtime.getDeviceCount``, ``Device().synchronize()``, ``Stream``,
-``Event`` and graph capture (``Stream.begin_capture``/``end_capture`` record
-RawModule launches; ``Graph.launch`` replays them). While the current stream
-captures, any other device work (arithmetic, copies, fills, allocation,
-fancy indexing, reads to the host) raises :class:`CaptureError`: the emulator
-could only run it at capture time, never at replay, which would hide exactly
-the bug a graph test is for. Views (basic slicing, reshape of contiguous data)
-stay allowed. For correctness, not speed.
+emulation header) and its kernels run on the CPU. ``cuda`` offers
+``runtime.getDeviceCount``, ``Device().synchronize()``, ``Stream``, ``Event``
+and graph capture (``Stream.begin_capture``/``end_capture`` record RawModule
+launches; ``Graph.launch(stream)`` replays them on that stream). While the
+current stream captures, any other device work (arithmetic, copies, fills,
+allocation, fancy indexing, reads to the host) raises :class:`CaptureError`:
+the emulator could only run it at capture time, never at replay, which would
+hide exactly the bug a graph test is for. Views (basic slicing, reshape of
+contiguous data) stay allowed. For correctness, not speed.
+
+Streams follow CUDA's rules. Every device operation (kernel launch, array
+arithmetic and fills, ``asarray``/``set`` host-to-device copies, ``get`` and
+the other host reads, device-to-device copies, graph replays) belongs to the
+stream current when it is issued (or the one it is given). Work is FIFO within
+a stream; the legacy null stream waits for, and is waited for by, *blocking*
+streams but not ``non_blocking=True`` ones; ``Event.record`` /
+``Stream.wait_event``, ``Stream``/``Event``/``Device.synchronize`` and host
+reads (``get`` waits for its stream) order the rest; host-to-device copies
+complete asynchronously. A happens-before checker (vector clocks per stream,
+as ThreadSanitizer keeps per thread) logs the last writer and readers of every
+byte range of every allocation and raises :class:`StreamRaceError` when an
+access is not ordered after a conflicting one (``GPUMLP_EMU_RACECHECK=0``
+turns it off). ``GPUMLP_EMU_SCHEDULE=deferred[:seed]`` queues the work per
+stream and runs it only when something forces it (a synchronisation, a host
+read, an array operation whose result the host needs), interleaving the
+streams in a seeded random order, so an ordering bug also gives wrong numbers.
+Argument errors still raise at the launch; errors while a kernel runs (a launch
+configuration it refuses, a deadlock) then surface when its work runs, as CUDA
+reports them asynchronously.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
+import sys
+import threading
 import time
 import types
 import weakref
+from collections import deque
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,14 +69,32 @@ class CaptureError(RuntimeError):
     """Device work other than a RawModule launch while the current stream captures a graph."""
 
 
+class StreamRaceError(RuntimeError):
+    """Two accesses to the same device memory, at least one a write, that no stream order,
+    event, synchronisation or implicit null-stream ordering puts one after the other."""
+
+
 def _no_capture(what: str) -> None:
     """Raise CaptureError if the current stream is capturing a CUDA graph."""
-    if _get_current_stream()._capture is not None:
+    if _current_stream()._capture is not None:
         raise CaptureError(
             f"emulated device: {what} while the current stream captures a CUDA graph; the emulator "
             "records only RawModule kernel launches, so this would run once now and never at replay. "
             "Do it before capturing, or as a kernel."
         )
+
+
+def _schedule() -> tuple[bool, random.Random]:
+    """``$GPUMLP_EMU_SCHEDULE``: ``eager`` (default: work runs when issued) or ``deferred[:seed]``."""
+    text = os.environ.get("GPUMLP_EMU_SCHEDULE", "eager").strip().lower()
+    kind, _, seed = text.partition(":")
+    if kind not in ("eager", "deferred") or (seed and (kind == "eager" or not seed.isdigit())):
+        raise ValueError(f"GPUMLP_EMU_SCHEDULE={text!r}: expected eager, deferred or deferred:SEED (an int)")
+    return kind == "deferred", random.Random(int(seed or 0))
+
+
+_DEFERRED, _RNG = _schedule()
+_RACECHECK = os.environ.get("GPUMLP_EMU_RACECHECK", "1").strip() != "0"
 
 
 class _OutOfMemoryError(MemoryError):
@@ -70,8 +114,9 @@ def _memory_limit() -> int:
 _MEMORY = {"limit": _memory_limit(), "used": 0}
 
 
-def _release(nbytes: int) -> None:
+def _release(nbytes: int, key: int) -> None:
     _MEMORY["used"] -= nbytes
+    _SHADOWS.pop(key, None)
 
 
 def _allocated(a: np.ndarray) -> np.ndarray:
@@ -83,10 +128,206 @@ def _allocated(a: np.ndarray) -> np.ndarray:
                 f"device memory {_MEMORY['limit']:,} bytes; set GPUMLP_EMU_MEMORY to change it)."
             )
         _MEMORY["used"] += a.nbytes
-        weakref.finalize(a, _release, a.nbytes)
+        if _RACECHECK:
+            _SHADOWS[id(a)] = _Shadow(a, _caller())
+        weakref.finalize(a, _release, a.nbytes, id(a))
     return a
 
 
+# --------------------------------------------- stream order and the race checker
+_HOST: dict[int, int] = {}  # stream id -> its last op the host waited for (synchronize, get)
+_SEQ = [0, 0]  # [ops issued so far, ops issued before the last Device.synchronize]
+_BLOCKING: list[_Stream] = []  # streams the legacy null stream synchronises with
+_PENDING: dict[int, _Stream] = {}  # deferred mode: streams with queued work, by id
+_LOCAL = threading.local()  # the current-stream stack, per host thread as in CUDA
+_SKIP_MODULES = (__name__, __package__ or __name__, "numpy", "gpumlp.backend")  # the wrappers, not the caller
+
+
+def _caller() -> str:
+    """Where the device work was asked for: the first frame outside the emulator, the
+    kernel wrappers and NumPy (``gpumlp/train.py:210 (fit)``)."""
+    f = sys._getframe(2)
+    while f is not None and str(f.f_globals.get("__name__", "")).startswith(_SKIP_MODULES):
+        f = f.f_back
+    if f is None:
+        return "an unknown place"
+    path = Path(f.f_code.co_filename)
+    return f"{path.parent.name}/{path.name}:{f.f_lineno} ({f.f_code.co_name})"
+
+
+class _Shadow:
+    """The race checker's log of one allocation: recent accesses as
+    (lo, hi, write, stream, clock, seq, op) over its bytes [lo, hi)."""
+
+    __slots__ = ("what", "nbytes", "log")
+
+    def __init__(self, a: np.ndarray, where: str) -> None:
+        self.what = f"a {a.dtype} {a.shape} device buffer allocated at {where}"
+        self.nbytes, self.log = a.nbytes, []
+
+
+_SHADOWS: dict[int, _Shadow] = {}
+
+
+def _span(a: np.ndarray) -> tuple[_Shadow, int, int]:
+    """The allocation a buffer (or view) lives in, and the bytes [lo, hi) it spans there."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    shadow = _SHADOWS.get(id(root))
+    if shadow is None:  # memory NumPy made without passing through _allocated
+        shadow = _SHADOWS[id(root)] = _Shadow(root, "an unknown place")
+        weakref.finalize(root, _SHADOWS.pop, id(root), None)
+    lo, hi = np.lib.array_utils.byte_bounds(a)
+    start = np.lib.array_utils.byte_bounds(root)[0]
+    return shadow, lo - start, hi - start
+
+
+def _join(clock: dict[int, int], other: dict[int, int]) -> None:
+    for sid, c in other.items():
+        if clock.get(sid, -1) < c:
+            clock[sid] = c
+
+
+def _tick(s: _Stream) -> tuple[int, int]:
+    """Issue one op on ``s`` -> (its clock on ``s``, its global sequence number). The legacy null
+    stream first joins every blocking stream, and a blocking stream the null stream."""
+    if s._id == 0:
+        for b in _BLOCKING:
+            _join(s._vc, b._vc)
+    elif s._blocking:
+        _join(s._vc, _NULL._vc)
+    s._vc[s._id] += 1
+    _SEQ[0] += 1
+    return s._vc[s._id], _SEQ[0]
+
+
+def _ordered(s: _Stream, rec: tuple) -> bool:
+    """Is the logged access ``rec`` ordered before the op ``s`` issues now?"""
+    sid, clock = rec[3]._id, rec[4]
+    return sid == s._id or rec[5] <= _SEQ[1] or s._vc.get(sid, 0) >= clock or _HOST.get(sid, 0) >= clock
+
+
+def _race(shadow: _Shadow, span: tuple[int, int], op: str, write: bool, s: _Stream, rec: tuple) -> str:
+    lo, hi = max(span[0], rec[0]), min(span[1], rec[1])
+    part = "" if (lo, hi) == (0, shadow.nbytes) else f" (bytes {lo}..{hi})"
+    return (
+        f"{op} {'writes' if write else 'reads'} {shadow.what}{part} on {s._name}, but {rec[6]} "
+        f"{'wrote' if rec[2] else 'read'} it on {rec[3]._name} and nothing orders the two: record an "
+        "Event on the first stream and wait_event it on the second, or synchronize"
+    )
+
+
+def _touch(s: _Stream, op: str, a: np.ndarray, write: bool, stamp: tuple[int, int]) -> None:
+    """Check one access against the allocation's log, then log it."""
+    if not a.nbytes:
+        return
+    shadow, lo, hi = _span(a)
+    keep = []
+    for rec in shadow.log:
+        if rec[1] <= lo or hi <= rec[0]:
+            keep.append(rec)
+            continue
+        if (write or rec[2]) and not _ordered(s, rec):
+            raise StreamRaceError(_race(shadow, (lo, hi), op, write, s, rec))
+        if lo <= rec[0] and rec[1] <= hi and (write or (rec[3] is s and not rec[2])):
+            continue  # superseded: whatever is ordered after this access is ordered after that one
+        keep.append(rec)
+    keep.append((lo, hi, write, s, *stamp, op))
+    if len(keep) > 32:  # drop what every later op is ordered after anyway
+        keep = [r for r in keep if r[5] > _SEQ[1] and _HOST.get(r[3]._id, 0) < r[4]]
+    shadow.log = keep
+
+
+def _access(s: _Stream, op: str, reads: Any = (), writes: Any = ()) -> tuple[int, int]:
+    """Issue an op on stream ``s`` that reads and writes these buffers: check and log it."""
+    stamp = _tick(s)
+    if _RACECHECK:
+        for a in reads:
+            _touch(s, op, a, False, stamp)
+        for a in writes:
+            _touch(s, op, a, True, stamp)
+    return stamp
+
+
+def _submit(s: _Stream, fn: Any, force: bool = False) -> None:
+    """Run ``fn`` as the next work of ``s``: now, or (deferred) queued until something forces it."""
+    if not _DEFERRED:
+        fn()
+        return
+    deps: list = []
+    if s._id == 0:
+        deps = [(b, b._issued) for b in _BLOCKING if b._issued > b._done]
+    elif s._blocking and _NULL._issued > _NULL._done:
+        deps = [(_NULL, _NULL._issued)]
+    s._queue.append((deps, fn))
+    s._issued += 1
+    _PENDING[s._id] = s
+    if force:
+        _drain(s)
+
+
+def _drain(s: _Stream | None = None, upto: int | None = None) -> None:
+    """Deferred mode: run queued work, one item of a seeded random runnable stream at a time,
+    until ``s`` has run its first ``upto`` items (all it has; every stream's when ``s`` is None).
+    The oldest queued item is always runnable: what it waits for was issued before it."""
+    while _PENDING and (s is None or s._done < (s._issued if upto is None else upto)):
+        ready = [t for t in _PENDING.values() if all(d._done >= n for d, n in t._queue[0][0])]
+        t = ready[_RNG.randrange(len(ready))]
+        _, fn = t._queue.popleft()
+        t._done += 1
+        if not t._queue:
+            del _PENDING[t._id]
+        fn()
+
+
+def _enqueue(what: str, fn: Any, reads: Any = (), writes: Any = ()) -> None:
+    """Device work on the current stream whose result the host does not need now."""
+    _no_capture(what)
+    s = _current_stream()
+    _access(s, what, reads, writes)
+    _submit(s, fn)
+
+
+def _compute(what: str, fn: Any, reads: Any = (), writes: Any = ()) -> Any:
+    """An array operation on the current stream whose result the host needs now (its shape):
+    checked, run in stream order, and its freshly allocated results logged as written by it."""
+    _no_capture(what)
+    s = _current_stream()
+    stamp = _access(s, what, reads, writes)
+    box: list = []
+    _submit(s, lambda: box.append(fn()), force=True)
+    if _RACECHECK:
+        inputs = [_span(a)[0] for a in (*reads, *writes) if a.nbytes]
+        for r in box[0] if isinstance(box[0], tuple) else (box[0],):
+            if isinstance(r, np.ndarray) and r.nbytes and _span(r)[0] not in inputs:
+                _touch(s, what, r, True, stamp)
+    return box[0]
+
+
+def _host_read(a: ndarray, what: str, stream: Any = None) -> np.ndarray:
+    """A device-to-host read of ``a`` on ``stream`` (default: the current one), which the host
+    then waits for, as CuPy's blocking ``get`` does -> the buffer, ready to read."""
+    _no_capture(what)
+    s = stream or _current_stream()
+    _access(s, what, reads=(a._a,))
+    _drain(s)
+    _join(_HOST, s._vc)
+    return a._a
+
+
+def _buffers(x: Any) -> list[np.ndarray]:
+    """The device buffers in (already unwrapped) arguments, looking into lists, tuples and dicts."""
+    if isinstance(x, np.ndarray):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [b for v in x for b in _buffers(v)]
+    if isinstance(x, dict):
+        return _buffers(list(x.values()))
+    return []
+
+
+# ------------------------------------------------------------------- arrays
 def _unwrap(x: Any) -> Any:
     """Device arrays -> their NumPy buffers (recursing into lists/tuples); host arrays -> TypeError."""
     if isinstance(x, ndarray):
@@ -109,22 +350,30 @@ def _wrap(x: Any) -> Any:
     return x
 
 
-def _device_fn(fn: Any, name: str) -> Any:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if name not in _VIEWS:
-            _no_capture(f"{name}()")
-        return _wrap(fn(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
-
-    call.__name__ = call.__qualname__ = name
-    call.__doc__ = f"Emulated cupy.{name}: numpy.{name} on device arrays."
-    return call
-
-
 _VIEWS = frozenset("ravel reshape squeeze swapaxes transpose view".split())  # no device work (views)
 _METHODS = frozenset(
     "all any argmax argmin astype clip copy cumsum diagonal dot fill flatten max mean min nonzero prod "
     "ravel repeat reshape round sort argsort squeeze std sum swapaxes take trace transpose var view".split()
 )
+_IN_PLACE = frozenset("fill sort copyto place put putmask".split())  # write their first array
+
+
+def _device_fn(fn: Any, name: str, this: np.ndarray | None = None) -> Any:
+    """``fn`` (a NumPy function, or a method of the buffer ``this``) as a device operation."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _unwrap(args), {k: _unwrap(v) for k, v in kwargs.items()}
+        if name in _VIEWS:
+            return _wrap(fn(*args, **kwargs))
+        bufs = ([] if this is None else [this]) + _buffers((args, kwargs))
+        writes = _buffers(kwargs.get("out"))
+        if name in _IN_PLACE and bufs:
+            writes.append(bufs[0])
+        return _wrap(_compute(f"{name}()", lambda: fn(*args, **kwargs), bufs, writes))
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"Emulated cupy.{name}: numpy.{name} on device arrays."
+    return call
 
 
 class ndarray:  # noqa: N801 -- CuPy's name
@@ -160,31 +409,31 @@ class ndarray:  # noqa: N801 -- CuPy's name
         return _Device(0)
 
     def get(self, stream: Any = None, order: str = "C", out: np.ndarray | None = None) -> np.ndarray:
-        """Copy to the host as a NumPy array."""
-        _no_capture("a device-to-host copy (get)")
+        """Copy to the host as a NumPy array (on ``stream`` or the current one, then waiting for it)."""
+        a = _host_read(self, "get (a device-to-host copy)", stream)
         if out is not None:
-            out[...] = self._a
+            out[...] = a
             return out
-        return np.array(self._a, order=order, copy=True)
+        return np.array(a, order=order, copy=True)
 
     def set(self, arr: np.ndarray, stream: Any = None) -> None:
-        """Copy a host array into this device array."""
+        """Copy a host array into this device array (asynchronously, on ``stream`` or the current one)."""
         _no_capture("a host-to-device copy (set)")
-        self._a[...] = arr
+        s, src, a = stream or _current_stream(), np.array(arr, copy=True), self._a  # src: the staged copy
+        _access(s, "set (a host-to-device copy)", writes=(a,))
+        _submit(s, lambda: a.__setitem__(Ellipsis, src))
 
     def item(self) -> Any:
         """The single element as a Python scalar."""
-        _no_capture("reading a device value on the host")
-        return self._a.item()
+        return _host_read(self, "item (a device-to-host read)").item()
 
     def tolist(self) -> Any:
         """Copy to the host as nested lists."""
-        _no_capture("a device-to-host copy (tolist)")
-        return self._a.tolist()
+        return _host_read(self, "tolist (a device-to-host copy)").tolist()
 
     def __getattr__(self, name: str) -> Any:
         if name in _METHODS:
-            return _device_fn(getattr(self._a, name), name)
+            return _device_fn(getattr(self._a, name), name, self._a)
         raise AttributeError(f"emulated cupy.ndarray has no attribute {name!r}")
 
     # -- NumPy interop: like CuPy, no implicit host conversion
@@ -192,59 +441,76 @@ class ndarray:  # noqa: N801 -- CuPy's name
         raise TypeError(_IMPLICIT)
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
-        _no_capture(f"numpy.{ufunc.__name__}")
         out = kwargs.get("out")
         if out is not None:
             kwargs["out"] = _unwrap(out)
-        res = getattr(ufunc, method)(*_unwrap(inputs), **kwargs)
+        ins = _unwrap(inputs)
+        res = _compute(
+            f"numpy.{ufunc.__name__}",
+            lambda: getattr(ufunc, method)(*ins, **kwargs),
+            _buffers(ins),
+            _buffers(kwargs.get("out")),
+        )
         if out is not None:
             outs = out if isinstance(out, tuple) else (out,)
             return outs[0] if len(outs) == 1 else outs
         return _wrap(res)
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
-        _no_capture(f"numpy.{func.__name__}")
-        return _wrap(func(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
+        return _device_fn(func, func.__name__)(*args, **kwargs)
 
     # -- indexing
     def __getitem__(self, key: Any) -> Any:
-        if not _basic_index(key):
-            _no_capture("advanced indexing")
-        return _wrap(self._a[_unwrap_index(key)])
+        if _basic_index(key):
+            return ndarray._of(self._a[_view_key(key)])
+        k = _unwrap_index(key)
+        return _wrap(_compute("advanced indexing", lambda: self._a[k], [self._a, *_buffers(k)]))
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        _no_capture("an assignment into a device array")
-        self._a[_unwrap_index(key)] = value._a if isinstance(value, ndarray) else value
+        k, a = _unwrap_index(key), self._a
+        target = a[_view_key(key)] if _basic_index(key) else a
+        if isinstance(value, ndarray):
+            src = value._a
+        elif isinstance(value, np.ndarray):
+            src = np.array(value, copy=True)  # the staged copy of host memory
+        else:
+            src = value
+        reads = _buffers(k) + ([src] if isinstance(value, ndarray) else [])
+        _enqueue("an assignment into a device array", lambda: a.__setitem__(k, src), reads, [target])
 
     def __len__(self) -> int:
         return len(self._a)
 
     def __iter__(self) -> Any:
-        return (ndarray._of(r) if isinstance(r, np.ndarray) else _wrap(r) for r in self._a)
+        return (self[i] for i in range(len(self)))
 
     def __repr__(self) -> str:
         return "emu_" + repr(self._a)
 
     def __bool__(self) -> bool:
-        _no_capture("reading a device value on the host")
-        return bool(self._a)
+        return bool(_host_read(self, "reading a device value on the host (bool)"))
 
     def __float__(self) -> float:
-        _no_capture("reading a device value on the host")
-        return float(self._a)
+        return float(_host_read(self, "reading a device value on the host (float)"))
 
     def __int__(self) -> int:
-        _no_capture("reading a device value on the host")
-        return int(self._a)
+        return int(_host_read(self, "reading a device value on the host (int)"))
 
     def __index__(self) -> int:
-        return self._a.__index__()
+        return _host_read(self, "reading a device value on the host (index)").__index__()
 
 
 def _basic_index(key: Any) -> bool:
     """True for ints, slices, None and Ellipsis (views, no device work)."""
     keys = key if isinstance(key, tuple) else (key,)
     return all(k is None or k is Ellipsis or isinstance(k, (int, np.integer, slice)) for k in keys)
+
+
+def _view_key(key: Any) -> tuple:
+    """A basic index that selects a view even where NumPy would return a scalar (``a[3]`` of a
+    1-d array is a 0-d device array viewing the element, as in CuPy)."""
+    keys = key if isinstance(key, tuple) else (key,)
+    return keys if any(k is Ellipsis for k in keys) else (*keys, Ellipsis)
 
 
 def _unwrap_index(key: Any) -> Any:
@@ -255,24 +521,23 @@ def _unwrap_index(key: Any) -> Any:
 
 def _unary(ufunc: Any) -> Any:
     def op(self: ndarray) -> Any:
-        _no_capture(f"the array operation {ufunc.__name__}")
-        return _wrap(ufunc(self._a))
+        return _wrap(_compute(f"numpy.{ufunc.__name__}", lambda: ufunc(self._a), [self._a]))
 
     return op
 
 
 def _binary(ufunc: Any, reflected: bool = False, inplace: bool = False) -> Any:
     def op(self: ndarray, other: Any) -> Any:
-        _no_capture(f"the array operation {ufunc.__name__}")
         if isinstance(other, np.ndarray):
             raise TypeError(
                 f"Unsupported type {type(other)}: a host numpy.ndarray reached the emulated device"
             )
-        o = other._a if isinstance(other, ndarray) else other
+        a, o = self._a, other._a if isinstance(other, ndarray) else other
+        what, reads = f"numpy.{ufunc.__name__}", [a, *_buffers(o)]
         if inplace:
-            ufunc(self._a, o, out=self._a)
+            _enqueue(what, lambda: ufunc(a, o, out=a), reads, [a])
             return self
-        return _wrap(ufunc(o, self._a) if reflected else ufunc(self._a, o))
+        return _wrap(_compute(what, lambda: ufunc(o, a) if reflected else ufunc(a, o), reads))
 
     return op
 
@@ -308,21 +573,37 @@ ndarray.__hash__ = None  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------ creation
+def _upload(data: np.ndarray, what: str) -> ndarray:
+    """A new device array filled from (a staged copy of) host data by an asynchronous copy on the
+    current stream; until the copy runs, deferred mode shows garbage there."""
+    _no_capture(what)
+    if not _DEFERRED:  # the copy runs now: the staged host copy becomes the device buffer
+        out = ndarray._of(data)
+        _enqueue(what, lambda: None, writes=[data])
+        return out
+    dev = _poison(np.empty_like(data))
+    out = ndarray._of(dev)
+    _enqueue(what, lambda: np.copyto(dev, data), writes=[dev])
+    return out
+
+
 def asarray(a: Any, dtype: Any = None, order: Any = None) -> ndarray:
     """Host data or a device array -> device array (no copy when already one of ``dtype``)."""
     if isinstance(a, ndarray) and (dtype is None or a.dtype == np.dtype(dtype)):
         return a
-    _no_capture("asarray (a copy)")
     if isinstance(a, ndarray):
         return a.astype(dtype)
-    return ndarray._of(np.array(a, dtype=dtype, order=order or "K", copy=True))
+    return _upload(np.array(a, dtype=dtype, order=order or "K", copy=True), "asarray (a host-to-device copy)")
 
 
 def array(obj: Any, dtype: Any = None, copy: bool = True, order: str = "K", ndmin: int = 0) -> ndarray:
     """Copy host data or a device array to a new device array."""
-    _no_capture("array (a copy)")
-    src = obj._a if isinstance(obj, ndarray) else obj
-    return ndarray._of(np.array(src, dtype=dtype, copy=copy, order=order, ndmin=ndmin))
+    if not isinstance(obj, ndarray):
+        data = np.array(obj, dtype=dtype, copy=True, order=order, ndmin=ndmin)
+        return _upload(data, "array (a host-to-device copy)")
+    src = obj._a
+    fn = lambda: np.array(src, dtype=dtype, copy=copy, order=order, ndmin=ndmin)  # noqa: E731
+    return _wrap(_compute("array (a copy)", fn, [src]))
 
 
 def ascontiguousarray(a: Any, dtype: Any = None) -> ndarray:
@@ -330,8 +611,8 @@ def ascontiguousarray(a: Any, dtype: Any = None) -> ndarray:
     a = asarray(a, dtype=dtype)
     if a.flags.c_contiguous:
         return a
-    _no_capture("ascontiguousarray (a copy)")
-    return ndarray._of(np.ascontiguousarray(a._a))
+    src = a._a
+    return _wrap(_compute("ascontiguousarray (a copy)", lambda: np.ascontiguousarray(src), [src]))
 
 
 def asnumpy(a: Any, stream: Any = None) -> np.ndarray:
@@ -360,11 +641,14 @@ def empty_like(a: Any, dtype: Any = None, order: str = "K", shape: Any = None) -
 def matmul(a: Any, b: Any, out: ndarray | None = None, **kwargs: Any) -> ndarray:
     """``a @ b`` (cuBLAS on a GPU, BLAS here; float32 inputs rounded as the compute type says)."""
     _no_capture("matmul (cuBLAS refuses capture under CuPy, cupy#6290)")
-    a, b = (_tensor_core_inputs(x) for x in _unwrap((a, b)))
-    if out is None:
-        return _wrap(np.matmul(a, b, **kwargs))
-    np.matmul(a, b, out=out._a, **kwargs)
-    return out
+    a, b = _unwrap((a, b))
+    o = None if out is None else out._a
+
+    def gemm() -> np.ndarray:
+        return np.matmul(_tensor_core_inputs(a), _tensor_core_inputs(b), out=o, **kwargs)
+
+    res = _compute("matmul", gemm, [a, b], [] if o is None else [o])
+    return _wrap(res) if out is None else out
 
 
 # cuBLAS compute types, numbered as CuPy's cupy._core._routines_linalg.COMPUTE_TYPE_*
@@ -403,8 +687,6 @@ _core = types.SimpleNamespace(
 
 def get_array_module(*args: Any) -> Any:
     """This module when any argument is a device array, else numpy."""
-    import sys
-
     return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else np
 
 
@@ -428,6 +710,12 @@ _PROPERTIES = {
 }
 
 
+def _device_synchronize() -> None:
+    """Wait for all work on every stream."""
+    _drain()
+    _SEQ[1] = _SEQ[0]
+
+
 class _Device:
     """``cupy.cuda.Device``: the single emulated device."""
 
@@ -446,7 +734,8 @@ class _Device:
     }
 
     def synchronize(self) -> None:
-        """Launches run synchronously here: nothing to wait for."""
+        """Wait for all work on every stream."""
+        _device_synchronize()
 
     def use(self) -> None:
         """Make this the current device (it always is)."""
@@ -459,39 +748,68 @@ class _Device:
 
 
 class _Graph:
-    """A captured sequence of kernel launches; ``launch()`` replays them in order."""
+    """A captured sequence of kernel launches; ``launch(stream)`` replays them in order on ``stream``."""
 
     def __init__(self, launches: list) -> None:
         self._launches = launches
 
     def launch(self, stream: Any = None) -> None:
-        """Replay every recorded launch."""
+        """Replay every recorded launch on ``stream`` (default: the current one)."""
+        s = stream or _current_stream()
         for kernel, grid, block, values in self._launches:
-            kernel._replay(grid, block, values)
+            kernel._issue(s, grid, block, values, "graph replay of kernel")
 
 
 class _Stream:
-    """``cupy.cuda.Stream``: a context manager that can record launches into a :class:`_Graph`."""
+    """``cupy.cuda.Stream``: FIFO device work; current inside ``with`` or after ``use()``. It can
+    record its kernel launches into a :class:`_Graph` instead of running them."""
 
-    _stack: list[_Stream] = []
+    _ids = itertools.count(1)
 
     def __init__(self, null: bool = False, non_blocking: bool = False, ptds: bool = False) -> None:
+        if ptds:
+            raise NotImplementedError("the emulated device has no per-thread default stream")
         self._capture: list | None = None
+        self._id = 0 if null else next(_Stream._ids)
+        self._blocking = not (null or non_blocking)
+        self._vc = {self._id: 0}  # vector clock: per stream, its last op ordered before this one's next
+        self._queue: deque = deque()  # deferred mode: (what it waits for, work) items
+        self._issued = self._done = 0
+        kind = "blocking" if self._blocking else "non-blocking"
+        self._name = "the legacy null stream" if null else f"stream {self._id} ({kind})"
+        if self._blocking:
+            _BLOCKING.append(self)
 
     def __enter__(self) -> _Stream:
-        _Stream._stack.append(self)
+        _stream_stack().append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        _Stream._stack.pop()
+        _stream_stack().pop()
 
     def use(self) -> _Stream:
         """Make this the current stream (until another is entered)."""
-        _Stream._stack[:] = [self]
+        _stream_stack()[:] = [self]
         return self
 
     def synchronize(self) -> None:
-        """Nothing is ever pending."""
+        """Wait (on the host) for all work issued to this stream."""
+        _drain(self)
+        _join(_HOST, self._vc)
+
+    def record(self, event: _Event | None = None) -> _Event:
+        """Record ``event`` (a new one by default) at this point of the stream."""
+        event = event or _Event()
+        event.record(self)
+        return event
+
+    def wait_event(self, event: _Event) -> None:
+        """Make later work on this stream wait for the work before ``event``'s record."""
+        _join(self._vc, event._vc)
+        if _DEFERRED and event._at is not None:
+            self._queue.append(([event._at], lambda: None))
+            self._issued += 1
+            _PENDING[self._id] = self
 
     def begin_capture(self, mode: Any = None) -> None:
         """Start recording this stream's kernel launches instead of running them."""
@@ -511,26 +829,45 @@ class _Stream:
         return graph
 
 
-_Stream.null = _Stream(null=True)  # type: ignore[attr-defined]
+_NULL = _Stream.null = _Stream(null=True)  # type: ignore[attr-defined]
 
 
-def _get_current_stream() -> _Stream:
-    """The innermost entered stream, or the null stream."""
-    return _Stream._stack[-1] if _Stream._stack else _Stream.null  # type: ignore[attr-defined]
+def _stream_stack() -> list[_Stream]:
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    return stack
+
+
+def _current_stream() -> _Stream:
+    """The innermost entered stream of this thread, or the legacy null stream."""
+    stack = _stream_stack()
+    return stack[-1] if stack else _NULL
 
 
 class _Event:
-    """``cupy.cuda.Event`` timed with the host clock."""
+    """``cupy.cuda.Event``: a point in a stream that other streams and the host can wait for
+    (timed with the host clock)."""
 
     def __init__(self, block: bool = False, disable_timing: bool = False, interprocess: bool = False) -> None:
         self._t = 0.0
+        self._vc: dict[int, int] = {}  # what the stream had reached at the record
+        self._at: tuple[_Stream, int] | None = None  # deferred mode: (stream, items issued before it)
 
     def record(self, stream: Any = None) -> None:
-        """Timestamp now."""
-        self._t = time.perf_counter()
+        """Mark the current point of ``stream`` (default: the current stream)."""
+        s = stream or _current_stream()
+        if s._capture is not None:
+            raise CaptureError("emulated device: recording an event while the stream captures a CUDA graph")
+        _tick(s)  # ordered like work on s: after the null stream's earlier work when s is blocking
+        _submit(s, lambda: None)
+        self._vc, self._at, self._t = dict(s._vc), (s, s._issued), time.perf_counter()
 
     def synchronize(self) -> None:
-        """Nothing is ever pending."""
+        """Wait (on the host) for the work before the last record."""
+        if self._at is not None:
+            _drain(*self._at)
+        _join(_HOST, self._vc)
 
 
 def _elapsed_ms(start: _Event, end: _Event) -> float:
@@ -551,13 +888,13 @@ cuda = types.SimpleNamespace(
     Device=_Device,
     Stream=_Stream,
     Event=_Event,
-    get_current_stream=_get_current_stream,
+    get_current_stream=_current_stream,
     get_elapsed_time=_elapsed_ms,
     graph=types.SimpleNamespace(Graph=_Graph),
     runtime=types.SimpleNamespace(
         getDeviceCount=_device_count,
         getDeviceProperties=_properties,
-        deviceSynchronize=lambda: None,
+        deviceSynchronize=_device_synchronize,
         runtimeGetVersion=lambda: 13000,
     ),
 )
@@ -578,17 +915,23 @@ class RawKernel:
     def __call__(
         self, grid: Any, block: Any, args: tuple, *, shared_mem: int = 0, stream: Any = None
     ) -> None:
-        """Launch now, or record the launch when the current stream is capturing."""
-        s = stream or _get_current_stream()
+        """Launch on ``stream`` (default: the current one), or record the launch when it captures."""
+        s, args = stream or _current_stream(), tuple(args)
         if s._capture is not None:
-            self._k.convert(tuple(args))  # type errors surface at capture time, as with CuPy
-            s._capture.append((self, grid, block, tuple(args)))
+            self._k.convert(args)  # type errors surface at capture time, as with CuPy
+            s._capture.append((self, grid, block, args))
             return
-        self._k(grid, block, args, shared_mem=shared_mem)
+        self._issue(s, grid, block, args, "kernel", shared_mem)
 
-    def _replay(self, grid: Any, block: Any, args: tuple) -> None:
-        """Run a recorded launch."""
-        self._k(grid, block, args)
+    def _issue(self, s: _Stream, grid: Any, block: Any, args: tuple, how: str, shared_mem: int = 0) -> None:
+        """Launch on stream ``s``: pointers to const are read, every other pointer written."""
+        if _DEFERRED:
+            self._k.convert(args)  # argument errors at the launch, not when the work runs
+        bufs = zip(self._k.params, map(_buffer_of, args))
+        pointers = [(p, b) for p, b in bufs if p.pointer and b is not None]
+        reads = [b for p, b in pointers if p.const]
+        _access(s, f"{how} {self.name}", reads, [b for p, b in pointers if not p.const])
+        _submit(s, lambda: self._k(grid, block, args, shared_mem=shared_mem))
 
 
 class RawModule:

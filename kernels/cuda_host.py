@@ -57,11 +57,13 @@ _SCALARS["long long int"] = _SCALARS["long long"]
 
 @dataclass(frozen=True)
 class Param:
-    """One kernel parameter: C base type, pointer or not, name."""
+    """One kernel parameter: C base type, pointer or not, name; ``const``: a pointer to const
+    (the kernel only reads through it)."""
 
     name: str
     base: str
     pointer: bool
+    const: bool = False
 
     @property
     def dtype(self) -> np.dtype:
@@ -80,7 +82,8 @@ def _parse_param(kernel: str, text: str) -> Param:
     base = " ".join(t for t in toks[:-1] if t not in ("const", "*", "__restrict__", "volatile"))
     if pointer > 1 or base not in _SCALARS:
         raise ValueError(f"kernel {kernel}: cannot emulate parameter {text.strip()!r}")
-    return Param(name, base, bool(pointer))
+    const = bool(pointer) and "const" in toks[: toks.index("*")]
+    return Param(name, base, bool(pointer), const)
 
 
 def parse_kernels(code: str) -> dict[str, tuple[Param, ...]]:

@@ -146,6 +146,7 @@ def test_own_gemm_is_captured_in_a_graph(own):
         graph = stream.end_capture()
     assert not own.to_host(out).any()  # recorded, not run
     graph.launch(stream)
+    stream.synchronize()  # replayed on a non-blocking stream: wait for it before reading
     _check(own.to_host(out), a, b, False, True, np.float32)
 
 

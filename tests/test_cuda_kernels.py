@@ -341,6 +341,7 @@ def test_graph_capture_replays_launches(tiny):
         stream.end_capture()
     graph.launch(stream)
     graph.launch(stream)
+    stream.synchronize()  # the replays ran on a non-blocking stream: wait for it before reading
     np.testing.assert_array_equal(x.get(), np.full(8, 13, np.float32))  # x -> 3x+1, twice
     assert cuda_emu.cuda.runtime.getDeviceCount() == 1
     cuda_emu.cuda.Device().synchronize()
