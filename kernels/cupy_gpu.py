@@ -107,18 +107,10 @@ def compute_type_switch(xp: _Any) -> tuple[_Callable, _Callable, dict[str, int]]
     """CuPy's cuBLAS compute-type switch as ``(set_compute_type, get_compute_type, {precision: code})``
     for the precisions "float32", "tf32", "bf16"; None where this CuPy lacks it.
 
-    The one place that touches CuPy's private ``cupy._core._routines_linalg`` (CuPy 9-14). CuPy 14
-    exports the codes only through ``compute_type_to_str``; the emulated device names them."""
+    The one place that touches CuPy's private ``cupy._core._routines_linalg`` (CuPy 9-14)."""
     linalg = getattr(getattr(xp, "_core", None), "_routines_linalg", None)
     setter, getter = getattr(linalg, "set_compute_type", None), getattr(linalg, "get_compute_type", None)
-    to_str = getattr(linalg, "compute_type_to_str", None)
-    named = {}
-    for code in range(32) if to_str is not None else ():
-        try:
-            named[to_str(code)] = code
-        except Exception:  # past the last code (CuPy raises or returns garbage there)
-            break
-    codes = {p: getattr(linalg, name, named.get(name)) for p, name in _COMPUTE_TYPES.items()}
+    codes = {p: getattr(linalg, name, None) for p, name in _COMPUTE_TYPES.items()}
     if setter is None or getter is None or None in codes.values():
         return None
     return setter, getter, codes

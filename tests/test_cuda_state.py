@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +96,25 @@ def test_sum_squares_on_overlapping_streams_and_threads_gives_every_norm():
     assert later == pytest.approx(expected[0], rel=1e-9)
 
 
+def test_sum_squares_on_two_unordered_streams():
+    """Two non-blocking streams with no ordering between them, as two models' steps on a GPU:
+    each launch has its own workspace, so neither writes memory the other uses (the stream race
+    checker, where on, would name a shared one)."""
+    be = get_backend("cuda-emu")
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal(5000), rng.standard_normal(7000)]
+    ds = [be.asarray(x) for x in xs]
+    be.synchronize()  # the uploads are done before either stream reads them
+    streams = [be.xp.cuda.Stream(non_blocking=True) for _ in xs]
+    sums = []
+    for s, d in zip(streams, ds):
+        with s:
+            sums.append(be.k.sum_squares(d))
+    for s, got, x in zip(streams, sums, xs):
+        s.synchronize()
+        assert float(be.to_host(got)) == pytest.approx(float(np.sum(x * x)), rel=1e-12)
+
+
 def test_two_models_training_in_threads_match_training_alone():
     """Two models with clipping and Adam on one cuda-emu backend, in two threads at once, end
     with the weights each gets when trained alone."""
@@ -122,8 +142,8 @@ def test_two_models_training_in_threads_match_training_alone():
 
 
 def test_compute_type_switch_of_real_cupy_is_found():
-    """CuPy 14 exports its compute-type codes only through compute_type_to_str (no COMPUTE_TYPE_*
-    attributes): the switch must still resolve, or --precision tf32 would fail on a GPU."""
+    """The private names exist in the CuPy the tests run against, and their codes are the
+    compute types CuPy itself names DEFAULT / TF32 / BF16 (no GPU needed to look them up)."""
     cupy = pytest.importorskip("cupy", reason="real CuPy not installed")
     switch = compute_type_switch(cupy)
     assert switch is not None, f"CuPy {cupy.__version__}: no compute-type switch found"
@@ -155,3 +175,21 @@ def test_precision_without_cupys_private_switch_warns_once_and_stays_float32(mon
         assert np.abs(got - exact).max() / np.abs(exact).max() < 1e-6, gemm
     with pytest.raises(ValueError, match="matmul precision must be one of float32, tf32, bf16"):
         be.set_matmul_precision("fp8")
+
+
+def test_cuda_extras_accept_only_the_tested_cupy_major():
+    """cupy_gpu relies on CuPy's private compute-type switch, so the extras cap CuPy at the major
+    version tested (14.x); the CuPy these tests run against is inside the cap."""
+    tomllib = pytest.importorskip("tomllib")
+    requirements = pytest.importorskip("packaging.requirements")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    for extra in ("cuda12", "cuda13"):
+        [req] = [requirements.Requirement(r) for r in extras[extra] if r.startswith("cupy-")]
+        accepted = [v for v in ("13.6.0", "14.0.0", "14.2.0", "14.9.1", "15.0.0") if v in req.specifier]
+        assert accepted == ["14.0.0", "14.2.0", "14.9.1"], f"{extra}: {req}"
+        try:
+            import cupy
+        except ImportError:
+            continue
+        assert cupy.__version__ in req.specifier, f"tests run against CuPy {cupy.__version__}, {extra}: {req}"
