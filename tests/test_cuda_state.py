@@ -39,10 +39,12 @@ def test_capture_loads_every_kernel_before_capturing():
     a, b = rng.standard_normal((20, 30)).astype(np.float32), rng.standard_normal((30, 10)).astype(np.float32)
     da, db = be.asarray(a), be.asarray(b)
     out, sumsq = be.xp.zeros((20, 10), dtype=np.float32), be.xp.zeros((), dtype=np.float32)
+    be.synchronize()  # the uploads are done before the stream reads them
     with be.stream():
         replay = be.capture(lambda: (be.k.matmul(da, db, out=out), be.k.sum_squares(out, out=sumsq)))
         assert not be.to_host(out).any()  # recorded, not run
         replay()
+    be.synchronize()
     np.testing.assert_allclose(be.to_host(out), a @ b, rtol=1e-5, atol=1e-5)
     assert float(be.to_host(sumsq)) == pytest.approx(float(np.sum((a @ b) ** 2)), rel=1e-5)
 
@@ -52,6 +54,7 @@ def test_replay_launches_on_the_stream_current_at_replay(monkeypatch):
     on; the replay must be ordered with that stream's copies into the graph's inputs."""
     be = make_cuda_backend("cuda-emu")
     x = be.asarray(np.arange(6.0))
+    be.synchronize()  # the upload is done before the streams read it
     with be.stream() as captured_on:
         replay = be.capture(lambda: be.k.sgd_step(x, x, 0.5))
     launched_on = []
@@ -61,37 +64,54 @@ def test_replay_launches_on_the_stream_current_at_replay(monkeypatch):
     )
     with be.stream() as current:
         replay()
+    be.synchronize()
     assert launched_on == [current] and current is not captured_on
     np.testing.assert_array_equal(be.to_host(x), np.arange(6.0) / 2)
+
+
+def _in_threads(fn, n: int = 2) -> list:
+    """fn(i) for i < n, in n threads started together -> their results; a thread's exception is
+    raised here (pytest would only warn about it)."""
+    results: list = [None] * n
+    errors: list[BaseException] = []
+    start = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = fn(i)
+        except BaseException as e:  # re-raised in the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def test_sum_squares_on_overlapping_streams_and_threads_gives_every_norm():
     """Each stream (per thread) has its own sum_squares workspace: two launches that may overlap on
     a GPU (two streams, two models in threads) must not share the partials and the last-block
     ticket, or their sums mix, the ticket stays nonzero and every later norm is wrong. (The
-    emulated device runs one launch at a time, so here the threads interleave launch by launch.)"""
+    emulated device runs one launch at a time, so here the threads interleave launch by launch;
+    its stream race checker names a shared workspace.)"""
     be = get_backend("cuda-emu")
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(100_000 + 1000 * i) for i in range(2)]
     expected = [float(np.sum(x * x)) for x in xs]
-    wrong: list[str] = []
-    start = threading.Barrier(2)
 
-    def worker(i: int) -> None:
+    def norms(i: int) -> list[float]:
         d = be.asarray(xs[i])
-        start.wait()
+        be.synchronize()  # the upload is done before the stream reads it
         with be.stream():
-            for _ in range(5):
-                got = float(be.to_host(be.k.sum_squares(d)))
-                if abs(got - expected[i]) > 1e-9 * expected[i]:
-                    wrong.append(f"thread {i}: {got} != {expected[i]}")
+            return [float(be.to_host(be.k.sum_squares(d))) for _ in range(5)]
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not wrong, f"{len(wrong)} wrong norms of 10, first: {wrong[0]}"
+    for i, got in enumerate(_in_threads(norms)):
+        np.testing.assert_allclose(got, expected[i], rtol=1e-9, err_msg=f"thread {i}")
     later = float(be.to_host(be.k.sum_squares(be.asarray(xs[0]))))  # and nothing is left behind
     assert later == pytest.approx(expected[0], rel=1e-9)
 
@@ -129,12 +149,7 @@ def test_two_models_training_in_threads_match_training_alone():
         return model.state_arrays()
 
     alone = [train(seed) for seed in (1, 2)]
-    together: list = [None, None]
-    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, train(i + 1))) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together = _in_threads(lambda i: train(i + 1))
     for mine, ref in zip(together, alone):
         assert mine is not None and mine.keys() == ref.keys()
         for key in ref:
