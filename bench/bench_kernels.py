@@ -26,7 +26,7 @@ def _backend(name: str) -> backend.Backend:
     except backend.BackendUnavailable as e:
         pytest.skip(str(e))
     if name == "numba" and name not in _COMPILE_S:
-        _COMPILE_S[name] = be.k._warmup(DTYPE)
+        _COMPILE_S[name] = be.warmup(DTYPE)
     return be
 
 

@@ -25,8 +25,9 @@ Per-step numbers come from differencing whole epochs run by ``_Step.epoch`` itse
 for epochs of 1 step (E1), 2 steps (E2) and 1+N steps (EN), each after its own warm-up
 epoch (kernel builds, workspace allocation, graph capture), are counted; per step = (EN - E1) / N
 (checked to equal E2 - E1 exactly), per-epoch overhead = E1 - per step. As on the real
-``cupy`` backend (``make_backend(real=True)``), the emulator's per-loss label range
-check (a device->host read) is switched off; ``--emu-label-check`` keeps it on.
+``cupy`` backend, the emulator's per-loss label range check (a device->host read) is
+switched off (``make_cuda_backend("cuda-emu", validate_labels=False)``); ``--emu-label-check``
+keeps it on.
 
 Each config is profiled twice: eager steps (the default) and CUDA-graph steps
 (``cuda_graphs=True``: ``Graph.launch`` is counted as one launch, and the kernels it
@@ -52,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from gpumlp.augment import Augment
-from gpumlp.backend import get_backend
+from gpumlp.backend import make_cuda_backend
 from gpumlp.bench.runner import CONFIGS, EPOCH_SAMPLES, Config
 from gpumlp.model import MLP
 from gpumlp.optim import Optimizer
@@ -342,9 +343,8 @@ def profile_config(name: str, steps: int, label_check: bool, graphs: bool = Fals
     """Per-step and per-epoch tallies of ``_Step.epoch`` on cuda-emu for one config
     of PROFILES, with eager or CUDA-graph steps."""
     cfg, extra, clip, shift = PROFILES[name]
-    be = get_backend("cuda-emu")
+    be = make_cuda_backend("cuda-emu", validate_labels=label_check)
     emu = be.xp
-    be.k._VALIDATE_LABELS = label_check
     model = MLP(cfg.spec, act=cfg.act, loss=cfg.loss, dtype="float32", backend=be, seed=seed, **extra)
     B, n = cfg.batch_size, (steps + 1) * cfg.batch_size
     rng = np.random.default_rng(seed)

@@ -11,9 +11,9 @@ import contextlib
 import importlib
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -34,26 +34,32 @@ class Backend:
     """Everything the framework needs from a compute backend.
 
     ``xp`` is the NumPy-compatible array module (numpy, cupy, or the emulated
-    device's), ``k`` the kernel module with the reference contract. Devices
+    device's), ``k`` the kernels with the reference contract (a module, or the
+    CUDA backends' own :class:`~gpumlp.kernels.cupy_gpu.CudaKernels`). Devices
     with CUDA graphs also give ``stream()`` (a new non-blocking stream, a context
     manager making it current; ``wait_for_uploads`` orders it after the default
     stream's work) and ``capture(fn)``: record the launches of ``fn()`` on the
-    current stream into a graph, without running them, and return ``replay()``."""
+    current stream into a graph, without running them, and return ``replay()``,
+    which launches the graph on the stream current when it is called.
+    ``set_precision`` (CUDA backends) switches the float32 GEMM compute type;
+    ``warmup(dtype) -> seconds`` (JIT backends) compiles every kernel ahead of use."""
 
     name: str
     xp: Any
-    k: ModuleType
+    k: Any
     description: str = ""
     synchronize: Callable[[], None] = field(default=lambda: None)
     stream: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None
+    set_precision: Callable[[str], None] | None = None
+    warmup: Callable[[Any], float] | None = None
 
     def set_matmul_precision(self, precision: str) -> None:
         """``float32`` (exact, the default), ``tf32`` or ``bf16``: what float32 GEMMs may round
         their inputs to on tensor cores. For this whole backend; only CUDA backends have the
         choice (cuda-emu reproduces the rounding on the CPU)."""
-        if hasattr(self.k, "_set_matmul_precision"):
-            self.k._set_matmul_precision(precision)
+        if self.set_precision is not None:
+            self.set_precision(precision)
         elif precision != "float32":
             raise BackendUnavailable(
                 f"matmul precision {precision!r} needs a CUDA backend (cupy, or cuda-emu to emulate it); "
@@ -98,26 +104,85 @@ def _load_numba() -> Backend:
         ) from None
     from gpumlp.kernels import numba_cpu
 
-    return Backend("numba", np, numba_cpu, "Numba-jitted fused CPU kernels, BLAS matmul")
+    return Backend(
+        "numba",
+        np,
+        numba_cpu,
+        "Numba-jitted fused CPU kernels, BLAS matmul",
+        warmup=numba_cpu._warmup,  # the one place that binds numba's JIT warm-up
+    )
 
 
-def _load_cupy() -> Backend:
+def _cupy_device() -> tuple[Any, str]:
+    """(CuPy, a description of its first GPU), or BackendUnavailable saying what is missing."""
+    try:
+        import cupy
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"backend 'cupy' needs CuPy: pip install -e '.[cuda12]' or '.[cuda13]' ({e})"
+        ) from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError and friends: no driver, no device
+        raise BackendUnavailable(
+            f"backend 'cupy': CuPy is installed but no CUDA driver/GPU is usable ({e})"
+        ) from None
+    if count == 0:
+        raise BackendUnavailable("backend 'cupy': CuPy is installed but found no CUDA GPU")
+    dev = cupy.cuda.Device()
+    props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+    gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    about = (
+        f"CuPy {cupy.__version__} on {gpu} (sm_{dev.compute_capability}): cuBLAS matmul + CUDA C++ kernels"
+    )
+    return cupy, about
+
+
+def _emulated_device() -> tuple[Any, str]:
+    from gpumlp.kernels import cuda_emu
+
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise BackendUnavailable(
+            f"backend 'cuda-emu' compiles the CUDA kernels for the CPU and needs a C++20 compiler "
+            f"with OpenMP ({cxx!r} not found; set $CXX or install g++)"
+        )
+    return cuda_emu, "emulated CUDA device on the CPU: for correctness, not speed"
+
+
+def make_cuda_backend(name: str, *, gemm: str | None = None, validate_labels: bool | None = None) -> Backend:
+    """A new ``cupy`` or ``cuda-emu`` backend with its own kernels and state (not the cached one
+    :func:`get_backend` returns). ``gemm``: "cublas" (default; ``$GPUMLP_GEMM``) or "own" (our
+    gemm.cu for every matmul; graph captures use it anyway). ``validate_labels``: range-check loss
+    labels with a small device->host read per call (default: on for cuda-emu only)."""
     from gpumlp.kernels import cupy_gpu
 
-    return cupy_gpu.make_backend(real=True)
-
-
-def _load_cuda_emu() -> Backend:
-    from gpumlp.kernels import cupy_gpu
-
-    return cupy_gpu.make_backend(real=False)
+    devices = {"cupy": _cupy_device, "cuda-emu": _emulated_device}
+    if name not in devices:
+        raise ValueError(f"make_cuda_backend: name must be 'cupy' or 'cuda-emu', got {name!r}")
+    xp, about = devices[name]()
+    k = cupy_gpu.CudaKernels(
+        xp,
+        gemm=gemm or os.environ.get("GPUMLP_GEMM", "cublas"),
+        validate_labels=name == "cuda-emu" if validate_labels is None else validate_labels,
+    )
+    return Backend(
+        name,
+        xp,
+        k,
+        about,
+        synchronize=lambda: xp.cuda.Device().synchronize(),
+        stream=lambda: xp.cuda.Stream(non_blocking=True),  # graphs cannot capture the legacy stream
+        capture=lambda step: cupy_gpu.capture(k, step),
+        set_precision=lambda precision: cupy_gpu.set_matmul_precision(k, precision),
+    )
 
 
 _REGISTRY: dict[str, Callable[[], Backend]] = {
     "numpy": _load_numpy,
     "numba": _load_numba,
-    "cupy": _load_cupy,
-    "cuda-emu": _load_cuda_emu,
+    "cupy": lambda: make_cuda_backend("cupy"),
+    "cuda-emu": lambda: make_cuda_backend("cuda-emu"),
 }
 _CACHE: dict[str, Backend] = {}
 

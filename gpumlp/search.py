@@ -4,6 +4,9 @@ Trials run on any ``concurrent.futures.Executor``: a local process pool by
 default, or e.g. a ``dask.distributed`` Client (its ``submit`` fits the same
 interface) to spread trials over a cluster. Each trial builds a fresh MLP on
 its worker's best backend, trains it, and reports validation accuracy.
+The local pool *spawns* its workers (a forked CUDA context is invalid): one per
+GPU when the trials run on the cupy backend, each worker seeing only its own
+GPU, else one per CPU core.
 
 A search space maps a parameter name (any :class:`gpumlp.model.MLP` or
 :func:`gpumlp.train.fit` keyword) to either a list of choices or a range
@@ -15,6 +18,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import multiprocessing
 import os
 from collections.abc import Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -96,6 +100,48 @@ def refine(space: Mapping, best: Mapping, shrink: float = 0.3) -> dict:
     return out
 
 
+def _gpu_count() -> int:
+    """CUDA GPUs CuPy sees here (0 without CuPy or a driver); creates no CUDA context."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # no CuPy, no driver, no device
+        return 0
+
+
+def _trial_gpus(backend: str | None) -> int:
+    """GPUs the trials run on: those CuPy sees for backend cupy or auto (which picks cupy where
+    a GPU is usable; default ``$GPUMLP_BACKEND``, else auto), 0 for the CPU backends."""
+    name = (backend or os.environ.get("GPUMLP_BACKEND") or "auto").lower()
+    return _gpu_count() if name in ("cupy", "auto") else 0
+
+
+def default_workers(backend: str | None = None) -> int:
+    """Workers of the local search pool for trials on ``backend``: one per GPU when they run on
+    the cupy backend, else one per CPU core."""
+    return _trial_gpus(backend) or os.cpu_count() or 1
+
+
+def _use_one_gpu(devices) -> None:
+    """Worker initializer: make exactly one GPU visible, before anything initialises CUDA here."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices.get()
+
+
+def process_pool(max_workers: int, gpus: int = 0) -> ProcessPoolExecutor:
+    """A pool of ``max_workers`` spawned processes. With ``gpus`` > 0, worker i sees only GPU
+    i mod gpus (of those in ``$CUDA_VISIBLE_DEVICES``, if set) as its device 0."""
+    ctx = multiprocessing.get_context("spawn")
+    if gpus <= 0:
+        return ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+    devices = ctx.Queue()
+    for i in range(max_workers):
+        devices.put(ids[i % min(gpus, len(ids))].strip())
+    return ProcessPoolExecutor(max_workers, mp_context=ctx, initializer=_use_one_gpu, initargs=(devices,))
+
+
 def run_trial(params: dict, base: dict, data: tuple) -> dict:
     """Train one model: ``base`` defaults overridden by ``params``; data is
     (X, y, X_valid, y_valid). Returns params plus valid_acc, epochs and seconds."""
@@ -136,12 +182,16 @@ def search(
     base: Mapping | None = None,
     executor: Executor | None = None,
     seed: int = 0,
+    workers: int | None = None,
 ) -> SearchResult:
     """Grid or random search over ``space`` on data (X, y, X_valid, y_valid).
 
     With ``rounds > 1`` (random search only) each round samples ``n_trials``
     configurations from a space refined around the best so far: coarse to fine.
-    ``base`` holds fixed MLP/fit keywords (e.g. spec, epochs, batch_size)."""
+    ``base`` holds fixed MLP/fit keywords (e.g. spec, epochs, batch_size).
+    Without an ``executor``, trials run in a local pool of ``workers`` spawned
+    processes (default :func:`default_workers` for ``base["backend"]``, at most
+    one per trial of a round)."""
     if method not in ("grid", "random"):
         raise ValueError(f"method must be 'grid' or 'random', got {method!r}")
     if method == "grid" and rounds != 1:
@@ -151,7 +201,10 @@ def search(
     if unknown:
         raise ValueError(f"unknown hyper-parameters {sorted(unknown)}: use MLP or fit keyword names")
     own = executor is None
-    executor = executor or ProcessPoolExecutor(max_workers=os.cpu_count() or 1)
+    if own:
+        per_round = len(grid(space)) if method == "grid" else n_trials
+        gpus = _trial_gpus(base["backend"] if isinstance(base.get("backend"), str) else None)
+        executor = process_pool(workers or min(gpus or os.cpu_count() or 1, max(1, per_round)), gpus=gpus)
     result = SearchResult()
     try:
         for r in range(rounds):

@@ -938,6 +938,7 @@ class RawModule:
     """``cupy.RawModule(code=..., options=...)`` built for the CPU by g++ (cached)."""
 
     def __init__(self, code: str, options: tuple = (), name_expressions: Any = None, **kwargs: Any) -> None:
+        _no_capture("loading a module (RawModule; CUDA's lazy loading may invalidate the capture)")
         self.code, self.options = code, tuple(options)
         self._mod = cuda_host.HostModule(code, _buffer_of)
 
@@ -946,4 +947,5 @@ class RawModule:
 
     def get_function(self, name: str) -> RawKernel:
         """The ``extern "C" __global__`` kernel ``name``."""
+        _no_capture(f"get_function({name!r}) (with CUDA's lazy loading this may invalidate the capture)")
         return RawKernel(self._mod.get_function(name))

@@ -187,6 +187,27 @@ def test_run_variants_that_cannot_run_are_skipped_with_the_reason():
     assert "unknown run option +fp8" in skipped["cuda-emu+fp8"]
 
 
+def _gpu_usable() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def test_gpu_checks_script_runs_on_the_emulated_device(tmp_path):
+    """bench/gpu_checks.py bitwise (eager own GEMM vs graph replay) on cuda-emu, tiny: the script
+    the GPU suite runs works end to end and finds the two runs identical."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_checks.py"
+    out = tmp_path / "checks.json"
+    args = ["bitwise", "--backend", "cuda-emu", "--limit", "200", "--spec", "784-8-10", "--json", str(out)]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["ok"] and result["weights_differ"] == [] and len(result["loss_graphs"]) == 3
+
+
 def test_gpu_suite_refuses_without_a_gpu_and_names_only_known_runs():
     """bench/gpu_suite.sh stops with a clear message on a machine without a usable GPU, and every
     run it would benchmark is a known backend or peer with valid run options."""
@@ -195,6 +216,9 @@ def test_gpu_suite_refuses_without_a_gpu_and_names_only_known_runs():
     from gpumlp.bench import runner as R
 
     suite = Path(__file__).resolve().parent.parent / "bench" / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(suite)], capture_output=True).returncode == 0  # all of it parses
+    if _gpu_usable():
+        pytest.skip("a GPU is usable here: the suite would run for real (bench/gpu_suite.sh runs it)")
     env = {**os.environ, "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(suite)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "needs CuPy and a usable CUDA GPU" in proc.stderr

@@ -11,12 +11,15 @@ from gpumlp.kernels import reference
 
 
 def _public_api(mod) -> dict[str, object]:
-    """Public callables defined in ``mod`` plus its public UPPER_CASE constants."""
+    """Public callables defined in ``mod`` (a module, or every public member of a kernels object
+    such as cupy_gpu.CudaKernels) plus its public UPPER_CASE constants."""
     api = {}
-    for name, obj in vars(mod).items():
+    is_module = inspect.ismodule(mod)
+    members = vars(mod) if is_module else {name: getattr(mod, name) for name in dir(mod)}
+    for name, obj in members.items():
         if name.startswith("_") or inspect.ismodule(obj):
             continue
-        if callable(obj) and getattr(obj, "__module__", None) == mod.__name__:
+        if callable(obj) and (not is_module or getattr(obj, "__module__", None) == mod.__name__):
             api[name] = obj
         elif name.isupper() and not callable(obj):
             api[name] = obj

@@ -1,4 +1,4 @@
-"""Our own GEMM (kernels/cuda/gemm.cu, selected by cupy_gpu._GEMM = "own") on the emulated device:
+"""Our own GEMM (kernels/cuda/gemm.cu, selected by make_cuda_backend(gemm="own")) on the emulated device:
 parity with NumPy for every transpose combination and awkward shapes, the launch checks, and a
 short training run against the numpy backend. nvcc compile checks of gemm.cu come from
 test_cuda_kernels.py, which globs every kernels/cuda/*.cu; here we only assert it is in that list.
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpumlp.backend import get_backend
+from gpumlp.backend import get_backend, make_cuda_backend
 from gpumlp.kernels import cuda_host
 
 CUDA_DIR = Path(cuda_host.__file__).parent / "cuda"
@@ -37,16 +37,20 @@ def be():
     return get_backend("cuda-emu")
 
 
+@pytest.fixture(scope="module")
+def own_backend():
+    return make_cuda_backend("cuda-emu", gemm="own")
+
+
 @pytest.fixture
-def own(be, monkeypatch):
-    """The cuda-emu backend with the own GEMM selected (and the "cuBLAS" path made to fail)."""
+def own(own_backend, monkeypatch):
+    """A cuda-emu backend of its own with the own GEMM selected (and the "cuBLAS" path made to fail)."""
 
     def no_cublas(*args, **kwargs):
-        raise AssertionError("cupy.matmul (cuBLAS) called although _GEMM == 'own'")
+        raise AssertionError("cupy.matmul (cuBLAS) called although gemm='own'")
 
-    monkeypatch.setattr(be.k, "_GEMM", "own")
-    monkeypatch.setattr(be.xp, "matmul", no_cublas)
-    return be
+    monkeypatch.setattr(own_backend.xp, "matmul", no_cublas)
+    return own_backend
 
 
 def _operands(m, k, n, trans_a, trans_b, dtype, seed=0):
@@ -126,12 +130,23 @@ def test_own_gemm_rejects_bad_input(own):
         own.k.matmul(own.asarray(np.ones((2, 3), np.int32)), own.asarray(np.ones((3, 4), np.int32)))
 
 
-def test_gemm_setting_default_and_unknown(be, monkeypatch):
+def test_gemm_setting_default_and_unknown(be, own_backend, monkeypatch):
+    """The default is cuBLAS (cupy.matmul); gemm="own" on another backend in the same process
+    leaves it so; an unknown choice is refused when the backend is made."""
+    calls = []
+    real = be.xp.matmul
+    monkeypatch.setattr(be.xp, "matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ones = np.ones((2, 2))
+    own_backend.k.matmul(own_backend.asarray(ones), own_backend.asarray(ones))
+    assert not calls
     if "GPUMLP_GEMM" not in os.environ:
-        assert be.k._GEMM == "cublas"  # the default stays cuBLAS (cupy.matmul)
-    monkeypatch.setattr(be.k, "_GEMM", "cutlass")
-    with pytest.raises(ValueError, match="GPUMLP_GEMM must be 'cublas' or 'own'"):
-        be.k.matmul(be.asarray(np.ones((2, 2))), be.asarray(np.ones((2, 2))))
+        be.k.matmul(be.asarray(ones), be.asarray(ones))
+        assert calls == [1]
+    with pytest.raises(ValueError, match=r"gemm \(GPUMLP_GEMM\) must be 'cublas' or 'own', got 'cutlass'"):
+        make_cuda_backend("cuda-emu", gemm="cutlass")
+    monkeypatch.setenv("GPUMLP_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="got 'cutlass'"):
+        make_cuda_backend("cuda-emu")
 
 
 def test_own_gemm_is_captured_in_a_graph(own):
@@ -186,12 +201,12 @@ def _precision(be, precision: str):
 
 @pytest.mark.parametrize("gemm", ["cublas", "own"])
 @pytest.mark.parametrize("precision, bits", [("tf32", 10), ("bf16", 7)])
-def test_tensor_core_precision(be, monkeypatch, gemm, precision, bits):
+def test_tensor_core_precision(be, own_backend, gemm, precision, bits):
     """set_matmul_precision goes through CuPy's compute-type switch. The emulated cuBLAS rounds
     float32 inputs like tensor cores; our GEMM (CUDA-graph steps) switches to its tensor-core
     kernel (wmma, emulated at the API level), which rounds the same way as it stages the tiles.
     Both accumulate in float32; float32 is exact again after."""
-    monkeypatch.setattr(be.k, "_GEMM", gemm)
+    be = own_backend if gemm == "own" else be
     rng = np.random.default_rng(7)
     a, b = (
         rng.standard_normal((33, 300)).astype(np.float32),

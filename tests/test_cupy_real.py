@@ -46,9 +46,8 @@ def nvrtc() -> types.ModuleType:
 
 def _rawmodule_kwargs(stem: str, monkeypatch: pytest.MonkeyPatch) -> dict:
     """The keyword arguments cupy_gpu gives ``cupy.RawModule`` for ``<stem>.cu`` (recorded, not compiled)."""
-    monkeypatch.setattr(cupy_gpu, "_cp", types.SimpleNamespace(RawModule=lambda **kwargs: kwargs))
-    monkeypatch.setattr(cupy_gpu, "_MODULES", {})
-    return cupy_gpu._module(stem)
+    recorder = types.SimpleNamespace(RawModule=lambda **kwargs: kwargs)
+    return cupy_gpu.CudaKernels(recorder)._module(stem)
 
 
 def _nvrtc_options(options: tuple[str, ...], cc: str) -> tuple[str, ...]:
@@ -85,7 +84,7 @@ def _fixed_suffixes() -> dict[str, str]:
     return {
         c.args[0].value: c.args[1].value
         for c in calls
-        if getattr(c.func, "id", None) == "_kernel"
+        if (getattr(c.func, "id", None) or getattr(c.func, "attr", None)) == "_kernel"
         and len(c.args) == 2
         and all(isinstance(a, ast.Constant) for a in c.args)
     }
@@ -203,8 +202,8 @@ def _emulated_api() -> set[str]:
 
 
 def _array_module_uses() -> set[str]:
-    """CuPy paths the framework reaches through its array module: ``_xp().X``, ``cp.X``, ``cupy.X``
-    and ``xp.X`` / ``<obj>.xp.X`` in cupy_gpu.py and gpumlp/ (``xp`` is CuPy on the cupy backend)."""
+    """CuPy paths the framework reaches through its array module: ``cp.X``, ``cupy.X`` and ``xp.X`` /
+    ``<obj>.xp.X`` / ``self._xp.X`` in cupy_gpu.py and gpumlp/ (``xp`` is CuPy on the cupy backend)."""
     roots = {"_xp", "cp", "_cp", "cupy", "xp"}
     files = [Path(cupy_gpu.__file__), *Path(gpumlp.__file__).parent.rglob("*.py")]
     nodes = (n for f in files for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Attribute))
@@ -212,12 +211,12 @@ def _array_module_uses() -> set[str]:
     for node in nodes:
         parts = [node.attr]
         root = node.value
-        while isinstance(root, ast.Attribute) and root.attr != "xp":
+        while isinstance(root, ast.Attribute) and root.attr not in ("xp", "_xp"):
             parts.append(root.attr)
             root = root.value
         if isinstance(root, ast.Call):
             root = root.func
-        if getattr(root, "id", None) in roots or getattr(root, "attr", None) == "xp":
+        if getattr(root, "id", None) in roots or getattr(root, "attr", None) in ("xp", "_xp"):
             uses.add(".".join(["cupy", *reversed(parts)]))
     return uses
 

@@ -1,11 +1,24 @@
 """Grid / random / coarse-to-fine hyper-parameter search on real executors."""
 
+import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
 
 from gpumlp.data import make_circles
-from gpumlp.search import grid, refine, sample, search
+from gpumlp.search import default_workers, grid, process_pool, refine, sample, search
+
+_PARENT_STATE: list = []  # changed by a test at run time: a forked worker would inherit it
+
+
+def _sees_parent_state() -> bool:
+    return bool(_PARENT_STATE)
+
+
+def _visible_gpu(barrier) -> str:
+    barrier.wait(timeout=120)  # both workers hold a task at once, so both answer
+    return os.environ["CUDA_VISIBLE_DEVICES"]
 
 
 def _data():
@@ -59,3 +72,42 @@ def test_grid_search_on_a_thread_pool():
 def test_unknown_hyper_parameter_is_a_clear_error():
     with pytest.raises(ValueError, match=r"unknown hyper-parameters \['learning_rate'\]"):
         search({"learning_rate": [0.1]}, _data(), base=BASE)
+
+
+def test_default_search_pool_spawns_its_workers():
+    """A forked worker would inherit an initialised CUDA context; spawned ones start fresh
+    (they do not see what this process changed at run time) and still run the search."""
+    _PARENT_STATE.append(1)
+    try:
+        with process_pool(1) as ex:
+            assert ex.submit(_sees_parent_state).result() is False
+    finally:
+        _PARENT_STATE.clear()
+    res = search({"lr": [0.05, 1e-5]}, _data(), method="grid", base={**BASE, "optimizer": "adam"}, workers=2)
+    assert res.best["params"] == {"lr": 0.05} and res.best["valid_acc"] >= 0.9
+
+
+@pytest.mark.parametrize("visible, expected", [(None, {"0", "1"}), ("3,5", {"3", "5"})])
+def test_gpu_pool_gives_each_worker_its_own_gpu(monkeypatch, visible, expected):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, process_pool(2, gpus=2) as ex:
+        barrier = manager.Barrier(2)
+        assert {f.result() for f in [ex.submit(_visible_gpu, barrier) for _ in range(2)]} == expected
+
+
+def test_default_workers_per_backend(monkeypatch):
+    cores = os.cpu_count() or 1
+    assert default_workers("numpy") == default_workers("numba") == cores
+    monkeypatch.setenv("GPUMLP_BACKEND", "numpy")
+    assert default_workers() == cores
+    try:
+        import cupy
+
+        gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        gpus = 0
+    assert default_workers("cupy") == (gpus or cores)  # one per GPU where CuPy sees any

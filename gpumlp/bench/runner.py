@@ -153,10 +153,10 @@ def summarize(values: Sequence[float]) -> dict:
 
 
 def jit_warmup(name: str, dtype: str) -> float | None:
-    """Seconds of a backend's one-time JIT (``kernels._warmup`` when it has one), else None."""
+    """Seconds of a backend's one-time JIT (``Backend.warmup`` when it has one), else None."""
     if name in PEERS:
         return None
-    warm = getattr(get_backend(split_variant(name)[0]).k, "_warmup", None)
+    warm = get_backend(split_variant(name)[0]).warmup
     return float(warm(np.dtype(dtype))) if warm is not None else None
 
 
