@@ -166,6 +166,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 MODEL_KEYS = ("spec", "act", "loss", "init", "dropout", "batchnorm", "dtype", "seed")
 FIT_KEYS = tuple(PRESETS["seed"]["fit"])
 DATA_KEYS = ("scale", "valid")
+MODEL_SECTIONS = ("model", "fit", "data")
 
 
 def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> dict:
@@ -219,10 +220,10 @@ def _out_paths(out: Path | None) -> dict[str, Path]:
 
 
 def _write_json(path: Path, obj) -> None:
-    """Write ``obj`` as indented JSON (atomically: temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON (atomically: temp file, fsync, rename)."""
+    from gpumlp.rundir import write_json
+
+    write_json(path, obj, default=_json_default)
 
 
 def _json_default(o):
@@ -241,15 +242,35 @@ def _train_config(args: argparse.Namespace, paths: dict) -> dict:
     if args.resume and not paths["checkpoint"].is_file():
         raise UsageError(f"--resume: no checkpoint at {paths['checkpoint']} to continue from")
     saved = None
+    if args.resume:
+        from gpumlp.rundir import check_resume_after_divergence
+
+        check_resume_after_divergence(paths["config"].parent, args.lr)
     if args.resume and paths["config"].is_file():
-        saved = json.loads(paths["config"].read_text())
+        try:
+            saved = json.loads(paths["config"].read_text())
+        except ValueError as e:
+            raise UsageError(f"{paths['config']} is unreadable ({e}); start a new run") from None
+        if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in MODEL_SECTIONS):
+            raise UsageError(f"{paths['config']} lacks its model/fit/data sections; start a new run")
     return resolve_config(args, saved)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``gpumlp train``."""
+    """``gpumlp train``: holds an exclusive lock on ``--out`` for the whole run."""
+    from contextlib import nullcontext
+
+    from gpumlp.rundir import RunLock
+
+    with RunLock(args.out) if args.out else nullcontext():
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``gpumlp train`` once the run directory is ours."""
     from gpumlp.backend import get_backend
     from gpumlp.model import MLP
+    from gpumlp.train import TrainingDiverged
 
     t_start = time.perf_counter()
     out = Path(args.out) if args.out else None
@@ -273,8 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec, preset = config["model"]["spec"], config["preset"]
     _log(f"training {spec} on {len(x_tr)} samples, backend {be.name}, preset {preset}")
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(paths["config"], config)
+        _start_run_dir(args, paths, config, model, len(x_tr))
     try:  # overflow on the way to a NaN loss is reported once, as TrainingDiverged, not as warnings
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             history = model.fit(
@@ -284,6 +304,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 cuda_graphs=args.cuda_graphs,
                 progress=not args.no_progress, verbose=True,
             )  # fmt: skip
+    except TrainingDiverged as e:
+        if out:
+            from gpumlp.rundir import mark_diverged
+
+            mark_diverged(out, config["fit"]["lr"], e.epoch, str(e))
+        raise
     except KeyboardInterrupt:
         ckpt = paths.get("checkpoint")
         kept = (
@@ -311,6 +337,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 class _Interrupted(Exception):
     """Ctrl-C during training, with a message about the kept checkpoint."""
+
+
+def _start_run_dir(args: argparse.Namespace, paths: dict, config: dict, model, n_train: int) -> None:
+    """Check that a --resume can continue (model, optimizer, data size), then write config.json:
+    nothing in the run directory changes unless the resume is accepted."""
+    from gpumlp.rundir import clear_diverged
+    from gpumlp.train import check_resume
+
+    if args.resume:
+        check_resume(paths["checkpoint"], model.config(), config["fit"]["optimizer"], n_train)
+    _write_json(paths["config"], config)
+    clear_diverged(paths["config"].parent)
 
 
 def _test_metrics(y_true, y_pred, n_classes: int) -> dict:
@@ -578,6 +616,7 @@ def _glue_negative_values(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gpumlp`` console script and ``python -m gpumlp``; returns the exit code."""
     from gpumlp.backend import BackendUnavailable
+    from gpumlp.rundir import RunDirBusy
     from gpumlp.train import TrainingDiverged
 
     argv = _glue_negative_values(list(sys.argv[1:] if argv is None else argv))
@@ -597,8 +636,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(_one_line(e), EXIT_DIVERGED)
     except (KeyboardInterrupt, _Interrupted) as e:
         return _fail(_one_line(e) if isinstance(e, _Interrupted) else "interrupted", EXIT_INTERRUPTED)
-    except (UsageError, ValueError, TypeError, BackendUnavailable, ImportError, OSError) as e:
+    except (UsageError, ValueError, TypeError, BackendUnavailable, ImportError, OSError, RunDirBusy) as e:
         return _fail(_one_line(e), EXIT_USAGE)
+    except MemoryError as e:
+        return _fail(f"out of memory: {_one_line(e)}", EXIT_USAGE)
 
 
 if __name__ == "__main__":
