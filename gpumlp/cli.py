@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("model", help="model file (DIR/model.npz)")
     pr.add_argument("file", help="images: IDX (.gz or raw), .npz (array 'x' or the first) or a 28x28 PNG")
     pr.add_argument("--proba", action="store_true", help="also print the class probabilities")
+    pr.add_argument(
+        "--pixels",
+        choices=("auto", "0-255", "0-1"),
+        default="auto",
+        help="input pixel range (default auto: integers are 0-255, floats all in [0, 1] are 0-1)",
+    )
     pr.add_argument("--backend", default=None, help="compute backend (default: $GPUMLP_BACKEND or auto)")
     _add_precision(pr)
     sub.add_parser("info", help="versions, backends, BLAS and GPU")
@@ -193,9 +199,8 @@ def load_data(data_dir: str | None):
     from gpumlp.data import load_mnist
 
     if data_dir is not None and not Path(data_dir).is_dir():
-        raise UsageError(
-            f"data directory {data_dir} does not exist; pass a directory holding the MNIST files"
-        )
+        what = "is a file, not a directory" if Path(data_dir).exists() else "does not exist"
+        raise UsageError(f"data directory {data_dir} {what}; pass a directory holding the MNIST files")
     return load_mnist(data_dir)
 
 
@@ -293,8 +298,7 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError("--patience needs a validation set (--valid N > 0)")
     spec, preset = config["model"]["spec"], config["preset"]
     _log(f"training {spec} on {len(x_tr)} samples, backend {be.name}, preset {preset}")
-    if out:
-        _start_run_dir(args, paths, config, model, len(x_tr))
+    last_good = _start_run_dir(args, paths, config, model, len(x_tr)) if out else None
     try:  # overflow on the way to a NaN loss is reported once, as TrainingDiverged, not as warnings
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             history = model.fit(
@@ -309,6 +313,8 @@ def _train(args: argparse.Namespace) -> int:
             from gpumlp.rundir import mark_diverged
 
             mark_diverged(out, config["fit"]["lr"], e.epoch, str(e))
+            if last_good is not None:  # the config of the kept checkpoint, not the lr that diverged
+                _write_json(paths["config"], last_good)
         raise
     except KeyboardInterrupt:
         ckpt = paths.get("checkpoint")
@@ -339,16 +345,20 @@ class _Interrupted(Exception):
     """Ctrl-C during training, with a message about the kept checkpoint."""
 
 
-def _start_run_dir(args: argparse.Namespace, paths: dict, config: dict, model, n_train: int) -> None:
+def _start_run_dir(args: argparse.Namespace, paths: dict, config: dict, model, n_train: int) -> dict | None:
     """Check that a --resume can continue (model, optimizer, data size), then write config.json:
-    nothing in the run directory changes unless the resume is accepted."""
+    nothing in the run directory changes unless the resume is accepted. -> the config it replaced
+    on a resume (restored if the run diverges), else None."""
     from gpumlp.rundir import clear_diverged
     from gpumlp.train import check_resume
 
+    previous = None
     if args.resume:
         check_resume(paths["checkpoint"], model.config(), config["fit"]["optimizer"], n_train)
+        previous = json.loads(paths["config"].read_text()) if paths["config"].is_file() else None
     _write_json(paths["config"], config)
     clear_diverged(paths["config"].parent)
+    return previous
 
 
 def _test_metrics(y_true, y_pred, n_classes: int) -> dict:
@@ -414,8 +424,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def read_images(path: str, n_features: int) -> np.ndarray:
-    """Raw pixels (N, n_features) from an IDX (.gz or raw), .npz or PNG file."""
+def read_images(path: str, n_features: int, pixels: str = "auto") -> np.ndarray:
+    """Pixels 0..255 (N, n_features) from an IDX (.gz or raw), .npz or PNG file; ``pixels`` says
+    whether the file holds 0-255 or 0-1 values (``auto``: detect, see gpumlp.data.images)."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"input file {path} does not exist")
@@ -434,6 +445,11 @@ def read_images(path: str, n_features: int) -> np.ndarray:
     x = x.reshape(x.shape[0], -1) if x.ndim > 1 else x
     if x.ndim != 2 or x.shape[1] != n_features or x.dtype.kind not in "uif":
         raise UsageError(f"{path}: expected images with {n_features} pixels each, got {x.dtype} {x.shape}")
+    from gpumlp.data.images import to_pixels_255
+
+    x, used = to_pixels_255(x, "0-255" if suffix == ".png" else pixels, str(path))  # PNGs read as 0..255
+    if pixels == "auto" and used == "0-1":
+        _log(f"{path}: all values are in [0, 1]; read as pixels scaled to [0, 1] (say --pixels 0-255 if not)")
     return x
 
 
@@ -444,36 +460,24 @@ def _read_npz(path: Path) -> np.ndarray:
             if not z.files:
                 raise UsageError(f"{path}: the .npz file holds no arrays")
             return z["x" if "x" in z.files else z.files[0]]
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: not a readable .npz file ({e})") from None
+    except UsageError:
+        raise
+    except Exception as e:  # zip, EOF (a 0-byte file), npy-header errors alike
+        raise UsageError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
 
 
 def _read_png(path: Path) -> np.ndarray:
-    """A grayscale PNG -> (H, W) pixels 0..255 (matplotlib's reader, else PIL)."""
-    try:
-        import matplotlib.image as mpimg
+    """A PNG (gray, 16-bit, RGB, with or without alpha) -> (H, W) pixels 0..255."""
+    from gpumlp.data.images import read_png
 
-        img = np.asarray(mpimg.imread(path))
-    except ImportError:
-        try:
-            from PIL import Image
-        except ImportError:
-            raise UsageError("reading PNG needs matplotlib or Pillow: pip install -e '.[plot]'") from None
-        img = np.asarray(Image.open(path))
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UsageError(f"{path}: not a readable PNG ({e})") from None
-    if img.ndim == 3:  # RGB(A) -> gray, alpha ignored
-        img = img[..., :3].mean(axis=2)
-    if img.dtype.kind == "f" and img.max() <= 1.0:  # matplotlib gives floats in [0, 1]
-        img = img * 255.0
-    return img
+    return read_png(path)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``gpumlp predict MODEL FILE``."""
     model, prep = load_model(args.model, args.backend)
     model.be.set_matmul_precision(args.precision)
-    x = prep.apply(read_images(args.file, model.n_features), model.dtype)
+    x = prep.apply(read_images(args.file, model.n_features, args.pixels), model.dtype)
     if not args.proba:
         print("\n".join(str(c) for c in model.predict(x)))
         return EXIT_OK

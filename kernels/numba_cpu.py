@@ -45,6 +45,7 @@ loops vectorised, and it would allow NaN-unsafe rewrites.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -52,7 +53,7 @@ import time
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from .reference import (
     _PHILOX_M,
@@ -68,6 +69,35 @@ from .reference import (
     _store_sum,
     _updates_running_stats,
 )
+
+
+def _cache_probe() -> int:
+    return 0
+
+
+def _caching_works() -> bool:
+    """Whether Numba can cache this module's kernels on disk. Where it cannot (a read-only
+    install, no writable NUMBA_CACHE_DIR or home cache) numba.njit(cache=True) raises at import;
+    then the kernels compile in memory every run, after one warning line."""
+    try:
+        numba.njit(cache=True)(_cache_probe)
+    except RuntimeError as e:  # numba: "cannot cache function ...: no locator available for file ..."
+        logging.getLogger("gpumlp").warning(
+            "warning: numba cannot cache compiled kernels (%s); compiling them afresh each run "
+            "(set NUMBA_CACHE_DIR to a writable directory to cache them)",
+            " ".join(str(e).split()),
+        )
+        return False
+    return True
+
+
+_CACHE_OK = _caching_works()
+
+
+def njit(*args, cache: bool = False, **kwargs):
+    """numba.njit, caching on disk only where that works (see _caching_works)."""
+    return numba.njit(*args, cache=cache and _CACHE_OK, **kwargs)
+
 
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # identity 0 .. leaky_relu 4
 # Elements at and above which a kernel uses its parallel variant (see module docstring).
