@@ -1,6 +1,7 @@
 """The ``gpumlp`` command line: ``train | eval | predict | info | bench``.
 
-Exit codes: 0 success; 2 a bad flag, file or value (one ``gpumlp: error: ...``
+Exit codes: 0 success; 2 a bad flag, file or value, a damaged model file, an ``--out``
+directory in use by another run, or too little memory (one ``gpumlp: error: ...``
 line on stderr, never a traceback); 3 training diverged; 130 interrupted
 (Ctrl-C; the last per-epoch checkpoint is kept). Results go to stdout,
 progress and diagnostics to stderr.

@@ -223,3 +223,26 @@ def test_read_only_numba_cache_falls_back_with_one_warning(tmp_path):
     assert "Traceback" not in proc.stderr
     warnings = [ln for ln in proc.stderr.splitlines() if "cannot cache" in ln]
     assert len(warnings) == 1, proc.stderr
+
+
+# ------------------------------------------------------------------ predict inputs
+def test_predict_reads_scaled_npz_and_png_modes_as_raw_pixels(run2, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    from gpumlp.data import load_mnist
+
+    x = load_mnist().x_test[:20]
+    np.savez(tmp_path / "raw.npz", x=x)
+    np.savez(tmp_path / "scaled.npz", x=x / 255.0)  # already in [0, 1]: not to be divided again
+    digit = x[0].reshape(28, 28)
+    Image.fromarray(np.stack([digit, np.full_like(digit, 255)], -1), "LA").save(tmp_path / "la.png")
+    ink = np.stack([np.full_like(digit, 255), digit], -1)  # white ink whose alpha draws the digit
+    Image.fromarray(ink, "LA").save(tmp_path / "ink.png")
+    Image.fromarray(digit.astype(np.uint16) * 257).save(tmp_path / "i16.png")
+    raw = gpumlp("predict", run2 / "model.npz", tmp_path / "raw.npz")
+    assert raw.returncode == 0, raw.stderr
+    scaled = gpumlp("predict", run2 / "model.npz", tmp_path / "scaled.npz")
+    assert scaled.stdout.split() == raw.stdout.split(), scaled.stderr
+    for png in ("ink.png", "la.png", "i16.png"):
+        proc = gpumlp("predict", "--proba", run2 / "model.npz", tmp_path / png)
+        ref = gpumlp("predict", "--proba", run2 / "model.npz", tmp_path / "raw.npz")
+        assert proc.stdout.splitlines() == ref.stdout.splitlines()[:1], (png, proc.stderr)
