@@ -227,20 +227,22 @@ class MLP:
                 arrays[f"state/{i}.{name}"] = np.array(self.be.to_host(getattr(layer, name)))
         return arrays
 
-    def load_state_arrays(self, arrays: dict[str, np.ndarray], source: str = "state") -> None:
-        """Inverse of :meth:`state_arrays`: copy host arrays into this model. Every array must be
-        present with exactly the model's shape (nothing broadcasts) and a float dtype, else
-        CheckpointError naming ``source`` (the file) and the array; nothing is copied then."""
+    def verify_state_arrays(self, arrays: dict[str, np.ndarray], source: str = "state") -> list:
+        """CheckpointError (naming ``source``, the file, and the array) unless ``arrays`` holds every
+        parameter and layer state with exactly this model's shape (nothing broadcasts) and a float
+        dtype. -> [(host array, model array)] pairs for :meth:`load_state_arrays`."""
         targets = [(f"param/{name}", w) for name, w, _, _ in self.parameters()]
         targets += [
             (f"state/{i}.{name}", getattr(layer, name))
             for i, layer in enumerate(self.layers)
             for name in layer.state_names
         ]
-        checked = [
-            (checkpoint.expect_array(source, arrays, key, dst.shape, "f"), dst) for key, dst in targets
-        ]
-        for src, dst in checked:
+        return [(checkpoint.expect_array(source, arrays, key, dst.shape, "f"), dst) for key, dst in targets]
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray], source: str = "state") -> None:
+        """Inverse of :meth:`state_arrays`: copy host arrays into this model, all verified first
+        (:meth:`verify_state_arrays`), so a bad file changes nothing."""
+        for src, dst in self.verify_state_arrays(arrays, source):
             dst[...] = self.be.asarray(src, dtype=self.dtype)
 
     def save(self, path: str | os.PathLike, extra_arrays: dict | None = None, extra_meta: dict | None = None):

@@ -178,10 +178,9 @@ def _load_checkpoint(path, model, opt, opt_state: list, n_train: int) -> _State:
             f"{path}: malformed training state ({type(e).__name__}: {e})"
         ) from None
     if best_weights is not None:
-        model.load_state_arrays(best_weights, source=f"{path} (best/)")  # verifies shapes first
-    model.load_state_arrays(arrays, source=str(path))
-    for src, dst in opt_arrays:
-        dst[...] = model.be.asarray(src, dtype=dst.dtype)
+        model.verify_state_arrays(best_weights, source=f"{path} (best/)")
+    for src, dst in model.verify_state_arrays(arrays, source=str(path)) + opt_arrays:
+        dst[...] = model.be.asarray(src, dtype=dst.dtype)  # everything verified: now load it all
     return st
 
 

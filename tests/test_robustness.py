@@ -117,9 +117,12 @@ def test_a_shape_1_state_never_broadcasts(tmp_path):
     opt_key = next(k for k in arrays if k.startswith("opt/"))
     checkpoint.write(tmp_path / "bad_opt.npz", {**arrays, opt_key: arrays[opt_key][:1]}, meta)
     fresh = MLP("4-8-2", batchnorm=True, backend="numpy")
+    init = fresh.state_arrays()
     with pytest.raises(checkpoint.CheckpointError, match="has shape"):
         fresh.fit(*toy(n=40), epochs=3, batch_size=10, optimizer="adam",
                   checkpoint_path=tmp_path / "bad_opt.npz", resume=True)  # fmt: skip
+    for key, a in fresh.state_arrays().items():  # verified before anything was loaded
+        np.testing.assert_array_equal(a, init[key])
 
 
 def test_checksum_catches_a_change_the_zip_crc_cannot(tmp_path):
@@ -307,10 +310,10 @@ def test_idx_dims_that_overflow_int64_name_the_file():
         parse_idx(header + b"\0" * 8, "huge.idx")
 
 
-def write_mnist(d: Path, seed: int, n: int = 10) -> None:
+def write_mnist(d: Path, seed: int, n_train: int = 10, n_test: int = 10) -> None:
     rng = np.random.default_rng(seed)
     d.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "t10k"):
+    for split, n in (("train", n_train), ("t10k", n_test)):
         imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         (d / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(imgs)))
         (d / f"{split}-labels-idx1-ubyte.gz").write_bytes(
@@ -335,6 +338,12 @@ def test_cache_is_keyed_by_content_not_mtime(tmp_path):
     os.utime(d / "train-images-idx3-ubyte.gz", ns=(old, old))
     with pytest.raises(DataError, match="train-images"):
         load_mnist(d)
+
+
+def test_an_empty_split_is_refused_when_loading(tmp_path):
+    write_mnist(tmp_path / "m", seed=0, n_test=0)
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz holds 0 images"):
+        load_mnist(tmp_path / "m", download=False)
 
 
 # ------------------------------------------------------------------ predict inputs: PNG modes, pixel range

@@ -180,6 +180,8 @@ def _check_split(images: np.ndarray, labels: np.ndarray, img_name: str, lbl_name
         )
     if labels.ndim != 1:
         raise DataError(f"{lbl_name}: labels must be 1-D, got shape {labels.shape}; not an MNIST label file")
+    if len(images) == 0:
+        raise DataError(f"{img_name} holds 0 images; an empty split cannot train or test a model")
     if len(images) != len(labels):
         raise DataError(
             f"{img_name} has {len(images)} images but {lbl_name} has {len(labels)} labels; "
