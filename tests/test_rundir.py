@@ -189,10 +189,11 @@ def test_data_dir_that_is_a_file(tmp_path):
 
 # ------------------------------------------------------------------ Ctrl-C and read-only caches
 def test_ctrl_c_while_importing_exits_130_quietly():
-    """SIGINT right after the interpreter is up, while gpumlp imports NumPy/Numba (as `-m gpumlp`)."""
-    code = "import sys, runpy; sys.argv = ['gpumlp', 'info']; print('up', flush=True); "
-    code += "runpy.run_module('gpumlp', run_name='__main__', alter_sys=True)"
-    for delay in (0.0, 0.05, 0.15):
+    """SIGINT while the entry point (``python -m gpumlp`` and the console script) imports NumPy/Numba.
+    The signal is sent once gpumlp's entry module is loaded, i.e. after the interpreter's own start."""
+    code = "import sys; sys.argv = ['gpumlp', 'info']; import gpumlp.__main__ as m; print('up', flush=True); "
+    code += "sys.exit(m.run())"
+    for delay in (0.0, 0.02, 0.05, 0.15):
         p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert p.stdout.readline() == b"up\n"
         time.sleep(delay)
