@@ -152,6 +152,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     f.add_argument("--tol", type=POS_FLOAT, help="stop when the loss changes by less than this")
     f.add_argument("--patience", type=POS_INT, help="early stop after N epochs without better valid acc")
     f.add_argument("--augment-shift", type=NONNEG_INT, help="random shifts of up to N pixels")
+    f.add_argument(
+        "--divergence-factor",
+        type=NONNEG_FLOAT,
+        default=1e3,
+        help="stop (exit 3) when the loss exceeds this many times the lowest seen (default 1000; 0: off)",
+    )
     d = p.add_argument_group("data and run")
     d.add_argument("--scale", choices=SCALE_MODES, help="input preprocessing")
     d.add_argument("--valid", type=NONNEG_INT, help="validation rows from the end of the train set")
@@ -306,7 +312,7 @@ def _train(args: argparse.Namespace) -> int:
                 prep.apply(x_tr, dt), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
                 checkpoint_path=paths.get("checkpoint"), resume=args.resume,
                 checkpoint_extra=(prep.to_arrays(), {"prep": prep.to_meta()}),
-                cuda_graphs=args.cuda_graphs,
+                cuda_graphs=args.cuda_graphs, divergence_factor=args.divergence_factor or None,
                 progress=not args.no_progress, verbose=True,
             )  # fmt: skip
     except TrainingDiverged as e:

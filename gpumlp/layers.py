@@ -154,7 +154,10 @@ class Dropout(Layer):
 
 class BatchNorm(Layer):
     """Batch normalisation over the batch axis with learned scale/shift and
-    running statistics (``momentum`` weights the old value) for eval mode."""
+    running statistics (``momentum`` weights the old value) for eval mode.
+    A training batch needs >= 2 samples (one has no variance: the output would be
+    beta and the running variance would shrink), so one sample is a ValueError, as
+    in PyTorch; ``fit`` refuses a batch size that would leave one."""
 
     state_names = ("running_mean", "running_var")
 

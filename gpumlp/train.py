@@ -252,7 +252,7 @@ def fit(
     if patience is not None and X_valid is None:
         raise ValueError("patience needs validation data: pass X_valid/y_valid or valid_split > 0")
     if divergence_factor is not None:
-        check_float("divergence_factor", divergence_factor, 1.0, math.inf, low_open=True)
+        check_float("divergence_factor", divergence_factor, 1.0, math.inf, low_open=True, high_open=True)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if clip_norm is not None and not clip_norm > 0:

@@ -9,6 +9,7 @@ The corrupted-checkpoint fuzz test has a fixed time budget (FUZZ_SECONDS).
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 import time
@@ -151,6 +152,20 @@ def test_model_file_missing_an_array_or_a_key(tmp_path):
     checkpoint.write(tmp_path / "k.npz", arrays, {**meta, "model": model_meta})
     with pytest.raises(checkpoint.CheckpointError, match=r"k.npz: model config has keys"):
         MLP.load(tmp_path / "k.npz")
+
+
+def test_files_written_before_checksums_still_load(tmp_path):
+    """A model file of an earlier gpumlp (no checksum, no 'checksum' in its header) loads."""
+    model = MLP("4-3-2", backend="numpy")
+    model.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as z:
+        payload = {k: z[k] for k in z.files if k != "__sha256__"}
+    meta = json.loads(payload["__meta__"].tobytes())
+    del meta["checksum"]
+    payload["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "old.npz", **payload)
+    old = MLP.load(tmp_path / "old.npz")
+    np.testing.assert_array_equal(old.predict(toy()[0]), model.predict(toy()[0]))
 
 
 @pytest.fixture(scope="module")

@@ -104,6 +104,11 @@ def test_finite_divergence_exits_3_and_keeps_the_last_good_files(run2, tmp_path)
     assert json.loads((out / "config.json").read_text())["fit"]["lr"] == 0.001
 
 
+def test_divergence_factor_flag_is_checked():
+    line = one_error_line(gpumlp("train", *TINY, "--epochs", "1", "--divergence-factor", "0.5"), 2)
+    assert "divergence_factor must be a finite number in (1, inf)" in line
+
+
 def test_sgd_relu_huge_lr_is_divergence_not_success(tmp_path):
     args = [*TINY[:-6], "--optimizer", "sgd", "--act", "relu", "--lr", "1e6", "--epochs", "3"]
     line = one_error_line(gpumlp("train", *args, "--out", tmp_path / "o"), 3)
