@@ -274,7 +274,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from gpumlp.rundir import RunLock
 
-    with RunLock(args.out) if args.out else nullcontext():
+    missing = args.resume and args.out and not Path(args.out).is_dir()  # refused in _train; create nothing
+    with RunLock(args.out) if args.out and not missing else nullcontext():
         return _train(args)
 
 
