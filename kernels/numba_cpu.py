@@ -45,7 +45,6 @@ loops vectorised, and it would allow NaN-unsafe rewrites.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import threading
@@ -55,6 +54,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from ._jit import njit  # numba.njit, without the disk cache where none can be written
 from .reference import (
     _PHILOX_M,
     _PHILOX_W,
@@ -69,35 +69,6 @@ from .reference import (
     _store_sum,
     _updates_running_stats,
 )
-
-
-def _cache_probe() -> int:
-    return 0
-
-
-def _caching_works() -> bool:
-    """Whether Numba can cache this module's kernels on disk. Where it cannot (a read-only
-    install, no writable NUMBA_CACHE_DIR or home cache) numba.njit(cache=True) raises at import;
-    then the kernels compile in memory every run, after one warning line."""
-    try:
-        numba.njit(cache=True)(_cache_probe)
-    except RuntimeError as e:  # numba: "cannot cache function ...: no locator available for file ..."
-        logging.getLogger("gpumlp").warning(
-            "warning: numba cannot cache compiled kernels (%s); compiling them afresh each run "
-            "(set NUMBA_CACHE_DIR to a writable directory to cache them)",
-            " ".join(str(e).split()),
-        )
-        return False
-    return True
-
-
-_CACHE_OK = _caching_works()
-
-
-def _njit(*args, cache: bool = False, **kwargs):
-    """numba.njit, caching on disk only where that works (see _caching_works)."""
-    return numba.njit(*args, cache=cache and _CACHE_OK, **kwargs)
-
 
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # identity 0 .. leaky_relu 4
 # Elements at and above which a kernel uses its parallel variant (see module docstring).
@@ -140,7 +111,7 @@ def matmul(
     return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _bias_act_rows(z, b, out, code, r0, r1):
     # code 1 (sigmoid) computes the fused scalar form; codes 5/6 are the SIMD-exp passes
     # around NumPy's vectorised exp/tanh (see bias_act).
@@ -173,12 +144,12 @@ def _bias_act_rows(z, b, out, code, r0, r1):
                 out[i, j] = 1.0 / (1.0 + out[i, j])
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _bias_act_serial(z, b, out, code):
     _bias_act_rows(z, b, out, code, 0, z.shape[0])
 
 
-@_njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def _bias_act_par(z, b, out, code, nt):
     step = (z.shape[0] + nt - 1) // nt
     for c in prange(nt):
@@ -203,7 +174,7 @@ def bias_act(z: np.ndarray, b: np.ndarray, act: str, out: np.ndarray | None = No
     return out
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _act_grad_range(g, y, out, code, lo, hi):
     if code == 0:
         for i in range(lo, hi):
@@ -222,12 +193,12 @@ def _act_grad_range(g, y, out, code, lo, hi):
             out[i] = g[i] if y[i] > 0 else g[i] * LEAKY_SLOPE
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _act_grad_serial(g, y, out, code):
     _act_grad_range(g, y, out, code, 0, g.size)
 
 
-@_njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def _act_grad_par(g, y, out, code, nt):
     step = (g.size + nt - 1) // nt
     for c in prange(nt):
@@ -244,7 +215,7 @@ def act_grad(grad_out: np.ndarray, y: np.ndarray, act: str, out: np.ndarray | No
     return out
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _bias_grad_k(gz, out):
     acc = np.zeros(gz.shape[1], np.float64)
     for i in range(gz.shape[0]):
@@ -262,7 +233,7 @@ def bias_grad(grad_z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _source_row(idx, r, n):
     """Row idx[r] of an n-row source, negative indices counted from the end (as NumPy)."""
     k = idx[r]
@@ -273,7 +244,7 @@ def _source_row(idx, r, n):
     return k
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _gather_k(src, idx, out):
     for r in range(idx.shape[0]):
         k = _source_row(idx, r, src.shape[0])
@@ -293,7 +264,7 @@ def gather_rows(src: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None)
 
 
 # ====================================================================== losses
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _softmax_k(z, out):
     for i in range(z.shape[0]):
         m = z[i, 0]
@@ -317,7 +288,7 @@ def softmax(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _softmax_xent_k(z, labels, grad, scale):
     k = z.shape[1]
     total = 0.0
@@ -356,7 +327,7 @@ def softmax_xent(
     return _accumulate(loss, total, logits.dtype), grad
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _sigmoid_bce_k(z, labels, grad, scale, cap):
     k = z.shape[1]
     total = 0.0
@@ -389,7 +360,7 @@ def sigmoid_bce(
     return _accumulate(loss, total, logits.dtype), grad
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _mse_k(pred, labels, grad, scale):
     k = pred.shape[1]
     total = 0.0
@@ -419,7 +390,7 @@ def mse(
     return _accumulate(loss, total, pred.dtype), grad
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _correct_k(scores, labels):
     hits = 0
     for i in range(scores.shape[0]):
@@ -449,19 +420,19 @@ def correct_count(scores: np.ndarray, labels: np.ndarray, count: np.ndarray | No
 # Each step is one pass over w (+ state): the effective gradient g + l2*w + l1*sign(w)
 # is formed in registers, never stored. Flat 1-D views; a *_range body shared by the
 # serial and the parallel variant.
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _sgd_range(w, g, lr, l2, l1, lo, hi):
     for i in range(lo, hi):
         wi = w[i]
         w[i] = wi - lr * (g[i] + l2 * wi + l1 * np.sign(wi))
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _sgd_serial(w, g, lr, l2, l1):
     _sgd_range(w, g, lr, l2, l1, 0, w.size)
 
 
-@_njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def _sgd_par(w, g, lr, l2, l1, nt):
     step = (w.size + nt - 1) // nt
     for c in prange(nt):
@@ -474,7 +445,7 @@ def sgd_step(w: np.ndarray, g: np.ndarray, lr: float, l2: float = 0.0, l1: float
     _run(_sgd_par, _sgd_serial, w1.size, w1, g1, float(lr), float(l2), float(l1))
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _momentum_range(w, g, v, lr, mu, nesterov, l2, l1, lo, hi):
     for i in range(lo, hi):
         wi = w[i]
@@ -486,12 +457,12 @@ def _momentum_range(w, g, v, lr, mu, nesterov, l2, l1, lo, hi):
             w[i] = wi - lr * v[i]
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _momentum_serial(w, g, v, lr, mu, nesterov, l2, l1):
     _momentum_range(w, g, v, lr, mu, nesterov, l2, l1, 0, w.size)
 
 
-@_njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def _momentum_par(w, g, v, lr, mu, nesterov, l2, l1, nt):
     step = (w.size + nt - 1) // nt
     for c in prange(nt):
@@ -525,7 +496,7 @@ def momentum_step(
     )
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _adagrad_range(w, g, h, lr, eps, l2, l1, lo, hi):
     for i in range(lo, hi):
         wi = w[i]
@@ -534,12 +505,12 @@ def _adagrad_range(w, g, h, lr, eps, l2, l1, lo, hi):
         w[i] = wi - lr * ge / (math.sqrt(h[i]) + eps)
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _adagrad_serial(w, g, h, lr, eps, l2, l1):
     _adagrad_range(w, g, h, lr, eps, l2, l1, 0, w.size)
 
 
-@_njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def _adagrad_par(w, g, h, lr, eps, l2, l1, nt):
     step = (w.size + nt - 1) // nt
     for c in prange(nt):
@@ -560,7 +531,7 @@ def adagrad_step(
     _run(_adagrad_par, _adagrad_serial, w1.size, w1, g1, h1, float(lr), float(eps), float(l2), float(l1))
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _rmsprop_range(w, g, s, lr, rho, eps, l2, l1, lo, hi):
     for i in range(lo, hi):
         wi = w[i]
@@ -569,12 +540,12 @@ def _rmsprop_range(w, g, s, lr, rho, eps, l2, l1, lo, hi):
         w[i] = wi - lr * ge / (math.sqrt(s[i]) + eps)
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _rmsprop_serial(w, g, s, lr, rho, eps, l2, l1):
     _rmsprop_range(w, g, s, lr, rho, eps, l2, l1, 0, w.size)
 
 
-@_njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def _rmsprop_par(w, g, s, lr, rho, eps, l2, l1, nt):
     step = (w.size + nt - 1) // nt
     for c in prange(nt):
@@ -608,7 +579,7 @@ def rmsprop_step(
     )
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1, lo, hi):
     # lr_c = lr / (1 - b1^t), inv_bc2 = 1 / (1 - b2^t): one division and one sqrt per element
     for i in range(lo, hi):
@@ -619,12 +590,12 @@ def _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1, lo, hi):
         w[i] = wi - lr_c * m[i] / (math.sqrt(v[i] * inv_bc2) + eps)
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _adam_serial(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1):
     _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1, 0, w.size)
 
 
-@_njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def _adam_par(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1, nt):
     step = (w.size + nt - 1) // nt
     for c in prange(nt):
@@ -664,7 +635,7 @@ _S32 = np.uint64(32)
 _MASK16 = np.uint64(0xFFFF)
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _philox_fill_k(key, w0, w1, w2, w3):
     """Blocks 0 .. len(w0)-1 of the stream key = (seed lo, seed hi, step lo, step hi): Philox4x32-10
     with counter (b, 0, step lo, step hi) and key (seed lo, seed hi); word j of block b into wj[b].
@@ -684,19 +655,19 @@ def _philox_fill_k(key, w0, w1, w2, w3):
         w3[b] = c3
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _word(w0, w1, w2, w3, i):
     """Element i of the stream: word i % 4 of block i // 4."""
     j, b = i & 3, i >> 2
     return w0[b] if j == 0 else (w1[b] if j == 1 else (w2[b] if j == 2 else w3[b]))
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _uniform(word):
     return np.float64(word >> _S8) * (1.0 / (1 << 24))
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _hash_uniform_k(w0, w1, w2, w3, out):
     for i in range(out.size):
         out[i] = _uniform(_word(w0, w1, w2, w3, i))
@@ -731,7 +702,7 @@ def hash_uniform(seed: int, n: int, step=0) -> np.ndarray:
 
 
 # ====================================================== shuffle and augmentation
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _permutation_keys_k(w0, w1, w2, w3, keys):
     for i in range(keys.size):
         keys[i] = (_word(w0, w1, w2, w3, i) << _S32) | np.uint64(i)
@@ -748,7 +719,7 @@ def permutation(seed: int, n: int, epoch: int = 0, out: np.ndarray | None = None
     return _put(out, (keys & _MASK32).astype(np.int32))
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _gather_shifted_k(src, idx, out, side, max_shift, w0, w1, w2, w3):
     span = 2 * max_shift + 1
     for r in range(idx.shape[0]):
@@ -785,14 +756,14 @@ def gather_shifted(
     return out
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _dropout_one(x, p, scale, out, mask, i, word):
     mk = scale if _uniform(word) >= p else x.dtype.type(0)
     mask[i] = mk
     out[i] = x[i] * mk  # x * 0 for dropped elements, as the reference (NaN stays NaN)
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _dropout_k(x, p, scale, out, mask, w0, w1, w2, w3):
     n = x.size
     for b in range(n // 4):  # whole blocks, their 4 elements unrolled: the loop vectorises
@@ -823,7 +794,7 @@ def dropout_forward(
     return out, mask
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _mul_k(a, b, out):
     for i in range(a.size):
         out[i] = a[i] * b[i]
@@ -838,7 +809,7 @@ def dropout_backward(grad_out: np.ndarray, mask: np.ndarray, out: np.ndarray | N
 
 
 # ================================================================== batch norm
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _bn_forward_k(x, gamma, beta, eps, out, xhat, mean, var, run_mean, run_var, momentum, update):
     nb, n = x.shape
     mu = np.zeros(n, np.float64)
@@ -896,7 +867,7 @@ def batchnorm_forward(
     return out, xhat, mean, var
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _bn_inference_k(x, gamma, beta, mean, var, eps, out):
     n = x.shape[1]
     for i in range(x.shape[0]):
@@ -920,7 +891,7 @@ def batchnorm_inference(
     return out
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _bn_backward_k(dy, xhat, gamma, var, eps, dx, dgamma, dbeta):
     nb, n = dy.shape
     sb = np.zeros(n, np.float64)
@@ -960,7 +931,7 @@ def batchnorm_backward(
 
 
 # =========================================================== gradient clipping
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _sum_squares_k(x):
     s = 0.0
     for i in range(x.size):
@@ -974,7 +945,7 @@ def sum_squares(x: np.ndarray, out: np.ndarray | None = None, accumulate: bool =
     return _store_sum(out, _sum_squares_k(_flat(x, "x")), accumulate, x.dtype)
 
 
-@_njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _scale_k(g, factor):
     for i in range(g.size):
         g[i] *= factor
