@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -148,16 +149,16 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     f.add_argument("--lr-step", type=POS_INT, help="epochs per step of the 'step' schedule")
     f.add_argument("--reduction", choices=["mean", "sum"], help="minibatch gradient: mean or sum")
     f.add_argument("--batch-size", type=POS_INT)
-    f.add_argument("--epochs", type=POS_INT, help="total epochs (with --resume: including those done)")
-    f.add_argument("--tol", type=POS_FLOAT, help="stop when the loss changes by less than this")
-    f.add_argument("--patience", type=POS_INT, help="early stop after N epochs without better valid acc")
-    f.add_argument("--augment-shift", type=NONNEG_INT, help="random shifts of up to N pixels")
     f.add_argument(
         "--divergence-factor",
         type=NONNEG_FLOAT,
         default=1e3,
         help="stop (exit 3) when the loss exceeds this many times the lowest seen (default 1000; 0: off)",
     )
+    f.add_argument("--epochs", type=POS_INT, help="total epochs (with --resume: including those done)")
+    f.add_argument("--tol", type=POS_FLOAT, help="stop when the loss changes by less than this")
+    f.add_argument("--patience", type=POS_INT, help="early stop after N epochs without better valid acc")
+    f.add_argument("--augment-shift", type=NONNEG_INT, help="random shifts of up to N pixels")
     d = p.add_argument_group("data and run")
     d.add_argument("--scale", choices=SCALE_MODES, help="input preprocessing")
     d.add_argument("--valid", type=NONNEG_INT, help="validation rows from the end of the train set")
@@ -312,8 +313,9 @@ def _train(args: argparse.Namespace) -> int:
             history = model.fit(
                 prep.apply(x_tr, dt), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
                 checkpoint_path=paths.get("checkpoint"), resume=args.resume,
+                divergence_factor=args.divergence_factor or None,
                 checkpoint_extra=(prep.to_arrays(), {"prep": prep.to_meta()}),
-                cuda_graphs=args.cuda_graphs, divergence_factor=args.divergence_factor or None,
+                cuda_graphs=args.cuda_graphs,
                 progress=not args.no_progress, verbose=True,
             )  # fmt: skip
     except TrainingDiverged as e:
@@ -468,9 +470,9 @@ def _read_npz(path: Path) -> np.ndarray:
             if not z.files:
                 raise UsageError(f"{path}: the .npz file holds no arrays")
             return z["x" if "x" in z.files else z.files[0]]
-    except UsageError:
-        raise
-    except Exception as e:  # zip, EOF (a 0-byte file), npy-header errors alike
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable .npz file ({e})") from None
+    except (EOFError, zipfile.BadZipFile) as e:  # a 0-byte or damaged file
         raise UsageError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
 
 

@@ -33,13 +33,13 @@ from gpumlp.validate import MAX_SEED, check_features, check_float, check_int, ch
 # coincide with dropout's (keyed by the model seed * 1000 + layer index).
 _SHUFFLE_SALT = 0x53485546  # "SHUF"
 _AUGMENT_SALT = 0x41554721  # "AUG!"
-_REFERENCE_ROWS = 2000  # rows the untrained model's loss (divergence's first reference) is measured on
-_TINY_LOSS = 1e-3  # a loss near 0 would make any later wobble look like a 1000x growth
 
 
 # A training loss this many times the reference (the untrained model's loss, or the best epoch's,
 # whichever is lower) counts as divergence, like NaN or inf.
 DIVERGENCE_FACTOR = 1e3
+_REFERENCE_ROWS = 2000  # rows the untrained model's loss (divergence's first reference) is measured on
+_TINY_LOSS = 1e-3  # a loss near 0 would make any later wobble look like a 1000x growth
 
 
 class TrainingDiverged(FloatingPointError):
@@ -227,6 +227,10 @@ def fit(
 ) -> History:
     """Train ``model`` on host arrays X (n, n_features) and integer labels y (n,).
 
+    Training stops with :class:`TrainingDiverged`, before anything is saved for that epoch, when
+    the epoch's loss is NaN/inf or more than ``divergence_factor`` times the lowest loss seen
+    (the untrained model's or an earlier epoch's; None turns the growth test off).
+
     Minibatch SGD family (``batch_size=1`` is stochastic, ``batch_size>=n`` full
     batch); ``reduction`` ``mean`` averages the gradient over a minibatch,
     ``sum`` adds it up (the classic seed recipe). Stops after ``epochs``, when
@@ -238,9 +242,6 @@ def fit(
     drawn afresh every step. With ``checkpoint_path`` the state is saved atomically after
     each epoch, with ``checkpoint_extra`` = (host arrays, JSON meta) of the
     caller's (e.g. preprocessing); ``resume=True`` continues from it exactly.
-    Training stops with :class:`TrainingDiverged`, before anything is saved for that epoch, when
-    the epoch's loss is NaN/inf or more than ``divergence_factor`` times the lowest loss seen
-    (the untrained model's or an earlier epoch's; None turns the growth test off).
     ``cuda_graphs`` (cupy/cuda-emu) replays each full-size step as one CUDA graph
     (any optimizer, dropout, batch norm and clipping included).
     ``callbacks`` get (epoch record, model) and may return True to stop."""
