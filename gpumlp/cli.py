@@ -434,9 +434,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def read_images(path: str, n_features: int, pixels: str = "auto") -> np.ndarray:
-    """Pixels 0..255 (N, n_features) from an IDX (.gz or raw), .npz or PNG file; ``pixels`` says
-    whether the file holds 0-255 or 0-1 values (``auto``: detect, see gpumlp.data.images)."""
+def read_images(path: str, n_features: int) -> np.ndarray:
+    """Raw pixels (N, n_features) from an IDX (.gz or raw), .npz or PNG file."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"input file {path} does not exist")
@@ -455,9 +454,16 @@ def read_images(path: str, n_features: int, pixels: str = "auto") -> np.ndarray:
     x = x.reshape(x.shape[0], -1) if x.ndim > 1 else x
     if x.ndim != 2 or x.shape[1] != n_features or x.dtype.kind not in "uif":
         raise UsageError(f"{path}: expected images with {n_features} pixels each, got {x.dtype} {x.shape}")
+    return x
+
+
+def as_pixels(x: np.ndarray, path: str, pixels: str = "auto") -> np.ndarray:
+    """Images read from ``path`` -> pixels 0..255: ``pixels`` says whether the file holds 0-255 or
+    0-1 values (``auto``: detect, see gpumlp.data.images); PNGs are always read as 0..255."""
     from gpumlp.data.images import to_pixels_255
 
-    x, used = to_pixels_255(x, "0-255" if suffix == ".png" else pixels, str(path))  # PNGs read as 0..255
+    png = Path(path).suffix.lower() == ".png"
+    x, used = to_pixels_255(x, "0-255" if png else pixels, str(path))
     if pixels == "auto" and used == "0-1":
         _log(f"{path}: all values are in [0, 1]; read as pixels scaled to [0, 1] (say --pixels 0-255 if not)")
     return x
@@ -487,7 +493,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``gpumlp predict MODEL FILE``."""
     model, prep = load_model(args.model, args.backend)
     model.be.set_matmul_precision(args.precision)
-    x = prep.apply(read_images(args.file, model.n_features, args.pixels), model.dtype)
+    x = prep.apply(as_pixels(read_images(args.file, model.n_features), args.file, args.pixels), model.dtype)
     if not args.proba:
         print("\n".join(str(c) for c in model.predict(x)))
         return EXIT_OK

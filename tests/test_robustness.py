@@ -389,15 +389,18 @@ def test_png_modes_read_as_the_same_gray_pixels(digit, tmp_path):
 
 
 def test_predict_input_pixel_range(digit, tmp_path):
-    from gpumlp.cli import read_images
+    from gpumlp.cli import as_pixels, read_images
     from gpumlp.data.images import to_pixels_255
 
     x = np.stack([digit.reshape(-1), digit.reshape(-1) // 2])
     np.savez(tmp_path / "raw.npz", x=x)
     np.savez(tmp_path / "scaled.npz", x=x / 255.0)
-    raw = read_images(str(tmp_path / "raw.npz"), 784)
-    np.testing.assert_allclose(read_images(str(tmp_path / "scaled.npz"), 784), raw, atol=1e-9)
-    np.testing.assert_array_equal(read_images(str(tmp_path / "scaled.npz"), 784, "0-255"), x / 255.0)
+
+    def pixels(name, mode="auto"):
+        return as_pixels(read_images(str(tmp_path / name), 784), str(tmp_path / name), mode)
+
+    np.testing.assert_allclose(pixels("scaled.npz"), pixels("raw.npz"), atol=1e-9)
+    np.testing.assert_array_equal(pixels("scaled.npz", "0-255"), x / 255.0)
     with pytest.raises(DataError, match=r"outside 0-1"):
         to_pixels_255(x.astype(float), "0-1", "x")
     with pytest.raises(DataError, match=r"outside 0-255"):
