@@ -15,6 +15,7 @@ def run() -> int:
     quiet = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
     if quiet:
         signal.signal(signal.SIGINT, _exit_quietly)
+    from gpumlp import rundir, train  # noqa: F401 - main()'s own imports, loaded while Ctrl-C is quiet
     from gpumlp.cli import main
 
     if quiet:
