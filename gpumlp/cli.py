@@ -1,6 +1,7 @@
 """The ``gpumlp`` command line: ``train | eval | predict | info | bench``.
 
-Exit codes: 0 success; 2 a bad flag, file or value (one ``gpumlp: error: ...``
+Exit codes: 0 success; 2 a bad flag, file or value, a damaged model file, an ``--out``
+directory in use by another run, or too little memory (one ``gpumlp: error: ...``
 line on stderr, never a traceback); 3 training diverged; 130 interrupted
 (Ctrl-C; the last per-epoch checkpoint is kept). Results go to stdout,
 progress and diagnostics to stderr.
@@ -15,6 +16,7 @@ import os
 import platform
 import sys
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--label-column", help="of a .csv/.tsv with one column too many: the one to ignore")
     pr.add_argument("--proba", action="store_true", help="also print the class probabilities")
+    pr.add_argument(
+        "--pixels",
+        choices=("auto", "0-255", "0-1"),
+        default="auto",
+        help="input pixel range (default auto: integers are 0-255, floats all in [0, 1] are 0-1)",
+    )
     pr.add_argument("--backend", default=None, help="compute backend (default: $GPUMLP_BACKEND or auto)")
     _add_precision(pr)
     _add_export(sub)
@@ -170,6 +178,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     f.add_argument("--lr-step", type=POS_INT, help="epochs per step of the 'step' schedule")
     f.add_argument("--reduction", choices=["mean", "sum"], help="minibatch gradient: mean or sum")
     f.add_argument("--batch-size", type=POS_INT)
+    f.add_argument(
+        "--divergence-factor",
+        type=NONNEG_FLOAT,
+        default=1e3,
+        help="stop (exit 3) when the loss exceeds this many times the lowest seen (default 1000; 0: off)",
+    )
     f.add_argument("--epochs", type=POS_INT, help="total epochs (with --resume: including those done)")
     f.add_argument("--tol", type=POS_FLOAT, help="stop when the loss changes by less than this")
     f.add_argument(
@@ -214,6 +228,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 MODEL_KEYS = ("spec", "act", "loss", "init", "dropout", "batchnorm", "dtype", "seed")
 FIT_KEYS = tuple(PRESETS["seed"]["fit"])
 DATA_KEYS = ("scale", "valid")
+MODEL_SECTIONS = ("model", "fit", "data")
 
 
 def resolve_config(args: argparse.Namespace, saved: dict | None = None) -> dict:
@@ -277,10 +292,10 @@ def _out_paths(out: Path | None) -> dict[str, Path]:
 
 
 def _write_json(path: Path, obj) -> None:
-    """Write ``obj`` as indented JSON (atomically: temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON (atomically: temp file, fsync, rename)."""
+    from gpumlp.rundir import write_json
+
+    write_json(path, obj, default=_json_default)
 
 
 def _json_default(o):
@@ -299,15 +314,36 @@ def _train_config(args: argparse.Namespace, paths: dict) -> dict:
     if args.resume and not paths["checkpoint"].is_file():
         raise UsageError(f"--resume: no checkpoint at {paths['checkpoint']} to continue from")
     saved = None
+    if args.resume:
+        from gpumlp.rundir import check_resume_after_divergence
+
+        check_resume_after_divergence(paths["config"].parent, args.lr)
     if args.resume and paths["config"].is_file():
-        saved = json.loads(paths["config"].read_text())
+        try:
+            saved = json.loads(paths["config"].read_text())
+        except ValueError as e:
+            raise UsageError(f"{paths['config']} is unreadable ({e}); start a new run") from None
+        if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in MODEL_SECTIONS):
+            raise UsageError(f"{paths['config']} lacks its model/fit/data sections; start a new run")
     return resolve_config(args, saved)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``gpumlp train``."""
+    """``gpumlp train``: holds an exclusive lock on ``--out`` for the whole run."""
+    from contextlib import nullcontext
+
+    from gpumlp.rundir import RunLock
+
+    missing = args.resume and args.out and not Path(args.out).is_dir()  # refused in _train; create nothing
+    with RunLock(args.out) if args.out and not missing else nullcontext():
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``gpumlp train`` once the run directory is ours."""
     from gpumlp.backend import get_backend
     from gpumlp.model import MLP
+    from gpumlp.train import TrainingDiverged
 
     t_start = time.perf_counter()
     level = logs.verbosity(args.quiet, args.verbose)
@@ -332,19 +368,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec, preset = config["model"]["spec"], config["preset"]
     _log(f"training {spec} on {len(x_tr)} samples of {data.source}, backend {be.name}, preset {preset}")
     _log(f"hyper-parameters: {describe(config)}")
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(paths["config"], config)
+    last_good = _start_run_dir(args, paths, config, model, len(x_tr)) if out else None
     try:  # overflow on the way to a NaN loss is reported once, as TrainingDiverged, not as warnings
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             history = model.fit(
                 prep.apply(x_tr, dt), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
                 checkpoint_path=paths.get("checkpoint"), resume=args.resume,
+                divergence_factor=args.divergence_factor or None,
                 checkpoint_extra=(prep.to_arrays(), {"prep": prep.to_meta()}),
                 cuda_graphs=args.cuda_graphs, log_grad_norms=args.log_grad_norms,
                 progress=logs.progress_bar_wanted(args.no_progress, level), verbose=level > logs.QUIET,
                 callbacks=_callbacks(args),
             )  # fmt: skip
+    except TrainingDiverged as e:
+        if out:
+            from gpumlp.rundir import mark_diverged
+
+            mark_diverged(out, config["fit"]["lr"], e.epoch, str(e))
+            if last_good is not None:  # the config of the kept checkpoint, not the lr that diverged
+                _write_json(paths["config"], last_good)
+        raise
     except KeyboardInterrupt:
         ckpt = paths.get("checkpoint")
         kept = (
@@ -404,6 +447,22 @@ def _machine(backend_name: str) -> dict:
 
 class _Interrupted(Exception):
     """Ctrl-C during training, with a message about the kept checkpoint."""
+
+
+def _start_run_dir(args: argparse.Namespace, paths: dict, config: dict, model, n_train: int) -> dict | None:
+    """Check that a --resume can continue (model, optimizer, data size), then write config.json:
+    nothing in the run directory changes unless the resume is accepted. -> the config it replaced
+    on a resume (restored if the run diverges), else None."""
+    from gpumlp.rundir import clear_diverged
+    from gpumlp.train import check_resume
+
+    previous = None
+    if args.resume:
+        check_resume(paths["checkpoint"], model.config(), config["fit"]["optimizer"], n_train)
+        previous = json.loads(paths["config"].read_text()) if paths["config"].is_file() else None
+    _write_json(paths["config"], config)
+    clear_diverged(paths["config"].parent)
+    return previous
 
 
 def _test_metrics(y_true, y_pred, n_classes: int) -> dict:
@@ -522,6 +581,18 @@ def read_images(path: str, n_features: int, label_column: str | None = None) -> 
     return x
 
 
+def as_pixels(x: np.ndarray, path: str, pixels: str = "auto") -> np.ndarray:
+    """Images read from ``path`` -> pixels 0..255: ``pixels`` says whether the file holds 0-255 or
+    0-1 values (``auto``: detect, see gpumlp.data.images); PNGs are always read as 0..255."""
+    from gpumlp.data.images import to_pixels_255
+
+    png = Path(path).suffix.lower() == ".png"
+    x, used = to_pixels_255(x, "0-255" if png else pixels, str(path))
+    if pixels == "auto" and used == "0-1":
+        _log(f"{path}: all values are in [0, 1]; read as pixels scaled to [0, 1] (say --pixels 0-255 if not)")
+    return x
+
+
 def _read_npz(path: Path) -> np.ndarray:
     """Array ``x`` (or the first array) of an .npz file."""
     try:
@@ -532,27 +603,15 @@ def _read_npz(path: Path) -> np.ndarray:
             return z[key]
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: not a readable .npz file ({e})") from None
+    except (EOFError, zipfile.BadZipFile) as e:  # a 0-byte or damaged file
+        raise UsageError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
 
 
 def _read_png(path: Path) -> np.ndarray:
-    """A grayscale PNG -> (H, W) pixels 0..255 (matplotlib's reader, else PIL)."""
-    try:
-        import matplotlib.image as mpimg
+    """A PNG (gray, 16-bit, RGB, with or without alpha) -> (H, W) pixels 0..255."""
+    from gpumlp.data.images import read_png
 
-        img = np.asarray(mpimg.imread(path))
-    except ImportError:
-        try:
-            from PIL import Image
-        except ImportError:
-            raise UsageError("reading PNG needs matplotlib or Pillow: pip install -e '.[plot]'") from None
-        img = np.asarray(Image.open(path))
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UsageError(f"{path}: not a readable PNG ({e})") from None
-    if img.ndim == 3:  # RGB(A) -> gray, alpha ignored
-        img = img[..., :3].mean(axis=2)
-    if img.dtype.kind == "f" and img.max() <= 1.0:  # matplotlib gives floats in [0, 1]
-        img = img * 255.0
-    return img
+    return read_png(path)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -562,7 +621,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     meta = model_meta(args.model, model.n_classes)
     saved = meta.get("config", {}).get("data", {}).get("source", {})  # the training table's label column
     label_column = args.label_column or saved.get("label_column")
-    x = prep.apply(read_images(args.file, model.n_features, label_column), model.dtype)
+    x = read_images(args.file, model.n_features, label_column)
+    if Path(args.file).suffix.lower() not in (".csv", ".tsv"):  # table features are not pixels
+        x = as_pixels(x, args.file, args.pixels)
+    x = prep.apply(x, model.dtype)
     classes = np.asarray(meta["classes"])
     if not args.proba:
         print("\n".join(str(c) for c in classes[model.predict(x)]))
@@ -742,6 +804,7 @@ def _glue_negative_values(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gpumlp`` console script and ``python -m gpumlp``; returns the exit code."""
     from gpumlp.backend import BackendUnavailable
+    from gpumlp.rundir import RunDirBusy
     from gpumlp.train import TrainingDiverged
 
     argv = _glue_negative_values(list(sys.argv[1:] if argv is None else argv))
@@ -762,8 +825,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(_one_line(e), EXIT_DIVERGED)
     except (KeyboardInterrupt, _Interrupted) as e:
         return _fail(_one_line(e) if isinstance(e, _Interrupted) else "interrupted", EXIT_INTERRUPTED)
-    except (UsageError, ValueError, TypeError, BackendUnavailable, ImportError, OSError) as e:
+    except (UsageError, ValueError, TypeError, BackendUnavailable, ImportError, OSError, RunDirBusy) as e:
         return _fail(_one_line(e), EXIT_USAGE)
+    except MemoryError as e:
+        return _fail(f"out of memory: {_one_line(e)}", EXIT_USAGE)
 
 
 if __name__ == "__main__":

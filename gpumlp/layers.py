@@ -18,6 +18,7 @@ import numpy as np
 
 from gpumlp.backend import Backend
 from gpumlp.kernels.reference import ACTIVATIONS
+from gpumlp.validate import check_float, check_int
 
 INITS = ("normal", "xavier", "he")
 
@@ -71,7 +72,7 @@ class Dense(Layer):
             raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
-        self.n_out, self.act, self.init = int(n_out), act, init
+        self.n_out, self.act, self.init = check_int("layer width", n_out, 1), act, init
 
     def build(self, be, n_in, dtype, rng):
         super().build(be, n_in, dtype, rng)
@@ -131,9 +132,7 @@ class Dropout(Layer):
     eval mode the layer is the identity."""
 
     def __init__(self, p: float, seed: int = 0):
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
-        self.p, self.seed = float(p), int(seed)
+        self.p, self.seed = check_float("dropout rate", p, 0.0, 1.0, high_open=True), int(seed)
 
     def forward(self, x, train: bool, step=0):
         if not train or self.p == 0.0:
@@ -155,12 +154,16 @@ class Dropout(Layer):
 
 class BatchNorm(Layer):
     """Batch normalisation over the batch axis with learned scale/shift and
-    running statistics (``momentum`` weights the old value) for eval mode."""
+    running statistics (``momentum`` weights the old value) for eval mode.
+    A training batch needs >= 2 samples (one has no variance: the output would be
+    beta and the running variance would shrink), so one sample is a ValueError, as
+    in PyTorch; ``fit`` refuses a batch size that would leave one."""
 
     state_names = ("running_mean", "running_var")
 
     def __init__(self, momentum: float = 0.9, eps: float = 1e-5):
-        self.momentum, self.eps = float(momentum), float(eps)
+        self.momentum = check_float("batch-norm momentum", momentum, 0.0, 1.0, high_open=True)
+        self.eps = check_float("batch-norm eps", eps, 0.0, 1.0, low_open=True)
 
     def build(self, be, n_in, dtype, rng):
         super().build(be, n_in, dtype, rng)
@@ -176,6 +179,11 @@ class BatchNorm(Layer):
         if not train:
             return k.batchnorm_inference(
                 x, p["gamma"], p["beta"], self.running_mean, self.running_var, self.eps, out=out
+            )
+        if x.shape[0] < 2:  # as PyTorch: one sample has no batch variance; it would output beta
+            raise ValueError(
+                "batch norm needs at least 2 samples per training batch, got 1; pick a batch size "
+                "(and sample count) so that no batch holds a single sample"
             )
         y, self._xhat, _, self._var = k.batchnorm_forward(
             x, p["gamma"], p["beta"], self.eps, out=out, xhat=self._ws("xhat", x.shape),

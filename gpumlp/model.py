@@ -12,20 +12,56 @@ from gpumlp import checkpoint
 from gpumlp.backend import Backend, get_backend, resolve_dtype
 from gpumlp.layers import LAYER_TYPES, Activation, BatchNorm, Dense, Dropout, Layer
 from gpumlp.losses import get_loss
-from gpumlp.validate import check_features, check_labels
+from gpumlp.validate import (
+    MAX_SEED,
+    check_batch_size,
+    check_bool,
+    check_features,
+    check_float,
+    check_int,
+    check_labels,
+)
+
+# Parameters, gradients and up to two optimizer states per weight: refuse a spec that cannot fit.
+_COPIES_PER_PARAM = 4
 
 
 def parse_spec(spec: str | Sequence[int]) -> list[int]:
     """``"784-100-10"`` or ``[784, 100, 10]`` -> layer widths (input, hidden..., classes)."""
+    bad = ValueError(f"bad layer spec {spec!r}: expected integer widths joined by '-', e.g. 784-100-10")
     try:
-        widths = [int(s) for s in (spec.split("-") if isinstance(spec, str) else spec)]
-    except (TypeError, ValueError):
-        raise ValueError(f"bad layer spec {spec!r}: expected widths joined by '-', e.g. 784-100-10") from None
+        parts = spec.split("-") if isinstance(spec, str) else list(spec)
+    except TypeError:
+        raise bad from None
+    widths = []
+    for w in parts:
+        if isinstance(w, str) and w.strip().isdigit():
+            widths.append(int(w))
+        elif isinstance(w, (int, np.integer)) and not isinstance(w, bool):
+            widths.append(int(w))
+        else:
+            raise bad
     if len(widths) < 2 or min(widths) < 1:
         raise ValueError(f"bad layer spec {spec!r}: need at least input and output widths, all >= 1")
     if widths[-1] < 2:
         raise ValueError(f"bad layer spec {spec!r}: the output layer needs >= 2 classes")
     return widths
+
+
+def _check_memory(widths: list[int], dtype: np.dtype) -> None:
+    """ValueError before allocating when the parameters alone would not fit in this machine's memory."""
+    n_params = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+    need = n_params * dtype.itemsize * _COPIES_PER_PARAM
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: let the allocation decide
+        return
+    if need > total:
+        raise ValueError(
+            f"spec {'-'.join(map(str, widths))} has {n_params:,} parameters: about {need / 2**30:.1f} GiB "
+            f"with gradients and optimizer state, more than this machine's {total / 2**30:.1f} GiB; "
+            "use narrower layers"
+        )
 
 
 def _default_init(act: str) -> str:
@@ -56,8 +92,11 @@ class MLP:
         self.widths = parse_spec(spec)
         self.act, self.loss = act, get_loss(loss)
         self.init = init or _default_init(act)
-        self.dropout, self.batchnorm, self.seed = float(dropout), bool(batchnorm), int(seed)
+        self.dropout = check_float("dropout rate", dropout, 0.0, 1.0, high_open=True)
+        self.batchnorm = check_bool("batchnorm", batchnorm)
+        self.seed = check_int("seed", seed, 0, MAX_SEED)
         self.dtype = resolve_dtype(dtype)
+        _check_memory(self.widths, self.dtype)
         self.be = get_backend(backend)
         layers: list[Layer] = []
         for i, width in enumerate(self.widths[1:-1]):
@@ -163,7 +202,8 @@ class MLP:
 
     def decision_function(self, X, batch_size: int = 4096) -> np.ndarray:
         """Host (n, n_features) -> host (n, n_classes) raw scores, evaluated in chunks."""
-        X = check_features(X, self.n_features)
+        batch_size = check_batch_size(batch_size)
+        X = check_features(X, self.n_features, dtype=self.dtype)
         out = np.empty((X.shape[0], self.n_classes), dtype=self.dtype)
         for s in range(0, X.shape[0], batch_size):
             xb = self.be.asarray(X[s : s + batch_size], dtype=self.dtype)
@@ -193,16 +233,23 @@ class MLP:
                 arrays[f"state/{i}.{name}"] = np.array(self.be.to_host(getattr(layer, name)))
         return arrays
 
-    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        """Inverse of :meth:`state_arrays`: copy host arrays into this model."""
-        for name, w, _, _ in self.parameters():
-            src = arrays[f"param/{name}"]
-            if src.shape != w.shape:
-                raise ValueError(f"parameter {name} has shape {src.shape} in the file, model wants {w.shape}")
-            w[...] = self.be.asarray(src, dtype=self.dtype)
-        for i, layer in enumerate(self.layers):
-            for name in layer.state_names:
-                getattr(layer, name)[...] = self.be.asarray(arrays[f"state/{i}.{name}"], dtype=self.dtype)
+    def verify_state_arrays(self, arrays: dict[str, np.ndarray], source: str = "state") -> list:
+        """CheckpointError (naming ``source``, the file, and the array) unless ``arrays`` holds every
+        parameter and layer state with exactly this model's shape (nothing broadcasts) and a float
+        dtype. -> [(host array, model array)] pairs for :meth:`load_state_arrays`."""
+        targets = [(f"param/{name}", w) for name, w, _, _ in self.parameters()]
+        targets += [
+            (f"state/{i}.{name}", getattr(layer, name))
+            for i, layer in enumerate(self.layers)
+            for name in layer.state_names
+        ]
+        return [(checkpoint.expect_array(source, arrays, key, dst.shape, "f"), dst) for key, dst in targets]
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray], source: str = "state") -> None:
+        """Inverse of :meth:`state_arrays`: copy host arrays into this model, all verified first
+        (:meth:`verify_state_arrays`), so a bad file changes nothing."""
+        for src, dst in self.verify_state_arrays(arrays, source):
+            dst[...] = self.be.asarray(src, dtype=self.dtype)
 
     def save(self, path: str | os.PathLike, extra_arrays: dict | None = None, extra_meta: dict | None = None):
         """Atomically write config + weights (+ any training state) to ``path`` (.npz)."""
@@ -212,15 +259,31 @@ class MLP:
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str | Backend | None = None) -> MLP:
-        """Rebuild a model saved by :meth:`save` on the given backend."""
+        """Rebuild a model saved by :meth:`save` on the given backend; the file is verified
+        (checksum, every key and array with its shape), else :class:`checkpoint.CheckpointError`."""
         arrays, meta = checkpoint.read(path)
+        return cls.from_checkpoint(path, arrays, meta, backend)
+
+    @classmethod
+    def from_checkpoint(cls, path, arrays: dict, meta: dict, backend: str | Backend | None = None) -> MLP:
+        """A model from the verified (arrays, meta) of :func:`checkpoint.read` of ``path``."""
         if meta.get("format") != "gpumlp-1":
             raise checkpoint.CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
-        model = cls(**meta["model"], backend=backend)
-        saved = [name for name, _ in meta["layers"]]
+        config = checkpoint.expect(path, meta, "model", dict)
+        keys = ("spec", "act", "loss", "init", "dropout", "batchnorm", "dtype", "seed")
+        if sorted(config) != sorted(keys):
+            raise checkpoint.CheckpointError(
+                f"{path}: model config has keys {sorted(config)}, expected {list(keys)}"
+            )
+        try:
+            model = cls(**config, backend=backend)
+        except (TypeError, ValueError) as e:
+            raise checkpoint.CheckpointError(f"{path}: bad model config ({e})") from None
+        layers = checkpoint.expect(path, meta, "layers", list)
+        saved = [la[0] if isinstance(la, list) and la else la for la in layers]
         if saved != [type(la).__name__ for la in model.layers] or not set(saved) <= set(LAYER_TYPES):
             raise checkpoint.CheckpointError(f"{path}: layer list {saved} does not match the config")
-        model.load_state_arrays(arrays)
+        model.load_state_arrays(arrays, source=str(path))
         return model
 
 

@@ -53,6 +53,10 @@ class Optimizer:
                 raise ValueError(f"optimizer {field} must be a finite number >= 0, got {value}")
         if self.lr == 0:
             raise ValueError("learning rate must be > 0")
+        for field in ("momentum", "rho", "beta1", "beta2"):
+            value = getattr(self, field)
+            if not (math.isfinite(value) and 0 <= value < 1):
+                raise ValueError(f"optimizer {field} must be a finite number in [0, 1), got {value}")
 
     def init_state(self, be: Backend, w) -> list:
         """Zeroed state arrays for one parameter (velocity, moments...)."""

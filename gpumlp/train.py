@@ -28,7 +28,7 @@ from gpumlp.augment import Augment
 from gpumlp.data import split_train_valid
 from gpumlp.monitor import GradNorms, ParamChange
 from gpumlp.optim import Optimizer, Schedule, clip_grad_norm
-from gpumlp.validate import check_features, check_labels
+from gpumlp.validate import MAX_SEED, check_features, check_float, check_int, check_labels
 
 # Salts of the training seed, so the shuffle's and the shifts' Philox streams never
 # coincide with dropout's (keyed by the model seed * 1000 + layer index).
@@ -37,8 +37,20 @@ _AUGMENT_SALT = 0x41554721  # "AUG!"
 _ELASTIC_SALT = 0x454C4153  # "ELAS"
 
 
+# A training loss this many times the reference (the untrained model's loss, or the best epoch's,
+# whichever is lower) counts as divergence, like NaN or inf.
+DIVERGENCE_FACTOR = 1e3
+_REFERENCE_ROWS = 2000  # rows the untrained model's loss (divergence's first reference) is measured on
+_TINY_LOSS = 1e-3  # a loss near 0 would make any later wobble look like a 1000x growth
+
+
 class TrainingDiverged(FloatingPointError):
-    """The training loss became NaN or inf."""
+    """The training loss became NaN or inf, or grew by more than the divergence factor.
+    ``epoch`` (1-based), ``lr`` (that epoch's) and ``loss`` say where."""
+
+    def __init__(self, message: str, epoch: int = 0, lr: float = 0.0, loss: float = math.nan):
+        super().__init__(message)
+        self.epoch, self.lr, self.loss = epoch, lr, loss
 
 
 @dataclass
@@ -81,6 +93,14 @@ class _State:
     seed: int  # the epoch's shuffle and the step's shifts are functions of (seed, epoch / step)
     history: History
     best: tuple[float, int, dict | None] = (-1.0, -1, None)  # (valid acc, epoch, host weights)
+    initial_loss: float | None = None  # the untrained model's loss: divergence's first reference
+
+    def reference_loss(self) -> float:
+        """The lowest loss seen (untrained or any epoch), which divergence is measured against."""
+        seen = [r["loss"] for r in self.history.records]
+        if self.initial_loss is not None:
+            seen.append(self.initial_loss)
+        return min(seen, default=math.inf)
 
 
 def _save_checkpoint(path, model, opt: Optimizer, opt_state: list, st: _State, extra: tuple) -> None:
@@ -98,37 +118,76 @@ def _save_checkpoint(path, model, opt: Optimizer, opt_state: list, st: _State, e
             "history": st.history.to_dict(),
             "optimizer": opt.to_dict(),
             "best": list(st.best[:2]),
+            "initial_loss": st.initial_loss,
+            "n_train": extra[2] if len(extra) > 2 else None,
         },
     }
     model.save(path, extra_arrays=arrays, extra_meta=meta)
 
 
-def _load_checkpoint(path, model, opt_state: list) -> _State:
+def check_resume(path, model_config: dict, optimizer: str, n_train: int | None) -> tuple[dict, dict]:
+    """Read and verify checkpoint ``path`` for resuming a run of ``model_config`` with ``optimizer``
+    on ``n_train`` samples -> (arrays, meta); any mismatch is a CheckpointError saying what differs.
+    Nothing is loaded or written, so callers can check before touching a run directory."""
     arrays, meta = checkpoint.read(path)
-    if "train" not in meta:
+    tr = meta.get("train")
+    if not isinstance(tr, dict):
         raise checkpoint.CheckpointError(f"{path} holds a model but no training state; cannot resume")
-    if meta["model"] != model.config():
+    if meta.get("model") != model_config:
         raise checkpoint.CheckpointError(
-            f"{path} was written for model {meta['model']}, not {model.config()}; "
+            f"{path} was written for model {meta.get('model')}, not {model_config}; "
             "use the same model flags to resume, or a new --out directory"
         )
-    model.load_state_arrays(arrays)
-    for (name, w, *_), states in zip(model.param_groups(), opt_state):
-        for j, a in enumerate(states):
-            a[...] = model.be.asarray(arrays[f"opt/{name}/{j}"], dtype=w.dtype)
-    tr = meta["train"]
     if "seed" not in tr:
         raise checkpoint.CheckpointError(
             f"{path} was written by a gpumlp before on-device shuffling and cannot be resumed exactly; "
             "start a new run (its weights still load for eval/predict)"
         )
-    hist = History(**tr["history"])
-    best_weights = {k[len("best/") :]: a for k, a in arrays.items() if k.startswith("best/")} or None
-    best = (*tr.get("best", (-1.0, -1)), best_weights)
-    return _State(epoch=tr["epoch"], step=tr["step"], seed=tr["seed"], history=hist, best=best)
+    saved_opt = checkpoint.expect(path, tr, "optimizer", dict, "train").get("name")
+    if saved_opt != optimizer:
+        raise checkpoint.CheckpointError(
+            f"{path} was trained with optimizer {saved_opt!r}, not {optimizer!r}; resume with "
+            f"--optimizer {saved_opt}, or start a new run in a new --out directory"
+        )
+    saved_n = tr.get("n_train")
+    if saved_n is not None and n_train is not None and saved_n != n_train:
+        raise checkpoint.CheckpointError(
+            f"{path} was trained on {saved_n} samples, this run has {n_train}; resume with the same "
+            "data, --limit and --valid, or start a new run in a new --out directory"
+        )
+    for key, kind in (("epoch", int), ("step", int), ("seed", int), ("history", dict), ("best", list)):
+        checkpoint.expect(path, tr, key, kind, "train")
+    return arrays, meta
+
+
+def _load_checkpoint(path, model, opt, opt_state: list, n_train: int) -> _State:
+    arrays, meta = check_resume(path, model.config(), opt.name, n_train)
+    tr = meta["train"]
+    opt_arrays = [
+        (checkpoint.expect_array(path, arrays, f"opt/{name}/{j}", a.shape, "f"), a)
+        for (name, *_), states in zip(model.param_groups(), opt_state)
+        for j, a in enumerate(states)
+    ]
+    try:
+        hist = History(**tr["history"])
+        best_weights = {k[len("best/") :]: a for k, a in arrays.items() if k.startswith("best/")} or None
+        best = (float(tr["best"][0]), int(tr["best"][1]), best_weights)
+        st = _State(tr["epoch"], tr["step"], tr["seed"], hist, best, tr.get("initial_loss"))
+        for rec in hist.records:
+            float(rec["loss"])
+    except (TypeError, ValueError, KeyError, IndexError) as e:
+        raise checkpoint.CheckpointError(
+            f"{path}: malformed training state ({type(e).__name__}: {e})"
+        ) from None
+    if best_weights is not None:
+        model.verify_state_arrays(best_weights, source=f"{path} (best/)")
+    for src, dst in model.verify_state_arrays(arrays, source=str(path)) + opt_arrays:
+        dst[...] = model.be.asarray(src, dtype=dst.dtype)  # everything verified: now load it all
+    return st
 
 
 def _split_validation(X, y, X_valid, y_valid, valid_split: int):
+    check_int("valid_split", valid_split, 0)
     if X_valid is not None or not valid_split:
         return X, y, X_valid, y_valid
     if not 0 < valid_split < X.shape[0]:
@@ -165,6 +224,7 @@ def fit(
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = False,
     checkpoint_extra: tuple[dict, dict] = ({}, {}),
+    divergence_factor: float | None = DIVERGENCE_FACTOR,
     cuda_graphs: bool = False,
     log_grad_norms: bool = False,
     progress: bool = False,
@@ -172,6 +232,10 @@ def fit(
     callbacks: Sequence[Callable[[dict, object], bool | None]] = (),
 ) -> History:
     """Train ``model`` on host arrays X (n, n_features) and integer labels y (n,).
+
+    Training stops with :class:`TrainingDiverged`, before anything is saved for that epoch, when
+    the epoch's loss is NaN/inf or more than ``divergence_factor`` times the lowest loss seen
+    (the untrained model's or an earlier epoch's; None turns the growth test off).
 
     Minibatch SGD family (``batch_size=1`` is stochastic, ``batch_size>=n`` full
     batch); ``reduction`` ``mean`` averages the gradient over a minibatch,
@@ -195,11 +259,14 @@ def fit(
     in the records), accumulated on the device and read once per epoch.
     ``callbacks`` get (epoch record, model) and may return True to stop."""
     be = model.be
-    X = check_features(X, model.n_features)
+    X = check_features(X, model.n_features, dtype=model.dtype)
     y = check_labels(y, X.shape[0], model.n_classes)
     X, y, X_valid, y_valid = _split_validation(X, y, X_valid, y_valid, valid_split)
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
+    _check_fit_args(model, X.shape[0], epochs, batch_size, tol, patience, augment_shift, seed)
+    if patience is not None and X_valid is None:
+        raise ValueError("patience needs validation data: pass X_valid/y_valid or valid_split > 0")
+    if divergence_factor is not None:
+        check_float("divergence_factor", divergence_factor, 1.0, math.inf, low_open=True, high_open=True)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     positive = {"clip_norm": clip_norm, "clip_value": clip_value, "stop_param_change": stop_param_change}
@@ -219,11 +286,12 @@ def fit(
     opt_state = [opt.init_state(be, w) for _, w, _, _ in model.param_groups()]
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if resume and ckpt and ckpt.exists():
-        st = _load_checkpoint(ckpt, model, opt_state)
+        st = _load_checkpoint(ckpt, model, opt, opt_state, X.shape[0])
     else:
         st = _State(epoch=0, step=0, seed=int(seed), history=History())
+    checkpoint_extra = (*checkpoint_extra[:2], X.shape[0])
     if X_valid is not None:
-        Xv = check_features(X_valid, model.n_features, "X_valid")
+        Xv = check_features(X_valid, model.n_features, "X_valid", dtype=model.dtype)
         valid_host = (Xv, check_labels(y_valid, Xv.shape[0], model.n_classes, "y_valid"))
     else:
         valid_host = None
@@ -235,14 +303,15 @@ def fit(
     try:
         Xd, yd = be.asarray(X, dtype=model.dtype), be.asarray(y.astype(np.int32, copy=False))
         valid = valid_host and (be.asarray(valid_host[0], dtype=model.dtype), be.asarray(valid_host[1]))
+        if st.initial_loss is None and st.epoch == 0 and divergence_factor is not None:
+            st.initial_loss = evaluate(model, Xd[:_REFERENCE_ROWS], yd[:_REFERENCE_ROWS])[0]
         while st.epoch < epochs and not st.history.stop_reason:
             t0 = time.perf_counter()
             epoch_lr = sched.lr(opt.lr, st.epoch)
             if change:
                 change.mark()
             train_loss, train_acc = step.epoch(Xd, yd, epoch_lr, st)
-            if not math.isfinite(train_loss):
-                raise TrainingDiverged(_diverged_message(train_loss, st.epoch + 1, epoch_lr, ckpt))
+            _check_divergence(train_loss, st, epoch_lr, divergence_factor, ckpt)
             rec = {"epoch": st.epoch + 1, "loss": train_loss, "train_acc": train_acc, "lr": epoch_lr}
             if change:
                 rec["param_change"] = change.max_change()
@@ -406,12 +475,40 @@ class _Step:
         return float(be.to_host(self.loss_sum)) / n, int(be.to_host(self.correct)) / n
 
 
-def _diverged_message(loss: float, epoch: int, lr: float, ckpt: Path | None) -> str:
+def _check_fit_args(model, n: int, epochs, batch_size, tol, patience, augment_shift, seed) -> None:
+    """ValueError, with the valid range, for any bad hyper-parameter of :func:`fit`."""
+    check_int("epochs", epochs, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("augment_shift", augment_shift, 0)
+    check_int("seed", seed, 0, MAX_SEED)
+    if tol is not None:
+        check_float("tol", tol, 0.0, math.inf, low_open=True, high_open=True)
+    if patience is not None:
+        check_int("patience", patience, 1)
+    last = n % min(batch_size, n) or min(batch_size, n)
+    if model.batchnorm and min(batch_size, n, last) < 2:
+        raise ValueError(
+            f"batch norm needs >= 2 samples in every training batch, but {n} samples in batches of "
+            f"{batch_size} leave a batch of 1; change batch_size or the number of samples"
+        )
+
+
+def _check_divergence(loss: float, st: _State, lr: float, factor: float | None, ckpt: Path | None) -> None:
+    """Raise TrainingDiverged when an epoch's loss is NaN/inf or ``factor`` x the reference loss."""
+    ref = st.reference_loss()
+    grew = factor is not None and math.isfinite(ref) and loss > factor * max(ref, _TINY_LOSS)
+    if math.isfinite(loss) and not grew:
+        return
+    epoch = st.epoch + 1
     saved = f"the last good checkpoint is {ckpt}" if ckpt and ckpt.exists() else "no checkpoint was saved"
-    return (
-        f"training diverged: the loss became {loss} in epoch {epoch} (lr {lr:g}); {saved}. "
-        "Lower the learning rate, add clip_norm or clip_value, or check the data."
+    why = (
+        f"the loss became {loss}" if not grew else f"the loss grew to {loss:.4g}, over {factor:g}x {ref:.4g}"
     )
+    raise TrainingDiverged(
+        f"training diverged: {why} in epoch {epoch} (lr {lr:g}); nothing of that epoch was saved, "
+        f"{saved}. Lower the learning rate, add clip_norm or clip_value, or check the data.",
+        epoch=epoch, lr=lr, loss=loss,
+    )  # fmt: skip
 
 
 def _oom_message(model, shape: tuple, batch_size: int, err: BaseException) -> str:

@@ -2,12 +2,53 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
+MAX_SEED = 2**32 - 1
 
-def check_features(X, n_features: int, what: str = "X") -> np.ndarray:
-    """Host array-like -> (n, n_features) float array; rejects wrong rank/width, empty, NaN/inf."""
+
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """An integer (not bool, not 2.5) in [low, high] -> int, else ValueError giving the range."""
+    rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not (isinstance(value, float) and value.is_integer()):
+            raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer {rng}, got {value}")
+    return value
+
+
+def check_float(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """A finite real number in the interval (open/closed ends as given) -> float, else ValueError."""
+    rng = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number in {rng}, got {value!r}")
+    value = float(value)
+    ok = np.isfinite(value) and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number in {rng}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """A real bool (or numpy bool) -> bool; 'no', 0.5 or None are errors, not truthy guesses."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_features(X, n_features: int, what: str = "X", dtype=None) -> np.ndarray:
+    """Host array-like -> (n, n_features) real array; rejects wrong rank/width, empty, complex,
+    NaN/inf, and values that overflow ``dtype`` (the model's, e.g. float32) on conversion."""
     X = np.asarray(X)
+    if X.dtype.kind == "c":
+        raise TypeError(
+            f"{what} is complex ({X.dtype}); pass real values (e.g. np.abs({what}) or {what}.real)"
+        )
     if X.dtype == object or not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
         raise TypeError(f"{what} must be a numeric array, got dtype {X.dtype}")
     if X.ndim == 1 and n_features == X.shape[0]:
@@ -32,7 +73,26 @@ def check_features(X, n_features: int, what: str = "X") -> np.ndarray:
             f"{what} contains NaN or inf (first at row {bad[0]}, column {bad[1]}); "
             "clean or impute the data first"
         )
+    _check_range(X, dtype, what)
     return X
+
+
+def _check_range(X: np.ndarray, dtype, what: str) -> None:
+    """ValueError when X's values do not fit ``dtype`` (e.g. 1e39 in float64 -> inf in float32)."""
+    if dtype is None or X.dtype.kind != "f" or X.dtype.itemsize <= np.dtype(dtype).itemsize:
+        return  # integers up to 2**64 and narrower floats always fit float32
+    limit = float(np.finfo(dtype).max)
+    peak = float(np.abs(X).max(initial=0))
+    if peak > limit:
+        raise ValueError(
+            f"{what} has values up to {peak:g}, beyond the {np.dtype(dtype).name} range (±{limit:g}); "
+            "scale the data (e.g. divide by its maximum) or use a float64 model"
+        )
+
+
+def check_batch_size(batch_size) -> int:
+    """Batch size for prediction: an integer >= 1."""
+    return check_int("batch_size", batch_size, 1)
 
 
 def check_labels(y, n_samples: int, n_classes: int, what: str = "y") -> np.ndarray:

@@ -52,8 +52,9 @@ import time
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from ._jit import njit  # numba.njit, without the disk cache where none can be written
 from .reference import (
     _PHILOX_M,
     _PHILOX_W,

@@ -289,7 +289,8 @@ def load_idx_dir(directory: str | os.PathLike, files: Sequence[str] | None = Non
     any class count; ``files``: explicit names (train images, train labels[, test images, test labels])."""
     directory = Path(directory).expanduser()
     if not directory.is_dir():
-        raise DataError(f"data directory {directory} does not exist; pass a directory holding IDX files")
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise DataError(f"data directory {directory} {what}; pass a directory holding IDX files")
     if files:
         if len(files) not in (2, 4):
             raise DataError(

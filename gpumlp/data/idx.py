@@ -8,6 +8,7 @@ deviation is a :class:`DataError` that names the file, the problem and the fix.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -62,7 +63,7 @@ def parse_idx(buf: bytes, name: str = "<bytes>") -> np.ndarray:
             f"{name}: truncated IDX header: {ndim} dims need {header} bytes, file has {len(buf)}; {_FIX}"
         )
     dims = tuple(int(d) for d in np.frombuffer(buf, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(dims)  # Python ints: a forged header cannot overflow into a small number
     got = len(buf) - header
     if got < expected:
         raise DataError(

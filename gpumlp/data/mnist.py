@@ -45,6 +45,7 @@ DEFAULT_MIRRORS = [
     "http://yann.lecun.com/exdb/mnist/",
 ]
 CACHE_NAME = "mnist.npz"
+CACHE_KEY = "source_sha256"  # the cache's array holding _source_key() of the files it was built from
 DOWNLOAD_TIMEOUT_S = 30.0
 _CHUNK = 1 << 20
 
@@ -219,6 +220,8 @@ def _check_split(images: np.ndarray, labels: np.ndarray, img_name: str, lbl_name
         )
     if labels.ndim != 1:
         raise DataError(f"{lbl_name}: labels must be 1-D, got shape {labels.shape}; not an MNIST label file")
+    if len(images) == 0:
+        raise DataError(f"{img_name} holds 0 images; an empty split cannot train or test a model")
     if len(images) != len(labels):
         raise DataError(
             f"{img_name} has {len(images)} images but {lbl_name} has {len(labels)} labels; "
@@ -247,14 +250,27 @@ def _read_dir(directory: Path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- npz cache
 
 
-def _load_npz(directory: Path) -> dict[str, np.ndarray] | None:
-    """The cached arrays if ``mnist.npz`` is newer than every IDX file and valid, else None (never raises)."""
+def _source_key(directory: Path) -> np.ndarray:
+    """SHA-256 of the four IDX files' names and bytes, as uint8: what the cache was built from.
+    Content, not mtime: ``cp -p``, ``rsync -a`` or tar can replace a file with an older mtime."""
+    h = hashlib.sha256()
+    for stem in FILES.values():
+        p = _find_file(directory, stem)
+        h.update(f"{p.name}\0".encode())
+        h.update(p.read_bytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8)
+
+
+def _load_npz(directory: Path, key: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The cached arrays if ``mnist.npz`` was built from IDX files with content ``key`` and is valid,
+    else None (never raises)."""
     npz = directory / CACHE_NAME
+    if not npz.is_file():
+        return None
     try:
-        newest_idx = max(_find_file(directory, s).stat().st_mtime_ns for s in FILES.values())
-        if not npz.is_file() or npz.stat().st_mtime_ns <= newest_idx:
-            return None
         with np.load(npz, allow_pickle=False) as z:
+            if CACHE_KEY not in z.files or not np.array_equal(z[CACHE_KEY], key):
+                return None
             arrays = {k: z[k] for k in FILES}
         for split in ("train", "test"):
             x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -267,13 +283,14 @@ def _load_npz(directory: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
-def _save_npz(directory: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``mnist.npz`` atomically if ``directory`` is writable; failures are only logged."""
+def _save_npz(directory: Path, arrays: dict[str, np.ndarray], key: np.ndarray) -> None:
+    """Write ``mnist.npz`` (with the source ``key``) atomically if ``directory`` is writable;
+    failures are only logged."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{CACHE_NAME}.", suffix=".part")
         with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            np.savez_compressed(f, **arrays, **{CACHE_KEY: key})
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the data is not secret
         os.replace(tmp, directory / CACHE_NAME)
     except OSError as e:
@@ -322,9 +339,10 @@ def load_mnist(
 ) -> MNIST:
     """Load MNIST -> MNIST(x_train (60000,784) uint8, y_train (60000,) int64, x_test, y_test, source)."""
     directory = _resolve_dir(data_dir, download, mirrors)
-    arrays = _load_npz(directory) if cache else None
+    key = _source_key(directory) if cache else None
+    arrays = _load_npz(directory, key) if cache else None
     if arrays is None:
         arrays = _read_dir(directory)
         if cache:
-            _save_npz(directory, arrays)
+            _save_npz(directory, arrays, key)
     return MNIST(**arrays, source=str(directory))
