@@ -434,6 +434,7 @@ def _train_data(args: argparse.Namespace, config: dict):
     data = load_data(args, source, seed=config["fit"]["seed"])
     spec = model_spec(args.spec, args.hidden, config["model"]["spec"], data.n_features, len(data.classes))
     config["model"]["spec"] = spec
+    config["data"]["pixels"] = bool(data.pixels)  # predict reads pixel ranges only for image models
     if args.scale is None and not data.pixels and not resumed:
         config["data"]["scale"] = "standardize"
     if args.valid is None and not resumed:
@@ -622,7 +623,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     saved = meta.get("config", {}).get("data", {}).get("source", {})  # the training table's label column
     label_column = args.label_column or saved.get("label_column")
     x = read_images(args.file, model.n_features, label_column)
-    if Path(args.file).suffix.lower() not in (".csv", ".tsv"):  # table features are not pixels
+    if meta.get("config", {}).get("data", {}).get("pixels", True):  # a model of images (older: MNIST)
         x = as_pixels(x, args.file, args.pixels)
     x = prep.apply(x, model.dtype)
     classes = np.asarray(meta["classes"])
