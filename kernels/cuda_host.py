@@ -36,7 +36,9 @@ import numpy as np
 
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 EMULATION_HEADER = CUDA_DIR / "host_emulation.h"
-CXXFLAGS = ("-std=c++20", "-fopenmp", "-O2", "-shared", "-fPIC", "-Wall")
+# -fno-gnu-unique: each library keeps its own copy of the emulation's state and of the kernels'
+# __shared__ variables (the dynamic linker would otherwise merge them across libraries).
+CXXFLAGS = ("-std=c++20", "-fopenmp", "-O2", "-shared", "-fPIC", "-Wall", "-fno-gnu-unique")
 # The checked flavour (memcheck, initcheck): g++ calls the header's __asan_* hooks before every
 # load and store, outside the stack and globals; no vector or merged accesses, whose alignment
 # is the compiler's, not the kernel's.
@@ -448,7 +450,7 @@ def _shared_variables(path: Path, lib: ctypes.CDLL, probe: str) -> list[tuple[in
     return [
         (base + value, size)
         for name, (value, size, kind) in symbols.items()
-        if kind in "bBu" and name.startswith("_ZZ") and not name.startswith(own)
+        if kind in "bBVu" and name.startswith("_ZZ") and not name.startswith(own)
     ]
 
 

@@ -17,8 +17,9 @@
 //  * threadIdx/blockIdx/blockDim/gridDim are thread_local (set per fiber);
 //  * __syncthreads() is the block barrier (an orphaned `omp barrier` with OpenMP);
 //  * __shared__ is `static`: one copy shared by the whole team, reused by the
-//    next block -- sound because one block runs at a time and launches are
-//    serialized by a process-wide mutex (like the default stream);
+//    next block -- sound because one block runs at a time and the launches of
+//    a library are serialized by its mutex (g++ -fno-gnu-unique keeps the state
+//    of each library its own);
 //  * warp shuffles go through a per-warp exchange buffer between two per-warp
 //    barriers; every resident lane of the warp must take part (the mask
 //    argument is not interpreted: the kernels use FULL_MASK);
@@ -40,6 +41,7 @@
 #include <atomic>
 #include <bit>
 #include <cmath>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -383,7 +385,7 @@ __attribute__((no_sanitize_address)) inline bool private_memory(uintptr_t a, siz
     const uintptr_t stack = (uintptr_t)fibers[current].stack, body = (uintptr_t)current_body;
     if (a - stack < fiber_stack_bytes || a - body < current_body_bytes) return true;
     if (within(a, size, threadIdx) || within(a, size, blockIdx) || within(a, size, blockDim) ||
-        within(a, size, gridDim))
+        within(a, size, gridDim) || within(a, size, errno))  // g++ inlines math's errno stores
         return true;
     if (n_module_spans < 0) dl_iterate_phdr(add_module_spans, nullptr);
     for (int k = 0; k < n_module_spans; ++k)
