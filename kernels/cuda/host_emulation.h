@@ -381,16 +381,15 @@ __attribute__((no_sanitize_address)) inline bool within(uintptr_t a, size_t size
     return a - (uintptr_t)&object < sizeof(T) && a + size <= (uintptr_t)&object + sizeof(T);
 }
 
+// Memory of a block that is not global memory: __shared__ and other statics, the
+// launch's closure, the thread-local indices (the fiber's stack is checked first).
 __attribute__((no_sanitize_address)) inline bool private_memory(uintptr_t a, size_t size) {
-    const uintptr_t stack = (uintptr_t)fibers[current].stack, body = (uintptr_t)current_body;
-    if (a - stack < fiber_stack_bytes || a - body < current_body_bytes) return true;
-    if (within(a, size, threadIdx) || within(a, size, blockIdx) || within(a, size, blockDim) ||
-        within(a, size, gridDim) || within(a, size, errno))  // g++ inlines math's errno stores
-        return true;
     if (n_module_spans < 0) dl_iterate_phdr(add_module_spans, nullptr);
     for (int k = 0; k < n_module_spans; ++k)
         if (a - module_spans[k].lo < module_spans[k].hi - module_spans[k].lo) return true;
-    return false;
+    return a - (uintptr_t)current_body < current_body_bytes || within(a, size, threadIdx) ||
+           within(a, size, blockIdx) || within(a, size, blockDim) || within(a, size, gridDim) ||
+           within(a, size, errno);  // g++ inlines math's errno stores
 }
 
 // Does the element at a hold the poison pattern of its size (see cuda_host.POISON)?
@@ -419,7 +418,7 @@ __attribute__((no_sanitize_address)) inline bool poisoned(uintptr_t a, size_t si
 
 // sized: a fixed-size access (natural alignment required); false for __asan_*N.
 __attribute__((no_sanitize_address)) inline void check_access(uintptr_t a, size_t size, bool write, bool sized) {
-    if (!in_kernel) return;
+    if (!in_kernel || a - (uintptr_t)fibers[current].stack < fiber_stack_bytes) return;  // locals
     const LaunchInfo& li = *info;
     for (unsigned int r = 0; r < li.nregions; ++r) {
         const Region& g = li.regions[r];
@@ -596,7 +595,7 @@ struct fragment {
 };
 
 template <typename Use, int M, int N, int K, typename T, typename L>
-inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
+__attribute__((no_sanitize_address)) inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
     for (float& e : f.x) e = v;
 }
 
@@ -610,7 +609,7 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const float* p, un
 }
 
 template <typename TA, typename LA, typename TB, typename LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 8, float>& d, const fragment<matrix_a, 16, 16, 8, TA, LA>& a,
+__attribute__((no_sanitize_address)) inline void mma_sync(fragment<accumulator, 16, 16, 8, float>& d, const fragment<matrix_a, 16, 16, 8, TA, LA>& a,
                      const fragment<matrix_b, 16, 16, 8, TB, LB>& b,
                      const fragment<accumulator, 16, 16, 8, float>& c) {
     float out[16 * 16];
