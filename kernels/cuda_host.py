@@ -355,6 +355,9 @@ class HostKernel:
         g, b = _dims(self.name, "grid", grid), _dims(self.name, "block", block)
         args = tuple(args)
         values = self.convert(args)
+        if not self.sanitize:
+            self._run(g, b, values, [], seed=0)
+            return
         pointers = [(p, self._buffer_of(a)) for p, a in zip(self.params, args) if p.pointer]
         self._launches += 1
         if "racecheck" in self.sanitize:
