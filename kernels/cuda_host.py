@@ -3,7 +3,8 @@
 The ``.cu`` files are compiled *unchanged* by g++ with ``cuda/host_emulation.h``
 force-included (it implements the CUDA thread model with OpenMP). For every
 ``extern "C" __global__`` kernel found in the source, a generated launcher
-``cuda_emu_launch_<name>(gx, gy, gz, bx, by, bz, args...)`` runs the grid.
+``cuda_emu_launch_<name>(gx, gy, gz, bx, by, bz, info, args...)`` runs the grid
+(``info``: the schedule in, a sanitizer's finding out; see ``LaunchInfo`` in the header).
 Libraries are cached under ``$GPUMLP_CACHE/cuda_emu`` (default
 ``~/.cache/gpumlp/cuda_emu``), keyed by a hash of everything that goes into
 the build, and published with an atomic rename so concurrent builds are safe.
@@ -11,6 +12,11 @@ the build, and published with an atomic rename so concurrent builds are safe.
 Threads of a block run as fibers by default (deterministic, fast, deadlocks
 reported); ``GPUMLP_CUDA_EMU_THREADS=openmp`` runs them as an OpenMP team of
 OS threads instead, to hunt races (much slower).
+
+``GPUMLP_EMU_SANITIZE=memcheck,racecheck,initcheck`` (any subset) turns on the kernel
+sanitizers for modules built afterwards; a finding raises :class:`SanitizerError`.
+memcheck and initcheck use a second build whose every load and store is checked by the
+header; racecheck runs each launch in three schedules and compares the outputs.
 
 Kernel arguments are checked against the parsed C signature *exactly*, because
 a real CuPy launch silently corrupts on a mismatch: ``float`` wants
@@ -288,8 +294,10 @@ def _locate(addr: int, pointers: list[tuple[Param, np.ndarray]]) -> str:
         if lo <= addr < hi:
             off = addr - lo
             return f"byte {off} (element {off // a.itemsize}) of {_describe(p, a)}"
-        d, text = (addr - hi + 1, f"{addr - hi} bytes after the end") if addr >= hi else (lo - addr, None)
-        text = text or f"{lo - addr} bytes before the start"
+        if addr >= hi:
+            d, text = addr - hi + 1, f"{addr - hi} bytes after the end"
+        else:
+            d, text = lo - addr, f"{lo - addr} bytes before the start"
         if best is None or d < best[0]:
             best = (d, f"{text} of {_describe(p, a)}")
     return best[1] if best else "outside every argument (the kernel has no pointer parameters)"
