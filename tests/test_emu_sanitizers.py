@@ -191,3 +191,14 @@ def test_without_sanitizers_the_broken_kernels_run_silently(monkeypatch):
     x, y = _dev(np.arange(64, dtype=np.float32)), cuda_emu.zeros(64, dtype=np.float32)
     plain.get_function("neighbour")((1,), (64,), (x, y, np.int32(0)))
     plain.get_function("misaligned")((1,), (32,), (x, y, np.int32(32)))
+
+
+def test_openmp_threads_build_really_uses_openmp(monkeypatch):
+    """GPUMLP_CUDA_EMU_THREADS=openmp must reach g++ (it once changed only the cache key):
+    the threads of a block are then distinct OS threads of an OpenMP team."""
+    monkeypatch.delenv("GPUMLP_EMU_SANITIZE", raising=False)
+    monkeypatch.setenv("GPUMLP_CUDA_EMU_THREADS", "openmp")
+    src = 'extern "C" __global__ void who(int* out) { out[threadIdx.x] = omp_get_thread_num(); }'
+    out = cuda_emu.zeros(4, dtype=np.int32)
+    cuda_emu.RawModule(code=src).get_function("who")((1,), (4,), (out,))
+    assert sorted(out.get()) == [0, 1, 2, 3]
