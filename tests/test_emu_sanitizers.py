@@ -70,11 +70,16 @@ def _dev(a) -> cuda_emu.ndarray:
     return cuda_emu.asarray(np.asarray(a))
 
 
+def _finding(module, kernel: str, grid: int, block: int, *args) -> str:
+    """The message of the SanitizerError that launching ``kernel`` raises."""
+    with pytest.raises(cuda_host.SanitizerError) as e:
+        module.get_function(kernel)((grid,), (block,), args)
+    return str(e.value)
+
+
 def test_memcheck_reports_an_out_of_bounds_write(checked, sanitize):
     x, y = _dev(np.arange(40, dtype=np.float32)), cuda_emu.zeros(40, dtype=np.float32)
-    with pytest.raises(cuda_host.SanitizerError) as e:
-        checked.get_function("off_by_one")((2,), (32,), (x, y, np.int32(40), np.int32(0)))
-    msg = str(e.value)
+    msg = _finding(checked, "off_by_one", 2, 32, x, y, np.int32(40), np.int32(0))
     assert msg.startswith("memcheck: kernel off_by_one grid=(2, 1, 1) block=(32, 1, 1)")
     assert "thread (8, 0, 0) of block (1, 0, 0)" in msg  # global index 40 == n
     assert "out-of-bounds write of 4 bytes, 0 bytes after the end of parameter `float* y` (float32[40]" in msg
@@ -89,9 +94,7 @@ def test_memcheck_reports_a_read_before_the_start(checked, sanitize):
 
 def test_memcheck_reports_a_misaligned_read(checked, sanitize):
     x, y = _dev(np.arange(33, dtype=np.float32)), cuda_emu.zeros(32, dtype=np.float32)
-    with pytest.raises(cuda_host.SanitizerError) as e:
-        checked.get_function("misaligned")((1,), (32,), (x, y, np.int32(32)))
-    msg = str(e.value)
+    msg = _finding(checked, "misaligned", 1, 32, x, y, np.int32(32))
     assert msg.startswith("memcheck: kernel misaligned grid=(1, 1, 1) block=(32, 1, 1), thread (")
     m = re.search(
         r"thread \((\d+), 0, 0\) of block \(0, 0, 0\): misaligned read of 4 bytes, byte (\d+) ", msg
@@ -108,9 +111,7 @@ def test_correct_accesses_pass_memcheck(checked, sanitize):
 
 def test_racecheck_reports_a_shared_memory_race(checked, sanitize):
     x, y = _dev(np.arange(64, dtype=np.float32)), cuda_emu.zeros(64, dtype=np.float32)
-    with pytest.raises(cuda_host.SanitizerError) as e:
-        checked.get_function("neighbour")((1,), (64,), (x, y, np.int32(0)))
-    msg = str(e.value)
+    msg = _finding(checked, "neighbour", 1, 64, x, y, np.int32(0))
     assert msg.startswith("racecheck: kernel neighbour grid=(1, 1, 1) block=(64, 1, 1): parameter `float* y`")
     assert "differs between the in-order and the reversed (seed 1) schedule" in msg and "__syncthreads" in msg
 
@@ -139,9 +140,7 @@ def test_racecheck_allows_float_atomics_their_rounding(checked, sanitize):
 
 def test_initcheck_reports_a_read_of_an_uninitialised_int_buffer(checked, sanitize):
     idx, x, y = cuda_emu.empty(8, dtype=np.int32), _dev(np.ones(8, np.float32)), cuda_emu.zeros(8, np.float32)
-    with pytest.raises(cuda_host.SanitizerError) as e:
-        checked.get_function("gather")((1,), (32,), (idx, x, y, np.int32(8)))
-    msg = str(e.value)
+    msg = _finding(checked, "gather", 1, 32, idx, x, y, np.int32(8))
     assert msg.startswith("initcheck: kernel gather") and "of block (0, 0, 0)" in msg
     assert "read of 4 bytes of uninitialised memory, byte" in msg and "parameter `int* idx` (int32[8]" in msg
     idx[...] = 3  # written: now it passes
