@@ -7,7 +7,9 @@
 //  * by default, fibers (ucontext) on the calling OS thread, scheduled
 //    round-robin from barrier to barrier: deterministic, fast, and a barrier
 //    that can never complete (divergent __syncthreads) is reported as a
-//    deadlock instead of hanging;
+//    deadlock instead of hanging. The launch's seed orders the blocks and each
+//    sweep of the threads: in order (0), reversed (1) or seeded random; the
+//    racecheck sanitizer (cuda_host.py) compares the outputs of these schedules;
 //  * with -DCUDA_EMU_OPENMP, an OpenMP team of OS threads, so that races a real
 //    GPU could show can show here too (slow: a barrier costs a context switch
 //    per thread). cuda_host.py sets it when GPUMLP_CUDA_EMU_THREADS=openmp.
@@ -15,19 +17,23 @@
 //  * threadIdx/blockIdx/blockDim/gridDim are thread_local (set per fiber);
 //  * __syncthreads() is the block barrier (an orphaned `omp barrier` with OpenMP);
 //  * __shared__ is `static`: one copy shared by the whole team, reused by the
-//    next block -- sound because one block runs at a time and launches are
-//    serialized by a process-wide mutex (like the default stream);
+//    next block -- sound because one block runs at a time and the launches of
+//    a library are serialized by its mutex (g++ -fno-gnu-unique keeps the state
+//    of each library its own);
 //  * warp shuffles go through a per-warp exchange buffer between two per-warp
 //    barriers; every resident lane of the warp must take part (the mask
 //    argument is not interpreted: the kernels use FULL_MASK);
 //  * atomics are std::atomic_ref; math maps to <cmath>.
 //  * wmma (tensor cores) at the level of the documented API, see nvcuda::wmma below.
+// With -DCUDA_EMU_MEMCHECK (fibers only) every memory access of the kernels is
+// checked: see "memcheck and initcheck" below.
 // Not emulated: dynamic (extern) shared memory, cooperative groups, textures,
 // warp votes, clocks.
 #pragma once
 #define CUDA_HOST_EMULATION 1  // lets a .cu file skip device-only headers such as <mma.h>
 
 #include <math.h>
+#include <link.h>
 #include <omp.h>
 #include <ucontext.h>
 
@@ -35,9 +41,11 @@
 #include <atomic>
 #include <bit>
 #include <cmath>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <numeric>
 #include <type_traits>
 
 struct dim3 {
@@ -88,13 +96,74 @@ inline unsigned int linear_tid() {
 }
 inline unsigned int block_threads() { return blockDim.x * blockDim.y * blockDim.z; }
 
+// ------------------------------------------------ launch options and report
+// One per launch, filled by cuda_host.py (a ctypes mirror of these structs).
+struct Region {                 // a pointer argument of the kernel
+    unsigned long long start;   // its address
+    unsigned long long bytes;   // its extent
+    unsigned int elem;          // its element size
+    unsigned int pad;
+};
+enum Fault : unsigned int { no_fault, out_of_bounds, misaligned, uninitialised };
+enum Check : unsigned int { check_bounds = 1, check_init = 2 };
+struct LaunchInfo {
+    unsigned long long seed;    // in: order of blocks and threads: 0 in order, 1 reversed, else seeded random
+    const Region* regions;      // in: the pointer arguments (sanitizer builds)
+    unsigned int nregions;      // in
+    unsigned int checks;        // in: Check bits (sanitizer builds)
+    const Region* shared;       // in: the kernels' __shared__ variables (racecheck)
+    unsigned int nshared;       // in
+    int shared_fill;            // in: byte each block's shared memory starts with; < 0: left as it is
+    unsigned int fault;         // out: the first Fault, which ended the launch
+    unsigned int size;          // out: bytes accessed
+    unsigned int is_write;      // out
+    unsigned int float_atomics; // out: a float atomic ran (its sums depend on the order)
+    unsigned long long addr;    // out: address accessed
+    unsigned int thread[3];     // out: threadIdx of the faulting thread
+    unsigned int block[3];      // out: blockIdx of the faulting thread
+};
+
 // Two exchange buffers used alternately, so one barrier per shuffle suffices:
 // a slot is rewritten two shuffles later, after the next barrier has proven
 // that every lane finished reading it.
 inline unsigned long long warp_slots[2][1024];
 inline std::mutex launch_mutex;
+inline LaunchInfo* info;  // of the launch in progress (set under launch_mutex)
+inline std::atomic<bool> float_atomics;
+
+// The schedule: successive values of a seeded splitmix64 stream.
+inline unsigned long long rng_state;
+inline unsigned long long next_random() {
+    unsigned long long z = (rng_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Block k of the visiting order of n blocks: in order, reversed, or an affine
+// permutation (a * k + b) mod n with a odd and coprime to n, for a seeded schedule.
+struct BlockOrder {
+    unsigned long long n, a = 1, b = 0;
+    bool reversed = false;
+    BlockOrder(unsigned long long n_, unsigned long long seed) : n(n_), reversed(seed == 1) {
+        if (seed < 2) return;
+        do a = next_random() % n | 1; while (std::gcd(a, n) != 1);
+        b = next_random() % n;
+    }
+    uint3 operator()(unsigned long long k) const {
+        const unsigned long long i = reversed ? n - 1 - k : (unsigned long long)(((__uint128_t)a * k + b) % n);
+        return uint3(i % gridDim.x, (i / gridDim.x) % gridDim.y, i / ((unsigned long long)gridDim.x * gridDim.y));
+    }
+};
+
+inline uint3 thread_index(unsigned int t, dim3 block) {
+    return uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+}
 
 #if defined(CUDA_EMU_OPENMP)
+#if defined(CUDA_EMU_MEMCHECK)
+#error "the memcheck/initcheck build runs the threads of a block as fibers"
+#endif
 // A reusable barrier for the resident lanes of one warp (sense by phase counter).
 struct alignas(64) WarpBarrier {
     std::atomic<unsigned int> arrived{0};
@@ -122,45 +191,39 @@ inline unsigned int& shuffle_counter() {
     return count;
 }
 
-// Run body() for every thread of every block. 0 = ok, 1 = bad configuration,
+inline void block_barrier() {
+#pragma omp barrier
+}
+
+// All blocks with one OpenMP team (the OS decides the order of threads). 0 = ok,
 // 2 = OpenMP did not give a full team (OMP_THREAD_LIMIT, nested parallelism).
 template <typename F>
-inline int launch(dim3 grid, dim3 block, F&& body) {
-    const unsigned long long nthreads = (unsigned long long)block.x * block.y * block.z;
-    if (nthreads == 0 || nthreads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0)
-        return 1;
-    std::lock_guard<std::mutex> lock(launch_mutex);
+inline int run_grid(dim3 grid, dim3 block, const BlockOrder& order, F& body) {
+    const unsigned int n = block.x * block.y * block.z;
     omp_set_dynamic(0);
     std::atomic<int> status{0};
-#pragma omp parallel num_threads((int)nthreads)
+#pragma omp parallel num_threads((int)n)
     {
-        if ((unsigned long long)omp_get_num_threads() != nthreads) {
+        if ((unsigned int)omp_get_num_threads() != n) {
             status.store(2);
         } else {
-            const unsigned int t = (unsigned int)omp_get_thread_num();
-            threadIdx = uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            threadIdx = thread_index((unsigned int)omp_get_thread_num(), block);
             blockDim = block;
             gridDim = grid;
-            for (unsigned int bz = 0; bz < grid.z; ++bz)
-                for (unsigned int by = 0; by < grid.y; ++by)
-                    for (unsigned int bx = 0; bx < grid.x; ++bx) {
-                        blockIdx = uint3(bx, by, bz);
-                        shuffle_counter() = 0;
-                        body();
+            for (unsigned long long k = 0; k < order.n; ++k) {
+                blockIdx = order(k);
+                shuffle_counter() = 0;
+                body();
 #pragma omp barrier
-                    }
+            }
         }
     }
     return status.load();
 }
 
-inline void block_barrier() {
-#pragma omp barrier
-}
-
 #else  // fibers
 
-enum class State : unsigned char { runnable, at_block_barrier, at_warp_barrier, done };
+enum class State : unsigned char { runnable, at_block_barrier, at_warp_barrier, done, faulted };
 struct Fiber {
     ucontext_t ctx;
     State state;
@@ -171,8 +234,10 @@ inline constexpr size_t fiber_stack_bytes = 64 * 1024;
 inline Fiber fibers[1024];
 inline ucontext_t scheduler;
 inline unsigned int current;
+inline bool in_kernel;  // a fiber runs (the sanitizer hooks check only then)
 inline void (*current_invoke)(void*);
 inline void* current_body;
+inline size_t current_body_bytes;  // the launch's closure (the kernel's arguments, by value)
 
 inline void yield_as(State s) {
     fibers[current].state = s;
@@ -213,55 +278,205 @@ inline bool release(unsigned int n) {
     return moved;
 }
 
-// Run body() for every thread of every block. 0 = ok, 1 = bad configuration,
-// 3 = deadlock (threads wait at barriers that can never complete).
-template <typename F>
-inline int launch(dim3 grid, dim3 block, F&& body) {
-    const unsigned long long nthreads = (unsigned long long)block.x * block.y * block.z;
-    if (nthreads == 0 || nthreads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0)
-        return 1;
-    std::lock_guard<std::mutex> lock(launch_mutex);
-    const unsigned int n = (unsigned int)nthreads;
-    current_invoke = [](void* b) { (*static_cast<std::remove_reference_t<F>*>(b))(); };
-    current_body = static_cast<void*>(&body);
-    blockDim = block;
-    gridDim = grid;
-    for (unsigned int t = 0; t < n; ++t)
-        if (!fibers[t].stack) fibers[t].stack = new char[fiber_stack_bytes];
-    for (unsigned int bz = 0; bz < grid.z; ++bz)
-        for (unsigned int by = 0; by < grid.y; ++by)
-            for (unsigned int bx = 0; bx < grid.x; ++bx) {
-                blockIdx = uint3(bx, by, bz);
-                for (unsigned int t = 0; t < n; ++t) {
-                    Fiber& f = fibers[t];
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = f.stack;
-                    f.ctx.uc_stack.ss_size = fiber_stack_bytes;
-                    f.ctx.uc_link = &scheduler;
-                    makecontext(&f.ctx, fiber_main, 0);
-                    f.state = State::runnable;
-                    f.shuffles = 0;
-                }
-                for (;;) {
-                    bool live = false;
-                    for (unsigned int t = 0; t < n; ++t) {
-                        if (fibers[t].state != State::runnable) {
-                            live |= fibers[t].state != State::done;
-                            continue;
-                        }
-                        current = t;
-                        threadIdx = uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-                        swapcontext(&scheduler, &fibers[t].ctx);
-                        live |= fibers[t].state != State::done;
-                    }
-                    if (!live) break;
-                    if (!release(n)) return 3;
-                }
+// The order in which one sweep visits the n threads of a block.
+inline void thread_order(unsigned int* order, unsigned int n, unsigned long long seed) {
+    for (unsigned int i = 0; i < n; ++i) order[i] = seed == 1 ? n - 1 - i : i;
+    if (seed >= 2)
+        for (unsigned int i = n - 1; i > 0; --i) std::swap(order[i], order[next_random() % (i + 1)]);
+}
+
+// One block: sweep over the runnable fibers, each running to its next barrier,
+// until all are done. 0 = ok, 3 = deadlock, 4 = a sanitizer fault ended it.
+inline int run_block(dim3 block, unsigned long long seed) {
+    const unsigned int n = block.x * block.y * block.z;
+    unsigned int order[1024];
+    if (info->shared_fill >= 0)  // stale shared memory differs between schedules, as on a GPU
+        for (unsigned int r = 0; r < info->nshared; ++r)
+            std::memset((void*)info->shared[r].start, info->shared_fill, info->shared[r].bytes);
+    for (unsigned int t = 0; t < n; ++t) {
+        Fiber& f = fibers[t];
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack;
+        f.ctx.uc_stack.ss_size = fiber_stack_bytes;
+        f.ctx.uc_link = &scheduler;
+        makecontext(&f.ctx, fiber_main, 0);
+        f.state = State::runnable;
+        f.shuffles = 0;
+    }
+    for (;;) {
+        bool live = false;
+        thread_order(order, n, seed);
+        for (unsigned int i = 0; i < n; ++i) {
+            const unsigned int t = order[i];
+            if (fibers[t].state != State::runnable) {
+                live |= fibers[t].state != State::done;
+                continue;
             }
+            current = t;
+            threadIdx = thread_index(t, block);
+            in_kernel = true;
+            swapcontext(&scheduler, &fibers[t].ctx);
+            in_kernel = false;
+            if (fibers[t].state == State::faulted) return 4;
+            live |= fibers[t].state != State::done;
+        }
+        if (!live) return 0;
+        if (!release(n)) return 3;
+    }
+}
+
+template <typename F>
+inline int run_grid(dim3, dim3 block, const BlockOrder& order, F& body) {
+    current_invoke = [](void* b) { (*static_cast<F*>(b))(); };
+    current_body = static_cast<void*>(&body);
+    current_body_bytes = sizeof(F);
+    for (unsigned int t = 0; t < block.x * block.y * block.z; ++t)
+        if (!fibers[t].stack) fibers[t].stack = new char[fiber_stack_bytes];
+    for (unsigned long long k = 0; k < order.n; ++k) {
+        blockIdx = order(k);
+        if (const int rc = run_block(block, info->seed)) return rc;
+    }
     return 0;
 }
 
 #endif
+
+#if defined(CUDA_EMU_MEMCHECK)
+// ------------------------------------------------ memcheck and initcheck
+// cuda_host.py compiles with -fsanitize=kernel-address and outline checks, so g++
+// calls __asan_{load,store}{1,2,4,8,16,N}_noabort(address) before every memory
+// access of the kernel code; no sanitizer runtime is linked, these are ours.
+// While a fiber runs, an access must lie in a pointer argument of the launch
+// (global memory), in this library's own segments (__shared__ statics, constants),
+// in the fiber's stack or in the thread-local indices; global accesses must be
+// naturally aligned, and a load (initcheck) must not read the poison pattern
+// that `empty` leaves in a buffer (cuda_host.POISON). The first fault is
+// recorded in the LaunchInfo and ends the launch (rc 4), as a GPU aborts the
+// kernel, so the bad write does not corrupt the host process.
+struct Span {
+    uintptr_t lo, hi;
+};
+inline Span module_spans[16];
+inline int n_module_spans = -1;
+
+__attribute__((no_sanitize_address)) inline int add_module_spans(dl_phdr_info* i, size_t, void*) {
+    const uintptr_t me = (uintptr_t)&fibers;
+    bool mine = false;
+    for (int k = 0; k < i->dlpi_phnum; ++k) {
+        const uintptr_t lo = i->dlpi_addr + i->dlpi_phdr[k].p_vaddr;
+        mine |= i->dlpi_phdr[k].p_type == PT_LOAD && me - lo < i->dlpi_phdr[k].p_memsz;
+    }
+    if (!mine) return 0;
+    n_module_spans = 0;
+    for (int k = 0; k < i->dlpi_phnum && n_module_spans < 16; ++k)
+        if (i->dlpi_phdr[k].p_type == PT_LOAD) {
+            const uintptr_t lo = i->dlpi_addr + i->dlpi_phdr[k].p_vaddr;
+            module_spans[n_module_spans++] = Span{lo, lo + i->dlpi_phdr[k].p_memsz};
+        }
+    return 1;
+}
+
+template <typename T>
+__attribute__((no_sanitize_address)) inline bool within(uintptr_t a, size_t size, const T& object) {
+    return a - (uintptr_t)&object < sizeof(T) && a + size <= (uintptr_t)&object + sizeof(T);
+}
+
+// Memory of a block that is not global memory: __shared__ and other statics, the
+// launch's closure, the thread-local indices (the fiber's stack is checked first).
+__attribute__((no_sanitize_address)) inline bool private_memory(uintptr_t a, size_t size) {
+    if (n_module_spans < 0) dl_iterate_phdr(add_module_spans, nullptr);
+    for (int k = 0; k < n_module_spans; ++k)
+        if (a - module_spans[k].lo < module_spans[k].hi - module_spans[k].lo) return true;
+    return a - (uintptr_t)current_body < current_body_bytes || within(a, size, threadIdx) ||
+           within(a, size, blockIdx) || within(a, size, blockDim) || within(a, size, gridDim) ||
+           within(a, size, errno);  // g++ inlines math's errno stores
+}
+
+// Does the element at a hold the poison pattern of its size (see cuda_host.POISON)?
+__attribute__((no_sanitize_address)) inline bool poisoned(uintptr_t a, size_t size) {
+    switch (size) {
+        case 1: return *(const unsigned char*)a == 0xA5u;
+        case 2: return *(const unsigned short*)a == 0x7DA5u;
+        case 4: return *(const unsigned int*)a == 0x7FA5A5A5u;
+        case 8: return *(const unsigned long long*)a == 0x7FF5A5A5A5A5A5A5ull;
+        default: return false;
+    }
+}
+
+[[noreturn]] __attribute__((no_sanitize_address)) inline void fault(Fault kind, uintptr_t a, size_t size,
+                                                                  bool write) {
+    info->fault = kind;
+    info->addr = a;
+    info->size = (unsigned int)size;
+    info->is_write = write;
+    const uint3 t = threadIdx, b = blockIdx;
+    info->thread[0] = t.x, info->thread[1] = t.y, info->thread[2] = t.z;
+    info->block[0] = b.x, info->block[1] = b.y, info->block[2] = b.z;
+    yield_as(State::faulted);  // the scheduler abandons this fiber
+    __builtin_unreachable();
+}
+
+// sized: a fixed-size access (natural alignment required); false for __asan_*N.
+__attribute__((no_sanitize_address)) inline void check_access(uintptr_t a, size_t size, bool write, bool sized) {
+    if (!in_kernel || a - (uintptr_t)fibers[current].stack < fiber_stack_bytes) return;  // locals
+    const LaunchInfo& li = *info;
+    for (unsigned int r = 0; r < li.nregions; ++r) {
+        const Region& g = li.regions[r];
+        if (a - g.start >= g.bytes) continue;
+        if ((li.checks & check_bounds) && a + size > g.start + g.bytes) fault(out_of_bounds, a, size, write);
+        if ((li.checks & check_bounds) && sized && (a & (size - 1))) fault(misaligned, a, size, write);
+        if ((li.checks & check_init) && !write && size == g.elem && poisoned(a, size))
+            fault(uninitialised, a, size, write);
+        return;
+    }
+    if ((li.checks & check_bounds) && !private_memory(a, size)) fault(out_of_bounds, a, size, write);
+}
+
+}  // namespace cuda_emu
+
+#define CUDA_EMU_HOOKS(n)                                                                                      \
+    extern "C" __attribute__((no_sanitize_address)) void __asan_load##n##_noabort(uintptr_t a) {             \
+        cuda_emu::check_access(a, n, false, true);                                                           \
+    }                                                                                                          \
+    extern "C" __attribute__((no_sanitize_address)) void __asan_store##n##_noabort(uintptr_t a) {            \
+        cuda_emu::check_access(a, n, true, true);                                                            \
+    }
+CUDA_EMU_HOOKS(1)
+CUDA_EMU_HOOKS(2)
+CUDA_EMU_HOOKS(4)
+CUDA_EMU_HOOKS(8)
+CUDA_EMU_HOOKS(16)
+#undef CUDA_EMU_HOOKS
+extern "C" __attribute__((no_sanitize_address)) void __asan_loadN_noabort(uintptr_t a, size_t n) {
+    cuda_emu::check_access(a, n, false, false);
+}
+extern "C" __attribute__((no_sanitize_address)) void __asan_storeN_noabort(uintptr_t a, size_t n) {
+    cuda_emu::check_access(a, n, true, false);
+}
+extern "C" void __asan_handle_no_return() {}
+
+namespace cuda_emu {
+#endif  // CUDA_EMU_MEMCHECK
+
+// Run body() for every thread of every block, in the order info->seed says.
+// 0 = ok, 1 = bad configuration, 2 = no full OpenMP team, 3 = deadlock,
+// 4 = a sanitizer fault (described in *li).
+template <typename F>
+inline int launch(dim3 grid, dim3 block, LaunchInfo* li, F&& body) {
+    const unsigned long long nthreads = (unsigned long long)block.x * block.y * block.z;
+    if (nthreads == 0 || nthreads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0)
+        return 1;
+    std::lock_guard<std::mutex> lock(launch_mutex);
+    info = li;
+    rng_state = li->seed;
+    float_atomics.store(false, std::memory_order_relaxed);
+    blockDim = block;
+    gridDim = grid;
+    const BlockOrder order((unsigned long long)grid.x * grid.y * grid.z, li->seed);
+    const int rc = run_grid(grid, block, order, body);
+    li->float_atomics = float_atomics.load(std::memory_order_relaxed);
+    return rc;
+}
 
 // Every resident lane publishes v; returns the value of lane `src` of this warp
 // (its own v when src < 0 or src is not resident).
@@ -310,12 +525,19 @@ inline T __shfl_xor_sync(unsigned int, T v, int lane_mask, int width = 32) {
     return cuda_emu::exchange(v, src / width == lane / width ? src : -1);
 }
 
+// Float sums depend on the order of the additions (racecheck allows for that).
+template <typename T>
+inline void note_float_sum() {
+    if constexpr (std::is_floating_point_v<T>) cuda_emu::float_atomics.store(true, std::memory_order_relaxed);
+}
 template <typename T, typename U>
 inline T atomicAdd(T* addr, U v) {
+    note_float_sum<T>();
     return std::atomic_ref<T>(*addr).fetch_add(static_cast<T>(v), std::memory_order_relaxed);
 }
 template <typename T, typename U>
 inline T atomicSub(T* addr, U v) {
+    note_float_sum<T>();
     return std::atomic_ref<T>(*addr).fetch_sub(static_cast<T>(v), std::memory_order_relaxed);
 }
 template <typename T, typename U>
@@ -373,7 +595,7 @@ struct fragment {
 };
 
 template <typename Use, int M, int N, int K, typename T, typename L>
-inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
+__attribute__((no_sanitize_address)) inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
     for (float& e : f.x) e = v;
 }
 
@@ -387,7 +609,7 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const float* p, un
 }
 
 template <typename TA, typename LA, typename TB, typename LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 8, float>& d, const fragment<matrix_a, 16, 16, 8, TA, LA>& a,
+__attribute__((no_sanitize_address)) inline void mma_sync(fragment<accumulator, 16, 16, 8, float>& d, const fragment<matrix_a, 16, 16, 8, TA, LA>& a,
                      const fragment<matrix_b, 16, 16, 8, TB, LB>& b,
                      const fragment<accumulator, 16, 16, 8, float>& c) {
     float out[16 * 16];
