@@ -9,21 +9,12 @@ import numpy as np
 import pytest
 from test_kernel_parity import TOL, _data, _device_step, assert_close
 
-from gpumlp import backend
 from gpumlp.kernels import reference as ref
 
 DTYPES = (np.float32, np.float64)
 # The warp computes coordinates and weights in float64 on every backend; float32 results differ
 # by the rounding of the stored field (a few float32 ulp of a displacement of ~1 pixel).
 WARP_TOL = {np.float32: (1e-5, 1e-5), np.float64: (1e-12, 1e-12)}
-
-
-@pytest.fixture(scope="module", params=backend.available_names())
-def be(request) -> backend.Backend:
-    try:
-        return backend.get_backend(request.param)
-    except backend.BackendUnavailable as e:
-        pytest.skip(f"backend {request.param!r} unavailable: {e}")
 
 
 def test_elastic_field_is_scipy_gaussian_filter_of_the_philox_noise():

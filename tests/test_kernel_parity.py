@@ -34,14 +34,6 @@ HYP = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck
 shapes_st = st.tuples(st.integers(1, 257), st.integers(1, 1030))
 
 
-@pytest.fixture(scope="module", params=backend.available_names())
-def be(request) -> backend.Backend:
-    try:
-        return backend.get_backend(request.param)
-    except backend.BackendUnavailable as e:
-        pytest.skip(f"backend {request.param!r} unavailable: {e}")
-
-
 def assert_close(expected, got, rtol: float, atol: float, what: str = "") -> None:
     """|got - expected| <= atol + rtol*|expected| everywhere (NaN == NaN), same shape and dtype;
     on failure report the max abs difference and the first mismatching index."""

@@ -3,24 +3,13 @@ against hand-computed full-batch gradient descent on every backend."""
 
 import numpy as np
 import pytest
+from conftest import loadable_backends
 
-from gpumlp.backend import BackendUnavailable, available_names, get_backend, make_cuda_backend
+from gpumlp.backend import BackendUnavailable, make_cuda_backend
 from gpumlp.data import make_circles, make_moons, make_xor
 from gpumlp.model import MLP
 
-
-def _backends():
-    names = []
-    for name in available_names():
-        try:
-            get_backend(name)
-        except BackendUnavailable:
-            continue
-        names.append(name)
-    return names
-
-
-BACKENDS = _backends()
+BACKENDS = loadable_backends()
 
 
 def _softmax_grads(X, y, W, b):

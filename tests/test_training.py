@@ -9,9 +9,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import loadable_backends
 
 from gpumlp import checkpoint
-from gpumlp.backend import BackendUnavailable, available_names, get_backend, make_cuda_backend
+from gpumlp.backend import BackendUnavailable, get_backend, make_cuda_backend
 from gpumlp.data import load_mnist, make_circles, make_xor, scale_pixels, split_train_valid
 from gpumlp.model import MLP
 from gpumlp.optim import OPTIMIZERS
@@ -129,7 +130,7 @@ def test_resume_with_shuffle_and_shifts_continues_bit_for_bit(tmp_path):
     rng = np.random.default_rng(0)
     X, y = rng.random((120, 25)), rng.integers(0, 3, 120)  # 5x5 "images"
     fit_kw = dict(batch_size=16, optimizer="momentum", lr=0.05, augment_shift=1, seed=7)
-    straight = MLP("25-12-3", backend="numba" if "numba" in _loadable_backends() else "numpy", seed=1)
+    straight = MLP("25-12-3", backend="numba" if "numba" in loadable_backends() else "numpy", seed=1)
     be = straight.be
     h_straight = straight.fit(X, y, epochs=3, **fit_kw)
     ckpt = tmp_path / "ck.npz"
@@ -403,18 +404,7 @@ def test_cuda_graphs_need_a_cuda_backend():
         MLP("2-4-2", backend="numpy").fit(X, y, cuda_graphs=True)
 
 
-def _loadable_backends():
-    names = []
-    for name in available_names():
-        try:
-            get_backend(name)
-        except BackendUnavailable:
-            continue
-        names.append(name)
-    return names
-
-
-@pytest.mark.parametrize("name", [n for n in _loadable_backends() if n != "numpy"])
+@pytest.mark.parametrize("name", [n for n in loadable_backends() if n != "numpy"])
 def test_whole_training_parity_with_the_reference(name, mnist):
     """A few seeded epochs on an MNIST slice give the reference's loss curve: the same
     device-made shuffles, shifts and dropout masks on every backend."""
@@ -442,7 +432,7 @@ def test_whole_training_parity_with_the_reference(name, mnist):
     np.testing.assert_allclose(curves[name][1], curves["numpy"][1], atol=0.01)
 
 
-@pytest.mark.parametrize("name", _loadable_backends())
+@pytest.mark.parametrize("name", loadable_backends())
 def test_clip_grad_norm_bounds_the_global_norm(name):
     """Two gradient buffers (as the packed weights/others groups) scaled together to max_norm."""
     from gpumlp.optim import clip_grad_norm
@@ -462,7 +452,7 @@ def test_clip_grad_norm_bounds_the_global_norm(name):
         np.testing.assert_allclose(got[1] / host[1], expected / norm, rtol=1e-5)  # one common factor
 
 
-@pytest.mark.parametrize("name", [n for n in _loadable_backends() if n != "numpy"])
+@pytest.mark.parametrize("name", [n for n in loadable_backends() if n != "numpy"])
 def test_warped_and_elastic_augmentation_trains_alike_on_every_backend(name, mnist):
     """Rotation, scaling, sub-pixel shifts and elastic fields are drawn on the device from the
     same Philox streams everywhere, so every backend follows the reference's loss curve (CUDA
