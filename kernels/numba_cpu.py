@@ -35,12 +35,13 @@ both give identical results. ``NUMBA_NUM_THREADS=1`` makes every kernel serial.
 
 Vectorisation notes: kernels use ``error_model="numpy"`` (division by zero
 gives inf/nan like NumPy instead of a Python check, which also blocked SIMD
-division: 8x slower Adam). Without Intel SVML, Numba's exp/tanh are scalar
-libm calls, so ``tanh`` (always) and ``sigmoid`` (from ``_SIMD_EXP_MIN``
-elements) in ``bias_act`` run the bias add in Numba and the transcendental as
-an in-place NumPy SIMD ufunc: 2-3 passes over cache-resident data beat one
-scalar pass 1.3-7x. ``fastmath`` is not used: it bought nothing measurable once
-loops vectorised, and it would allow NaN-unsafe rewrites.
+division: 8x slower Adam). Without Intel SVML, Numba's exp/log1p/tanh are scalar
+libm calls, so the activations and losses use ``numba_math``'s polynomial versions
+(<= 2.5 ulp, vectorised by LLVM) instead. NumPy's hand-tuned AVX-512 ufuncs still beat
+them in two places (measured, see ``_SIMD_EXP_MIN``): ``tanh`` from 256 elements (bias add
+in Numba, then ``np.tanh`` in place: 2 passes) and float64 ``sigmoid`` from 4096 elements
+(3 passes around ``np.exp``). The only fast-math flag is ``contract`` (FMA) on the kernels
+that inline the polynomials: NaN/inf semantics stay IEEE.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .numba_math import exp as _exp
+from .numba_math import log1p as _log1p
+from .numba_math import sigmoid as _sigmoid
+from .numba_math import tanh as _tanh
 from .reference import (
     _PHILOX_M,
     _PHILOX_W,
@@ -72,9 +77,14 @@ from .reference import (
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # identity 0 .. leaky_relu 4
 # Elements at and above which a kernel uses its parallel variant (see module docstring).
 _PAR_MIN = 1 << 22
-# Sizes from which sigmoid goes through NumPy's SIMD exp (3 passes) instead of scalar libm exp.
+# Sizes from which float64 sigmoid (3 passes around NumPy's SIMD exp) and tanh (2 passes around
+# np.tanh) beat the fused numba_math loop (bench/bench_kernels.py, test_bias_act_variants).
 _SIMD_EXP_MIN = 1 << 12
+_NUMPY_TANH_MIN = 1 << 8
 _MASK32 = np.uint64(0xFFFFFFFF)
+# Kernels that inline numba_math's polynomials let LLVM fuse multiply-adds (FMA): 20-35 % faster,
+# and no less accurate. No other fast-math flag (NaN/inf semantics stay IEEE).
+_CONTRACT = {"contract"}
 _BCE_CAP = -math.log(LOG_EPS)  # largest per-class term of sigmoid_bce, as in the reference
 
 
@@ -110,10 +120,10 @@ def matmul(
     return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _bias_act_rows(z, b, out, code, r0, r1):
-    # code 1 (sigmoid) computes the fused scalar form; codes 5/6 are the SIMD-exp passes
-    # around NumPy's vectorised exp/tanh (see bias_act).
+    # codes 1/2 (sigmoid/tanh) inline numba_math's SIMD polynomials; codes 5/6 are the passes
+    # around NumPy's vectorised exp (see bias_act).
     n = z.shape[1]
     if code == 0:
         for i in range(r0, r1):
@@ -122,7 +132,11 @@ def _bias_act_rows(z, b, out, code, r0, r1):
     elif code == 1:
         for i in range(r0, r1):
             for j in range(n):
-                out[i, j] = 1.0 / (1.0 + math.exp(-(z[i, j] + b[j])))
+                out[i, j] = _sigmoid(z[i, j] + b[j])
+    elif code == 2:
+        for i in range(r0, r1):
+            for j in range(n):
+                out[i, j] = _tanh(z[i, j] + b[j])
     elif code == 3:
         for i in range(r0, r1):
             for j in range(n):
@@ -161,10 +175,10 @@ def bias_act(z: np.ndarray, b: np.ndarray, act: str, out: np.ndarray | None = No
     if out is None:
         out = np.empty_like(z)
     n = z.size
-    if code == 2:  # libm tanh is scalar and ~10x slower than NumPy's SIMD tanh: 2 passes win
+    if code == 2 and n >= _NUMPY_TANH_MIN:
         _run(_bias_act_par, _bias_act_serial, n, z, b, out, 0)
         np.tanh(out, out=out)
-    elif code == 1 and n >= _SIMD_EXP_MIN:  # 3 passes around NumPy's SIMD exp beat scalar exp
+    elif code == 1 and z.dtype == np.float64 and n >= _SIMD_EXP_MIN:
         _run(_bias_act_par, _bias_act_serial, n, z, b, out, 5)
         np.exp(out, out=out)
         _run(_bias_act_par, _bias_act_serial, n, out, b, out, 6)
@@ -264,19 +278,48 @@ def gather_rows(src: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None)
 
 # ====================================================================== losses
 @njit(cache=True, error_model="numpy")
-def _softmax_k(z, out):
+def _shift_rows(z, out):
+    """out[i] = z[i] - max z[i]. z, out: (B,K)."""
     for i in range(z.shape[0]):
         m = z[i, 0]
         for j in range(1, z.shape[1]):
             m = max(m, z[i, j])
-        s = 0.0
         for j in range(z.shape[1]):
-            e = math.exp(z[i, j] - m)
-            out[i, j] = e
-            s += e
-        inv = 1.0 / s
-        for j in range(z.shape[1]):
+            out[i, j] = z[i, j] - m
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _exp_inplace(x):
+    """x = exp(x) over a flat array: one long loop that vectorises (a K=10 row is too short)."""
+    for t in range(x.size):
+        x[t] = _exp(x[t])
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _log1p_inplace(x):
+    for t in range(x.size):
+        x[t] = _log1p(x[t])
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _normalise_rows(out, sums):
+    """Divide each row of out by its sum; sums[i] = that sum - 1 (>= 0: the max term is 1)."""
+    one = out.dtype.type(1)
+    for i in range(out.shape[0]):
+        s = out.dtype.type(0)
+        for j in range(out.shape[1]):
+            s += out[i, j]
+        sums[i] = s - one
+        inv = one / s
+        for j in range(out.shape[1]):
             out[i, j] *= inv
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _softmax_k(z, out):
+    _shift_rows(z, out)
+    _exp_inplace(out.reshape(-1))
+    _normalise_rows(out, np.empty(z.shape[0], out.dtype))
 
 
 def softmax(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -287,27 +330,27 @@ def softmax(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _softmax_xent_k(z, labels, grad, scale):
-    k = z.shape[1]
+    # loss_i = log(sum_j exp(z_ij - m_i)) - (z_iy - m_i); grad = scale * (softmax - onehot)
+    nb, k = z.shape
     total = 0.0
-    for i in range(z.shape[0]):
+    _shift_rows(z, grad)
+    for i in range(nb):
         y = labels[i]
         if y < 0 or y >= k:
             raise ValueError("softmax_xent: label out of range [0, K)")
-        m = z[i, 0]
-        for j in range(1, k):
-            m = max(m, z[i, j])
-        s = 0.0
-        for j in range(k):
-            e = math.exp(z[i, j] - m)
-            grad[i, j] = e
-            s += e
-        total += m + math.log(s) - z[i, y]
-        inv = 1.0 / s
-        for j in range(k):
-            grad[i, j] = grad[i, j] * inv * scale
-        grad[i, y] = (math.exp(z[i, y] - m) * inv - 1.0) * scale
+        total -= grad[i, y]
+    _exp_inplace(grad.reshape(-1))
+    sums = np.empty(nb, grad.dtype)
+    _normalise_rows(grad, sums)
+    _log1p_inplace(sums)  # the row sums are >= 1: s - 1 is exact and log1p(s - 1) = log s
+    for i in range(nb):
+        total += sums[i]
+        grad[i, labels[i]] -= 1
+    g, sc = grad.reshape(-1), grad.dtype.type(scale)
+    for t in range(g.size):
+        g[t] *= sc
     return total
 
 
@@ -326,22 +369,25 @@ def softmax_xent(
     return _accumulate(loss, total, logits.dtype), grad
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _sigmoid_bce_k(z, labels, grad, scale, cap):
-    k = z.shape[1]
-    total = 0.0
+    k, one, zero = z.shape[1], z.dtype.type(1), z.dtype.type(0)
+    sc, cp = z.dtype.type(scale), z.dtype.type(cap)
+    acc = np.zeros(k, np.float64)  # per-class partial sums: the inner loop has no reduction, it vectorises
     for i in range(z.shape[0]):
         y = labels[i]
         if y < 0 or y >= k:
             raise ValueError("sigmoid_bce: label out of range [0, K)")
         for j in range(k):
-            x = np.float64(z[i, j])
-            e = math.exp(-abs(x))  # never exp of a large positive number: finite for any logit
-            p = 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
-            s = -x if j == y else x  # the term is softplus(s): -log p for t=1, -log(1-p) for t=0
-            total += min(max(s, 0.0) + math.log1p(e), cap)  # |s| = |x|: the same exp serves both
-            grad[i, j] = ((p - 1.0) if j == y else p) * scale
-    return total
+            x = z[i, j]
+            e = _exp(-abs(x))  # never exp of a large positive number: finite for any logit
+            r = one / (one + e)
+            p, q = (r, e * r) if x >= zero else (e * r, r)  # sigmoid(x), 1 - sigmoid(x), no cancellation
+            hit = j == y
+            s = -x if hit else x  # the term is softplus(s): -log p for t=1, -log(1-p) for t=0
+            acc[j] += min(max(s, zero) + _log1p(e), cp)  # |s| = |x|: the same exp serves both
+            grad[i, j] = (-q if hit else p) * sc
+    return acc.sum()
 
 
 def sigmoid_bce(

@@ -21,7 +21,13 @@ function  float32    float64
 exp       1 ulp      1.5 ulp
 log1p     1 ulp      1 ulp
 tanh      1.5 ulp    1.5 ulp
+sigmoid   2.5 ulp    2.5 ulp
 ========  =========  =========
+
+``sigmoid(x) = 1 / (1 + exp(-x))`` is the kernels' shared form: its error is exp's, damped by
+``e / (1 + e) < 1``, plus the two roundings of the sum and the division. Like that formula in
+NumPy it gives 0 once exp(-x) overflows (x < -88.7 float32, -709.8 float64), where the exact
+value is a denormal.
 
 Special values follow C99/NumPy: NaN in gives NaN out; ``exp(+inf) = inf``,
 ``exp(-inf) = 0``, overflow gives inf and underflow goes through the denormals to 0;
@@ -36,7 +42,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload, register_jitable
 
-__all__ = ["exp", "log1p", "tanh"]
+__all__ = ["exp", "log1p", "sigmoid", "tanh"]
 
 # ----------------------------------------------------------------- bit casts
 _INT_OF = {types.float32: ir.IntType(32), types.float64: ir.IntType(64)}
@@ -219,6 +225,16 @@ def _tanh32(x):
     return big if a >= _TANH_SPLIT32 else small
 
 
+@register_jitable(inline="always")
+def _sigmoid64(x):
+    return 1.0 / (1.0 + _exp64(-x))
+
+
+@register_jitable(inline="always")
+def _sigmoid32(x):
+    return _ONE32 / (_ONE32 + _exp32(-x))
+
+
 # ------------------------------------------------ public names: jit + arrays
 def _by_dtype(f32, f64):
     def pick(x):
@@ -241,6 +257,12 @@ def _map_exp(x, out):
 def _map_log1p(x, out):
     for i in range(x.size):
         out[i] = log1p(x[i])
+
+
+@njit(cache=True, error_model="numpy")
+def _map_sigmoid(x, out):
+    for i in range(x.size):
+        out[i] = sigmoid(x[i])
 
 
 @njit(cache=True, error_model="numpy")
@@ -268,6 +290,11 @@ def log1p(x: np.ndarray) -> np.ndarray:
     return _mapped(_map_log1p, x)
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) elementwise (<= 2.5 ulp). x: float32/float64 array (scalar in @njit) -> same."""
+    return _mapped(_map_sigmoid, x)
+
+
 def tanh(x: np.ndarray) -> np.ndarray:
     """tanh(x) elementwise (<= 1.5 ulp). x: float32/float64 array (or scalar inside @njit) -> same dtype."""
     return _mapped(_map_tanh, x)
@@ -275,4 +302,5 @@ def tanh(x: np.ndarray) -> np.ndarray:
 
 overload(exp, inline="always")(_by_dtype(_exp32, _exp64))
 overload(log1p, inline="always")(_by_dtype(_log1p32, _log1p64))
+overload(sigmoid, inline="always")(_by_dtype(_sigmoid32, _sigmoid64))
 overload(tanh, inline="always")(_by_dtype(_tanh32, _tanh64))
