@@ -303,11 +303,13 @@ class _Step:
         scale = 1.0 / b if self.mean else 1.0
         _, grad = model.loss(be, scores, labels, grad=self.g_buf[b], grad_scale=scale, loss=self.loss_sum)
         k.correct_count(scores, labels, count=self.correct)
-        model.backward(grad)
+        fold = self.opt.gemm_fold(lr, bool(self.clip))  # plain SGD: the weights step in their GEMM
+        model.backward(grad, sgd=fold)
         if self.clip:
             clip_grad_norm(be, [g for _, _, g, _ in self.params], self.clip, self.sumsq)
         for (_, w, g, decayed), state in zip(self.params, self.opt_state):
-            self.opt.update(be, w, g, state, lr, t, decayed)
+            if not (fold and decayed):
+                self.opt.update(be, w, g, state, lr, t, decayed)
 
     def _replay(self, Xd, batch, t, lr: float, seed: int) -> None:
         """The same step through a CUDA graph. ``batch``: the step's indices|labels

@@ -46,6 +46,8 @@ that inline the polynomials: NaN/inf semantics stay IEEE.
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import math
 import os
 import threading
@@ -118,6 +120,61 @@ def matmul(
 ) -> np.ndarray:
     """``op(a) @ op(b)`` on BLAS, transposes as views. (M,K)@(K,N) -> (M,N)."""
     return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+
+
+def _load_cblas() -> tuple | None:
+    """(sgemm, dgemm) of the OpenBLAS that NumPy's wheels bundle (CBLAS, 64-bit ints) as ctypes
+    functions, so that the GEMM shares np.matmul's library and thread pool; None elsewhere
+    (NumPy on MKL/Accelerate: sgd_matmul_step then forms the product, then steps)."""
+    root = os.path.dirname(np.__file__)
+    pats = ("../numpy.libs/libscipy_openblas64_*", ".dylibs/libscipy_openblas64_*")
+    for path in sorted(p for pat in pats for p in glob.glob(os.path.join(root, pat))):
+        try:
+            lib = ctypes.CDLL(path)
+            return tuple(_cblas_gemm_type(t)((f"scipy_cblas_{c}gemm64_", lib)) for c, t in _CBLAS_TYPES)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _cblas_gemm_type(t):
+    # cblas_?gemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    return ctypes.CFUNCTYPE(None, i32, i32, i32, i64, i64, i64, t, ptr, i64, ptr, i64, t, ptr, i64)
+
+
+_CBLAS_TYPES = (("s", ctypes.c_float), ("d", ctypes.c_double))
+_CBLAS = _load_cblas()
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+def _gemm_kernel(fn):
+    """C = alpha * op(A) @ op(B) + beta * C through ``fn`` (row-major, transposes as flags).
+    Not cached on disk: it holds the function's address, which changes with every process."""
+
+    @njit(error_model="numpy")
+    def gemm(c, a, b, alpha, beta, ta, tb):
+        m, n = c.shape
+        k = a.shape[0] if ta else a.shape[1]
+        lda, ldb = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize
+        fn(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS, m, n, k,
+           alpha, a.ctypes, lda, b.ctypes, ldb, beta, c.ctypes, n)  # fmt: skip
+
+    return gemm
+
+
+_GEMM = {np.dtype(t): _gemm_kernel(fn) for t, fn in zip((np.float32, np.float64), _CBLAS or ())}
+
+
+def _blas_ready(w, a, b, trans_a: bool, trans_b: bool) -> bool:
+    """Whether the direct GEMM can take these operands as they are: one float dtype, rows
+    with unit stride, w C-contiguous, shapes that agree (else the generic path raises)."""
+    if w.dtype not in _GEMM or a.dtype != w.dtype or b.dtype != w.dtype or a.ndim != 2 or b.ndim != 2:
+        return False
+    m, k = a.shape[::-1] if trans_a else a.shape
+    k2, n = b.shape[::-1] if trans_b else b.shape
+    unit = all(x.strides[1] == x.itemsize and x.strides[0] >= max(1, x.shape[1]) * x.itemsize for x in (a, b))
+    return unit and k == k2 and w.shape == (m, n) and w.flags.c_contiguous
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
@@ -488,6 +545,26 @@ def sgd_step(w: np.ndarray, g: np.ndarray, lr: float, l2: float = 0.0, l1: float
     """w -= lr * (g + l2*w + l1*sign(w)), one fused in-place pass. w, g: same shape."""
     w1, g1 = _flat(w, "w"), _flat(g, "g")
     _run(_sgd_par, _sgd_serial, w1.size, w1, g1, float(lr), float(l2), float(l1))
+
+
+def sgd_matmul_step(
+    w: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    lr: float,
+    l2: float = 0.0,
+    trans_a: bool = False,
+    trans_b: bool = False,
+    work: np.ndarray | None = None,
+) -> None:
+    """w -= lr * (op(a) @ op(b) + l2*w) as one BLAS GEMM, alpha = -lr, beta = 1 - lr*l2: the
+    gradient is never stored (``work`` unused) and w is read and written once. Without
+    NumPy's bundled OpenBLAS, or with operands BLAS cannot take as they are: matmul into
+    ``work``, then sgd_step. a: (M,K) ((K,M) with trans_a), b: (K,N) ((N,K) with trans_b), w: (M,N)."""
+    if _blas_ready(w, a, b, trans_a, trans_b):
+        _GEMM[w.dtype](w, a, b, -float(lr), 1.0 - float(lr) * float(l2), bool(trans_a), bool(trans_b))
+    else:
+        sgd_step(w, matmul(a, b, out=work, trans_a=trans_a, trans_b=trans_b), lr, l2)
 
 
 @njit(cache=True, error_model="numpy")
