@@ -92,11 +92,11 @@ class Dense(Layer):
         (``sgd_matmul_step``) after dx has used the old W; grads["W"] is then scratch."""
         k, x, W = self.be.k, self._x, self.params["W"]
         dz = dy if self.act == "identity" else k.act_grad(dy, self._y, self.act, out=self._ws("dz", dy.shape))
-        k.bias_grad(dz, out=self.grads["b"])
-        dx = k.matmul(dz, W, out=self._ws("dx", x.shape), trans_b=True) if need_dx else None
         if sgd is None:
             k.matmul(x, dz, out=self.grads["W"], trans_a=True)
-        else:
+        k.bias_grad(dz, out=self.grads["b"])
+        dx = k.matmul(dz, W, out=self._ws("dx", x.shape), trans_b=True) if need_dx else None
+        if sgd is not None:
             k.sgd_matmul_step(W, x, dz, *sgd, trans_a=True, work=self.grads["W"])
         return dx
 

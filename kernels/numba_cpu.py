@@ -27,9 +27,10 @@ parallel region, so an alternating GEMM / kernel loop makes the two thread
 teams starve each other. At MLP shapes an elementwise kernel touches at most a
 few MB and takes tens of microseconds single-threaded; on the 2-core dev box
 the ``prange`` variants lost at every MLP shape measured (784x1024 Adam:
-1.8 ms serial vs 10 ms parallel, noisy shared machine). So every kernel is
-single-threaded unless it has at least ``_PAR_MIN`` (4M) elements, i.e. beyond
-the MLP shapes we target; tune ``_PAR_MIN`` on many-core machines. The
+1.8 ms serial vs 10 ms parallel, noisy shared machine). So on 2 threads every kernel is
+single-threaded below 4M elements, i.e. beyond the MLP shapes we target. With more threads the
+threshold scales by 2/threads (see ``_par_min``: 512k elements on 16), as one core cannot use
+a big CPU's memory bandwidth; ``GPUMLP_PAR_MIN`` sets it by hand. The
 parallel variants run the very same jitted chunk body as the serial ones, so
 both give identical results. ``NUMBA_NUM_THREADS=1`` makes every kernel serial.
 
@@ -77,8 +78,9 @@ from .reference import (
 )
 
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # identity 0 .. leaky_relu 4
-# Elements at and above which a kernel uses its parallel variant (see module docstring).
-_PAR_MIN = 1 << 22
+# Elements from which a kernel uses its parallel variant (see the module docstring and _par_min).
+_PAR_MIN_2_THREADS = 1 << 22  # measured on the 2-core dev box
+_PAR_MIN_FLOOR = 1 << 17
 # Sizes from which float64 sigmoid (3 passes around NumPy's SIMD exp) and tanh (2 passes around
 # np.tanh) beat the fused numba_math loop (bench/bench_kernels.py, test_bias_act_variants).
 _SIMD_EXP_MIN = 1 << 12
@@ -106,12 +108,37 @@ def _flat(a: np.ndarray, name: str) -> np.ndarray:
     return a.reshape(-1)
 
 
+def _env_par_min() -> int | None:
+    raw = os.environ.get("GPUMLP_PAR_MIN", "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"GPUMLP_PAR_MIN must be a number of elements >= 1 (e.g. 500000), got {raw!r}")
+    return value
+
+
+_PAR_MIN = _env_par_min()  # None: adapt to the thread count
+
+
+def _par_min(nt: int) -> int:
+    """Elements from which the parallel variants run on nt threads: GPUMLP_PAR_MIN when set,
+    else the 2-thread measurement scaled by 2/nt (never below 128k elements)."""
+    if _PAR_MIN is not None:
+        return _PAR_MIN
+    return max(_PAR_MIN_FLOOR, _PAR_MIN_2_THREADS * 2 // max(nt, 1))
+
+
 def _run(par, serial, n: int, *args) -> None:
     """Call the parallel variant (with the thread count) for big n, else the serial one."""
-    if n >= _PAR_MIN and (nt := numba.get_num_threads()) > 1:
-        par(*args, nt)
-    else:
-        serial(*args)
+    if n >= (_PAR_MIN_FLOOR if _PAR_MIN is None else _PAR_MIN) and (nt := numba.get_num_threads()) > 1:
+        if n >= _par_min(nt):
+            par(*args, nt)
+            return
+    serial(*args)
 
 
 # ======================================================================= dense
@@ -1117,6 +1144,7 @@ def _warmup(dtype=np.float32) -> float:
     s1, s2 = np.zeros_like(w1), np.zeros_like(w1)
     _sgd_serial(w1, g1, 0.1, 0.0, 0.0)
     _sgd_par(w1, g1, 0.1, 0.0, 0.0, *nt)
+    sgd_matmul_step(z.T.copy(), z, z, 0.1, 0.0, trans_a=True)  # the BLAS call (not cached on disk)
     _momentum_serial(w1, g1, s1, 0.1, 0.9, False, 0.0, 0.0)
     _momentum_par(w1, g1, s1, 0.1, 0.9, False, 0.0, 0.0, *nt)
     _adagrad_serial(w1, g1, s1, 0.1, 1e-8, 0.0, 0.0)

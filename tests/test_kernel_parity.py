@@ -668,8 +668,8 @@ def test_bad_label_is_an_error_not_memory_corruption(be):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_numba_parallel_variants_match_reference(dtype, monkeypatch):
-    # the prange variants only run above numba_cpu._PAR_MIN elements (beyond MLP shapes):
-    # force them here so they stay tested
+    # the prange variants only run above numba_cpu._par_min(threads) elements (beyond MLP shapes
+    # on small machines): force them here so they stay tested
     try:
         be = backend.get_backend("numba")
     except backend.BackendUnavailable as e:
@@ -683,3 +683,19 @@ def test_numba_parallel_variants_match_reference(dtype, monkeypatch):
         assert_close(ref.act_grad(z, y, act), be.k.act_grad(z, y, act), *TOL[dtype], what="parallel act_grad")
     for opt in OPTIMIZERS:
         _run_optimizer(be, opt, "l1+l2", shape, dtype)
+
+
+def test_numba_parallel_threshold_adapts_to_the_thread_count(monkeypatch):
+    try:
+        k = backend.get_backend("numba").k
+    except backend.BackendUnavailable as e:
+        pytest.skip(str(e))
+    monkeypatch.setattr(k, "_PAR_MIN", None)
+    assert k._par_min(2) == 1 << 22  # measured on 2 threads: beyond every MLP shape
+    assert k._par_min(16) == 1 << 19 and k._par_min(8) == 1 << 20  # scaled by 2 / threads
+    assert k._par_min(1024) == 1 << 17  # the floor
+    monkeypatch.setenv("GPUMLP_PAR_MIN", "300000")
+    assert k._env_par_min() == 300000
+    monkeypatch.setenv("GPUMLP_PAR_MIN", "lots")
+    with pytest.raises(ValueError, match="GPUMLP_PAR_MIN must be a number of elements"):
+        k._env_par_min()
