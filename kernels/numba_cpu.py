@@ -7,7 +7,8 @@ and ``hash_uniform`` bit for bit (tests/test_kernel_parity.py).
 How the work is split
 ---------------------
 * Dense ``matmul`` is BLAS (``np.matmul(..., out=out)``, transposes as views):
-  nothing we could jit beats it.
+  nothing we could jit beats it. ``sgd_matmul_step`` calls the same OpenBLAS's
+  ``cblas_?gemm`` directly so that plain SGD rides on the weight-gradient GEMM (beta).
 * Every other kernel is a Python wrapper that validates only what is cheap
   (activation name, contiguity of in-place targets) and calls one
   ``@njit(cache=True, error_model="numpy")`` kernel that makes a single pass over memory (batch
