@@ -88,14 +88,18 @@ class Dense(Layer):
         self._x, self._y = x, y
         return y
 
-    def backward(self, dy, need_dx: bool):
-        k, x = self.be.k, self._x
+    def backward(self, dy, need_dx: bool, sgd: tuple[float, float] | None = None):
+        """With ``sgd`` = (lr, l2), W takes its SGD step inside the weight-gradient GEMM
+        (``sgd_matmul_step``) after dx has used the old W; grads["W"] is then scratch."""
+        k, x, W = self.be.k, self._x, self.params["W"]
         dz = dy if self.act == "identity" else k.act_grad(dy, self._y, self.act, out=self._ws("dz", dy.shape))
-        k.matmul(x, dz, out=self.grads["W"], trans_a=True)
+        if sgd is None:
+            k.matmul(x, dz, out=self.grads["W"], trans_a=True)
         k.bias_grad(dz, out=self.grads["b"])
-        if not need_dx:
-            return None
-        return k.matmul(dz, self.params["W"], out=self._ws("dx", x.shape), trans_b=True)
+        dx = k.matmul(dz, W, out=self._ws("dx", x.shape), trans_b=True) if need_dx else None
+        if sgd is not None:
+            k.sgd_matmul_step(W, x, dz, *sgd, trans_a=True, work=self.grads["W"])
+        return dx
 
     def config(self):
         return {"n_out": self.n_out, "act": self.act, "init": self.init}

@@ -188,10 +188,16 @@ class MLP:
             x = layer.forward(x, train, step)
         return x
 
-    def backward(self, grad) -> None:
-        """Back-propagate d loss / d scores (B, n_classes), filling every layer's grads."""
+    def backward(self, grad, sgd: tuple[float, float] | None = None) -> None:
+        """Back-propagate d loss / d scores (B, n_classes), filling every layer's grads. With
+        ``sgd`` = (lr, l2) the dense weights (the whole decayed group) take their SGD step
+        in their gradient GEMM instead, and only the other groups are left to the optimizer."""
         for i in range(len(self.layers) - 1, -1, -1):
-            grad = self.layers[i].backward(grad, need_dx=i > 0)
+            layer = self.layers[i]
+            if sgd is not None and isinstance(layer, Dense):
+                grad = layer.backward(grad, need_dx=i > 0, sgd=sgd)
+            else:
+                grad = layer.backward(grad, need_dx=i > 0)
 
     def fit(self, X, y, **kwargs):
         """Train on host arrays X (n, n_features), y (n,) int; kwargs as :func:`gpumlp.train.fit`.

@@ -77,6 +77,14 @@ class Optimizer:
         else:
             k(w, g, state[0], state[1], lr, t, self.beta1, self.beta2, self.eps, **reg)
 
+    def gemm_fold(self, lr: float, clipping: bool) -> tuple[float, float] | None:
+        """(lr, l2) when this step on the weights can ride on their gradient's GEMM
+        (``sgd_matmul_step``: plain SGD, no L1, no clipping, which needs the whole gradient
+        first); None when the gradient must be formed and then stepped."""
+        if self.name != "sgd" or self.l1 or clipping:
+            return None
+        return (lr, self.l2)
+
     def to_dict(self) -> dict:
         """JSON-able hyper-parameters."""
         return asdict(self)

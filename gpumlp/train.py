@@ -405,7 +405,10 @@ class _Step:
         scale = 1.0 / b if self.mean else 1.0
         _, grad = model.loss(be, scores, labels, grad=self.g_buf[b], grad_scale=scale, loss=self.loss_sum)
         k.correct_count(scores, labels, count=self.correct)
-        model.backward(grad)
+        # plain SGD steps the weights inside their gradient GEMM, unless the gradient itself is needed
+        needs_grad = bool(self.clip or self.clip_value or self.grad_norms)
+        fold = self.opt.gemm_fold(lr, needs_grad)
+        model.backward(grad, sgd=fold)
         if self.grad_norms:
             self.grad_norms.accumulate()
         if self.clip_value:
@@ -414,7 +417,8 @@ class _Step:
         if self.clip:
             clip_grad_norm(be, [g for _, _, g, _ in self.params], self.clip, self.sumsq)
         for (_, w, g, decayed), state in zip(self.params, self.opt_state):
-            self.opt.update(be, w, g, state, lr, t, decayed)
+            if not (fold and decayed):
+                self.opt.update(be, w, g, state, lr, t, decayed)
 
     def _gather(self, Xd, idx, t, seed: int):
         """The minibatch rows ``idx`` of Xd into the batch buffer, augmented as configured."""

@@ -509,6 +509,10 @@ class CudaKernels:
         """Plain gradient descent, in place: w -= lr * g_eff."""
         self._opt("sgd", w, g, (), lr, l2, l1)
 
+    def sgd_matmul_step(self, w, a, b, lr, l2=0.0, trans_a=False, trans_b=False, work=None):
+        """w -= lr * (op(a) @ op(b) + l2*w): the product into ``work`` (allocated if None), then sgd_step."""
+        self.sgd_step(w, self.matmul(a, b, out=work, trans_a=trans_a, trans_b=trans_b), lr, l2)
+
     def momentum_step(self, w, g, v, lr, mu=0.9, nesterov=False, l2=0.0, l1=0.0):
         """Heavy-ball / Nesterov momentum (PyTorch convention), in place on w and v."""
         self._inplace(w, "w", w)

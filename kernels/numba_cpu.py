@@ -7,7 +7,8 @@ and ``hash_uniform`` bit for bit (tests/test_kernel_parity.py).
 How the work is split
 ---------------------
 * Dense ``matmul`` is BLAS (``np.matmul(..., out=out)``, transposes as views):
-  nothing we could jit beats it.
+  nothing we could jit beats it. ``sgd_matmul_step`` calls the same OpenBLAS's
+  ``cblas_?gemm`` directly so that plain SGD rides on the weight-gradient GEMM (beta).
 * Every other kernel is a Python wrapper that validates only what is cheap
   (activation name, contiguity of in-place targets) and calls one
   ``@njit(cache=True, error_model="numpy")`` kernel that makes a single pass over memory (batch
@@ -27,24 +28,28 @@ parallel region, so an alternating GEMM / kernel loop makes the two thread
 teams starve each other. At MLP shapes an elementwise kernel touches at most a
 few MB and takes tens of microseconds single-threaded; on the 2-core dev box
 the ``prange`` variants lost at every MLP shape measured (784x1024 Adam:
-1.8 ms serial vs 10 ms parallel, noisy shared machine). So every kernel is
-single-threaded unless it has at least ``_PAR_MIN`` (4M) elements, i.e. beyond
-the MLP shapes we target; tune ``_PAR_MIN`` on many-core machines. The
+1.8 ms serial vs 10 ms parallel, noisy shared machine). So on 2 threads every kernel is
+single-threaded below 4M elements, i.e. beyond the MLP shapes we target. With more threads the
+threshold scales by 2/threads (see ``_par_min``: 512k elements on 16), as one core cannot use
+a big CPU's memory bandwidth; ``GPUMLP_PAR_MIN`` sets it by hand. The
 parallel variants run the very same jitted chunk body as the serial ones, so
 both give identical results. ``NUMBA_NUM_THREADS=1`` makes every kernel serial.
 
 Vectorisation notes: kernels use ``error_model="numpy"`` (division by zero
 gives inf/nan like NumPy instead of a Python check, which also blocked SIMD
-division: 8x slower Adam). Without Intel SVML, Numba's exp/tanh are scalar
-libm calls, so ``tanh`` (always) and ``sigmoid`` (from ``_SIMD_EXP_MIN``
-elements) in ``bias_act`` run the bias add in Numba and the transcendental as
-an in-place NumPy SIMD ufunc: 2-3 passes over cache-resident data beat one
-scalar pass 1.3-7x. ``fastmath`` is not used: it bought nothing measurable once
-loops vectorised, and it would allow NaN-unsafe rewrites.
+division: 8x slower Adam). Without Intel SVML, Numba's exp/log1p/tanh are scalar
+libm calls, so the activations and losses use ``numba_math``'s polynomial versions
+(<= 2.5 ulp, vectorised by LLVM) instead. NumPy's hand-tuned AVX-512 ufuncs still beat
+them in two places (measured, see ``_SIMD_EXP_MIN``): ``tanh`` from 256 elements (bias add
+in Numba, then ``np.tanh`` in place: 2 passes) and float64 ``sigmoid`` from 4096 elements
+(3 passes around ``np.exp``). The only fast-math flag is ``contract`` (FMA) on the kernels
+that inline the polynomials: NaN/inf semantics stay IEEE.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import math
 import os
 import threading
@@ -55,6 +60,10 @@ import numpy as np
 from numba import prange
 
 from ._jit import njit  # numba.njit, without the disk cache where none can be written
+from .numba_math import exp as _exp
+from .numba_math import log1p as _log1p
+from .numba_math import sigmoid as _sigmoid
+from .numba_math import tanh as _tanh
 from .reference import (
     _PHILOX_M,
     _PHILOX_W,
@@ -72,11 +81,17 @@ from .reference import (
 )
 
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # identity 0 .. leaky_relu 4
-# Elements at and above which a kernel uses its parallel variant (see module docstring).
-_PAR_MIN = 1 << 22
-# Sizes from which sigmoid goes through NumPy's SIMD exp (3 passes) instead of scalar libm exp.
+# Elements from which a kernel uses its parallel variant (see the module docstring and _par_min).
+_PAR_MIN_2_THREADS = 1 << 22  # measured on the 2-core dev box
+_PAR_MIN_FLOOR = 1 << 17
+# Sizes from which float64 sigmoid (3 passes around NumPy's SIMD exp) and tanh (2 passes around
+# np.tanh) beat the fused numba_math loop (bench/bench_kernels.py, test_bias_act_variants).
 _SIMD_EXP_MIN = 1 << 12
+_NUMPY_TANH_MIN = 1 << 8
 _MASK32 = np.uint64(0xFFFFFFFF)
+# Kernels that inline numba_math's polynomials let LLVM fuse multiply-adds (FMA): 20-35 % faster,
+# and no less accurate. No other fast-math flag (NaN/inf semantics stay IEEE).
+_CONTRACT = {"contract"}
 _BCE_CAP = -math.log(LOG_EPS)  # largest per-class term of sigmoid_bce, as in the reference
 
 
@@ -96,12 +111,37 @@ def _flat(a: np.ndarray, name: str) -> np.ndarray:
     return a.reshape(-1)
 
 
+def _env_par_min() -> int | None:
+    raw = os.environ.get("GPUMLP_PAR_MIN", "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"GPUMLP_PAR_MIN must be a number of elements >= 1 (e.g. 500000), got {raw!r}")
+    return value
+
+
+_PAR_MIN = _env_par_min()  # None: adapt to the thread count
+
+
+def _par_min(nt: int) -> int:
+    """Elements from which the parallel variants run on nt threads: GPUMLP_PAR_MIN when set,
+    else the 2-thread measurement scaled by 2/nt (never below 128k elements)."""
+    if _PAR_MIN is not None:
+        return _PAR_MIN
+    return max(_PAR_MIN_FLOOR, _PAR_MIN_2_THREADS * 2 // max(nt, 1))
+
+
 def _run(par, serial, n: int, *args) -> None:
     """Call the parallel variant (with the thread count) for big n, else the serial one."""
-    if n >= _PAR_MIN and (nt := numba.get_num_threads()) > 1:
-        par(*args, nt)
-    else:
-        serial(*args)
+    if n >= (_PAR_MIN_FLOOR if _PAR_MIN is None else _PAR_MIN) and (nt := numba.get_num_threads()) > 1:
+        if n >= _par_min(nt):
+            par(*args, nt)
+            return
+    serial(*args)
 
 
 # ======================================================================= dense
@@ -112,10 +152,65 @@ def matmul(
     return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
 
 
-@njit(cache=True, error_model="numpy")
+def _load_cblas() -> tuple | None:
+    """(sgemm, dgemm) of the OpenBLAS that NumPy's wheels bundle (CBLAS, 64-bit ints) as ctypes
+    functions, so that the GEMM shares np.matmul's library and thread pool; None elsewhere
+    (NumPy on MKL/Accelerate: sgd_matmul_step then forms the product, then steps)."""
+    root = os.path.dirname(np.__file__)
+    pats = ("../numpy.libs/libscipy_openblas64_*", ".dylibs/libscipy_openblas64_*")
+    for path in sorted(p for pat in pats for p in glob.glob(os.path.join(root, pat))):
+        try:
+            lib = ctypes.CDLL(path)
+            return tuple(_cblas_gemm_type(t)((f"scipy_cblas_{c}gemm64_", lib)) for c, t in _CBLAS_TYPES)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _cblas_gemm_type(t):
+    # cblas_?gemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    return ctypes.CFUNCTYPE(None, i32, i32, i32, i64, i64, i64, t, ptr, i64, ptr, i64, t, ptr, i64)
+
+
+_CBLAS_TYPES = (("s", ctypes.c_float), ("d", ctypes.c_double))
+_CBLAS = _load_cblas()
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+def _gemm_kernel(fn):
+    """C = alpha * op(A) @ op(B) + beta * C through ``fn`` (row-major, transposes as flags).
+    Not cached on disk: it holds the function's address, which changes with every process."""
+
+    @njit(error_model="numpy")
+    def gemm(c, a, b, alpha, beta, ta, tb):
+        m, n = c.shape
+        k = a.shape[0] if ta else a.shape[1]
+        lda, ldb = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize
+        fn(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS, m, n, k,
+           alpha, a.ctypes, lda, b.ctypes, ldb, beta, c.ctypes, n)  # fmt: skip
+
+    return gemm
+
+
+_GEMM = {np.dtype(t): _gemm_kernel(fn) for t, fn in zip((np.float32, np.float64), _CBLAS or ())}
+
+
+def _blas_ready(w, a, b, trans_a: bool, trans_b: bool) -> bool:
+    """Whether the direct GEMM can take these operands as they are: one float dtype, rows
+    with unit stride, w C-contiguous, shapes that agree (else the generic path raises)."""
+    if w.dtype not in _GEMM or a.dtype != w.dtype or b.dtype != w.dtype or a.ndim != 2 or b.ndim != 2:
+        return False
+    m, k = a.shape[::-1] if trans_a else a.shape
+    k2, n = b.shape[::-1] if trans_b else b.shape
+    unit = all(x.strides[1] == x.itemsize and x.strides[0] >= max(1, x.shape[1]) * x.itemsize for x in (a, b))
+    return unit and k == k2 and w.shape == (m, n) and w.flags.c_contiguous
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _bias_act_rows(z, b, out, code, r0, r1):
-    # code 1 (sigmoid) computes the fused scalar form; codes 5/6 are the SIMD-exp passes
-    # around NumPy's vectorised exp/tanh (see bias_act).
+    # codes 1/2 (sigmoid/tanh) inline numba_math's SIMD polynomials; codes 5/6 are the passes
+    # around NumPy's vectorised exp (see bias_act).
     n = z.shape[1]
     if code == 0:
         for i in range(r0, r1):
@@ -124,7 +219,11 @@ def _bias_act_rows(z, b, out, code, r0, r1):
     elif code == 1:
         for i in range(r0, r1):
             for j in range(n):
-                out[i, j] = 1.0 / (1.0 + math.exp(-(z[i, j] + b[j])))
+                out[i, j] = _sigmoid(z[i, j] + b[j])
+    elif code == 2:
+        for i in range(r0, r1):
+            for j in range(n):
+                out[i, j] = _tanh(z[i, j] + b[j])
     elif code == 3:
         for i in range(r0, r1):
             for j in range(n):
@@ -163,10 +262,10 @@ def bias_act(z: np.ndarray, b: np.ndarray, act: str, out: np.ndarray | None = No
     if out is None:
         out = np.empty_like(z)
     n = z.size
-    if code == 2:  # libm tanh is scalar and ~10x slower than NumPy's SIMD tanh: 2 passes win
+    if code == 2 and n >= _NUMPY_TANH_MIN:
         _run(_bias_act_par, _bias_act_serial, n, z, b, out, 0)
         np.tanh(out, out=out)
-    elif code == 1 and n >= _SIMD_EXP_MIN:  # 3 passes around NumPy's SIMD exp beat scalar exp
+    elif code == 1 and z.dtype == np.float64 and n >= _SIMD_EXP_MIN:
         _run(_bias_act_par, _bias_act_serial, n, z, b, out, 5)
         np.exp(out, out=out)
         _run(_bias_act_par, _bias_act_serial, n, out, b, out, 6)
@@ -266,19 +365,48 @@ def gather_rows(src: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None)
 
 # ====================================================================== losses
 @njit(cache=True, error_model="numpy")
-def _softmax_k(z, out):
+def _shift_rows(z, out):
+    """out[i] = z[i] - max z[i]. z, out: (B,K)."""
     for i in range(z.shape[0]):
         m = z[i, 0]
         for j in range(1, z.shape[1]):
             m = max(m, z[i, j])
-        s = 0.0
         for j in range(z.shape[1]):
-            e = math.exp(z[i, j] - m)
-            out[i, j] = e
-            s += e
-        inv = 1.0 / s
-        for j in range(z.shape[1]):
+            out[i, j] = z[i, j] - m
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _exp_inplace(x):
+    """x = exp(x) over a flat array: one long loop that vectorises (a K=10 row is too short)."""
+    for t in range(x.size):
+        x[t] = _exp(x[t])
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _log1p_inplace(x):
+    for t in range(x.size):
+        x[t] = _log1p(x[t])
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _normalise_rows(out, sums):
+    """Divide each row of out by its sum; sums[i] = that sum - 1 (>= 0: the max term is 1)."""
+    one = out.dtype.type(1)
+    for i in range(out.shape[0]):
+        s = out.dtype.type(0)
+        for j in range(out.shape[1]):
+            s += out[i, j]
+        sums[i] = s - one
+        inv = one / s
+        for j in range(out.shape[1]):
             out[i, j] *= inv
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _softmax_k(z, out):
+    _shift_rows(z, out)
+    _exp_inplace(out.reshape(-1))
+    _normalise_rows(out, np.empty(z.shape[0], out.dtype))
 
 
 def softmax(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -289,27 +417,27 @@ def softmax(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _softmax_xent_k(z, labels, grad, scale):
-    k = z.shape[1]
+    # loss_i = log(sum_j exp(z_ij - m_i)) - (z_iy - m_i); grad = scale * (softmax - onehot)
+    nb, k = z.shape
     total = 0.0
-    for i in range(z.shape[0]):
+    _shift_rows(z, grad)
+    for i in range(nb):
         y = labels[i]
         if y < 0 or y >= k:
             raise ValueError("softmax_xent: label out of range [0, K)")
-        m = z[i, 0]
-        for j in range(1, k):
-            m = max(m, z[i, j])
-        s = 0.0
-        for j in range(k):
-            e = math.exp(z[i, j] - m)
-            grad[i, j] = e
-            s += e
-        total += m + math.log(s) - z[i, y]
-        inv = 1.0 / s
-        for j in range(k):
-            grad[i, j] = grad[i, j] * inv * scale
-        grad[i, y] = (math.exp(z[i, y] - m) * inv - 1.0) * scale
+        total -= grad[i, y]
+    _exp_inplace(grad.reshape(-1))
+    sums = np.empty(nb, grad.dtype)
+    _normalise_rows(grad, sums)
+    _log1p_inplace(sums)  # the row sums are >= 1: s - 1 is exact and log1p(s - 1) = log s
+    for i in range(nb):
+        total += sums[i]
+        grad[i, labels[i]] -= 1
+    g, sc = grad.reshape(-1), grad.dtype.type(scale)
+    for t in range(g.size):
+        g[t] *= sc
     return total
 
 
@@ -328,22 +456,25 @@ def softmax_xent(
     return _accumulate(loss, total, logits.dtype), grad
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _sigmoid_bce_k(z, labels, grad, scale, cap):
-    k = z.shape[1]
-    total = 0.0
+    k, one, zero = z.shape[1], z.dtype.type(1), z.dtype.type(0)
+    sc, cp = z.dtype.type(scale), z.dtype.type(cap)
+    acc = np.zeros(k, np.float64)  # per-class partial sums: the inner loop has no reduction, it vectorises
     for i in range(z.shape[0]):
         y = labels[i]
         if y < 0 or y >= k:
             raise ValueError("sigmoid_bce: label out of range [0, K)")
         for j in range(k):
-            x = np.float64(z[i, j])
-            e = math.exp(-abs(x))  # never exp of a large positive number: finite for any logit
-            p = 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
-            s = -x if j == y else x  # the term is softplus(s): -log p for t=1, -log(1-p) for t=0
-            total += min(max(s, 0.0) + math.log1p(e), cap)  # |s| = |x|: the same exp serves both
-            grad[i, j] = ((p - 1.0) if j == y else p) * scale
-    return total
+            x = z[i, j]
+            e = _exp(-abs(x))  # never exp of a large positive number: finite for any logit
+            r = one / (one + e)
+            p, q = (r, e * r) if x >= zero else (e * r, r)  # sigmoid(x), 1 - sigmoid(x), no cancellation
+            hit = j == y
+            s = -x if hit else x  # the term is softplus(s): -log p for t=1, -log(1-p) for t=0
+            acc[j] += min(max(s, zero) + _log1p(e), cp)  # |s| = |x|: the same exp serves both
+            grad[i, j] = (-q if hit else p) * sc
+    return acc.sum()
 
 
 def sigmoid_bce(
@@ -444,6 +575,26 @@ def sgd_step(w: np.ndarray, g: np.ndarray, lr: float, l2: float = 0.0, l1: float
     """w -= lr * (g + l2*w + l1*sign(w)), one fused in-place pass. w, g: same shape."""
     w1, g1 = _flat(w, "w"), _flat(g, "g")
     _run(_sgd_par, _sgd_serial, w1.size, w1, g1, float(lr), float(l2), float(l1))
+
+
+def sgd_matmul_step(
+    w: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    lr: float,
+    l2: float = 0.0,
+    trans_a: bool = False,
+    trans_b: bool = False,
+    work: np.ndarray | None = None,
+) -> None:
+    """w -= lr * (op(a) @ op(b) + l2*w) as one BLAS GEMM, alpha = -lr, beta = 1 - lr*l2: the
+    gradient is never stored (``work`` unused) and w is read and written once. Without
+    NumPy's bundled OpenBLAS, or with operands BLAS cannot take as they are: matmul into
+    ``work``, then sgd_step. a: (M,K) ((K,M) with trans_a), b: (K,N) ((N,K) with trans_b), w: (M,N)."""
+    if _blas_ready(w, a, b, trans_a, trans_b):
+        _GEMM[w.dtype](w, a, b, -float(lr), 1.0 - float(lr) * float(l2), bool(trans_a), bool(trans_b))
+    else:
+        sgd_step(w, matmul(a, b, out=work, trans_a=trans_a, trans_b=trans_b), lr, l2)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1128,6 +1279,7 @@ def _warmup(dtype=np.float32) -> float:
     s1, s2 = np.zeros_like(w1), np.zeros_like(w1)
     _sgd_serial(w1, g1, 0.1, 0.0, 0.0)
     _sgd_par(w1, g1, 0.1, 0.0, 0.0, *nt)
+    sgd_matmul_step(z.T.copy(), z, z, 0.1, 0.0, trans_a=True)  # the BLAS call (not cached on disk)
     _momentum_serial(w1, g1, s1, 0.1, 0.9, False, 0.0, 0.0)
     _momentum_par(w1, g1, s1, 0.1, 0.9, False, 0.0, 0.0, *nt)
     _adagrad_serial(w1, g1, s1, 0.1, 1e-8, 0.0, 0.0)

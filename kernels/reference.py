@@ -316,6 +316,16 @@ def sgd_step(w, g, lr, l2=0.0, l1=0.0):
     w -= (lr * _effective_grad(w, g, l2, l1)).astype(w.dtype)
 
 
+def sgd_matmul_step(w, a, b, lr, l2=0.0, trans_a=False, trans_b=False, work=None):
+    """Plain SGD with L2 from a gradient that is a matrix product, in place:
+    ``w -= lr * (op(a) @ op(b) + l2 * w)``, i.e. ``sgd_step(w, matmul(a, b), lr, l2)``.
+    A BLAS backend folds it into one GEMM (alpha = -lr, beta = 1 - lr*l2) and never forms the
+    product; backends that do form it write it into ``work`` (w's shape) when given. The
+    training loop uses it for a dense layer's weights when nothing needs the whole gradient
+    first (no clipping, no L1, plain SGD). a: (K,M) with trans_a (else (M,K)), b: (K,N), w: (M,N)."""
+    sgd_step(w, matmul(a, b, out=work, trans_a=trans_a, trans_b=trans_b), lr, l2)
+
+
 def momentum_step(w, g, v, lr, mu=0.9, nesterov=False, l2=0.0, l1=0.0):
     """Heavy-ball momentum (PyTorch convention): v = mu*v + g_eff;
     w -= lr * (g_eff + mu*v if nesterov else v). In place on w and v."""

@@ -82,6 +82,50 @@ def test_matmul(be, dtype, mkn, trans, with_out):
     assert_close(expected, be.to_host(got), *MM_TOL[dtype], what=f"matmul{mkn}{trans}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", [(1, 1, 1), (3, 5, 7), (784, 100, 100), (33, 257, 65)])
+@pytest.mark.parametrize("trans", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("l2", [0.0, 1e-2])
+def test_sgd_matmul_step(be, dtype, mkn, trans, l2):
+    # w -= lr * (op(a) @ op(b) + l2 * w): BLAS backends fold it into one GEMM (beta = 1 - lr*l2)
+    # instead of rounding the product, then the step: a GEMM's tolerance, not bit-identical.
+    m, k, n = mkn
+    ta, tb = trans
+    a, b = _data((k, m) if ta else (m, k), dtype, 1), _data((n, k) if tb else (k, n), dtype, 2)
+    w = _data((m, n), dtype, 3)
+    expected = w.copy()
+    ref.sgd_matmul_step(expected, a, b, 0.05, l2, trans_a=ta, trans_b=tb)
+    wd, work = be.asarray(w), _empty(be, (m, n), dtype)
+    assert be.k.sgd_matmul_step(wd, be.asarray(a), be.asarray(b), 0.05, l2, ta, tb, work=work) is None
+    assert_close(expected, be.to_host(wd), *MM_TOL[dtype], what=f"sgd_matmul_step{mkn}{trans}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_matmul_step_strided_operands(be, dtype):
+    # a column slice (rows not contiguous) and no work buffer: BLAS backends fall back to
+    # matmul + sgd_step instead of reading the wrong elements
+    a, b, w = _data((20, 12), dtype, 1), _data((20, 9), dtype, 2), _data((6, 9), dtype, 3)
+    expected = w.copy()
+    ref.sgd_matmul_step(expected, a[:, ::2], b, 0.1, 1e-3, trans_a=True)
+    wd = be.asarray(w)
+    be.k.sgd_matmul_step(wd, be.asarray(a)[:, ::2], be.asarray(b), 0.1, 1e-3, trans_a=True)
+    assert_close(expected, be.to_host(wd), *MM_TOL[dtype], what="sgd_matmul_step strided")
+
+
+def test_numba_sgd_matmul_step_never_forms_the_gradient():
+    # the fold's point: BLAS updates w from the GEMM, the work buffer stays untouched
+    try:
+        k = backend.get_backend("numba").k
+    except backend.BackendUnavailable as e:
+        pytest.skip(str(e))
+    a, b, w = _data((50, 30), np.float32, 1), _data((50, 20), np.float32, 2), _data((30, 20), np.float32, 3)
+    if not k._blas_ready(w, a, b, True, False):
+        pytest.skip("NumPy's bundled OpenBLAS not found: numba forms the product (tested above)")
+    work = np.full_like(w, np.nan)
+    k.sgd_matmul_step(w, a, b, 0.1, 0.0, trans_a=True, work=work)
+    assert np.isnan(work).all() and np.isfinite(w).all()
+
+
 # ============================================================ activations
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ref.ACTIVATIONS)
@@ -636,8 +680,8 @@ def test_bad_label_is_an_error_not_memory_corruption(be):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_numba_parallel_variants_match_reference(dtype, monkeypatch):
-    # the prange variants only run above numba_cpu._PAR_MIN elements (beyond MLP shapes):
-    # force them here so they stay tested
+    # the prange variants only run above numba_cpu._par_min(threads) elements (beyond MLP shapes
+    # on small machines): force them here so they stay tested
     try:
         be = backend.get_backend("numba")
     except backend.BackendUnavailable as e:
@@ -651,3 +695,19 @@ def test_numba_parallel_variants_match_reference(dtype, monkeypatch):
         assert_close(ref.act_grad(z, y, act), be.k.act_grad(z, y, act), *TOL[dtype], what="parallel act_grad")
     for opt in OPTIMIZERS:
         _run_optimizer(be, opt, "l1+l2", shape, dtype)
+
+
+def test_numba_parallel_threshold_adapts_to_the_thread_count(monkeypatch):
+    try:
+        k = backend.get_backend("numba").k
+    except backend.BackendUnavailable as e:
+        pytest.skip(str(e))
+    monkeypatch.setattr(k, "_PAR_MIN", None)
+    assert k._par_min(2) == 1 << 22  # measured on 2 threads: beyond every MLP shape
+    assert k._par_min(16) == 1 << 19 and k._par_min(8) == 1 << 20  # scaled by 2 / threads
+    assert k._par_min(1024) == 1 << 17  # the floor
+    monkeypatch.setenv("GPUMLP_PAR_MIN", "300000")
+    assert k._env_par_min() == 300000
+    monkeypatch.setenv("GPUMLP_PAR_MIN", "lots")
+    with pytest.raises(ValueError, match="GPUMLP_PAR_MIN must be a number of elements"):
+        k._env_par_min()

@@ -472,3 +472,23 @@ def test_warped_and_elastic_augmentation_trains_alike_on_every_backend(name, mni
         np.testing.assert_allclose(curve, curves[0], rtol=1e-3)
     plain = MLP("784-32-10", backend="numpy", seed=5).fit(X, y, **{**kw, "augment": None})["loss"]
     assert curves[0][0] != pytest.approx(plain[0], rel=1e-3)  # the augmentation did change the data
+
+
+@pytest.mark.parametrize("name", loadable_backends())
+def test_sgd_folded_into_the_weight_gemm_matches_the_unfolded_step(name, mnist):
+    """Plain SGD + L2 steps the dense weights inside their gradient GEMM (sgd_matmul_step).
+    Clipping needs the whole gradient first, so with a bound never reached (factor exactly 1)
+    the same training forms the gradient, then steps. Backends that form the product either
+    way (numpy, the GPU ones) give identical weights; BLAS folds it into the GEMM's beta
+    (numba): a GEMM's rounding apart."""
+    X, y = mnist[0][:600], mnist[1][:600]
+    runs = []
+    for clip in (None, 1e30):
+        model = MLP("784-32-16-10", act="sigmoid", loss="logistic", backend=name, seed=4)
+        model.fit(X, y, epochs=2, batch_size=50, optimizer="sgd", lr=0.05, l2=1e-3, clip_norm=clip, seed=4)
+        runs.append(model.state_arrays())
+    for key, folded in runs[0].items():
+        if name == "numba":
+            np.testing.assert_allclose(folded, runs[1][key], rtol=1e-4, atol=1e-6, err_msg=key)
+        else:
+            np.testing.assert_array_equal(folded, runs[1][key], err_msg=key)

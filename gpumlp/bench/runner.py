@@ -281,6 +281,13 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
         ("matmul", "x·W", (256, 1024, 1024), lambda: k.matmul(a2, w2, out=c2)),
         ("matmul", "xᵀ·dz", (784, 256, 1024), lambda: k.matmul(a1, c1, out=dw, trans_a=True)),
         ("matmul", "dz·Wᵀ", (256, 1024, 784), lambda: k.matmul(c1, w1, out=dx, trans_b=True)),
+        # the weight gradient with plain SGD folded in (BLAS beta): compare with the xᵀ·dz row
+        (
+            "sgd_matmul_step",
+            "W -= lr·xᵀ·dz",
+            (784, 256, 1024),
+            lambda: k.sgd_matmul_step(dw, a1, c1, 1e-9, trans_a=True),
+        ),
         # in place, as Dense.forward calls it; act_grad into its own buffer, as Dense.backward does
         ("bias_act", "relu", (256, 1024), lambda: k.bias_act(y, b0, "relu", out=y)),
         ("bias_act", "sigmoid", (100, 100), lambda: k.bias_act(zs, bs, "sigmoid", out=zs)),
@@ -319,7 +326,7 @@ def time_kernels(name: str, dtype: str, quick: bool = False) -> list[dict]:
         t = best_time(fn, 3 if quick else 7, inner, be.synchronize)
         row = {"backend": name, "kernel": kernel, "variant": variant, "shape": list(shape), "dtype": dtype}
         row.update({"device": device_of(name), "seconds": t, "calls_per_timing": inner})
-        if kernel == "matmul":
+        if kernel in ("matmul", "sgd_matmul_step"):
             row["gflops"] = matmul_flops(*shape) / t / 1e9
         else:
             row["bytes"] = kernel_bytes(kernel, shape, dt.itemsize, label_itemsize=4)
