@@ -170,7 +170,8 @@ def describe(config: dict) -> str:
         f"schedule {f['schedule']}" + (f" (gamma {f['lr_gamma']:g})" if f["schedule"] != "constant" else "")
     )
     parts += [f"batch {f['batch_size']} ({f['reduction']})", f"epochs {f['epochs']}"]
-    for key in ("l1", "l2", "clip_norm", "dropout", "augment_shift", "patience"):
+    augment = ("augment_shift", "augment_rotate", "augment_scale", "augment_elastic")
+    for key in ("l1", "l2", "clip_norm", "clip_value", "dropout", *augment, "patience", "stop_param_change"):
         value = f.get(key, m.get(key))
         if value:
             parts.append(f"{key} {value:g}")
