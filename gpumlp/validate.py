@@ -26,7 +26,9 @@ def check_features(X, n_features: int, what: str = "X") -> np.ndarray:
             f"{what} has {X.shape[1]} features per sample but the model's input layer expects "
             f"{n_features}; reshape the data or build the model with input width {X.shape[1]}"
         )
-    if np.issubdtype(X.dtype, np.floating) and not np.isfinite(X).all():
+    # a NaN or inf makes the sum non-finite: one pass without an (n, d) mask; the exact check runs
+    # only then (or when finite values overflow the sum)
+    if np.issubdtype(X.dtype, np.floating) and not np.isfinite(X.sum()) and not np.isfinite(X).all():
         bad = np.argwhere(~np.isfinite(X))[0]
         raise ValueError(
             f"{what} contains NaN or inf (first at row {bad[0]}, column {bad[1]}); "
