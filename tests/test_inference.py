@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
+import warnings
 import weakref
 
 import numpy as np
@@ -114,3 +115,26 @@ def test_training_after_prediction_is_unchanged():
     b.fit(X, y, epochs=1, batch_size=64, seed=2)
     for (_, wa, _, _), (_, wb, _, _) in zip(a.parameters(), b.parameters()):
         np.testing.assert_array_equal(wa, wb)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+def test_predict_rejects_nan_and_inf_anywhere_and_accepts_huge_finite_values(dtype, layout):
+    """The finiteness check's fast path (a sum of squares) never decides alone: NaN, +inf and -inf
+    are found at their place, and finite values whose squares overflow are accepted."""
+    model = MLP("784-8-10", backend="numba")
+
+    def arrange(a):
+        if layout == "F":
+            return np.asfortranarray(a)
+        return np.repeat(a, 2, axis=0)[::2] if layout == "strided" else a
+
+    for bad in (np.nan, np.inf, -np.inf):
+        X = np.zeros((100, 784), dtype=dtype)  # 78,400 values: the fast path's size
+        X[30, 5] = bad
+        with pytest.raises(ValueError, match="NaN or inf \\(first at row 30, column 5\\)"):
+            model.predict(arrange(X))
+    huge = np.full((100, 784), 1e20, dtype=dtype)  # float32 squares overflow, float64 ones don't
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and the overflowing check does not warn
+        assert model.predict(arrange(huge)).shape == (100,)
