@@ -40,7 +40,7 @@ def _all_finite(X: np.ndarray) -> bool:
     squares (one BLAS pass, no (n, d) mask; 2x faster than the mask at 4096 x 784): a NaN or inf
     makes it non-finite, and only then, or when finite values overflow it, the exact check runs."""
     if (
-        X.size >= 1 << 16
+        X.size >= 1 << 12  # below, the mask is small and the errstate costs more
         and X.dtype in (np.float32, np.float64)
         and (X.flags.c_contiguous or X.flags.f_contiguous)
     ):
