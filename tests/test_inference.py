@@ -4,6 +4,7 @@ reference to the caller's data; inference section of the bench."""
 from __future__ import annotations
 
 import gc
+import importlib.util
 import tracemalloc
 import warnings
 import weakref
@@ -138,3 +139,35 @@ def test_predict_rejects_nan_and_inf_anywhere_and_accepts_huge_finite_values(dty
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and the overflowing check does not warn
         assert model.predict(arrange(huge)).shape == (100,)
+
+
+def test_bench_checks_every_runner_before_timing_it():
+    """A runner whose labels or probabilities disagree with the numpy backend stops the inference
+    bench with the runner's name and both measures; the real peers pass."""
+    from gpumlp.bench import inference as I
+
+    X = np.random.default_rng(0).random((300, 784), dtype=np.float32)
+    peers = [I.TORCH] if importlib.util.find_spec("torch") else []
+    peers += [I.ORT] if I.ort_unavailable("float32") is None else []
+    runners = I.build_runners("784-100-10", "sigmoid", "logistic", ["numba"], peers, "float32")
+    ref = MLP("784-100-10", act="sigmoid", loss="logistic", backend="numpy", seed=0)
+    checks = I.check_runners(runners, ref, X)
+    assert set(checks) == {"numba", *peers}
+    assert all(c["max_abs_diff"] <= I.PROBA_ATOL and c["label_agreement"] >= 0.999 for c in checks.values())
+    good = runners["numba"]
+    runners["shifted"] = {
+        "predict": lambda X: (good["predict"](X) + 1) % 10,
+        "predict_proba": good["predict_proba"],
+    }
+    with pytest.raises(RuntimeError, match="shifted disagrees with the numpy backend.*labels agree on 0.00%"):
+        I.check_runners(runners, ref, X)
+
+
+def test_interleaved_best_times_each_fn_after_a_warm_up_in_every_round():
+    from gpumlp.bench import inference as I
+
+    calls: list[str] = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    best = I.interleaved_best(fns, repeats=3, inner=2, pool=lambda key: "blas")
+    assert calls == (["a"] * 3 + ["b"] * 3) * 3  # per round: warm-up + 2 timed calls each, a then b
+    assert set(best) == {"a", "b"} and all(0 < t < 1 for t in best.values())
