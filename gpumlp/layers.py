@@ -43,7 +43,7 @@ class Layer:
     def build(self, be: Backend, n_in: int, dtype: np.dtype, rng: np.random.Generator) -> int:
         """Allocate parameters for inputs of width n_in; return the output width."""
         self.be, self.dtype = be, dtype
-        self.params, self.grads, self._workspace = {}, {}, {}
+        self.params, self.grads, self._workspace, self._eval_workspace = {}, {}, {}, {}
         return n_in
 
     def _ws(self, name: str, shape: tuple[int, ...]):
@@ -51,6 +51,17 @@ class Layer:
         if buf is None:
             buf = self._workspace[(name, shape)] = self.be.xp.empty(shape, dtype=self.dtype)
         return buf
+
+    def _eval_ws(self, name: str, shape: tuple[int, ...]):
+        """Eval-mode twin of ``_ws``: the first ``shape[0]`` rows of one buffer per name and row
+        shape, grown to the largest batch seen. Inference on any mix of batch sizes (a predict's
+        last, shorter chunk; batch 1 after 4096) then allocates nothing once the largest has run,
+        where exact-shape buffers would pile up one set per distinct size."""
+        rows, key = shape[0], (name, shape[1:])
+        buf = self._eval_workspace.get(key)
+        if buf is None or buf.shape[0] < rows:
+            buf = self._eval_workspace[key] = self.be.xp.empty(shape, dtype=self.dtype)
+        return buf[:rows]
 
     def _add_param(self, name: str, host_value: np.ndarray) -> None:
         self.params[name] = self.be.asarray(host_value, dtype=self.dtype)
@@ -81,11 +92,12 @@ class Dense(Layer):
         return self.n_out
 
     def forward(self, x, train: bool, step=0):
-        k, shape = self.be.k, (x.shape[0], self.n_out)
-        z = k.matmul(x, self.params["W"], out=self._ws("z", shape))
+        k, shape, ws = self.be.k, (x.shape[0], self.n_out), self._ws if train else self._eval_ws
+        z = k.matmul(x, self.params["W"], out=ws("z", shape))
         # a separate output buffer: in place, Numba cannot prove no aliasing and won't vectorise
-        y = k.bias_act(z, self.params["b"], self.act, out=self._ws("y", shape))
-        self._x, self._y = x, y
+        y = k.bias_act(z, self.params["b"], self.act, out=ws("y", shape))
+        if train:  # what backward needs; in eval mode, keep no reference to the caller's input
+            self._x, self._y = x, y
         return y
 
     def backward(self, dy, need_dx: bool, sgd: tuple[float, float] | None = None):
@@ -119,7 +131,8 @@ class Activation(Layer):
         return n_in
 
     def forward(self, x, train: bool, step=0):
-        self._y = self.be.k.bias_act(x, self._zero_bias, self.act, out=self._ws("y", x.shape))
+        ws = self._ws if train else self._eval_ws
+        self._y = self.be.k.bias_act(x, self._zero_bias, self.act, out=ws("y", x.shape))
         return self._y
 
     def backward(self, dy, need_dx: bool):
@@ -179,16 +192,17 @@ class BatchNorm(Layer):
 
     def forward(self, x, train: bool, step=0):
         k, p = self.be.k, self.params
-        out = self._ws("y", x.shape)
         if not train:
             return k.batchnorm_inference(
-                x, p["gamma"], p["beta"], self.running_mean, self.running_var, self.eps, out=out
-            )
+                x, p["gamma"], p["beta"], self.running_mean, self.running_var, self.eps,
+                out=self._eval_ws("y", x.shape),
+            )  # fmt: skip
         if x.shape[0] < 2:  # as PyTorch: one sample has no batch variance; it would output beta
             raise ValueError(
                 "batch norm needs at least 2 samples per training batch, got 1; pick a batch size "
                 "(and sample count) so that no batch holds a single sample"
             )
+        out = self._ws("y", x.shape)
         y, self._xhat, _, self._var = k.batchnorm_forward(
             x, p["gamma"], p["beta"], self.eps, out=out, xhat=self._ws("xhat", x.shape),
             mean=self._ws("mean", (x.shape[1],)), var=self._ws("var", (x.shape[1],)),

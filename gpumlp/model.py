@@ -206,24 +206,53 @@ class MLP:
 
         return fit(self, X, y, **kwargs)
 
+    def _eval_chunks(self, X: np.ndarray, batch_size: int):
+        """Eval-mode forward over checked host X in chunks of ``batch_size`` rows; yields
+        (start, stop, device scores (stop - start, n_classes)). The scores live in the layers'
+        eval workspaces: read them before the next chunk."""
+        for s in range(0, X.shape[0], batch_size):
+            xb = X[s : s + batch_size]
+            yield s, s + xb.shape[0], self.forward(self._device_input(xb), train=False)
+
+    def _device_input(self, xb: np.ndarray):
+        """Host chunk (B, n_features) -> C-contiguous device array of the model's dtype. On a host
+        backend a chunk that already is one is used as it is, and any other dtype or layout is
+        cast into one buffer reused across chunks and calls (the cast rounds as ``astype``)."""
+        if self.be.xp is not np:
+            return self.be.asarray(xb, dtype=self.dtype)
+        if xb.dtype == self.dtype and xb.flags.c_contiguous:
+            return xb
+        buf = getattr(self, "_input_buffer", None)
+        if buf is None or buf.shape[0] < xb.shape[0]:
+            buf = self._input_buffer = np.empty(xb.shape, dtype=self.dtype)
+        np.copyto(buf[: xb.shape[0]], xb, casting="unsafe")
+        return buf[: xb.shape[0]]
+
     def decision_function(self, X, batch_size: int = 4096) -> np.ndarray:
         """Host (n, n_features) -> host (n, n_classes) raw scores, evaluated in chunks."""
         batch_size = check_batch_size(batch_size)
         X = check_features(X, self.n_features, dtype=self.dtype)
         out = np.empty((X.shape[0], self.n_classes), dtype=self.dtype)
-        for s in range(0, X.shape[0], batch_size):
-            xb = self.be.asarray(X[s : s + batch_size], dtype=self.dtype)
-            out[s : s + batch_size] = self.be.to_host(self.forward(xb, train=False))
+        for s, e, scores in self._eval_chunks(X, batch_size):
+            out[s:e] = self.be.to_host(scores)
         return out
 
     def predict_proba(self, X, batch_size: int = 4096) -> np.ndarray:
         """Host (n, n_features) -> (n, n_classes) class probabilities (outputs for MSE)."""
-        scores = self.be.asarray(self.decision_function(X, batch_size))
-        return self.be.to_host(self.loss.probabilities(self.be, scores))
+        scores = self.decision_function(X, batch_size)
+        if self.be.xp is np:  # a host backend turns the scores into probabilities in place
+            return self.loss.probabilities(self.be, scores, out=scores)
+        return self.be.to_host(self.loss.probabilities(self.be, self.be.asarray(scores)))
 
     def predict(self, X, batch_size: int = 4096) -> np.ndarray:
-        """Host (n, n_features) -> (n,) int64 predicted classes."""
-        return self.decision_function(X, batch_size).argmax(axis=1)
+        """Host (n, n_features) -> (n,) int64 predicted classes (arg-max of the scores, chunk by
+        chunk: no (n, n_classes) array)."""
+        batch_size = check_batch_size(batch_size)
+        X = check_features(X, self.n_features, dtype=self.dtype)
+        labels = np.empty(X.shape[0], dtype=np.intp)
+        for s, e, scores in self._eval_chunks(X, batch_size):
+            np.argmax(self.be.to_host(scores), axis=1, out=labels[s:e])
+        return labels
 
     def score(self, X, y) -> float:
         """Accuracy in [0, 1] on host data."""

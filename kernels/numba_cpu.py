@@ -390,13 +390,15 @@ def _log1p_inplace(x):
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _normalise_rows(out, sums):
-    """Divide each row of out by its sum; sums[i] = that sum - 1 (>= 0: the max term is 1)."""
+    """Divide each row of out by its sum; sums[i] = that sum - 1 (>= 0: the max term is 1), when
+    sums is not empty (softmax alone needs no sums, and allocates nothing per row)."""
     one = out.dtype.type(1)
     for i in range(out.shape[0]):
         s = out.dtype.type(0)
         for j in range(out.shape[1]):
             s += out[i, j]
-        sums[i] = s - one
+        if sums.size:
+            sums[i] = s - one
         inv = one / s
         for j in range(out.shape[1]):
             out[i, j] *= inv
@@ -406,7 +408,7 @@ def _normalise_rows(out, sums):
 def _softmax_k(z, out):
     _shift_rows(z, out)
     _exp_inplace(out.reshape(-1))
-    _normalise_rows(out, np.empty(z.shape[0], out.dtype))
+    _normalise_rows(out, np.empty(0, out.dtype))
 
 
 def softmax(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -128,6 +128,44 @@ def test_quick_run_schema(quick_json):
     _positive_finite(res["jit_seconds"], "jit_seconds")
 
 
+def test_quick_run_inference_section(quick_json):
+    """predict / predict_proba images/s at batch 1, 64, 4096 for every CPU backend, the PyTorch and
+    ONNX Runtime peers (core-count threads) and the matmul floor, with ratios from the same run."""
+    res, proc = quick_json
+    assert "Inference throughput" in proc.stdout
+    rows = res["inference"]
+    ours = [b for b in ("numpy", "numba") if b in res["backends"]]
+    peers = [p for p in ("torch",) if p in res["backends"]]
+    if importlib.util.find_spec("onnxruntime") is None:
+        assert "onnxruntime" in res["skipped"]
+    else:
+        peers.append("onnxruntime")
+        assert res["inference_peers"]["onnxruntime"]["intra_op_num_threads"] == os.cpu_count()
+    if "torch" in peers:
+        assert res["inference_peers"]["torch"]["num_threads"] == os.cpu_count()
+    keys = [(r["model"], r["batch"], r["op"], r["runner"]) for r in rows]
+    expected = [
+        ("seed", b, op, r) for b in (1, 64, 4096) for op in ("predict", "predict_proba") for r in ours + peers
+    ]
+    expected += [("seed", b, "matmuls", "matmul floor") for b in (1, 64, 4096)]
+    assert sorted(keys) == sorted(expected)  # each exactly once
+    by = {k: r for k, r in zip(keys, rows)}
+    for (model, batch, op, runner), r in by.items():
+        assert r["images_per_s"] == pytest.approx(batch / r["seconds"]) and r["images_per_s"] > 0
+        assert r["x_floor"] == pytest.approx(
+            r["seconds"] / by[(model, batch, "matmuls", "matmul floor")]["seconds"]
+        )
+        if runner == "matmul floor":
+            continue
+        assert r["max_abs_diff"] <= 1e-4 and r["label_agreement"] >= 0.999  # checked before timing
+        for peer in peers:
+            assert r[f"vs_{peer}"] == pytest.approx(by[(model, batch, op, peer)]["seconds"] / r["seconds"])
+    _positive_finite([{k: v for k, v in r.items() if k != "max_abs_diff"} for r in rows], "inference")
+    md = render(res, markdown=True)
+    assert "| model | batch | op | " + " | ".join(f"{r} img/s" for r in ours + peers) in md
+    assert all(f"{g} ×{'ORT' if p == 'onnxruntime' else p} |" in md for g in ours for p in peers)
+
+
 def test_render_and_compare_roundtrip(quick_json):
     res, _ = quick_json
     md = render(res, markdown=True)
@@ -137,8 +175,10 @@ def test_render_and_compare_roundtrip(quick_json):
     slower = json.loads(json.dumps(res))
     for e in slower["epochs"]:
         e["median"] *= 2
+    for r in slower["inference"]:
+        r["seconds"] *= 2
     _, bad = compare(slower, res)
-    assert bad == len(res["epochs"])
+    assert bad == len(res["epochs"]) + len(res["inference"])
 
 
 def test_gpu_step_profile_counts_a_sync_free_step(tmp_path):

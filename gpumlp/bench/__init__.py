@@ -2,7 +2,8 @@
 
 Usage: ``python -m gpumlp.bench [--quick] [--backends numpy,numba,torch] [--configs seed,adam256]
 [--dtype float32] [--repeats N] [--json PATH] [--markdown PATH] [--plot DIR] [--compare OLD.json]
-[--sweep] [--tta]``. Prints tables on stdout, progress on stderr; returns a process exit code.
+[--sweep] [--tta] [--no-inference | --inference-only]``. Prints tables on stdout, progress on stderr;
+returns a process exit code.
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="time to 97.5%% and 98%% MNIST test accuracy")
     p.add_argument("--tta-epochs", type=int, default=None, help="max epochs for --tta (default 20, quick 1)")
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel roofline")
+    infer = p.add_mutually_exclusive_group()
+    infer.add_argument(
+        "--no-inference", action="store_true", help="skip predict throughput (vs PyTorch, ONNX Runtime)"
+    )
+    infer.add_argument(
+        "--inference-only", action="store_true", help="only predict throughput (no epochs, floors, kernels)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
@@ -91,6 +99,11 @@ def run(args: argparse.Namespace) -> dict:
     backends, skipped = R.resolve_backends(args.backends or R.DEFAULT_BACKENDS)
     if not args.backends:  # absent-by-default peers/GPU backends are not worth a warning line
         skipped = {k: v for k, v in skipped.items() if k not in ("cupy", "torch-graphs")}
+    if not args.no_inference:
+        from gpumlp.bench.inference import ORT, ort_unavailable
+
+        if why := ort_unavailable(args.dtype):
+            skipped[ORT] = why
     for name, why in skipped.items():
         print(f"gpumlp bench: skipping {name}: {why}", file=sys.stderr)
 
@@ -111,6 +124,8 @@ def run(args: argparse.Namespace) -> dict:
         "jit_seconds": {},
         "epochs": [],
     }
+    if not args.no_inference:
+        res["inference_peers"] = _inference_peers(args, backends, skipped)
     res["peaks"]["cpu"] = measure_peaks(args.dtype, quick)
     if any(R.device_of(b) == "gpu" for b in backends):
         res["peaks"]["gpu"] = _gpu_peaks(args.dtype, quick)
@@ -150,6 +165,8 @@ def _plan(args: argparse.Namespace, backends: list[str], cfg_names: list[str], d
     X, y, Xt, yt = data
     dt_, quick = args.dtype, args.quick
     tasks = [(f"JIT {b}", "jit_seconds", R.jit_warmup, (b, dt_)) for b in backends]
+    if args.inference_only:
+        return tasks + _inference_tasks(args, backends, Xt, repeats)
     devices = sorted({R.device_of(b) for b in backends})
     for c in cfg_names:  # config-major, so slow drifts in machine load hit every backend alike
         tasks += [(f"floor {c} {d}", "floors", R.time_floor, (d, c, samples, repeats, dt_)) for d in devices]
@@ -168,7 +185,27 @@ def _plan(args: argparse.Namespace, backends: list[str], cfg_names: list[str], d
         tasks += [
             (f"tta {b}", "tta", R.time_to_accuracy, (b, (X, y, Xt, yt), dt_, max_ep, n_tta)) for b in backends
         ]
+    if not args.no_inference:
+        tasks += _inference_tasks(args, backends, Xt, repeats)
     return tasks
+
+
+def _inference_peers(args: argparse.Namespace, backends: list[str], skipped: dict) -> dict:
+    """Versions and thread settings of the inference peers that run."""
+    from gpumlp.bench.inference import ORT, TORCH, peer_setup
+
+    return peer_setup(with_torch=TORCH in backends, with_ort=ORT not in skipped)
+
+
+def _inference_tasks(args: argparse.Namespace, backends: list[str], Xt, repeats: int) -> list[tuple]:
+    """One task per model: predict/predict_proba images/s of every runner at each batch size."""
+    from gpumlp.bench import inference as I
+
+    ours = I.gpumlp_runners(backends)
+    peers = [p for p in (I.TORCH,) if p in backends] + ([] if I.ort_unavailable(args.dtype) else [I.ORT])
+    models = I.QUICK_MODELS if args.quick else tuple(I.MODELS)
+    return [(f"inference {m}", "inference", I.time_inference, (m, Xt, ours, peers, args.dtype, repeats))
+            for m in models]  # fmt: skip
 
 
 def _gpu_peaks(dtype: str, quick: bool) -> dict:

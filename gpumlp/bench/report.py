@@ -165,13 +165,56 @@ def tta_table(res: dict, markdown: bool = False) -> str:
     return table(headers, rows, markdown)
 
 
+INFERENCE_LEGEND = (
+    "images/s: batch / best seconds per call over interleaved rounds, warm-up excluded, host NumPy batch "
+    "in and out. ×ORT / ×torch: the gpumlp backend's images/s over ONNX Runtime's / PyTorch's for the "
+    "same model, batch and op (> 1 is faster). × floor: seconds per call over the model's matmuls alone "
+    "at that batch (numpy.matmul, preallocated outputs), measured in the same rounds."
+)
+
+
+def inference_table(res: dict, markdown: bool = False) -> str:
+    """Images/s per (model, batch, op): every runner, the floor, and each gpumlp backend's ratios."""
+    rows = res.get("inference", [])
+    runners = list(dict.fromkeys(r["runner"] for r in rows if r["op"] != "matmuls"))
+    ours = [r for r in runners if r not in ("torch", "onnxruntime")]
+    peers = [p for p in ("onnxruntime", "torch") if p in runners]
+    by = {(r["model"], r["batch"], r["op"], r["runner"]): r for r in rows}
+    short = {"onnxruntime": "ORT", "torch": "torch"}
+    headers = ["model", "batch", "op"] + [f"{r} img/s" for r in runners] + ["floor img/s"]
+    headers += [f"{g} ×{short[p]}" for g in ours for p in peers] + [f"{g} × floor" for g in ours]
+    table_rows = []
+    for key in dict.fromkeys((r["model"], r["batch"], r["op"]) for r in rows if r["op"] != "matmuls"):
+        cells = {runner: by.get((*key, runner)) for runner in runners}
+        floor = by.get((*key[:2], "matmuls", "matmul floor"))
+        line = [f"{key[0]} {cells[runners[0]]['spec']}", str(key[1]), key[2]]
+        line += [_fmt(c["images_per_s"], ".3g") if (c := cells[r]) else "–" for r in runners]
+        line.append(_fmt(floor["images_per_s"], ".3g") if floor else "–")
+        line += [_fmt((cells[g] or {}).get(f"vs_{p}"), ".2f") for g in ours for p in peers]
+        line += [_fmt((cells[g] or {}).get("x_floor"), ".2f") for g in ours]
+        table_rows.append(line)
+    return table(headers, table_rows, markdown)
+
+
+def _inference_setup(res: dict) -> str:
+    peers = res.get("inference_peers", {})
+    parts = [f"{name} {p['version']} " + ", ".join(f"{k}={v}" for k, v in p.items() if k != "version")
+             for name, p in peers.items()]  # fmt: skip
+    return "peers: " + ("; ".join(parts) if parts else "none")
+
+
 def render(res: dict, markdown: bool = False) -> str:
     """Every section present in ``res`` as text (or markdown)."""
     h = "### " if markdown else "== "
     parts = [machine_line(res).replace("\n", "  \n" if markdown else "\n")]
     if res.get("quick"):
         parts.append("(--quick: a fraction of an epoch, scaled to 55,000 samples; indicative only)")
-    parts += [f"{h}Epoch time (55,000 MNIST samples, warm-up excluded)", epochs_table(res, markdown), LEGEND]
+    if res["epochs"]:
+        parts += [
+            f"{h}Epoch time (55,000 MNIST samples, warm-up excluded)",
+            epochs_table(res, markdown),
+            LEGEND,
+        ]
     if res.get("skipped"):
         parts.append("skipped: " + "; ".join(f"{k}: {v}" for k, v in res["skipped"].items()))
     if res.get("kernels"):
@@ -186,6 +229,12 @@ def render(res: dict, markdown: bool = False) -> str:
         parts += [
             f"{h}Time to test accuracy ({res['tta'][0]['spec']} ReLU Adam b128; train time, eval excluded)",
             tta_table(res, markdown),
+        ]
+    if res.get("inference"):
+        parts += [
+            f"{h}Inference throughput (MNIST test images; predict: class ids, predict_proba: probabilities)",
+            inference_table(res, markdown),
+            INFERENCE_LEGEND + " " + _inference_setup(res),
         ]
     return "\n\n".join(parts) + "\n"
 
@@ -207,6 +256,8 @@ def _timings(res: dict) -> dict[str, float]:
         out[f"kernel {r['backend']} {r['kernel']} {r['variant']} {shape} {r['dtype']}"] = r["seconds"]
     for p in res.get("sweep", []):
         out[f"sweep {p['kind']}={p['x']} {p['backend']}"] = p["seconds"]
+    for r in res.get("inference", []):
+        out[f"inference {r['model']} b{r['batch']} {r['op']} {r['runner']} {r['dtype']}"] = r["seconds"]
     for t in res.get("tta", []):
         for k, v in t.items():
             if k.startswith("seconds_to_") and v is not None:
