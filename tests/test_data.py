@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import os
 import shutil
 import struct
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import loopback_server
 
 import gpumlp
 from gpumlp.data import (
@@ -204,11 +202,6 @@ def test_explicit_dir_missing_files_without_download(tmp_path):
 # ---------------------------------------------------------------- downloads from a loopback server
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory):
     """A real HTTP server on 127.0.0.1: /good/ has the canonical gz files, /bad/ has altered copies."""
@@ -220,15 +213,8 @@ def mirror(tmp_path_factory):
     for name in CANONICAL_MD5:
         shutil.copyfile(SHIPPED / name, root / "good" / name)
         (root / "bad" / name).write_bytes((SHIPPED / name).read_bytes() + b"tampered")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with loopback_server(root) as url:
+        yield url
 
 
 def test_download_verifies_and_loads(tmp_path, mirror):

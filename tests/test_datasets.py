@@ -3,16 +3,14 @@ downloaded from a real loopback HTTP server into the cache, and label classes.""
 
 from __future__ import annotations
 
-import functools
 import gzip
 import shutil
 import struct
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import loopback_server
 
 from gpumlp.data import DataError
 from gpumlp.data import mnist as mnist_mod
@@ -183,11 +181,6 @@ def test_holdout_is_seeded_disjoint_and_keeps_an_existing_test_split(tmp_path):
 
 
 # ---------------------------------------------------------------- known sets from a loopback mirror
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def fashion_mirror(tmp_path_factory):
     """The loopback mirror of :func:`serve_fashion`'s base URL."""
@@ -206,15 +199,8 @@ def serve_fashion(tmp_path_factory):
         (root / "bad" / name).write_bytes(
             gzip.compress(gzip.decompress((FASHION / name).read_bytes()) + b"x", compresslevel=1)
         )
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with loopback_server(root) as url:
+        yield url
 
 
 @needs_fashion
