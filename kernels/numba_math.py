@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.extending import intrinsic, overload, register_jitable
+
+from ._jit import njit  # numba.njit, without the disk cache where none can be written
 
 __all__ = ["exp", "log1p", "sigmoid", "tanh"]
 
