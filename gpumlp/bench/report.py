@@ -98,6 +98,15 @@ def epochs_table(res: dict, markdown: bool = False) -> str:
     return table(headers, rows, markdown)
 
 
+def _recipe(tta: dict) -> str:
+    """The time-to-accuracy recipe in words (older results name only the spec)."""
+    r = tta.get("recipe")
+    if r is None:
+        return tta["spec"]
+    decay = f" ×{r['lr_gamma']:g}/epoch" if r.get("lr_gamma", 1) != 1 else ""
+    return f"{r['spec']} {r['act']} {r['optimizer']} lr {r['lr']:g}{decay} b{r['batch_size']}"
+
+
 def kernels_table(res: dict, markdown: bool = False) -> str:
     """Roofline table: per-kernel µs/call, GB/s or GFLOP/s and % of the measured peak."""
     headers = [
@@ -227,7 +236,7 @@ def render(res: dict, markdown: bool = False) -> str:
             parts += [f"{h}Sweep: epoch seconds vs {kind}", sweep_table(res, kind, markdown)]
     if res.get("tta"):
         parts += [
-            f"{h}Time to test accuracy ({res['tta'][0]['spec']} ReLU Adam b128; train time, eval excluded)",
+            f"{h}Time to test accuracy ({_recipe(res['tta'][0])}; train time, eval excluded)",
             tta_table(res, markdown),
         ]
     if res.get("inference"):
