@@ -113,10 +113,10 @@ PRESETS["best"]["fit"].update(
 )
 PRESETS["best"]["data"].update(valid=0)
 # The time-to-accuracy recipe (the bench's --tta run): a narrow two-layer net, a high Adam rate
-# halved every epoch; measured 98.05-98.08 % MNIST test after 4 epochs (seeds 1-3, numba).
+# halved every epoch; measured 98.12 % MNIST test in 5 epochs, 1.9 s of training (numba, 2 cores).
 PRESETS["fastest"] = copy.deepcopy(PRESETS["fast"])
 PRESETS["fastest"]["model"].update(spec="784-256-128-10")
-PRESETS["fastest"]["fit"].update(lr=0.002, lr_gamma=0.5, batch_size=100, epochs=4)
+PRESETS["fastest"]["fit"].update(lr=0.002, lr_gamma=0.5, batch_size=100, epochs=5)
 
 FIT_SCHEDULE_KEYS = ("schedule", "lr_gamma", "lr_step")
 # config key -> Augment field (runs saved before rotation/scale/elastic existed lack all but the shift)
