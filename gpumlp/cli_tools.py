@@ -85,7 +85,7 @@ def cmd_show_data(args: argparse.Namespace) -> int:
     from gpumlp.report import plot_samples, plot_variants, require_matplotlib
 
     require_matplotlib()
-    mnist = load_data(args.data_dir)
+    mnist = load_data(args)  # MNIST, or the --data-dir given
     x, y = mnist.x_train, mnist.y_train
     out = Path(args.out)
     samples = plot_samples(x, y, out / "samples.png", "MNIST training set: the first sample of each class")

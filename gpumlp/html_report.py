@@ -8,6 +8,7 @@ script and no link, so the page opens offline and can be mailed as is.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import json
@@ -109,15 +110,21 @@ def _figures(run: Path, history: dict, metrics: dict, tmp: Path, backend, data_d
         return figs
     from gpumlp.cli import load_data, load_model
 
+    config = metrics.get("config", {})  # the run's own data set, unless data_dir overrides it
+    source = {"data_dir": str(Path(data_dir).expanduser().absolute())} if data_dir else None
+    source = source or config.get("data", {}).get("source", {})
+    data = load_data(argparse.Namespace(), source, seed=config.get("fit", {}).get("seed", 0))
+    if data.n_features != 784:  # the grids draw 28x28 digits
+        figs["Test images"] = '<p class="note">The data are not 28x28 images: no image grids.</p>'
+        return figs
     model, prep = load_model(str(model_path), backend)
-    mnist = load_data(data_dir)
-    y_pred = model.predict(prep.apply(mnist.x_test, model.dtype))
-    x = mnist.x_test.reshape(len(mnist.x_test), -1)
+    y_pred = model.predict(prep.apply(data.x_test, model.dtype))
+    x = data.x_test.reshape(len(data.x_test), -1)
     figs["Misclassified test images"] = _img(
-        report.plot_misclassified(x, mnist.y_test, y_pred, tmp / "m.png"), "misclassified digits"
+        report.plot_misclassified(x, data.y_test, y_pred, tmp / "m.png"), "misclassified digits"
     )
     figs["One test image per class"] = _img(
-        report.plot_samples(x, mnist.y_test, tmp / "s.png", "test set: the first sample of each class"),
+        report.plot_samples(x, data.y_test, tmp / "s.png", "test set: the first sample of each class"),
         "samples",
     )
     return figs

@@ -77,6 +77,15 @@ def test_npz_both_layouts_and_test_split(tmp_path):
         load_npz(tmp_path / "c.npz")
 
 
+def test_a_damaged_npz_is_a_data_error(tmp_path):
+    X, y = np.arange(20.0).reshape(10, 2), np.array([3, 7] * 5)
+    np.savez(tmp_path / "a.npz", X=X, y=y)
+    damaged = (tmp_path / "a.npz").read_bytes()
+    (tmp_path / "d.npz").write_bytes(damaged[:30] + b"\x00" * 40 + damaged[70:])  # a broken zip header
+    with pytest.raises(DataError, match=r"d.npz: not a readable .npz file"):
+        load_npz(tmp_path / "d.npz")
+
+
 def test_npz_images_are_flattened_and_count_mismatch_is_an_error(tmp_path):
     np.savez(tmp_path / "img.npz", X=np.zeros((6, 5, 5), np.uint8), y=np.arange(6))
     d = load_npz(tmp_path / "img.npz")

@@ -123,6 +123,12 @@ def test_show_data_writes_one_sample_per_class_and_variants(tmp_path):
     assert "variants_3.png" in proc.stdout
 
 
+def test_show_data_reads_the_data_dir_it_is_given(tmp_path):
+    """--data-dir is honoured, not silently replaced by the default MNIST."""
+    proc = gpumlp("show-data", "--data-dir", tmp_path / "nowhere", "--out", tmp_path)
+    assert proc.returncode == 2 and "nowhere" in proc.stderr and "does not exist" in proc.stderr
+
+
 def test_show_data_rejects_a_non_digit(tmp_path):
     proc = gpumlp("show-data", "--digit", "12", "--out", tmp_path)
     assert proc.returncode == 2 and "'12' is not a digit 0..9" in proc.stderr

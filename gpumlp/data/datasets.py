@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,7 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable .npz file ({e})") from None
     for xk, yk, xt, yt in NPZ_LAYOUTS:
         if xk in arrays and yk in arrays:
