@@ -220,12 +220,13 @@ def search_rounds(trials, space: dict, base: dict, args: argparse.Namespace, log
 # ------------------------------------------------------------------ data and base config
 def trial_data(args: argparse.Namespace):
     """(X, y, X_valid, y_valid) preprocessed as training would, and the base config of every trial."""
-    from gpumlp.cli_data import data_source, load_dataset, model_spec, prepare
+    from gpumlp.cli import load_data
+    from gpumlp.cli_data import model_spec
     from gpumlp.data import split_train_valid
     from gpumlp.presets import Prep, fit_kwargs, get_preset
 
     config = get_preset(args.preset)
-    data = prepare(load_dataset(data_source(args), args.mirror), 0.2, args.seed)
+    data = load_data(args, seed=args.seed)
     x, y = data.x_train[: args.limit], data.y_train[: args.limit]
     n_valid = args.valid if args.valid is not None else min(config["data"]["valid"], len(x) // 10)
     if not 0 < n_valid < len(x):

@@ -166,11 +166,6 @@ def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
     return _put(out, images[np.arange(b)[:, None, None], rows, cols].reshape(b, side * side))
 
 
-def _square_side(width: int) -> int:
-    """Side of the square images stored as rows of ``width`` features."""
-    return _image_side(width, 0)
-
-
 def _gaussian_taps(sigma: float) -> np.ndarray:
     """The normalised Gaussian of std ``sigma`` the elastic fields are smoothed with, as
     scipy.ndimage.gaussian_filter samples it: radius int(4 sigma + 0.5). -> (2R+1,) float64."""
@@ -217,7 +212,7 @@ def gather_warped(src, idx, max_rotate, max_scale, max_shift, seed, step=0, fiel
     source row = (cos(angle) y + sin(angle) x) / scale + c + field[r, 0, i, j],
     source col = (-sin(angle) y + cos(angle) x) / scale + c + field[r, 1, i, j] (float64).
     src: (N, side*side) float, idx: (B,) int -> (B, side*side) src's dtype."""
-    side = _square_side(src.shape[1])
+    side = _image_side(src.shape[1], 0)
     b = idx.shape[0]
     if field is not None and field.shape != (b, 2, side, side):
         raise ValueError(f"gather_warped: field must have shape {(b, 2, side, side)}, got {field.shape}")
@@ -503,4 +498,4 @@ def clip_value(g, value):
     """Clip every element of g in place to [-value, value] (clipping by value, value > 0
     rounded to g's dtype); NaN stays NaN so a diverging run is still seen."""
     v = g.dtype.type(value)
-    np.copyto(g, np.where(g > v, v, np.where(g < -v, -v, g)))
+    np.clip(g, -v, v, out=g)
