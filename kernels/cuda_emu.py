@@ -129,7 +129,9 @@ def _allocated(a: np.ndarray) -> np.ndarray:
             )
         _MEMORY["used"] += a.nbytes
         if _RACECHECK:
-            _SHADOWS[id(a)] = _Shadow(a, _caller())
+            known = _SHADOWS.get(id(a))  # an array op's result, already logged as written by it
+            _SHADOWS[id(a)] = shadow = _Shadow(a, _caller())
+            shadow.log = known.log if known is not None else shadow.log
         weakref.finalize(a, _release, a.nbytes, id(a))
     return a
 

@@ -72,6 +72,19 @@ def test_host_read_without_sync_is_a_race(axpy):
     assert y.get()[3] == 13
 
 
+def test_the_result_of_an_array_op_is_written_on_its_stream(axpy):
+    """A new array made by arithmetic on a non-blocking stream is that stream's write: reading it
+    on the host without waiting for the stream is a race."""
+    x, _ = _synced_pair()
+    s = cuda.Stream(non_blocking=True)
+    with s:
+        doubled = x * 2
+    with pytest.raises(cuda_emu.StreamRaceError, match="on the legacy null stream, but numpy.multiply wrote"):
+        doubled.get()
+    s.synchronize()
+    assert doubled.get()[0] == 2 * x.get()[0]
+
+
 def test_graph_replayed_on_a_stream_that_does_not_wait_for_its_inputs(axpy):
     x, y = _synced_pair()
     capture, other = cuda.Stream(non_blocking=True), cuda.Stream(non_blocking=True)
