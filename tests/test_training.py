@@ -149,12 +149,12 @@ def test_epoch_order_is_the_reference_permutation(name, graphs):
     """Epoch e visits the rows in the order reference.permutation(salted seed, n, e): training
     on the pre-shuffled data without shuffling takes exactly the same steps."""
     from gpumlp.kernels import reference
-    from gpumlp.train import _SHUFFLE_SALT
+    from gpumlp.step import SHUFFLE_SALT
 
     rng = np.random.default_rng(3)
     X, y = rng.random((90, 16)).astype(np.float32), rng.integers(0, 3, 90)
     kw = dict(epochs=1, batch_size=20, optimizer="momentum", lr=0.1, cuda_graphs=graphs)
-    order = reference.permutation(5 ^ _SHUFFLE_SALT, 90, epoch=0)
+    order = reference.permutation(5 ^ SHUFFLE_SALT, 90, epoch=0)
     shuffled = MLP("16-8-3", backend=name, seed=1)
     h_shuffled = shuffled.fit(X, y, seed=5, **kw)
     in_order = MLP("16-8-3", backend=name, seed=1)
