@@ -791,7 +791,7 @@ def _fail(msg: str, code: int) -> int:
     return code
 
 
-def _glue_negative_values(argv: list[str]) -> list[str]:
+def glue_negative_values(argv: list[str]) -> list[str]:
     """``--scale -1,1`` -> ``--scale=-1,1``: argparse would take '-1,1' for an option."""
     out: list[str] = []
     for arg in argv:
@@ -808,7 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gpumlp.rundir import RunDirBusy
     from gpumlp.train import TrainingDiverged
 
-    argv = _glue_negative_values(list(sys.argv[1:] if argv is None else argv))
+    argv = glue_negative_values(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="gpumlp: %(message)s", stream=sys.stderr)
     try:
         if argv[:1] == ["bench"]:

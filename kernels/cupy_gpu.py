@@ -29,15 +29,11 @@ from typing import Any as _Any
 
 import numpy as np
 
-from .reference import (
-    ACTIVATIONS,
-    LEAKY_SLOPE,
-    LOG_EPS,
-    _check_permutation_size,
-    _gaussian_taps,
-    _image_side,
-    _updates_running_stats,
-)
+from .common import check_permutation_size as _check_permutation_size
+from .common import gaussian_taps as _gaussian_taps
+from .common import image_side as _image_side
+from .common import updates_running_stats as _updates_running_stats
+from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS
 
 _CUDA_DIR = _Path(__file__).resolve().parent / "cuda"
 _INCLUDE = '#include "device_common.h"'

@@ -60,25 +60,21 @@ import numpy as np
 from numba import prange
 
 from ._jit import njit  # numba.njit, without the disk cache where none can be written
+from .common import PHILOX_M as _PHILOX_M
+from .common import PHILOX_W as _PHILOX_W
+from .common import accumulate as _accumulate  # the same 0-d accumulator glue as the reference
+from .common import check_permutation_size as _check_permutation_size
+from .common import gaussian_taps as _gaussian_taps
+from .common import image_side as _image_side
+from .common import put as _put
+from .common import step_value as _step_value
+from .common import store_sum as _store_sum
+from .common import updates_running_stats as _updates_running_stats
 from .numba_math import exp as _exp
 from .numba_math import log1p as _log1p
 from .numba_math import sigmoid as _sigmoid
 from .numba_math import tanh as _tanh
-from .reference import (
-    _PHILOX_M,
-    _PHILOX_W,
-    ACTIVATIONS,
-    LEAKY_SLOPE,
-    LOG_EPS,
-    _accumulate,  # the same 0-d accumulator glue as the reference
-    _check_permutation_size,
-    _gaussian_taps,
-    _image_side,
-    _put,
-    _step_value,
-    _store_sum,
-    _updates_running_stats,
-)
+from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS
 
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # identity 0 .. leaky_relu 4
 # Elements from which a kernel uses its parallel variant (see the module docstring and _par_min).

@@ -34,54 +34,28 @@ from __future__ import annotations
 
 import numpy as np
 
+from .common import PHILOX_M as _PHILOX_M
+from .common import PHILOX_W as _PHILOX_W
+from .common import accumulate as _accumulate
+from .common import check_permutation_size as _check_permutation_size
+from .common import gaussian_taps as _gaussian_taps
+from .common import image_side as _image_side
+from .common import put as _put
+from .common import step_value as _step_value
+from .common import store_sum as _store_sum
+from .common import updates_running_stats as _updates_running_stats
+
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
 LEAKY_SLOPE = 0.01
 # sigmoid_bce treats probabilities as clipped to [LOG_EPS, 1 - LOG_EPS]: no log(0), and
 # each class term costs at most -log(LOG_EPS) ~ 27.6.
 LOG_EPS = 1e-12
 _M32 = 0xFFFFFFFF
-# Philox4x32-10 (Salmon, Moraes, Dror & Shaw, SC'11; the generator of Random123 and cuRAND):
-# round multipliers and Weyl key increments.
-_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
-_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 
 
 def _check_act(act: str) -> None:
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
-
-
-def _step_value(t) -> int:
-    """A per-step integer given as an int or a 1-element integer (host) array -> int."""
-    if isinstance(t, (int, np.integer)):
-        return int(t)
-    t = np.asarray(t)
-    if t.size != 1 or t.dtype.kind not in "iu":
-        raise ValueError(f"a step must be an int or a 1-element integer array, got {t.dtype} {t.shape}")
-    return int(t.reshape(-1)[0])
-
-
-def _updates_running_stats(running_mean, running_var) -> bool:
-    """Batch norm's running statistics come both or neither; True when given."""
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("give both running_mean and running_var, or neither")
-    return running_mean is not None
-
-
-def _store_sum(out, value: float, accumulate: bool, dtype):
-    """A scalar sum as a new 0-d array of dtype, or written / added into the 0-d ``out``."""
-    if out is None:
-        return np.asarray(value, dtype=dtype)
-    out[...] = (out + value) if accumulate else value
-    return out
-
-
-def _put(out, value):
-    """Write ``value`` into ``out`` if given, else return ``value`` as is."""
-    if out is None:
-        return value
-    out[...] = value
-    return out
 
 
 # --------------------------------------------------------------------- dense
@@ -136,17 +110,6 @@ def gather_rows(src, idx, out=None):
     return _put(out, src[idx])
 
 
-def _image_side(width: int, max_shift: int) -> int:
-    """Side of the square images stored as rows of ``width`` features, checking that
-    ``max_shift`` pixels fit: 0 <= max_shift < side. -> side."""
-    side = int(round(width**0.5))
-    if side * side != width:
-        raise ValueError(f"shift augmentation needs square images; {width} features is not a square")
-    if not 0 <= max_shift < side:
-        raise ValueError(f"max_shift must be in [0, {side}) for {side}x{side} images, got {max_shift}")
-    return side
-
-
 def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
     """Minibatch gather with random-translation augmentation. Row r is the square
     image src[idx[r]] shifted by (dy, dx) in [-s, s]^2 (s = max_shift), drawn from
@@ -164,16 +127,6 @@ def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
     cols = np.clip(pix[None, :] - dx[:, None], 0, side - 1)[:, None, :]  # (B, 1, side)
     images = src[idx].reshape(b, side, side)
     return _put(out, images[np.arange(b)[:, None, None], rows, cols].reshape(b, side * side))
-
-
-def _gaussian_taps(sigma: float) -> np.ndarray:
-    """The normalised Gaussian of std ``sigma`` the elastic fields are smoothed with, as
-    scipy.ndimage.gaussian_filter samples it: radius int(4 sigma + 0.5). -> (2R+1,) float64."""
-    if not sigma > 0:
-        raise ValueError(f"elastic sigma must be > 0 pixels, got {sigma}")
-    radius = int(4.0 * sigma + 0.5)
-    g = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    return g / g.sum()
 
 
 def elastic_field(seed, n, side, alpha, sigma, step=0, out=None, work=None):
@@ -237,14 +190,6 @@ def gather_warped(src, idx, max_rotate, max_scale, max_shift, seed, step=0, fiel
 
 
 # -------------------------------------------------------------------- losses
-def _accumulate(acc, value, dtype):
-    """Add ``value`` into the 0-d accumulator ``acc`` if given, else a new 0-d array of dtype."""
-    if acc is None:
-        return np.asarray(value, dtype=dtype)
-    acc += value
-    return acc
-
-
 def _one_hot(labels, k, dtype):
     t = np.zeros((labels.shape[0], k), dtype=dtype)
     t[np.arange(labels.shape[0]), labels] = 1
@@ -403,12 +348,6 @@ def hash_uniform(seed, n, step=0):
     a fresh stream from one layer seed. Every backend computes the identical stream, so dropout
     masks agree bit for bit across numpy, numba and CUDA. -> (n,) float64."""
     return (_hash32(seed, n, step) >> np.uint32(8)).astype(np.float64) * (1.0 / (1 << 24))
-
-
-def _check_permutation_size(n: int) -> None:
-    """Permutations are int32: n must be in [0, 2^31)."""
-    if not 0 <= n < 2**31:
-        raise ValueError(f"permutation: n must be in [0, 2^31), got {n}")
 
 
 def permutation(seed, n, epoch=0, out=None):

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from test_kernel_parity import TOL, _data, _device_step, assert_close
+from conftest import TOL, assert_close, device_step, random_data
 
 from gpumlp.kernels import reference as ref
 
@@ -38,7 +38,7 @@ def test_elastic_field(be, dtype, n, side, sigma, with_out):
     expected = ref.elastic_field(3, n, side, 36.0, sigma, step=9, out=np.empty(shape, dtype))
     out = be.xp.empty(shape, dtype=dtype) if with_out else None
     work = be.xp.empty(shape, dtype=dtype) if with_out else None
-    got = be.k.elastic_field(3, n, side, 36.0, sigma, step=_device_step(be, 9), out=out, work=work)
+    got = be.k.elastic_field(3, n, side, 36.0, sigma, step=device_step(be, 9), out=out, work=work)
     if with_out:
         assert got is out
     else:
@@ -56,14 +56,14 @@ def test_elastic_field_rejects_a_bad_sigma(be):
 @pytest.mark.parametrize("limits", [(0.0, 0.0, 0.0), (15.0, 0.15, 2.0), (180.0, 0.5, 3.5)])
 @pytest.mark.parametrize("with_field", [False, True])
 def test_gather_warped(be, dtype, limits, with_field):
-    src = _data((50, 144), dtype, seed=6)  # 12x12 images
+    src = random_data((50, 144), dtype, seed=6)  # 12x12 images
     idx = np.random.default_rng(7).integers(0, 50, 257).astype(np.int32)  # > one block, repeats
     field = ref.elastic_field(1, 257, 12, 8.0, 2.0, out=np.empty((257, 2, 12, 12), dtype))
     field = field if with_field else None
     expected = ref.gather_warped(src, idx, *limits, seed=3, step=11, field=field)
     out = be.xp.empty(expected.shape, dtype=dtype)
     dev_field = None if field is None else be.asarray(field)
-    t = _device_step(be, 11)
+    t = device_step(be, 11)
     got = be.k.gather_warped(be.asarray(src), be.asarray(idx), *limits, 3, step=t, field=dev_field, out=out)
     assert got is out
     assert_close(expected, be.to_host(got), *WARP_TOL[dtype], "gather_warped")

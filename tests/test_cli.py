@@ -159,9 +159,9 @@ def test_predict_png(trained, tmp_path):
 
 
 def test_negative_looking_scale_value_is_glued():
-    from gpumlp.cli import _glue_negative_values, build_parser
+    from gpumlp.cli import build_parser, glue_negative_values
 
-    argv = _glue_negative_values(["train", "--scale", "-1,1", "--lr", "0.1"])
+    argv = glue_negative_values(["train", "--scale", "-1,1", "--lr", "0.1"])
     assert argv == ["train", "--scale=-1,1", "--lr", "0.1"]
     assert build_parser().parse_args(argv).scale == "-1,1"
 

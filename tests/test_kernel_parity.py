@@ -11,6 +11,9 @@ import math
 
 import numpy as np
 import pytest
+from conftest import TOL, assert_close
+from conftest import device_step as _device_step
+from conftest import random_data as _data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,10 +21,6 @@ from gpumlp import backend
 from gpumlp.kernels import reference as ref
 
 DTYPES = (np.float32, np.float64)
-# Elementwise kernels: float32 backends may compute in float64 and round once while the
-# reference rounds every float32 op (a few ulp apart, 1e-5 is ~80 ulp); float64 results differ
-# only by operation order.
-TOL = {np.float32: (1e-5, 1e-6), np.float64: (1e-12, 1e-12)}
 # Reductions over the batch (bias_grad, batch norm, summed losses): NumPy adds float32 rows
 # sequentially in float32, error ~ B * eps * |partial sums|; backends may accumulate in float64.
 RED_TOL = {np.float32: (1e-4, 1e-4), np.float64: (1e-11, 1e-11)}
@@ -32,28 +31,6 @@ SHAPES = [(1, 1), (1, 10), (3, 7), (100, 10), (33, 65), (64, 100), (257, 1030)]
 SMALL_SHAPES = [(1, 1), (1, 10), (3, 7), (100, 10), (33, 65)]
 HYP = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 shapes_st = st.tuples(st.integers(1, 257), st.integers(1, 1030))
-
-
-def assert_close(expected, got, rtol: float, atol: float, what: str = "") -> None:
-    """|got - expected| <= atol + rtol*|expected| everywhere (NaN == NaN), same shape and dtype;
-    on failure report the max abs difference and the first mismatching index."""
-    e, g = np.asarray(expected), np.asarray(got)
-    assert g.shape == e.shape, f"{what}: shape {g.shape} != expected {e.shape}"
-    assert g.dtype == e.dtype, f"{what}: dtype {g.dtype} != expected {e.dtype}"
-    e64, g64 = e.astype(np.float64), g.astype(np.float64)
-    bad = ~np.isclose(g64, e64, rtol=rtol, atol=atol, equal_nan=True)
-    if bad.any():
-        diff = np.abs(g64 - e64)
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise AssertionError(
-            f"{what}: {int(bad.sum())}/{bad.size} mismatches (rtol={rtol}, atol={atol}); "
-            f"max abs diff {np.nanmax(diff):.3g}; first at {first}: got {g64[first]!r}, "
-            f"expected {e64[first]!r}"
-        )
-
-
-def _data(shape, dtype, seed=0, scale=1.0) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
 
 
 def _labels(b: int, k: int, seed=1, dtype=np.int64) -> np.ndarray:
@@ -372,11 +349,6 @@ OPTIMIZERS = {
     "adam": (ref.adam_step, 2, {"lr": 1e-3}),
 }
 DECAY = {"none": {}, "l2": {"l2": 1e-2}, "l1": {"l1": 1e-3}, "l1+l2": {"l2": 5e-3, "l1": 1e-3}}
-
-
-def _device_step(be, t: int):
-    """A step number as the training loop passes it: a 1-element int64 device array."""
-    return be.asarray(np.array([t], dtype=np.int64))
 
 
 def _run_optimizer(be, opt, decay, shape, dtype, steps=3, seed=13, device_t=True):
