@@ -1,6 +1,6 @@
 """What one training step asks of a GPU: launches, GEMMs, glue ops, bytes, transfers and syncs.
 
-Runs the real training step (``gpumlp.train._Step.epoch``) on the ``cuda-emu``
+Runs the real training step (``gpumlp.step.TrainStep.epoch``) on the ``cuda-emu``
 backend, i.e. the same ``kernels/cupy_gpu.py`` code that runs on a GPU, with the
 emulated CuPy module instrumented for the duration of the measurement only (its
 attributes are monkeypatched here and restored afterwards; no file is changed):
@@ -21,7 +21,7 @@ attributes are monkeypatched here and restored afterwards; no file is changed):
 * ``.get()``, ``.set()``, ``asarray(host)``, ``item()``, ``float()``... and
   ``Device/Stream/Event.synchronize``: host<->device transfers and host syncs.
 
-Per-step numbers come from differencing whole epochs run by ``_Step.epoch`` itself:
+Per-step numbers come from differencing whole epochs run by ``TrainStep.epoch`` itself:
 for epochs of 1 step (E1), 2 steps (E2) and 1+N steps (EN), each after its own warm-up
 epoch (kernel builds, workspace allocation, graph capture), are counted; per step = (EN - E1) / N
 (checked to equal E2 - E1 exactly), per-epoch overhead = E1 - per step. As on the real
@@ -57,7 +57,7 @@ from gpumlp.backend import make_cuda_backend
 from gpumlp.bench.runner import CONFIGS, EPOCH_SAMPLES, Config
 from gpumlp.model import MLP
 from gpumlp.optim import Optimizer
-from gpumlp.train import History, _State, _Step
+from gpumlp.step import TrainState, TrainStep
 
 # Assumptions of the napkin estimate (an H100 SXM without CUDA graphs).
 LAUNCH_S = 3e-6  # per device operation: kernel launch / cuBLAS call overhead, host-bound, no CUDA graphs
@@ -141,28 +141,32 @@ def _is_advanced(key: Any, emu: Any) -> bool:
     return any(isinstance(k, (emu.ndarray, np.ndarray, list)) for k in keys)
 
 
-@contextlib.contextmanager
-def instrument(emu: Any, tally: Tally) -> Iterator[None]:
-    """Count device work done through the emulated CuPy module ``emu`` into ``tally``."""
-    saved: list[tuple[Any, str, Any]] = []
-    depth = [0]  # only the outermost emulated call is counted (no double counting of internals)
+class _Patcher:
+    """Monkeypatches that :meth:`restore` undoes, and wrappers that record only the outermost
+    emulated call (so the internals of one counted operation are not counted again)."""
 
-    def patch(obj: Any, name: str, make: Any) -> None:
+    def __init__(self) -> None:
+        self.saved: list[tuple[Any, str, Any]] = []
+        self.depth = 0
+
+    def patch(self, obj: Any, name: str, make: Any) -> None:
+        """Replace ``obj.name`` by ``make(original)``."""
         orig = obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name)
-        saved.append((obj, name, orig))
+        self.saved.append((obj, name, orig))
         setattr(obj, name, make(orig))
 
-    def counted(record: Any) -> Any:
-        """Wrap ``orig`` so that ``record(args, kwargs, result)`` runs for outermost calls."""
+    def counted(self, record: Any) -> Any:
+        """A ``make`` for :meth:`patch`: wrap ``orig`` so that ``record(args, kwargs, result)``
+        runs for outermost calls."""
 
         def make(orig: Any) -> Any:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                depth[0] += 1
+                self.depth += 1
                 try:
                     res = orig(*args, **kwargs)
                 finally:
-                    depth[0] -= 1
-                if depth[0] == 0:
+                    self.depth -= 1
+                if self.depth == 0:
                     record(args, kwargs, res)
                 return res
 
@@ -171,11 +175,21 @@ def instrument(emu: Any, tally: Tally) -> Iterator[None]:
 
         return make
 
-    def op_bytes(args: Any, res: Any) -> int:
-        flat = [*args, res]
-        return sum(_emu_nbytes(a, emu) for a in flat)
+    def restore(self) -> None:
+        """Undo every patch, last first."""
+        for obj, name, orig in reversed(self.saved):
+            setattr(obj, name, orig)
+        self.saved.clear()
 
-    # -- our CUDA kernels
+
+def _op_bytes(args: Any, res: Any, emu: Any) -> int:
+    return sum(_emu_nbytes(a, emu) for a in [*args, res])
+
+
+def _count_kernels(p: _Patcher, emu: Any, tally: Tally) -> None:
+    """Our CUDA kernels (RawKernel launches) and CUDA graphs: one launch from the host, its
+    kernels counted as graph nodes."""
+
     def rec_kernel(args: Any, kwargs: Any, res: Any) -> None:
         kernel, kargs = args[0], tuple(args[3])
         arrays = [a for a in kargs if isinstance(a, emu.ndarray)]
@@ -184,17 +198,19 @@ def instrument(emu: Any, tally: Tally) -> Iterator[None]:
             nbytes += arrays[2].nbytes - arrays[0].nbytes
         tally.add("kernel", kernel.name, nbytes)
 
-    patch(emu.RawKernel, "__call__", counted(rec_kernel))
+    p.patch(emu.RawKernel, "__call__", p.counted(rec_kernel))
 
-    # -- CUDA graphs: one launch from the host, its kernels run as graph nodes
     def rec_graph(args: Any, kwargs: Any, res: Any) -> None:
         tally.add("graph", "Graph.launch")
         for kernel, *_ in args[0]._launches:
             tally.add("node", kernel.name)
 
-    patch(emu.cuda.graph.Graph, "launch", counted(rec_graph))
+    p.patch(emu.cuda.graph.Graph, "launch", p.counted(rec_graph))
 
-    # -- cuBLAS
+
+def _count_gemms(p: _Patcher, emu: Any, tally: Tally) -> None:
+    """cuBLAS: ``matmul`` and ``@``, with the bytes of A, B, C and 2*M*N*K FLOPs."""
+
     def gemm(a: Any, b: Any, res: Any) -> None:
         m, k = a.shape[-2:]
         n = b.shape[-1]
@@ -202,42 +218,50 @@ def instrument(emu: Any, tally: Tally) -> Iterator[None]:
         tb = "ᵀ" if not b.flags.c_contiguous else ""
         tally.add("gemm", f"{m}x{k}{ta}@{k}x{n}{tb}", a.nbytes + b.nbytes + res.nbytes, 2 * m * n * k)
 
-    patch(emu, "matmul", counted(lambda args, kw, res: gemm(args[0], args[1], res)))
+    p.patch(emu, "matmul", p.counted(lambda args, kw, res: gemm(args[0], args[1], res)))
     for name in ("__matmul__", "__imatmul__"):
-        patch(emu.ndarray, name, counted(lambda args, kw, res: gemm(args[0], args[1], res)))
-    patch(emu.ndarray, "__rmatmul__", counted(lambda args, kw, res: gemm(args[1], args[0], res)))
+        p.patch(emu.ndarray, name, p.counted(lambda args, kw, res: gemm(args[0], args[1], res)))
+    p.patch(emu.ndarray, "__rmatmul__", p.counted(lambda args, kw, res: gemm(args[1], args[0], res)))
 
-    # -- other device ops: operators, ufuncs, array functions, methods, indexing
+
+def _count_array_ops(p: _Patcher, emu: Any, tally: Tally) -> None:
+    """Other device ops on arrays: operators, ufuncs, array functions, advanced indexing, setitem."""
     arith = "add sub mul truediv floordiv mod pow and or xor".split()
-    names = [f"__{p}{n}__" for n in arith for p in ("", "r", "i")]
+    names = [f"__{pre}{n}__" for n in arith for pre in ("", "r", "i")]
     names += [f"__{n}__" for n in "lt le gt ge eq ne neg pos abs invert".split()]
     for name in names:
-        patch(
-            emu.ndarray,
-            name,
-            counted(lambda args, kw, res, name=name: tally.add("op", name, op_bytes(args, res))),
-        )
-    patch(
+        rec = p.counted(lambda args, kw, res, name=name: tally.add("op", name, _op_bytes(args, res, emu)))
+        p.patch(emu.ndarray, name, rec)
+    p.patch(
         emu.ndarray,
         "__array_ufunc__",
-        counted(lambda args, kw, res: tally.add("op", f"ufunc.{args[1].__name__}", op_bytes(args[3:], res))),
+        p.counted(
+            lambda args, kw, res: tally.add("op", f"ufunc.{args[1].__name__}", _op_bytes(args[3:], res, emu))
+        ),
     )
-    patch(
+    p.patch(
         emu.ndarray,
         "__array_function__",
-        counted(lambda args, kw, res: tally.add("op", f"func.{args[1].__name__}", op_bytes(args[3], res))),
+        p.counted(
+            lambda args, kw, res: tally.add("op", f"func.{args[1].__name__}", _op_bytes(args[3], res, emu))
+        ),
     )
 
     def rec_getitem(args: Any, kw: Any, res: Any) -> None:
         if _is_advanced(args[1], emu):
-            tally.add("op", "take (advanced indexing)", op_bytes((), res) * 2)
+            tally.add("op", "take (advanced indexing)", _op_bytes((), res, emu) * 2)
 
-    patch(emu.ndarray, "__getitem__", counted(rec_getitem))
-    patch(
+    p.patch(emu.ndarray, "__getitem__", p.counted(rec_getitem))
+    p.patch(
         emu.ndarray,
         "__setitem__",
-        counted(lambda args, kw, res: tally.add("op", "setitem", op_bytes(args, res))),
+        p.counted(lambda args, kw, res: tally.add("op", "setitem", _op_bytes(args, res, emu))),
     )
+
+
+def _count_methods(p: _Patcher, emu: Any, tally: Tally) -> None:
+    """Array methods (``.fill``, ``.sum`` ...; views such as ``.reshape`` are free) and the
+    module's fall-through functions (``xp.zeros``, ``xp.sqrt`` ...)."""
 
     def make_getattr(orig: Any) -> Any:
         def getattr_(self: Any, name: str) -> Any:
@@ -250,13 +274,12 @@ def instrument(emu: Any, tally: Tally) -> Iterator[None]:
                 elif not (name in _VIEW_METHODS and shares):
                     tally.add("op", f".{name}", self.nbytes + _emu_nbytes(res, emu))
 
-            return counted(rec)(fn)
+            return p.counted(rec)(fn)
 
         return getattr_
 
-    patch(emu.ndarray, "__getattr__", make_getattr)
+    p.patch(emu.ndarray, "__getattr__", make_getattr)
 
-    # -- the module's fall-through functions (xp.zeros, xp.sqrt, xp.sum ...)
     def make_modgetattr(orig: Any) -> Any:
         def getattr_(name: str) -> Any:
             obj = orig(name)
@@ -270,17 +293,21 @@ def instrument(emu: Any, tally: Tally) -> Iterator[None]:
                 else:
                     flat = [a for a in args if not isinstance(a, (list, tuple))]
                     flat += [a for a in args if isinstance(a, (list, tuple)) for a in a]
-                    tally.add("op", f"xp.{name}", op_bytes(flat, res))
+                    tally.add("op", f"xp.{name}", _op_bytes(flat, res, emu))
 
-            return counted(rec)(obj)
+            return p.counted(rec)(obj)
 
         return getattr_
 
-    patch(emu, "__getattr__", make_modgetattr)
+    p.patch(emu, "__getattr__", make_modgetattr)
     for name in _ALLOC_FUNCS:
-        patch(emu, name, counted(lambda args, kw, res, name=name: tally.add("alloc", f"xp.{name}")))
+        p.patch(emu, name, p.counted(lambda args, kw, res, name=name: tally.add("alloc", f"xp.{name}")))
 
-    # -- host <-> device and creation from host data
+
+def _count_transfers(p: _Patcher, emu: Any, tally: Tally) -> None:
+    """Host <-> device copies (creation from host data, ``.set``, ``.get``, scalar reads) and
+    explicit host synchronisation."""
+
     def rec_creation(name: str) -> Any:
         def rec(args: Any, kw: Any, res: Any) -> None:
             src = args[0] if args else kw.get("a", kw.get("obj"))
@@ -294,35 +321,37 @@ def instrument(emu: Any, tally: Tally) -> Iterator[None]:
         return rec
 
     for name in ("asarray", "array", "ascontiguousarray"):
-        patch(emu, name, counted(rec_creation(name)))
-    patch(emu.ndarray, "set", counted(lambda args, kw, res: tally.add("h2d", ".set", args[0].nbytes)))
+        p.patch(emu, name, p.counted(rec_creation(name)))
+    p.patch(emu.ndarray, "set", p.counted(lambda args, kw, res: tally.add("h2d", ".set", args[0].nbytes)))
     for name in ("get", "item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
-        patch(
-            emu.ndarray,
-            name,
-            counted(lambda args, kw, res, name=name: tally.add("d2h", name, args[0].nbytes)),
-        )
-    patch(
-        emu, "asnumpy", counted(lambda args, kw, res: tally.add("d2h", "xp.asnumpy", np.asarray(res).nbytes))
+        rec = p.counted(lambda args, kw, res, name=name: tally.add("d2h", name, args[0].nbytes))
+        p.patch(emu.ndarray, name, rec)
+    p.patch(
+        emu,
+        "asnumpy",
+        p.counted(lambda args, kw, res: tally.add("d2h", "xp.asnumpy", np.asarray(res).nbytes)),
     )
-
-    # -- explicit host synchronisation
     for cls in (emu.cuda.Device, emu.cuda.Stream, emu.cuda.Event):
-        patch(
-            cls,
-            "synchronize",
-            counted(lambda args, kw, res, c=cls: tally.add("sync", f"{c.__name__}.synchronize")),
-        )
-    patch(
+        rec = p.counted(lambda args, kw, res, c=cls: tally.add("sync", f"{c.__name__}.synchronize"))
+        p.patch(cls, "synchronize", rec)
+    p.patch(
         emu.cuda.runtime,
         "deviceSynchronize",
-        counted(lambda args, kw, res: tally.add("sync", "runtime.deviceSynchronize")),
+        p.counted(lambda args, kw, res: tally.add("sync", "runtime.deviceSynchronize")),
     )
+
+
+@contextlib.contextmanager
+def instrument(emu: Any, tally: Tally) -> Iterator[None]:
+    """Count device work done through the emulated CuPy module ``emu`` into ``tally``; every
+    patch is undone on exit."""
+    patcher = _Patcher()
     try:
+        for count in (_count_kernels, _count_gemms, _count_array_ops, _count_methods, _count_transfers):
+            count(patcher, emu, tally)
         yield
     finally:
-        for obj, name, orig in reversed(saved):
-            setattr(obj, name, orig)
+        patcher.restore()
 
 
 # --------------------------------------------------------------- measuring
@@ -340,7 +369,7 @@ class Profile:
 
 
 def profile_config(name: str, steps: int, label_check: bool, graphs: bool = False, seed: int = 0) -> Profile:
-    """Per-step and per-epoch tallies of ``_Step.epoch`` on cuda-emu for one config
+    """Per-step and per-epoch tallies of ``TrainStep.epoch`` on cuda-emu for one config
     of PROFILES, with eager or CUDA-graph steps."""
     cfg, extra, clip, shift = PROFILES[name]
     be = make_cuda_backend("cuda-emu", validate_labels=label_check)
@@ -354,10 +383,10 @@ def profile_config(name: str, steps: int, label_check: bool, graphs: bool = Fals
     # as gpumlp.train.fit builds them (no validation, no checkpoint), one per epoch length k * B
     opt = Optimizer(cfg.optimizer, lr=cfg.lr)
     opt_state = [opt.init_state(be, w) for _, w, _, _ in model.param_groups()]
-    st = _State(epoch=0, step=0, seed=seed, history=History())
+    st = TrainState(epoch=0, step=0, seed=seed)
     epochs = {}
     for k in (1, 2, steps + 1):
-        epochs[k] = _Step(model, opt, opt_state, B, k * B, cfg.reduction, clip)
+        epochs[k] = TrainStep(model, opt, opt_state, B, k * B, cfg.reduction, clip)
         epochs[k].configure(True, Augment(shift=shift), graphs)
         epochs[k].epoch(
             Xd, yd, cfg.lr, st
@@ -410,12 +439,10 @@ def _names(t: Tally, *cats: str) -> str:
     return ", ".join(parts) or "–"
 
 
-def render(all_profiles: list[Profile], label_check: bool) -> str:
-    """The markdown report: eager steps in detail, then what CUDA graphs change."""
-    profiles = [p for p in all_profiles if not p.graphs]
-    graph_profiles = [p for p in all_profiles if p.graphs]
+def _step_table(profiles: list[Profile]) -> list[str]:
+    """Per eager step: launches by kind, bytes, FLOPs, transfers, allocations."""
     lines = [
-        "### Per training step on a GPU, counted on cuda-emu (`_Step.epoch`, same `cupy_gpu.py` code)",
+        "### Per training step on a GPU, counted on cuda-emu (`TrainStep.epoch`, same `cupy_gpu.py` code)",
         "",
         "| config | our kernels | cuBLAS GEMMs | other device ops | = device ops | kernel MB | GEMM MB "
         "| GEMM MFLOP | H2D / D2H / syncs | allocs |",
@@ -429,7 +456,12 @@ def render(all_profiles: list[Profile], label_check: bool) -> str:
             f"| {_mb(t.bytes_of('kernel'))} | {_mb(t.bytes_of('gemm'))} | {t.flops_of('gemm') / 1e6:.1f} "
             f"| {t.count('h2d')} / {t.count('d2h')} / {t.count('sync')} | {t.count('alloc')} |"
         )
-    lines += [
+    return lines
+
+
+def _launch_table(profiles: list[Profile]) -> list[str]:
+    """What the launches of one eager step are, by name."""
+    lines = [
         "",
         "### What the launches are (per step)",
         "",
@@ -441,7 +473,12 @@ def render(all_profiles: list[Profile], label_check: bool) -> str:
         lines.append(
             f"| {p.name} | {_names(t, 'kernel')} | {_names(t, 'gemm')} | {_names(t, 'op', 'fill')} |"
         )
-    lines += [
+    return lines
+
+
+def _epoch_table(profiles: list[Profile]) -> list[str]:
+    """The once-per-epoch work outside the steps."""
+    lines = [
         "",
         "### Per-epoch overhead (once per epoch, outside the steps)",
         "",
@@ -455,7 +492,12 @@ def render(all_profiles: list[Profile], label_check: bool) -> str:
             f"| {p.name} | {_device_ops(t)} | {t.count('h2d')} ({p.h2d_per_sample:g} B/sample) "
             f"| {t.count('d2h')} | {t.count('sync')} | {detail} |"
         )
-    lines += [
+    return lines
+
+
+def _regime_table(profiles: list[Profile]) -> list[str]:
+    """The napkin estimate: launch-, memory- and FLOP-bound times per eager step on an H100."""
+    lines = [
         "",
         f"### Expected regime on an H100 (per step; epoch = {EPOCH_SAMPLES:,} samples)",
         "",
@@ -478,7 +520,12 @@ def render(all_profiles: list[Profile], label_check: bool) -> str:
             f"| {p.name} | {_us(est['launch'])} | {_us(est['memory'])} | {_us(est['FLOP'])} "
             f"| {regime}-bound ({ratio:.1f}× the next) | {epoch_s:.3f} |"
         )
-    lines += [
+    return lines
+
+
+def _graph_table(graph_profiles: list[Profile], profiles: list[Profile]) -> list[str]:
+    """What CUDA graphs change per full-size step, against the eager ``profiles``."""
+    lines = [
         "",
         "### With CUDA graphs (`cuda_graphs=True`): per full-size step",
         "",
@@ -499,11 +546,16 @@ def render(all_profiles: list[Profile], label_check: bool) -> str:
             f"| {t.count('node')} | {t.count('h2d')} / {t.count('d2h')} / {t.count('sync')} "
             f"| {t.count('alloc')} | {_us(host_s)} / {_us(node_s)} | {speedup} |"
         )
+    return lines
+
+
+def _notes(all_profiles: list[Profile], label_check: bool) -> list[str]:
+    """How it was measured and counted, and the estimate's assumptions."""
     check = all(p.linear for p in all_profiles)
-    lines += [
+    return [
         "",
-        f"Measured over {profiles[0].steps} steps after a warm-up epoch, by differencing whole epochs of "
-        "`_Step.epoch` (per step = (E(1+N) − E(1)) / N; checked equal to E(2) − E(1): "
+        f"Measured over {all_profiles[0].steps} steps after a warm-up epoch, by differencing whole epochs "
+        "of `TrainStep.epoch` (per step = (E(1+N) − E(1)) / N; checked equal to E(2) − E(1): "
         f"{'yes' if check else 'NO'}; per epoch = E(1) − per step). float32; only `full` has clipping, "
         "dropout, batch norm and shift augmentation. "
         f"Label range check of the emulator {'ON' if label_check else 'off, as on the real cupy backend'}.",
@@ -524,6 +576,20 @@ def render(all_profiles: list[Profile], label_check: bool) -> str:
         f"{LAUNCH_S * 1e6:.0f} µs per graph launch or copy, the device about {GRAPH_NODE_S * 1e6:.0f} µs "
         "per kernel node (assumed); the step costs the larger of the two, plus the memory and FLOP time "
         "above.",
+    ]
+
+
+def render(all_profiles: list[Profile], label_check: bool) -> str:
+    """The markdown report: eager steps in detail, then what CUDA graphs change."""
+    profiles = [p for p in all_profiles if not p.graphs]
+    graph_profiles = [p for p in all_profiles if p.graphs]
+    lines = [
+        *_step_table(profiles),
+        *_launch_table(profiles),
+        *_epoch_table(profiles),
+        *_regime_table(profiles),
+        *_graph_table(graph_profiles, profiles),
+        *_notes(all_profiles, label_check),
     ]
     return "\n".join(lines) + "\n"
 

@@ -220,13 +220,14 @@ def get_backend(name: str | Backend | None = None) -> Backend:
 
 
 def backend_report() -> dict[str, str]:
-    """name -> 'available: ...' or 'unavailable: <reason>' for every backend."""
+    """name -> 'available: ...' or 'unavailable: <reason on one line>' for every backend; any
+    failure to load counts as unavailable (e.g. CuPy installed without its CUDA libraries)."""
     report = {}
     for n in _REGISTRY:
         try:
             report[n] = "available: " + get_backend(n).description
-        except BackendUnavailable as e:
-            report[n] = f"unavailable: {e}"
+        except Exception as e:
+            report[n] = "unavailable: " + (" ".join(str(e).split()) or type(e).__name__)
     return report
 
 

@@ -150,13 +150,21 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     """Every hyper-parameter of ``train``; None means 'take it from the preset'."""
+    p.add_argument("--preset", choices=list(PRESETS), default="fast", help="base recipe (default: fast)")
+    _add_model_args(p.add_argument_group("model"))
+    f = p.add_argument_group("optimisation")
+    _add_optimizer_args(f)
+    _add_stopping_args(f)
+    _add_augment_args(f)
+    _add_run_args(p.add_argument_group("data and run"))
+
+
+def _add_model_args(m) -> None:
+    """The network: widths, activation, cost, weight init, dropout, batch norm, dtype."""
     from gpumlp.kernels.reference import ACTIVATIONS
     from gpumlp.layers import INITS
     from gpumlp.losses import ALIASES, LOSSES
-    from gpumlp.optim import OPTIMIZERS, SCHEDULES
 
-    p.add_argument("--preset", choices=list(PRESETS), default="fast", help="base recipe (default: fast)")
-    m = p.add_argument_group("model")
     m.add_argument("--spec", help="layer widths, e.g. 784-100-10 (must match the data)")
     m.add_argument("--hidden", type=hidden_widths, help="hidden widths, e.g. 256,128 (in/out from the data)")
     m.add_argument("--act", choices=ACTIVATIONS, help="hidden activation")
@@ -165,7 +173,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     m.add_argument("--dropout", type=_dropout, help="dropout rate after each hidden layer")
     m.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None, help="batch norm")
     m.add_argument("--dtype", choices=["float32", "float64"])
-    f = p.add_argument_group("optimisation")
+
+
+def _add_optimizer_args(f) -> None:
+    """The update: optimizer, learning rate and its schedule, regularisation, clipping, minibatches."""
+    from gpumlp.optim import OPTIMIZERS, SCHEDULES
+
     f.add_argument("--optimizer", choices=OPTIMIZERS)
     f.add_argument("--lr", type=POS_FLOAT, help="learning rate")
     f.add_argument("--momentum", type=NONNEG_FLOAT)
@@ -178,6 +191,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     f.add_argument("--lr-step", type=POS_INT, help="epochs per step of the 'step' schedule")
     f.add_argument("--reduction", choices=["mean", "sum"], help="minibatch gradient: mean or sum")
     f.add_argument("--batch-size", type=POS_INT)
+
+
+def _add_stopping_args(f) -> None:
+    """When training stops: divergence, the number of epochs, convergence, patience."""
     f.add_argument(
         "--divergence-factor",
         type=NONNEG_FLOAT,
@@ -190,6 +207,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "--stop-param-change", type=POS_FLOAT, help="stop when no weight or bias changes by EPS in an epoch"
     )
     f.add_argument("--patience", type=POS_INT, help="early stop after N epochs without better valid acc")
+
+
+def _add_augment_args(f) -> None:
+    """Random shifts, rotations, scaling and elastic distortions of the training images."""
     f.add_argument("--augment-shift", type=NONNEG_INT, help="random shifts of up to N pixels")
     f.add_argument("--augment-rotate", type=NONNEG_FLOAT, metavar="DEG", help="random rotations up to DEG")
     f.add_argument("--augment-scale", type=NONNEG_FLOAT, metavar="F", help="random scaling by 1 +- F")
@@ -199,7 +220,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     f.add_argument(
         "--augment-elastic-sigma", type=POS_FLOAT, metavar="PX", help="smoothing of the elastic fields (4)"
     )
-    d = p.add_argument_group("data and run")
+
+
+def _add_run_args(d) -> None:
+    """Data, seed, backend, output directory and resume, logging, CUDA graphs, plots."""
     d.add_argument("--scale", choices=SCALE_MODES, help="input preprocessing")
     d.add_argument("--valid", type=NONNEG_INT, help="validation rows from the end of the train set")
     d.add_argument("--limit", type=POS_INT, help="train on the first N samples only (quick runs)")
@@ -343,10 +367,8 @@ def _train(args: argparse.Namespace) -> int:
     """``gpumlp train`` once the run directory is ours."""
     from gpumlp.backend import get_backend
     from gpumlp.model import MLP
-    from gpumlp.train import TrainingDiverged
 
     t_start = time.perf_counter()
-    level = logs.verbosity(args.quiet, args.verbose)
     out = Path(args.out) if args.out else None
     paths = _out_paths(out)
     config = _train_config(args, paths)
@@ -369,10 +391,22 @@ def _train(args: argparse.Namespace) -> int:
     _log(f"training {spec} on {len(x_tr)} samples of {data.source}, backend {be.name}, preset {preset}")
     _log(f"hyper-parameters: {describe(config)}")
     last_good = _start_run_dir(args, paths, config, model, len(x_tr)) if out else None
+    history = _fit(args, model, prep, (x_tr, y_tr, X_valid, y_va), fit_kw, config, paths, last_good)
+    return _report_run(args, model, prep, data, history, config, paths, len(x_tr), t_start)
+
+
+def _fit(args: argparse.Namespace, model, prep: Prep, split, fit_kw: dict, config: dict, paths, last_good):
+    """Train on ``split`` = (raw train x, y, preprocessed valid X | None, valid y) -> History.
+    Divergence marks the run directory (and restores the config of the kept checkpoint);
+    Ctrl-C says whether a checkpoint was kept."""
+    from gpumlp.train import TrainingDiverged
+
+    x_tr, y_tr, X_valid, y_va = split
+    out, level = Path(args.out) if args.out else None, logs.verbosity(args.quiet, args.verbose)
     try:  # overflow on the way to a NaN loss is reported once, as TrainingDiverged, not as warnings
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            history = model.fit(
-                prep.apply(x_tr, dt), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
+            return model.fit(
+                prep.apply(x_tr, model.dtype), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
                 checkpoint_path=paths.get("checkpoint"), resume=args.resume,
                 divergence_factor=args.divergence_factor or None,
                 checkpoint_extra=(prep.to_arrays(), {"prep": prep.to_meta()}),
@@ -396,20 +430,26 @@ def _train(args: argparse.Namespace) -> int:
             else "no checkpoint was saved (use --out DIR to keep one per epoch)"
         )
         raise _Interrupted(f"interrupted; {kept}") from None
+
+
+def _report_run(
+    args, model, prep: Prep, data, history, config: dict, paths, n_train: int, t_start: float
+) -> int:
+    """Test the trained model, write the run directory's outputs and print the summary."""
     train_s = float(sum(history["seconds"]))
-    y_pred = model.predict(prep.apply(data.x_test, dt))
+    y_pred = model.predict(prep.apply(data.x_test, model.dtype))
     metrics = _test_metrics(data.y_test, y_pred, model.n_classes)
     total_s = time.perf_counter() - t_start
-    metrics.update(backend=be.name, train_seconds=train_s, seconds=total_s, epochs=len(history))
-    metrics.update(stop_reason=history.stop_reason, samples=len(x_tr), config=config)
-    metrics["machine"] = _machine(be.name)
-    if out:
+    metrics.update(backend=model.be.name, train_seconds=train_s, seconds=total_s, epochs=len(history))
+    metrics.update(stop_reason=history.stop_reason, samples=n_train, config=config)
+    metrics["machine"] = _machine(model.be.name)
+    if paths:
         _save_outputs(model, prep, history, metrics, paths, args.plots, data, y_pred)
     print(f"test accuracy: {100 * metrics['test_accuracy']:.2f}%")
     print(f"epochs: {len(history)} (stop: {history.stop_reason}), train seconds: {train_s:.2f}")
     print(f"total seconds: {total_s:.2f}")
-    print(f"backend: {be.name}")
-    if out:
+    print(f"backend: {model.be.name}")
+    if paths:
         print(f"model: {paths['model']}")
     return EXIT_OK
 
@@ -440,6 +480,8 @@ def _train_data(args: argparse.Namespace, config: dict):
     if args.valid is None and not resumed:
         config["data"]["valid"] = min(config["data"]["valid"], len(data.x_train) // 10)
     return data
+
+
 def _machine(backend_name: str) -> dict:
     from gpumlp.html_report import machine_summary
 
@@ -671,14 +713,9 @@ def _version(module: str) -> str:
 
 def _backends() -> tuple[dict[str, str], str]:
     """(name -> availability line, the name 'auto' picks); any import failure counts as unavailable."""
-    from gpumlp.backend import AUTO_ORDER, available_names, get_backend
+    from gpumlp.backend import AUTO_ORDER, backend_report
 
-    report = {}
-    for name in available_names():
-        try:
-            report[name] = "available: " + get_backend(name).description
-        except Exception as e:
-            report[name] = f"unavailable: {_one_line(e)}"
+    report = backend_report()
     auto = next((n for n in AUTO_ORDER if report.get(n, "").startswith("available")), "none")
     return report, auto
 

@@ -82,20 +82,42 @@ def _load_data(dtype: str) -> tuple:
 
 def run(args: argparse.Namespace) -> dict:
     """Run everything the parsed arguments ask for; -> the results dict (the JSON)."""
-    from tqdm.auto import tqdm
-
     from gpumlp.bench import runner as R
-    from gpumlp.bench.machine import machine_info, measure_peaks, merge_peaks
+    from gpumlp.bench.machine import measure_peaks
 
-    quick = args.quick
-    repeats = args.repeats or (2 if quick else 5)
-    samples = min(args.samples or (5500 if quick else R.EPOCH_SAMPLES), R.EPOCH_SAMPLES)
-    cfg_names = args.configs or list(R.QUICK_CONFIGS if quick else R.CONFIGS)
+    repeats, samples, cfg_names = _sizes(args)
+    backends, skipped = _backends_to_run(args)
+    res = _header(args, repeats, samples, backends, skipped, cfg_names)
+    if not args.no_inference:
+        res["inference_peers"] = _inference_peers(args, backends, skipped)
+    res["peaks"]["cpu"] = measure_peaks(args.dtype, args.quick)
+    if any(R.device_of(b) == "gpu" for b in backends):
+        res["peaks"]["gpu"] = _gpu_peaks(args.dtype, args.quick)
+    X, y, Xt, yt = _load_data(args.dtype)
+    _run_tasks(_plan(args, backends, cfg_names, (X, y, Xt, yt), samples, repeats), res, args.no_progress)
+    _summarise(args, res, backends)
+    return res
+
+
+def _sizes(args: argparse.Namespace) -> tuple[int, int, list[str]]:
+    """(timed epochs per config, samples per timed epoch, config names); bad ones exit with a message."""
+    from gpumlp.bench import runner as R
+
+    repeats = args.repeats or (2 if args.quick else 5)
+    samples = min(args.samples or (5500 if args.quick else R.EPOCH_SAMPLES), R.EPOCH_SAMPLES)
+    cfg_names = args.configs or list(R.QUICK_CONFIGS if args.quick else R.CONFIGS)
     unknown = [c for c in cfg_names if c not in R.CONFIGS]
     if unknown:
         raise SystemExit(f"gpumlp bench: unknown config(s) {unknown}; choose from {', '.join(R.CONFIGS)}")
     if repeats < 1:
         raise SystemExit("gpumlp bench: --repeats must be >= 1")
+    return repeats, samples, cfg_names
+
+
+def _backends_to_run(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """(the backends and peers that run here, name -> why skipped); the skipped are said on stderr."""
+    from gpumlp.bench import runner as R
+
     backends, skipped = R.resolve_backends(args.backends or R.DEFAULT_BACKENDS)
     if not args.backends:  # absent-by-default peers/GPU backends are not worth a warning line
         skipped = {k: v for k, v in skipped.items() if k not in ("cupy", "torch-graphs")}
@@ -106,12 +128,20 @@ def run(args: argparse.Namespace) -> dict:
             skipped[ORT] = why
     for name, why in skipped.items():
         print(f"gpumlp bench: skipping {name}: {why}", file=sys.stderr)
+    return backends, skipped
 
-    res: dict = {
+
+def _header(args: argparse.Namespace, repeats: int, samples: int, backends: list[str], skipped: dict,
+            cfg_names: list[str]) -> dict:  # fmt: skip
+    """The results dict before any measurement: the run's settings, machine and configs."""
+    from gpumlp.bench import runner as R
+    from gpumlp.bench.machine import machine_info
+
+    return {
         "schema": SCHEMA,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:],
-        "quick": quick,
+        "quick": args.quick,
         "dtype": args.dtype,
         "repeats": repeats,
         "epoch_samples": R.EPOCH_SAMPLES,
@@ -124,17 +154,15 @@ def run(args: argparse.Namespace) -> dict:
         "jit_seconds": {},
         "epochs": [],
     }
-    if not args.no_inference:
-        res["inference_peers"] = _inference_peers(args, backends, skipped)
-    res["peaks"]["cpu"] = measure_peaks(args.dtype, quick)
-    if any(R.device_of(b) == "gpu" for b in backends):
-        res["peaks"]["gpu"] = _gpu_peaks(args.dtype, quick)
-    X, y, Xt, yt = _load_data(args.dtype)
 
-    tasks = _plan(args, backends, cfg_names, (X, y, Xt, yt), samples, repeats)
+
+def _run_tasks(tasks: list[tuple], res: dict, no_progress: bool) -> None:
+    """Run the planned tasks in order, with a progress bar, adding each result under its key."""
+    from tqdm.auto import tqdm
+
     for key in {key for _, key, _, _ in tasks}:
         res.setdefault(key, [])
-    bar = tqdm(tasks, desc="bench", unit="task", file=sys.stderr, disable=args.no_progress or None)
+    bar = tqdm(tasks, desc="bench", unit="task", file=sys.stderr, disable=no_progress or None)
     for label, key, fn, fn_args in bar:
         bar.set_postfix_str(label)
         out = fn(*fn_args)
@@ -144,17 +172,24 @@ def run(args: argparse.Namespace) -> dict:
         else:
             res[key].extend(out if isinstance(out, list) else [out])
     bar.close()
-    for b in backends:  # no _warmup hook: the first epoch's extra time is the one-time cost
+
+
+def _summarise(args: argparse.Namespace, res: dict, backends: list[str]) -> None:
+    """After the measurements: JIT seconds where no warm-up hook gave them, the CPU peaks measured
+    again (the better of both), ratios to the floors and peaks, the load at the end."""
+    from gpumlp.bench import runner as R
+    from gpumlp.bench.machine import measure_peaks, merge_peaks
+
+    for b in backends:  # no warm-up hook: the first epoch's extra time is the one-time cost
         if b not in res["jit_seconds"] and b not in R.PEERS:
             firsts = [e["first_epoch_extra_seconds"] for e in res["epochs"] if e["backend"] == b]
             if b == "numba" and firsts:
                 res["jit_seconds"][b] = firsts[0]
-    res["peaks"]["cpu"] = merge_peaks(res["peaks"]["cpu"], measure_peaks(args.dtype, quick))
+    res["peaks"]["cpu"] = merge_peaks(res["peaks"]["cpu"], measure_peaks(args.dtype, args.quick))
     R.add_ratios(res["epochs"], res["peaks"], res.get("floors", []))
     R.add_kernel_peaks(res.get("kernels", []), res["peaks"])
     if "start" in res["machine"]["loadavg"]:  # other jobs on the machine make timings noisy
         res["machine"]["loadavg"]["end"] = os.getloadavg()[0]
-    return res
 
 
 def _plan(args: argparse.Namespace, backends: list[str], cfg_names: list[str], data: tuple, samples: int,
