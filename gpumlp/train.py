@@ -60,7 +60,11 @@ def evaluate(model, Xd, yd, batch_size: int = 2000) -> tuple[float, float]:
     return float(be.to_host(loss_sum)) / n, int(be.to_host(correct)) / n
 
 
-def _save_checkpoint(path, model, opt: Optimizer, opt_state: list, st: TrainState, extra: tuple) -> None:
+def _save_checkpoint(path, run: _Run) -> None:
+    """The model, the optimizer state, the training state and the caller's ``checkpoint_extra``
+    (host arrays, JSON meta), atomically to ``path``."""
+    model, opt, opt_state, st = run.model, run.opt, run.opt_state, run.state
+    extra = run.cfg.checkpoint_extra
     arrays = dict(extra[0])
     for (name, *_), states in zip(model.param_groups(), opt_state):
         arrays.update({f"opt/{name}/{j}": model.be.to_host(a) for j, a in enumerate(states)})
@@ -76,7 +80,7 @@ def _save_checkpoint(path, model, opt: Optimizer, opt_state: list, st: TrainStat
             "optimizer": opt.to_dict(),
             "best": list(st.best[:2]),
             "initial_loss": st.initial_loss,
-            "n_train": extra[2] if len(extra) > 2 else None,
+            "n_train": run.data[0].shape[0],
         },
     }
     model.save(path, extra_arrays=arrays, extra_meta=meta)
@@ -417,10 +421,7 @@ def _end_epoch(run: _Run, rec: dict, bar) -> None:
     if any(cb(rec, run.model) for cb in cfg.callbacks):
         st.history.stop_reason = "callback"
     if run.ckpt:
-        n_train = run.data[0].shape[0]
-        _save_checkpoint(
-            run.ckpt, run.model, run.opt, run.opt_state, st, (*cfg.checkpoint_extra[:2], n_train)
-        )
+        _save_checkpoint(run.ckpt, run)
     # postfix first: update() redraws, so the bar shows this epoch's numbers, not the last one's
     shown = {key: v for key, v in rec.items() if isinstance(v, float) and key != "lr"}
     bar.set_postfix({key: f"{v:.4f}" for key, v in shown.items()}, refresh=False)
