@@ -1,13 +1,12 @@
-"""The one training loop, shared by every backend.
+"""The one training loop, shared by every backend: :func:`fit`.
 
-The data and labels are uploaded once. Per epoch, the backend shuffles on its
-device (a Philox-keyed permutation, identical on every backend); each minibatch
-is gathered on the device into a preallocated buffer, optionally shifted
-(augmentation drawn from Philox too, keyed by the step);
-forward, fused loss+gradient, backward, optional clipping, one fused optimizer
-kernel per parameter. Loss and accuracy accumulate on the device and are read
-once per epoch, so nothing synchronises inside an epoch. After each epoch:
-NaN check, validation, history, callbacks, early stopping, atomic checkpoint.
+``fit`` checks its options (a frozen :class:`FitConfig`, one field per keyword) and runs in three
+parts. Prepare: check the data, build the optimizer and its state, start or resume the training
+state from the checkpoint, and the step with its preallocated buffers. Loop: upload the data once,
+then per epoch run :meth:`gpumlp.step.TrainStep.epoch` (shuffle, gather, forward, fused
+loss+gradient, backward, clipping and one fused optimizer kernel per parameter, all on the device,
+read once per epoch), then the NaN/divergence check, validation, history, callbacks, early
+stopping and the atomic checkpoint. Finish: restore patience's best weights, name the stop reason.
 """
 
 from __future__ import annotations
