@@ -171,6 +171,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     f.add_argument("--momentum", type=NONNEG_FLOAT)
     f.add_argument("--l1", type=NONNEG_FLOAT)
     f.add_argument("--l2", type=NONNEG_FLOAT)
+    f.add_argument("--weight-decay", type=NONNEG_FLOAT, help="decoupled weight decay (adamw 0.01, lion 0)")
     f.add_argument("--clip-norm", type=POS_FLOAT, help="clip gradients to this global L2 norm")
     f.add_argument("--clip-value", type=POS_FLOAT, help="clip every gradient element to [-V, V]")
     f.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule")

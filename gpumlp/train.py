@@ -163,6 +163,13 @@ def check_resume(path, model_config: dict, optimizer: str, n_train: int | None) 
 def _load_checkpoint(path, model, opt, opt_state: list, n_train: int) -> _State:
     arrays, meta = check_resume(path, model.config(), opt.name, n_train)
     tr = meta["train"]
+    for name, *_ in model.param_groups():  # exactly the optimizer's state arrays (RULES[...].state)
+        saved = sorted(k for k in arrays if k.startswith(f"opt/{name}/"))
+        if len(saved) != len(opt.rule.state):
+            raise checkpoint.CheckpointError(
+                f"{path} holds {len(saved)} optimizer arrays for {name!r} ({', '.join(saved) or 'none'}); "
+                f"{opt.name} keeps {len(opt.rule.state)} ({', '.join(opt.rule.state) or 'none'})"
+            )
     opt_arrays = [
         (checkpoint.expect_array(path, arrays, f"opt/{name}/{j}", a.shape, "f"), a)
         for (name, *_), states in zip(model.param_groups(), opt_state)
@@ -207,6 +214,7 @@ def fit(
     momentum: float = 0.9,
     l1: float = 0.0,
     l2: float = 0.0,
+    weight_decay: float | None = None,
     clip_norm: float | None = None,
     clip_value: float | None = None,
     schedule: str | Schedule = "constant",
@@ -238,7 +246,9 @@ def fit(
     (the untrained model's or an earlier epoch's; None turns the growth test off).
 
     Minibatch SGD family (``batch_size=1`` is stochastic, ``batch_size>=n`` full
-    batch); ``reduction`` ``mean`` averages the gradient over a minibatch,
+    batch); ``optimizer`` is a name of ``gpumlp.optim.OPTIMIZERS`` (or an Optimizer) with ``lr``,
+    ``momentum``, ``l1``, ``l2`` and ``weight_decay`` (AdamW's and Lion's; None: the optimizer's
+    default); ``reduction`` ``mean`` averages the gradient over a minibatch,
     ``sum`` adds it up (the classic seed recipe). ``clip_value`` clamps every
     gradient element to [-clip_value, clip_value], then ``clip_norm`` scales all
     gradients to at most that global L2 norm. Stops after ``epochs``, when
@@ -280,7 +290,7 @@ def fit(
     opt = (
         optimizer
         if isinstance(optimizer, Optimizer)
-        else Optimizer(optimizer, lr=lr, momentum=momentum, l1=l1, l2=l2)
+        else Optimizer(optimizer, lr=lr, momentum=momentum, l1=l1, l2=l2, weight_decay=weight_decay)
     )
     sched = schedule if isinstance(schedule, Schedule) else Schedule(schedule)
     opt_state = [opt.init_state(be, w) for _, w, _, _ in model.param_groups()]
