@@ -110,10 +110,11 @@ def test_patience_stops_and_restores_the_best_weights():
     assert model.score(X[-100:], y[-100:]) == pytest.approx(best)
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_resume_continues_bit_for_bit(tmp_path, opt):
     X, y = make_circles(n=250, noise=0.1, seed=5)
     kw = dict(act="relu", dropout=0.2, batchnorm=True, backend="numpy", seed=5)
-    fit_kw = dict(batch_size=32, optimizer="adam", lr=0.01, l2=1e-3, valid_split=50, seed=9)
+    fit_kw = dict(batch_size=32, optimizer=opt, lr=0.01, l2=1e-3, weight_decay=0.05, valid_split=50, seed=9)
     straight = MLP("2-16-16-2", **kw)
     h_straight = straight.fit(X, y, epochs=2, **fit_kw)
     ckpt = tmp_path / "ck.npz"
