@@ -153,7 +153,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     from gpumlp.kernels.reference import ACTIVATIONS
     from gpumlp.layers import INITS
     from gpumlp.losses import ALIASES, LOSSES
-    from gpumlp.optim import OPTIMIZERS, SCHEDULES
+    from gpumlp.optim import OPTIMIZERS, RULES, SCHEDULES, Optimizer
 
     p.add_argument("--preset", choices=list(PRESETS), default="fast", help="base recipe (default: fast)")
     m = p.add_argument_group("model")
@@ -171,7 +171,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     f.add_argument("--momentum", type=NONNEG_FLOAT)
     f.add_argument("--l1", type=NONNEG_FLOAT)
     f.add_argument("--l2", type=NONNEG_FLOAT)
-    f.add_argument("--weight-decay", type=NONNEG_FLOAT, help="decoupled weight decay (adamw 0.01, lion 0)")
+    takers = [n for n in OPTIMIZERS if "weight_decay" in RULES[n].hyper]
+    decoupled = ", ".join(f"{n} {Optimizer(n).weight_decay:g}" for n in takers)
+    f.add_argument("--weight-decay", type=NONNEG_FLOAT, help=f"decoupled weight decay ({decoupled})")
     f.add_argument("--clip-norm", type=POS_FLOAT, help="clip gradients to this global L2 norm")
     f.add_argument("--clip-value", type=POS_FLOAT, help="clip every gradient element to [-V, V]")
     f.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule")
