@@ -124,9 +124,10 @@ OPTIMIZERS = tuple(RULES)
 class Optimizer:
     """Hyper-parameters of one update rule. ``name`` is one of OPTIMIZERS;
     ``momentum`` is mu (momentum/nesterov), ``rho`` the RMSProp decay,
-    ``beta1``/``beta2`` Adam's, AdamW's and Lion's; ``l1``/``l2`` regularisation strengths,
-    ``weight_decay`` AdamW's and Lion's decoupled decay. None takes the optimizer's default
-    (``RULES[name].defaults``, else ``HYPERS``)."""
+    ``beta1``/``beta2`` the moments' decays (Adam, AdamW, Lion); ``l1``/``l2`` regularisation
+    strengths, ``weight_decay`` the decoupled decay of the optimizers that take it. None takes the
+    optimizer's default (``RULES[name].defaults``, else ``HYPERS``); each optimizer reads only the
+    hyper-parameters of its rule."""
 
     name: str = "sgd"
     lr: float = 0.01

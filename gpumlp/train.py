@@ -247,8 +247,8 @@ def fit(
 
     Minibatch SGD family (``batch_size=1`` is stochastic, ``batch_size>=n`` full
     batch); ``optimizer`` is a name of ``gpumlp.optim.OPTIMIZERS`` (or an Optimizer) with ``lr``,
-    ``momentum``, ``l1``, ``l2`` and ``weight_decay`` (AdamW's and Lion's; None: the optimizer's
-    default); ``reduction`` ``mean`` averages the gradient over a minibatch,
+    ``momentum``, ``l1``, ``l2`` and ``weight_decay`` (decoupled, for the optimizers that take it;
+    None: the optimizer's default); ``reduction`` ``mean`` averages the gradient over a minibatch,
     ``sum`` adds it up (the classic seed recipe). ``clip_value`` clamps every
     gradient element to [-clip_value, clip_value], then ``clip_norm`` scales all
     gradients to at most that global L2 norm. Stops after ``epochs``, when
