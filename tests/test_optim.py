@@ -30,12 +30,14 @@ def _toy(n=130, f=16, k=3, seed=2):
 
 # ------------------------------------------------------------------ the table itself
 def test_every_rule_names_a_kernel_every_backend_has_with_its_arguments(be):
-    """kernel(w, g, *state, lr, ...) takes each hyper-parameter the rule passes, plus l2 and l1."""
+    """kernel(w, g, *state, lr, ...), its state parameters named as the rule's, takes each
+    hyper-parameter the rule passes, plus l2 and l1 (and t where the rule says so)."""
     for name, rule in RULES.items():
         params = list(inspect.signature(getattr(be.k, rule.kernel)).parameters)
         if params[0] == "self":
             params = params[1:]
-        assert params[: 3 + len(rule.state)] == ["w", "g", *params[2 : 2 + len(rule.state)], "lr"], name
+        assert params[: 3 + len(rule.state)] == ["w", "g", *rule.state, "lr"], name
+        assert ("t" in params) == rule.step, name
         kwargs = Optimizer(name).kernel_kwargs(1, decayed=True)
         assert set(kwargs) <= set(params), (name, set(kwargs) - set(params))
         assert set(rule.hyper.values()) <= set(HYPERS), name
