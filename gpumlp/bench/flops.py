@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gpumlp.optim import RULES
+
 
 def layer_shapes(widths: Sequence[int]) -> list[tuple[int, int]]:
     """Widths (input, hidden..., classes) -> [(fan_in, fan_out)] per dense layer."""
@@ -74,8 +76,6 @@ def kernel_bytes(kernel: str, shape: Sequence[int], itemsize: int, label_itemsiz
     for s in shape:
         n_params *= int(s)
     # an optimizer step reads w, g and its state arrays and writes w and the state
-    from gpumlp.optim import RULES
-
     moves = {r.kernel: 3 + 2 * len(r.state) for r in RULES.values()}
     if kernel not in moves:
         raise ValueError(f"no byte count for kernel {kernel!r}")
