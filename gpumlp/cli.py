@@ -177,13 +177,16 @@ def _add_model_args(m) -> None:
 
 def _add_optimizer_args(f) -> None:
     """The update: optimizer, learning rate and its schedule, regularisation, clipping, minibatches."""
-    from gpumlp.optim import OPTIMIZERS, SCHEDULES
+    from gpumlp.optim import OPTIMIZERS, RULES, SCHEDULES, Optimizer
 
     f.add_argument("--optimizer", choices=OPTIMIZERS)
     f.add_argument("--lr", type=POS_FLOAT, help="learning rate")
     f.add_argument("--momentum", type=NONNEG_FLOAT)
     f.add_argument("--l1", type=NONNEG_FLOAT)
     f.add_argument("--l2", type=NONNEG_FLOAT)
+    takers = [n for n in OPTIMIZERS if "weight_decay" in RULES[n].hyper]
+    decoupled = ", ".join(f"{n} {Optimizer(n).weight_decay:g}" for n in takers)
+    f.add_argument("--weight-decay", type=NONNEG_FLOAT, help=f"decoupled weight decay ({decoupled})")
     f.add_argument("--clip-norm", type=POS_FLOAT, help="clip gradients to this global L2 norm")
     f.add_argument("--clip-value", type=POS_FLOAT, help="clip every gradient element to [-V, V]")
     f.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule")

@@ -19,17 +19,7 @@ from gpumlp.data.datasets import (
     load_known,
     load_path,
 )
-
-# Each optimizer's usual learning rate for minibatch-mean gradients on inputs of order 1.
-DEFAULT_LR = {
-    "sgd": 0.1,
-    "momentum": 0.01,
-    "nesterov": 0.01,
-    "adagrad": 0.01,
-    "rmsprop": 0.001,
-    "adam": 0.001,
-}
-SCALE_INVARIANT = ("adagrad", "rmsprop", "adam")  # the gradient's scale (mean vs sum) cancels out
+from gpumlp.optim import RULES, Optimizer
 
 
 class DataUsageError(ValueError):
@@ -153,8 +143,9 @@ def model_spec(
 
 def usual_lr(optimizer: str, reduction: str, batch_size: int) -> float:
     """The optimizer's usual learning rate; SGD-family rates are per sample with ``sum`` reduction."""
-    lr = DEFAULT_LR[optimizer]
-    if reduction == "sum" and optimizer not in SCALE_INVARIANT:
+    rule = RULES[optimizer]
+    lr = rule.lr
+    if reduction == "sum" and not rule.scale_invariant:
         lr /= batch_size
     return lr
 
@@ -164,8 +155,9 @@ def describe(config: dict) -> str:
     m, f, d = config["model"], config["fit"], config["data"]
     parts = [f"spec {m['spec']}", f"act {m['act']}", f"loss {m['loss']}", f"optimizer {f['optimizer']}"]
     parts.append(f"lr {f['lr']:g}")
-    if f["optimizer"] in ("momentum", "nesterov"):
-        parts.append(f"momentum {f['momentum']:g}")
+    opt = Optimizer(f["optimizer"], f["lr"], momentum=f.get("momentum"), weight_decay=f.get("weight_decay"))
+    taken = opt.rule.hyper.values()  # the optimizer's own hyper-parameters that a config holds
+    parts += [f"{key} {getattr(opt, key):g}" for key in ("momentum", "weight_decay") if key in taken]
     parts.append(
         f"schedule {f['schedule']}" + (f" (gamma {f['lr_gamma']:g})" if f["schedule"] != "constant" else "")
     )

@@ -61,9 +61,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     """Multilayer perceptron classifier trained by gpumlp's training loop.
 
     hidden_layer_sizes: widths of the hidden layers; activation, loss, init,
-    dropout, batchnorm: as :class:`gpumlp.MLP`; optimizer, lr, momentum, l1, l2,
-    clip_norm, schedule, epochs, batch_size, tol, patience, shuffle: as
-    :func:`gpumlp.train.fit`; validation_fraction: share of the rows held out
+    dropout, batchnorm: as :class:`gpumlp.MLP`; optimizer (one of ``gpumlp.optim.OPTIMIZERS``),
+    lr, momentum, l1, l2, weight_decay, clip_norm, schedule, epochs, batch_size, tol, patience,
+    shuffle: as :func:`gpumlp.train.fit`; validation_fraction: share of the rows held out
     (stratified at random) to compute ``validation_scores_`` and for
     ``patience``; backend: ``numpy`` | ``numba`` | ``cupy`` | None (auto);
     dtype: float32 | float64; random_state: int, None or a RandomState (seeds
@@ -87,6 +87,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         momentum: float = 0.9,
         l1: float = 0.0,
         l2: float = 1e-4,
+        weight_decay: float | None = None,
         clip_norm: float | None = None,
         schedule: str = "constant",
         epochs: int = 200,
@@ -112,6 +113,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         self.momentum = momentum
         self.l1 = l1
         self.l2 = l2
+        self.weight_decay = weight_decay
         self.clip_norm = clip_norm
         self.schedule = schedule
         self.epochs = epochs
@@ -184,7 +186,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             self.model_, X[train], idx[train],
             X_valid=None if valid is None else X[valid], y_valid=None if valid is None else idx[valid],
             epochs=epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
-            momentum=self.momentum, l1=self.l1, l2=self.l2, clip_norm=self.clip_norm,
+            momentum=self.momentum, l1=self.l1, l2=self.l2, weight_decay=self.weight_decay,
+            clip_norm=self.clip_norm,
             schedule=self.schedule, shuffle=self.shuffle, seed=self._seed + self.n_iter_,
             tol=self.tol, patience=self.patience if valid is not None else None, verbose=self.verbose,
         )  # fmt: skip

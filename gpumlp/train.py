@@ -123,6 +123,13 @@ def check_resume(path, model_config: dict, optimizer: str, n_train: int | None) 
 def _load_checkpoint(path, model, opt, opt_state: list, n_train: int) -> TrainState:
     arrays, meta = check_resume(path, model.config(), opt.name, n_train)
     tr = meta["train"]
+    for name, *_ in model.param_groups():  # exactly the optimizer's state arrays (RULES[...].state)
+        saved = sorted(k for k in arrays if k.startswith(f"opt/{name}/"))
+        if len(saved) != len(opt.rule.state):
+            raise checkpoint.CheckpointError(
+                f"{path} holds {len(saved)} optimizer arrays for {name!r} ({', '.join(saved) or 'none'}); "
+                f"{opt.name} keeps {len(opt.rule.state)} ({', '.join(opt.rule.state) or 'none'})"
+            )
     opt_arrays = [
         (checkpoint.expect_array(path, arrays, f"opt/{name}/{j}", a.shape, "f"), a)
         for (name, *_), states in zip(model.param_groups(), opt_state)
@@ -164,7 +171,9 @@ class FitConfig:
     (the untrained model's or an earlier epoch's; None turns the growth test off).
 
     Minibatch SGD family (``batch_size=1`` is stochastic, ``batch_size>=n`` full
-    batch); ``reduction`` ``mean`` averages the gradient over a minibatch,
+    batch); ``optimizer`` is a name of ``gpumlp.optim.OPTIMIZERS`` (or an Optimizer) with ``lr``,
+    ``momentum``, ``l1``, ``l2`` and ``weight_decay`` (decoupled, for the optimizers that take it;
+    None: the optimizer's default); ``reduction`` ``mean`` averages the gradient over a minibatch,
     ``sum`` adds it up (the classic seed recipe). ``clip_value`` clamps every
     gradient element to [-clip_value, clip_value], then ``clip_norm`` scales all
     gradients to at most that global L2 norm. Stops after ``epochs``, when
@@ -194,6 +203,7 @@ class FitConfig:
     momentum: float = 0.9
     l1: float = 0.0
     l2: float = 0.0
+    weight_decay: float | None = None
     clip_norm: float | None = None
     clip_value: float | None = None
     schedule: str | Schedule = "constant"
@@ -263,7 +273,8 @@ class FitConfig:
         """The optimizer and the learning-rate schedule (given as names or as objects)."""
         opt = self.optimizer
         if not isinstance(opt, Optimizer):
-            opt = Optimizer(opt, lr=self.lr, momentum=self.momentum, l1=self.l1, l2=self.l2)
+            decay = {"l1": self.l1, "l2": self.l2, "weight_decay": self.weight_decay}
+            opt = Optimizer(opt, lr=self.lr, momentum=self.momentum, **decay)
         return opt, self.schedule if isinstance(self.schedule, Schedule) else Schedule(self.schedule)
 
 
@@ -279,6 +290,7 @@ def fit(
     momentum: float = 0.9,
     l1: float = 0.0,
     l2: float = 0.0,
+    weight_decay: float | None = None,
     clip_norm: float | None = None,
     clip_value: float | None = None,
     schedule: str | Schedule = "constant",

@@ -59,6 +59,7 @@ _FILES = {
     ),
     **dict.fromkeys(("softmax", "softmax_xent", "sigmoid_bce", "mse", "correct_count"), "losses"),
     **dict.fromkeys(("sgd", "momentum", "adagrad", "rmsprop", "adam", "sum_squares", "clip_scale"), "optim"),
+    **dict.fromkeys(("adamw", "lion"), "optim"),
     **dict.fromkeys(
         ("hash_uniform", "dropout_forward", "mul", "batchnorm_forward", "batchnorm_inference"), "dropout_bn"
     ),
@@ -531,6 +532,19 @@ class CudaKernels:
         array, read on the device), in place on w, m, v."""
         tail = (np.float64(beta1), np.float64(beta2), self._step(t, "t"))
         self._opt("adam", w, g, (m, v), lr, beta1, beta2, 1 - beta1, 1 - beta2, eps, l2, l1, tail=tail)
+
+    def adamw_step(
+        self, w, g, m, v, lr, t, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, l2=0.0, l1=0.0
+    ):
+        """AdamW (decoupled weight decay) at step t (1-based; int or 1-element int64 device
+        array, read on the device), in place on w, m, v."""
+        keep = w.dtype.type(1 - lr * weight_decay)
+        tail = (np.float64(beta1), np.float64(beta2), self._step(t, "t"), keep)
+        self._opt("adamw", w, g, (m, v), lr, beta1, beta2, 1 - beta1, 1 - beta2, eps, l2, l1, tail=tail)
+
+    def lion_step(self, w, g, m, lr, beta1=0.9, beta2=0.99, weight_decay=0.0, l2=0.0, l1=0.0):
+        """Lion, in place on w and m."""
+        self._opt("lion", w, g, (m,), lr, beta1, beta2, 1 - beta1, 1 - beta2, weight_decay, l2, l1)
 
     # ---------------------------------------------------------- gradient clipping
     def sum_squares(self, x, out=None, accumulate=False):

@@ -730,26 +730,37 @@ def rmsprop_step(
 
 
 @njit(cache=True, error_model="numpy")
-def _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1, lo, hi):
-    # lr_c = lr / (1 - b1^t), inv_bc2 = 1 / (1 - b2^t): one division and one sqrt per element
+def _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, keep, l2, l1, lo, hi):
+    # lr_c = lr / (1 - b1^t), inv_bc2 = 1 / (1 - b2^t): one division and one sqrt per element;
+    # keep = 1 - lr*weight_decay (AdamW's decoupled decay; 1.0 for Adam, and w * 1.0 == w exactly)
     for i in range(lo, hi):
         wi = w[i]
         ge = g[i] + l2 * wi + l1 * np.sign(wi)
         m[i] = b1 * m[i] + (1.0 - b1) * ge
         v[i] = b2 * v[i] + (1.0 - b2) * ge * ge
-        w[i] = wi - lr_c * m[i] / (math.sqrt(v[i] * inv_bc2) + eps)
+        w[i] = wi * keep - lr_c * m[i] / (math.sqrt(v[i] * inv_bc2) + eps)
 
 
 @njit(cache=True, error_model="numpy")
-def _adam_serial(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1):
-    _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1, 0, w.size)
+def _adam_serial(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, keep, l2, l1):
+    _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, keep, l2, l1, 0, w.size)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _adam_par(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1, nt):
+def _adam_par(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, keep, l2, l1, nt):
     step = (w.size + nt - 1) // nt
     for c in prange(nt):
-        _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, l2, l1, c * step, min(w.size, (c + 1) * step))
+        lo, hi = c * step, min(w.size, (c + 1) * step)
+        _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, keep, l2, l1, lo, hi)
+
+
+def _adam_run(w, g, m, v, lr, t, beta1, beta2, eps, keep, l2, l1) -> None:
+    """Adam's pass (AdamW's with keep < 1) on flat views of w, g, m, v."""
+    w1, g1, m1, v1 = _flat(w, "w"), _flat(g, "g"), _flat(m, "m"), _flat(v, "v")
+    t = _step_value(t)
+    lr_c, inv_bc2 = float(lr) / (1.0 - beta1**t), 1.0 / (1.0 - beta2**t)
+    args = (w1, g1, m1, v1, lr_c, float(beta1), float(beta2), float(eps), inv_bc2, keep, float(l2), float(l1))
+    _run(_adam_par, _adam_serial, w1.size, *args)
 
 
 def adam_step(
@@ -767,11 +778,74 @@ def adam_step(
 ) -> None:
     """Adam with bias correction at step t (1-based; int or 1-element int64 array),
     in place on w, m, v (same shape)."""
-    w1, g1, m1, v1 = _flat(w, "w"), _flat(g, "g"), _flat(m, "m"), _flat(v, "v")
-    t = _step_value(t)
-    lr_c, inv_bc2 = float(lr) / (1.0 - beta1**t), 1.0 / (1.0 - beta2**t)
-    args = (w1, g1, m1, v1, lr_c, float(beta1), float(beta2), float(eps), inv_bc2, float(l2), float(l1))
-    _run(_adam_par, _adam_serial, w1.size, *args)
+    _adam_run(w, g, m, v, lr, t, beta1, beta2, eps, 1.0, l2, l1)
+
+
+def adamw_step(
+    w: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    lr: float,
+    t: int,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    l2: float = 0.0,
+    l1: float = 0.0,
+) -> None:
+    """AdamW (decoupled weight decay) at step t (1-based; int or 1-element int64 array),
+    in place on w, m, v (same shape): one pass, the decay as a factor on w."""
+    keep = float(w.dtype.type(1 - float(lr) * float(weight_decay)))  # rounded to w's dtype, as the reference
+    _adam_run(w, g, m, v, lr, t, beta1, beta2, eps, keep, l2, l1)
+
+
+@njit(cache=True, error_model="numpy")
+def _lion_range(w, g, m, lr, b1, b2, omb1, omb2, wd, l2, l1, lo, hi):
+    # scalars in w's dtype, omb = 1 - b: the arithmetic of the reference, so that a weight Lion's
+    # +-lr steps bring back to 0 is exactly 0 here too (sign(w) of the l1 term is discontinuous there)
+    for i in range(lo, hi):
+        wi = w[i]
+        ge = g[i] + l2 * wi + l1 * np.sign(wi)
+        c = b1 * m[i] + omb1 * ge
+        w[i] = wi - lr * (np.sign(c) + wd * wi)
+        m[i] = b2 * m[i] + omb2 * ge
+
+
+@njit(cache=True, error_model="numpy")
+def _lion_serial(w, g, m, lr, b1, b2, omb1, omb2, wd, l2, l1):
+    _lion_range(w, g, m, lr, b1, b2, omb1, omb2, wd, l2, l1, 0, w.size)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _lion_par(w, g, m, lr, b1, b2, omb1, omb2, wd, l2, l1, nt):
+    step = (w.size + nt - 1) // nt
+    for c in prange(nt):
+        _lion_range(w, g, m, lr, b1, b2, omb1, omb2, wd, l2, l1, c * step, min(w.size, (c + 1) * step))
+
+
+def lion_step(
+    w: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    weight_decay: float = 0.0,
+    l2: float = 0.0,
+    l1: float = 0.0,
+) -> None:
+    """Lion (Chen et al. 2023), in place on w and m (same shape as w)."""
+    w1, g1, m1 = _flat(w, "w"), _flat(g, "g"), _flat(m, "m")
+    args = _lion_scalars(w1.dtype, lr, beta1, beta2, weight_decay, l2, l1)
+    _run(_lion_par, _lion_serial, w1.size, w1, g1, m1, *args)
+
+
+def _lion_scalars(dtype, lr, beta1, beta2, weight_decay, l2, l1) -> tuple:
+    """lion's scalar arguments in ``dtype``, 1 - beta rounded once."""
+    t = np.dtype(dtype).type
+    return t(lr), t(beta1), t(beta2), t(1 - beta1), t(1 - beta2), t(weight_decay), t(l2), t(l1)
 
 
 # ===================================================================== dropout
@@ -1284,8 +1358,10 @@ def _warmup(dtype=np.float32) -> float:
     _adagrad_par(w1, g1, s1, 0.1, 1e-8, 0.0, 0.0, *nt)
     _rmsprop_serial(w1, g1, s1, 0.1, 0.9, 1e-8, 0.0, 0.0)
     _rmsprop_par(w1, g1, s1, 0.1, 0.9, 1e-8, 0.0, 0.0, *nt)
-    _adam_serial(w1, g1, s1, s2, 1.0, 0.9, 0.999, 1e-8, 1000.0, 0.0, 0.0)
-    _adam_par(w1, g1, s1, s2, 1.0, 0.9, 0.999, 1e-8, 1000.0, 0.0, 0.0, *nt)
+    _adam_serial(w1, g1, s1, s2, 1.0, 0.9, 0.999, 1e-8, 1000.0, 1.0, 0.0, 0.0)
+    _adam_par(w1, g1, s1, s2, 1.0, 0.9, 0.999, 1e-8, 1000.0, 1.0, 0.0, 0.0, *nt)
+    _lion_serial(w1, g1, s1, *_lion_scalars(dt, 0.1, 0.9, 0.99, 0.0, 0.0, 0.0))
+    _lion_par(w1, g1, s1, *_lion_scalars(dt, 0.1, 0.9, 0.99, 0.0, 0.0, 0.0), *nt)
     hash_uniform(1, 4)
     permutation(1, 4)
     gather_shifted(np.ones((2, 9), dt), lab[[0, 1]] % 2, 1, 1)

@@ -294,13 +294,35 @@ def adam_step(w, g, m, v, lr, t, beta1=0.9, beta2=0.999, eps=1e-8, l2=0.0, l1=0.
 
     m = b1*m + (1-b1)*g_eff; v = b2*v + (1-b2)*g_eff^2;
     w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)."""
-    t = _step_value(t)
+    _adam_moments_step(w, _effective_grad(w, g, l2, l1), m, v, lr, t, beta1, beta2, eps)
+
+
+def adamw_step(w, g, m, v, lr, t, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, l2=0.0, l1=0.0):
+    """AdamW (decoupled weight decay, as torch.optim.AdamW) at step t (1-based; an int or a
+    1-element int64 device array). In place on w, m, v.
+
+    g_eff is formed from the undecayed w; w *= 1 - lr*weight_decay; then Adam's step with g_eff."""
     ge = _effective_grad(w, g, l2, l1)
+    w *= 1 - lr * weight_decay
+    _adam_moments_step(w, ge, m, v, lr, t, beta1, beta2, eps)
+
+
+def _adam_moments_step(w, ge, m, v, lr, t, beta1, beta2, eps):
+    t = _step_value(t)
     m[...] = beta1 * m + (1 - beta1) * ge
     v[...] = beta2 * v + (1 - beta2) * ge * ge
     m_hat = m / (1 - beta1**t)
     v_hat = v / (1 - beta2**t)
     w -= (lr * m_hat / (np.sqrt(v_hat) + eps)).astype(w.dtype)
+
+
+def lion_step(w, g, m, lr, beta1=0.9, beta2=0.99, weight_decay=0.0, l2=0.0, l1=0.0):
+    """Lion (Chen et al. 2023), in place on w and m:
+    c = b1*m + (1-b1)*g_eff; w -= lr * (sign(c) + weight_decay*w); m = b2*m + (1-b2)*g_eff."""
+    ge = _effective_grad(w, g, l2, l1)
+    c = beta1 * m + (1 - beta1) * ge
+    w -= (lr * (np.sign(c) + weight_decay * w)).astype(w.dtype)
+    m[...] = beta2 * m + (1 - beta2) * ge
 
 
 # ------------------------------------------------------ counter-based random words

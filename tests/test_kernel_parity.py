@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from gpumlp import backend
 from gpumlp.kernels import reference as ref
+from gpumlp.optim import OPTIMIZERS, RULES, Optimizer
 
 DTYPES = (np.float32, np.float64)
 # Reductions over the batch (bias_grad, batch norm, summed losses): NumPy adds float32 rows
@@ -340,33 +341,37 @@ def test_losses_and_count_add_into_device_accumulators(be, dtype, name):
 
 
 # ============================================================= optimizers
-OPTIMIZERS = {
-    "sgd": (ref.sgd_step, 0, {"lr": 0.1}),
-    "momentum": (ref.momentum_step, 1, {"lr": 0.05, "mu": 0.9}),
-    "nesterov": (ref.momentum_step, 1, {"lr": 0.05, "mu": 0.8, "nesterov": True}),
-    "adagrad": (ref.adagrad_step, 1, {"lr": 0.1}),
-    "rmsprop": (ref.rmsprop_step, 1, {"lr": 0.01, "rho": 0.95}),
-    "adam": (ref.adam_step, 2, {"lr": 1e-3}),
+# Every optimizer of gpumlp.optim.RULES, called with the arguments the training loop builds
+# (Optimizer.kernel_kwargs); HYPER moves some hyper-parameters off their defaults (lr 0.01 else).
+HYPER = {
+    "sgd": {"lr": 0.1},
+    "momentum": {"lr": 0.05, "momentum": 0.9},
+    "nesterov": {"lr": 0.05, "momentum": 0.8},
+    "adagrad": {"lr": 0.1},
+    "rmsprop": {"lr": 0.01, "rho": 0.95},
+    "adam": {"lr": 1e-3},
 }
-DECAY = {"none": {}, "l2": {"l2": 1e-2}, "l1": {"l1": 1e-3}, "l1+l2": {"l2": 5e-3, "l1": 1e-3}}
+DECAY = {
+    "none": {"weight_decay": 0.0},
+    "l2": {"l2": 1e-2},  # with each optimizer's default weight decay (AdamW's 0.01)
+    "l1": {"l1": 1e-3},
+    "l1+l2+wd": {"l2": 5e-3, "l1": 1e-3, "weight_decay": 0.05},
+}
 
 
 def _run_optimizer(be, opt, decay, shape, dtype, steps=3, seed=13, device_t=True):
-    fn_ref, n_state, kw = OPTIMIZERS[opt]
-    fn = getattr(be.k, fn_ref.__name__)
-    kw = {**kw, **DECAY[decay]}
+    o = Optimizer(opt, **{"lr": 0.01, **HYPER.get(opt, {}), **DECAY[decay]})
+    fn_ref, fn = getattr(ref, o.rule.kernel), getattr(be.k, o.rule.kernel)
     w = _data(shape, dtype, seed)
     w[..., :1] = 0  # sign(0) = 0 for the l1 term
-    state = [np.zeros(shape, dtype) for _ in range(n_state)]
+    state = [np.zeros(shape, dtype) for _ in o.rule.state]
     dw, dstate = be.asarray(w.copy()), [be.asarray(s.copy()) for s in state]
     for t in range(1, steps + 1):
         g = _data(shape, dtype, seed + t)
-        extra = {"t": t} if opt == "adam" else {}
-        assert fn_ref(w, g, *state, **kw, **extra) is None
-        if extra and device_t:
-            extra = {"t": _device_step(be, t)}
-        assert fn(dw, be.asarray(g), *dstate, **kw, **extra) is None
-    for name, e, d in zip(["w", "state0", "state1"], [w, *state], [dw, *dstate]):
+        assert fn_ref(w, g, *state, o.lr, **o.kernel_kwargs(t, decayed=True)) is None
+        dt = _device_step(be, t) if device_t and o.rule.step else t
+        assert fn(dw, be.asarray(g), *dstate, o.lr, **o.kernel_kwargs(dt, decayed=True)) is None
+    for name, e, d in zip(["w", *o.rule.state], [w, *state], [dw, *dstate]):
         assert_close(e, be.to_host(d), *TOL[dtype], what=f"{opt}/{decay} {name}")
 
 
@@ -386,14 +391,15 @@ def test_optimizer_hypothesis(be, dtype, n, opt, decay):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_adam_late_step_on_device(be, dtype):
+@pytest.mark.parametrize("kernel", sorted({r.kernel for r in RULES.values() if r.step}))
+def test_adam_late_step_on_device(be, dtype, kernel):
     """Bias correction at a large t read from the device, as a replayed CUDA graph does."""
     w, g = _data((50,), dtype, 3), _data((50,), dtype, 4)
     m, v = np.abs(_data((50,), dtype, 5)) * 0.1, np.abs(_data((50,), dtype, 6)) * 0.01
     dw, dm, dv = (be.asarray(a.copy()) for a in (w, m, v))
-    ref.adam_step(w, g, m, v, lr=1e-3, t=12345)
-    be.k.adam_step(dw, be.asarray(g), dm, dv, lr=1e-3, t=_device_step(be, 12345))
-    assert_close(w, be.to_host(dw), *TOL[dtype], what="adam t=12345")
+    getattr(ref, kernel)(w, g, m, v, lr=1e-3, t=12345)
+    getattr(be.k, kernel)(dw, be.asarray(g), dm, dv, lr=1e-3, t=_device_step(be, 12345))
+    assert_close(w, be.to_host(dw), *TOL[dtype], what=f"{kernel} t=12345")
 
 
 def test_step_must_be_one_int(be):
@@ -666,7 +672,7 @@ def test_numba_parallel_variants_match_reference(dtype, monkeypatch):
         assert_close(y, be.k.bias_act(z, b, act), *TOL[dtype], what=f"parallel bias_act {act}")
         assert_close(ref.act_grad(z, y, act), be.k.act_grad(z, y, act), *TOL[dtype], what="parallel act_grad")
     for opt in OPTIMIZERS:
-        _run_optimizer(be, opt, "l1+l2", shape, dtype)
+        _run_optimizer(be, opt, "l1+l2+wd", shape, dtype)
 
 
 def test_numba_parallel_threshold_adapts_to_the_thread_count(monkeypatch):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gpumlp.optim import RULES
+
 
 def layer_shapes(widths: Sequence[int]) -> list[tuple[int, int]]:
     """Widths (input, hidden..., classes) -> [(fan_in, fan_out)] per dense layer."""
@@ -54,7 +56,7 @@ def kernel_bytes(kernel: str, shape: Sequence[int], itemsize: int, label_itemsiz
     bias_act (B,N): reads z and b, writes y. act_grad (B,N): reads grad and y, writes out.
     bias_grad (B,N): reads grad, writes (N,). softmax_xent (B,K): reads logits and labels,
     writes grad. gather_rows / gather_shifted (B,F): read B rows and B indices, write B rows.
-    sgd_step (P,): reads w, g, writes w. adam_step (P,): reads w, g, m, v, writes w, m, v."""
+    An optimizer step (P,) (gpumlp.optim.RULES): reads w, g and its state, writes w and the state."""
     if kernel in ("bias_act", "act_grad"):
         b, n = shape
         return (3 * b * n if kernel == "act_grad" else 2 * b * n + n) * itemsize
@@ -73,7 +75,8 @@ def kernel_bytes(kernel: str, shape: Sequence[int], itemsize: int, label_itemsiz
     n_params = 1
     for s in shape:
         n_params *= int(s)
-    moves = {"sgd_step": 3, "momentum_step": 5, "adam_step": 7}
+    # an optimizer step reads w, g and its state arrays and writes w and the state
+    moves = {r.kernel: 3 + 2 * len(r.state) for r in RULES.values()}
     if kernel not in moves:
         raise ValueError(f"no byte count for kernel {kernel!r}")
     return moves[kernel] * n_params * itemsize

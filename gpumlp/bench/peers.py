@@ -66,6 +66,7 @@ class TorchRecipe:
         import torch
 
         from gpumlp.model import MLP
+        from gpumlp.optim import OPTIMIZERS, Optimizer
 
         _setup_threads()
         self.torch = torch
@@ -87,13 +88,11 @@ class TorchRecipe:
         self.logistic = ref.loss.name == "logistic"
         if ref.loss.name not in ("logistic", "softmax_xent"):
             raise ValueError(f"the torch peer implements logistic and softmax_xent, not {loss!r}")
-        params = self.model.parameters()
-        if optimizer == "sgd":
-            self.opt = torch.optim.SGD(params, lr=lr)
-        elif optimizer == "adam":
-            self.opt = torch.optim.Adam(params, lr=lr, eps=1e-8)
-        else:
-            raise ValueError(f"the torch peer implements sgd and adam, not {optimizer!r}")
+        twin = Optimizer(optimizer, lr=lr).torch_twin()
+        if twin is None:
+            names = ", ".join(n for n in OPTIMIZERS if Optimizer(n).torch_twin())
+            raise ValueError(f"torch.optim has no twin of {optimizer!r}; the torch peer implements {names}")
+        self.opt = getattr(torch.optim, twin[0])(self.model.parameters(), lr=lr, **twin[1])
         self.forward = self.model
         if name == "torch-graphs":
             self.forward = torch.compile(self.model, mode="reduce-overhead")

@@ -2,7 +2,7 @@
 // weight decay folded in (g_eff = g + l2*w + l1*sign(w)); and gradient clipping
 // by global norm (sum of squares, then a scale) or by value, all graph-replayable.
 // Contract: kernels/reference.py (sgd_step, momentum_step, adagrad_step, rmsprop_step, adam_step,
-// sum_squares, clip_scale, clip_value).
+// adamw_step, lion_step, sum_squares, clip_scale, clip_value).
 #include "device_common.h"
 
 template <typename T>
@@ -51,20 +51,37 @@ __device__ void rmsprop_impl(T* __restrict__ w, const T* __restrict__ g, T* __re
 
 // The step t is read on the device (so a replayed CUDA graph sees the current one);
 // the bias corrections 1 - beta^t are computed in double from the exact (double)
-// betas, as the reference does, then rounded to T.
+// betas, as the reference does, then rounded to T. keep = 1 - lr*weight_decay is AdamW's
+// decoupled decay, applied to w before the step (Adam passes 1: w * 1 == w exactly, and the
+// step is a quotient, so no fused multiply-add can round differently).
 template <typename T>
 __device__ void adam_impl(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
                           long long n, T lr, T beta1, T beta2, T one_minus_beta1, T one_minus_beta2, T eps, T l2,
-                          T l1, double beta1_d, double beta2_d, const long long* __restrict__ t) {
+                          T l1, double beta1_d, double beta2_d, const long long* __restrict__ t, T keep) {
     const double step = (double)*t;
     const T bc1 = T(1.0 - pow(beta1_d, step)), bc2 = T(1.0 - pow(beta2_d, step));
     GRID_STRIDE(i, n) {
-        const T ge = effective_grad(w[i], g[i], l2, l1);
+        const T wi = w[i];
+        const T ge = effective_grad(wi, g[i], l2, l1);
         const T mi = beta1 * m[i] + one_minus_beta1 * ge;
         const T vi = beta2 * v[i] + one_minus_beta2 * ge * ge;
         m[i] = mi;
         v[i] = vi;
-        w[i] -= lr * (mi / bc1) / (dev_sqrt(vi / bc2) + eps);
+        w[i] = wi * keep - lr * (mi / bc1) / (dev_sqrt(vi / bc2) + eps);
+    }
+}
+
+// Lion: c = beta1*m + (1-beta1)*g_eff; w -= lr*(sign(c) + weight_decay*w); m = beta2*m + (1-beta2)*g_eff.
+template <typename T>
+__device__ void lion_impl(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, long long n, T lr,
+                          T beta1, T beta2, T one_minus_beta1, T one_minus_beta2, T weight_decay, T l2, T l1) {
+    GRID_STRIDE(i, n) {
+        const T wi = w[i];
+        const T ge = effective_grad(wi, g[i], l2, l1);
+        const T mi = m[i];
+        const T c = beta1 * mi + one_minus_beta1 * ge;
+        w[i] = wi - lr * (dev_sign(c) + weight_decay * wi);
+        m[i] = beta2 * mi + one_minus_beta2 * ge;
     }
 }
 
@@ -114,14 +131,44 @@ extern "C" __global__ void adam_f32(float* __restrict__ w, const float* __restri
                                     float* __restrict__ v, long long n, float lr, float beta1, float beta2,
                                     float one_minus_beta1, float one_minus_beta2, float eps, float l2, float l1,
                                     double beta1_d, double beta2_d, const long long* __restrict__ t) {
-    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t);
+    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t,
+              1.0f);
 }
 extern "C" __global__ void adam_f64(double* __restrict__ w, const double* __restrict__ g,
                                     double* __restrict__ m, double* __restrict__ v, long long n, double lr,
                                     double beta1, double beta2, double one_minus_beta1, double one_minus_beta2,
                                     double eps, double l2, double l1, double beta1_d, double beta2_d,
                                     const long long* __restrict__ t) {
-    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t);
+    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t,
+              1.0);
+}
+
+// keep = 1 - lr*weight_decay, rounded once on the host like the reference.
+extern "C" __global__ void adamw_f32(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
+                                     float* __restrict__ v, long long n, float lr, float beta1, float beta2,
+                                     float one_minus_beta1, float one_minus_beta2, float eps, float l2, float l1,
+                                     double beta1_d, double beta2_d, const long long* __restrict__ t, float keep) {
+    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t,
+              keep);
+}
+extern "C" __global__ void adamw_f64(double* __restrict__ w, const double* __restrict__ g,
+                                     double* __restrict__ m, double* __restrict__ v, long long n, double lr,
+                                     double beta1, double beta2, double one_minus_beta1, double one_minus_beta2,
+                                     double eps, double l2, double l1, double beta1_d, double beta2_d,
+                                     const long long* __restrict__ t, double keep) {
+    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t,
+              keep);
+}
+
+extern "C" __global__ void lion_f32(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
+                                    long long n, float lr, float beta1, float beta2, float one_minus_beta1,
+                                    float one_minus_beta2, float weight_decay, float l2, float l1) {
+    lion_impl(w, g, m, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, l2, l1);
+}
+extern "C" __global__ void lion_f64(double* __restrict__ w, const double* __restrict__ g, double* __restrict__ m,
+                                    long long n, double lr, double beta1, double beta2, double one_minus_beta1,
+                                    double one_minus_beta2, double weight_decay, double l2, double l1) {
+    lion_impl(w, g, m, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, l2, l1);
 }
 
 // Sum of x^2 over n elements, in double, written to *out (added to it when accumulate).
