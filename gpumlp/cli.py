@@ -352,9 +352,9 @@ def _train(args: argparse.Namespace) -> int:
     config = _train_config(args, paths)
     fit_kw = fit_kwargs(config)  # validates the schedule before any data is loaded
     if args.plots:
-        from gpumlp.report import _pyplot
+        from gpumlp.plots import require_matplotlib
 
-        _pyplot()  # fail now, not after training, when matplotlib is missing
+        require_matplotlib()  # fail now, not after training, when matplotlib is missing
     be = get_backend(args.backend)
     be.set_matmul_precision(args.precision)
     data = _train_data(args, config)
@@ -494,19 +494,19 @@ def _save_outputs(model, prep: Prep, history, metrics: dict, paths: dict, plots:
     _write_json(paths["history"], history.to_dict())
     _write_json(paths["metrics"], metrics)
     if plots:
-        from gpumlp import report
+        from gpumlp import plots
 
         out = paths["model"].parent
-        report.plot_history(history.to_dict(), out / "history.png")
-        report.plot_confusion(metrics["confusion_matrix"], out / "confusion.png")
+        plots.plot_history(history.to_dict(), out / "history.png")
+        plots.plot_confusion(metrics["confusion_matrix"], out / "confusion.png")
         if data.n_features == 784:  # the digit grid draws 28x28 images
-            report.plot_misclassified(data.x_test, data.y_test, y_pred, out / "misclassified.png")
+            plots.plot_misclassified(data.x_test, data.y_test, y_pred, out / "misclassified.png")
         _log(
             f"plots written to {out}/history.png, confusion.png"
             + (", misclassified.png" * (data.n_features == 784))
         )
         if "grad_norms" in history.records[-1]:
-            path = report.plot_grad_norms(history.to_dict(), out / "grad_norms.png")
+            path = plots.plot_grad_norms(history.to_dict(), out / "grad_norms.png")
             _log(f"gradient norms plotted in {path}")
 
 
