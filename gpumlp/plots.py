@@ -82,7 +82,8 @@ def plot_misclassified(X, y_true, y_pred, path: str | os.PathLike, n: int = 25) 
     cols = max(1, int(np.ceil(np.sqrt(n))))
     fig = plt.figure(figsize=(1.6 * cols, 1.8 * cols))
     titles = [f"t: {y_true[i]} p: {y_pred[i]}" for i in wrong]
-    _digit_grid(fig, X[wrong], titles, cols, f"{len(wrong)} misclassified" + ("" if len(wrong) else " (none)"))
+    title = f"{len(wrong)} misclassified" + ("" if len(wrong) else " (none)")
+    _digit_grid(fig, X[wrong], titles, cols, title)
     return save_png(fig, path)
 
 
