@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gpumlp.atomic import atomic_write
-from gpumlp.data.idx import DataError, read_idx
+from gpumlp.data.idx import DataError, read_idx_splits
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def _check_split(images: np.ndarray, labels: np.ndarray, img_name: str, lbl_name
 def _read_dir(directory: Path) -> dict[str, np.ndarray]:
     """Read and validate the four IDX files of ``directory`` -> the MNIST arrays by field name."""
     paths = {k: _find_file(directory, stem) for k, stem in FILES.items()}
-    raw = {k: read_idx(p) for k, p in paths.items()}
+    raw = read_idx_splits(paths)
     out = {}
     for split in ("train", "test"):
         xi, yi = f"x_{split}", f"y_{split}"
