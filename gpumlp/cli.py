@@ -10,6 +10,7 @@ progress and diagnostics to stderr.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -307,8 +308,9 @@ def _json_default(o):
     raise TypeError(f"not JSON-able: {type(o).__name__}")
 
 
-def _train_config(args: argparse.Namespace, paths: dict) -> dict:
-    """Resolve the run's config; with --resume start from OUT/config.json when present."""
+def _train_config(args: argparse.Namespace, paths: dict) -> tuple[dict, dict | None]:
+    """Resolve the run's config; with --resume start from OUT/config.json when present.
+    -> (config, the config.json it resumed from, kept to restore if the run diverges, or None)."""
     if args.resume and not paths:
         raise UsageError("--resume needs --out DIR (it continues from DIR/checkpoint.npz)")
     if args.resume and not paths["checkpoint"].is_file():
@@ -325,7 +327,7 @@ def _train_config(args: argparse.Namespace, paths: dict) -> dict:
             raise UsageError(f"{paths['config']} is unreadable ({e}); start a new run") from None
         if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in MODEL_SECTIONS):
             raise UsageError(f"{paths['config']} lacks its model/fit/data sections; start a new run")
-    return resolve_config(args, saved)
+    return resolve_config(args, copy.deepcopy(saved)), saved
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -349,7 +351,7 @@ def _train(args: argparse.Namespace) -> int:
     level = logs.verbosity(args.quiet, args.verbose)
     out = Path(args.out) if args.out else None
     paths = _out_paths(out)
-    config = _train_config(args, paths)
+    config, last_good = _train_config(args, paths)
     fit_kw = fit_kwargs(config)  # validates the schedule before any data is loaded
     if args.plots:
         from gpumlp.plots import require_matplotlib
@@ -368,7 +370,8 @@ def _train(args: argparse.Namespace) -> int:
     spec, preset = config["model"]["spec"], config["preset"]
     _log(f"training {spec} on {len(x_tr)} samples of {data.source}, backend {be.name}, preset {preset}")
     _log(f"hyper-parameters: {describe(config)}")
-    last_good = _start_run_dir(args, paths, config, model, len(x_tr)) if out else None
+    if out:
+        _start_run_dir(args, paths, config, model, len(x_tr))
     try:  # overflow on the way to a NaN loss is reported once, as TrainingDiverged, not as warnings
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             history = model.fit(
@@ -450,20 +453,16 @@ class _Interrupted(Exception):
     """Ctrl-C during training, with a message about the kept checkpoint."""
 
 
-def _start_run_dir(args: argparse.Namespace, paths: dict, config: dict, model, n_train: int) -> dict | None:
+def _start_run_dir(args: argparse.Namespace, paths: dict, config: dict, model, n_train: int) -> None:
     """Check that a --resume can continue (model, optimizer, data size), then write config.json:
-    nothing in the run directory changes unless the resume is accepted. -> the config it replaced
-    on a resume (restored if the run diverges), else None."""
+    nothing in the run directory changes unless the resume is accepted."""
     from gpumlp.rundir import clear_diverged
     from gpumlp.train import check_resume
 
-    previous = None
     if args.resume:
         check_resume(paths["checkpoint"], model.config(), config["fit"]["optimizer"], n_train)
-        previous = json.loads(paths["config"].read_text()) if paths["config"].is_file() else None
     _write_json(paths["config"], config)
     clear_diverged(paths["config"].parent)
-    return previous
 
 
 def _test_metrics(y_true, y_pred, n_classes: int) -> dict:
@@ -512,26 +511,22 @@ def _save_outputs(model, prep: Prep, history, metrics: dict, paths: dict, plots:
 
 # ------------------------------------------------------------------ eval / predict
 def load_model(path: str, backend: str | None):
-    """(model, prep) from a model file; a missing or bad file is a clear error."""
+    """(model, prep, meta) from a model file, read and checksum-verified once; a missing or bad file is
+    a clear error. ``meta`` is its JSON header, with ``classes`` (the label of each output; 0..K-1 when
+    the file predates stored classes)."""
+    from gpumlp import checkpoint
     from gpumlp.model import MLP
 
     if not Path(path).is_file():
         raise UsageError(f"model file {path} does not exist")
-    model = MLP.load(path, backend=backend)
-    prep = Prep.from_file(path)
+    arrays, meta = checkpoint.read(path)
+    model = MLP.from_checkpoint(path, arrays, meta, backend=backend)
+    prep = Prep.from_checkpoint(path, arrays, meta)
     if prep is None:
         _log(f"warning: {path} stores no preprocessing; assuming pixels scaled to [0, 1]")
         prep = Prep("0,1")
-    return model, prep
-
-
-def model_meta(path: str, n_classes: int) -> dict:
-    """A model file's JSON header, with ``classes`` (the label of each output; 0..K-1 when absent)."""
-    from gpumlp import checkpoint
-
-    meta = checkpoint.read(path)[1]
-    meta.setdefault("classes", list(range(n_classes)))  # models saved before classes were stored
-    return meta
+    meta.setdefault("classes", list(range(model.n_classes)))
+    return model, prep, meta
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -540,9 +535,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gpumlp.data.datasets import encode_labels
     from gpumlp.metrics import accuracy, classification_report
 
-    model, prep = load_model(args.model, args.backend)
+    model, prep, meta = load_model(args.model, args.backend)
     model.be.set_matmul_precision(args.precision)
-    meta = model_meta(args.model, model.n_classes)
     config = meta.get("config", {})
     given = data_source(args)  # no data flags: the data set the model was trained on
     source = {**given, "test_split": args.test_split} if given else config.get("data", {}).get("source", {})
@@ -617,9 +611,8 @@ def _read_png(path: Path) -> np.ndarray:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``gpumlp predict MODEL FILE``."""
-    model, prep = load_model(args.model, args.backend)
+    model, prep, meta = load_model(args.model, args.backend)
     model.be.set_matmul_precision(args.precision)
-    meta = model_meta(args.model, model.n_classes)
     saved = meta.get("config", {}).get("data", {}).get("source", {})  # the training table's label column
     label_column = args.label_column or saved.get("label_column")
     x = read_images(args.file, model.n_features, label_column)
@@ -641,7 +634,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """``gpumlp export MODEL --format onnx|torch OUT``."""
     from gpumlp.export import EXPORTERS
 
-    model, prep = load_model(args.model, "numpy")
+    model, prep, _ = load_model(args.model, "numpy")
     EXPORTERS[args.format](model, prep, args.out)
     print(f"{args.format} model: {args.out}")
     return EXIT_OK
@@ -651,7 +644,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     """``gpumlp summary MODEL``."""
     from gpumlp.export import summary
 
-    model, prep = load_model(args.model, "numpy")
+    model, prep, _ = load_model(args.model, "numpy")
     print(summary(model, prep))
     return EXIT_OK
 

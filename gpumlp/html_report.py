@@ -117,7 +117,7 @@ def _figures(run: Path, history: dict, metrics: dict, tmp: Path, backend, data_d
     if data.n_features != 784:  # the grids draw 28x28 digits
         figs["Test images"] = '<p class="note">The data are not 28x28 images: no image grids.</p>'
         return figs
-    model, prep = load_model(str(model_path), backend)
+    model, prep, _ = load_model(str(model_path), backend)
     y_pred = model.predict(prep.apply(data.x_test, model.dtype))
     x = data.x_test.reshape(len(data.x_test), -1)
     figs["Misclassified test images"] = _img(

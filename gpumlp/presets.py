@@ -195,7 +195,12 @@ class Prep:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Prep | None:
         """The preprocessing stored in a model file, or None when it holds none."""
-        arrays, meta = checkpoint.read(path)
+        return cls.from_checkpoint(path, *checkpoint.read(path))
+
+    @classmethod
+    def from_checkpoint(cls, path, arrays: dict, meta: dict) -> Prep | None:
+        """The preprocessing in the verified (arrays, meta) that :func:`checkpoint.read` gave for ``path``
+        (None when it holds none)."""
         prep = meta.get("prep")
         if prep is None:
             return None
