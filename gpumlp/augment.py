@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from gpumlp.kernels.images import image_side
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -47,11 +49,7 @@ class Augment:
         """True when the run needs the bilinear warp (anything beyond whole-pixel shifts)."""
         return bool(self.rotate or self.scale or self.elastic_alpha or self.shift != int(self.shift))
 
-    def check_images(self, width: int) -> int:
-        """The side of the square images of ``width`` features, checking the shift fits. -> side."""
-        side = int(round(width**0.5))
-        if self.active and side * side != width:
-            raise ValueError(f"augmentation needs square images; {width} features is not a square")
-        if not self.shift < side:
-            raise ValueError(f"augment shift must be below the image side {side}, got {self.shift}")
-        return side
+    def check_images(self, width: int) -> int | None:
+        """The side of the square images of ``width`` features, checking the shift fits -> side;
+        None when no augmentation is on (then any width goes)."""
+        return image_side(width, self.shift) if self.active else None

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .images import image_side
+
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
 LEAKY_SLOPE = 0.01
 # sigmoid_bce treats probabilities as clipped to [LOG_EPS, 1 - LOG_EPS]: no log(0), and
@@ -136,17 +138,6 @@ def gather_rows(src, idx, out=None):
     return _put(out, src[idx])
 
 
-def _image_side(width: int, max_shift: int) -> int:
-    """Side of the square images stored as rows of ``width`` features, checking that
-    ``max_shift`` pixels fit: 0 <= max_shift < side. -> side."""
-    side = int(round(width**0.5))
-    if side * side != width:
-        raise ValueError(f"shift augmentation needs square images; {width} features is not a square")
-    if not 0 <= max_shift < side:
-        raise ValueError(f"max_shift must be in [0, {side}) for {side}x{side} images, got {max_shift}")
-    return side
-
-
 def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
     """Minibatch gather with random-translation augmentation. Row r is the square
     image src[idx[r]] shifted by (dy, dx) in [-s, s]^2 (s = max_shift), drawn from
@@ -155,7 +146,7 @@ def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
     out[r, i, j] = img[clip(i - dy), clip(j - dx)]. ``step``: int or 1-element
     int64 device array (fresh shifts each training step, in a CUDA graph too).
     src: (N, side*side) float, idx: (B,) int -> (B, side*side)."""
-    side = _image_side(src.shape[1], max_shift)
+    side = image_side(src.shape[1], max_shift)
     b, span = idx.shape[0], 2 * max_shift + 1
     h = _hash32(seed, b, step).astype(np.int64)
     dy, dx = (h & 0xFFFF) % span - max_shift, (h >> 16) % span - max_shift
@@ -212,7 +203,7 @@ def gather_warped(src, idx, max_rotate, max_scale, max_shift, seed, step=0, fiel
     source row = (cos(angle) y + sin(angle) x) / scale + c + field[r, 0, i, j],
     source col = (-sin(angle) y + cos(angle) x) / scale + c + field[r, 1, i, j] (float64).
     src: (N, side*side) float, idx: (B,) int -> (B, side*side) src's dtype."""
-    side = _image_side(src.shape[1], 0)
+    side = image_side(src.shape[1], 0)
     b = idx.shape[0]
     if field is not None and field.shape != (b, 2, side, side):
         raise ValueError(f"gather_warped: field must have shape {(b, 2, side, side)}, got {field.shape}")
