@@ -271,8 +271,8 @@ def fit(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     positive = {"clip_norm": clip_norm, "clip_value": clip_value, "stop_param_change": stop_param_change}
     for name, value in positive.items():
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if value is not None:
+            check_float(name, value, 0.0, math.inf, low_open=True, high_open=True)
     if augment is not None and augment_shift:
         raise ValueError("give the shift either as augment_shift or inside augment, not both")
     augment = augment or Augment(shift=augment_shift)
