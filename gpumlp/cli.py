@@ -1,4 +1,5 @@
-"""The ``gpumlp`` command line: ``train | eval | predict | info | bench``.
+"""The ``gpumlp`` command line: ``train | eval | predict | export | summary | report | search |
+experiment | show-data | info | bench``.
 
 Exit codes: 0 success; 2 a bad flag, file or value, a damaged model file, an ``--out``
 directory in use by another run, or too little memory (one ``gpumlp: error: ...``
@@ -129,9 +130,8 @@ def _add_export(sub) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     """--backend, --precision and --data-dir."""
-    p.add_argument(
-        "--backend", default=None, help="numpy | numba | cupy | auto (default: $GPUMLP_BACKEND or auto)"
-    )
+    backends = "numpy | numba | cupy | cuda-emu | auto"
+    p.add_argument("--backend", default=None, help=f"{backends} (default: $GPUMLP_BACKEND or auto)")
     _add_precision(p)
     from gpumlp.cli_data import add_data_args
 
