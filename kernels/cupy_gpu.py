@@ -29,7 +29,7 @@ from typing import Any as _Any
 
 import numpy as np
 
-from .images import image_side
+from .images import image_side as _image_side
 from .reference import (
     ACTIVATIONS,
     LEAKY_SLOPE,
@@ -382,7 +382,7 @@ class CudaKernels:
         """Minibatch gather with the reference's Philox-drawn, edge-repeating shifts, in one
         launch; ``step`` read on the device. src: (N, side*side) float, idx: (B,) int -> (B, side*side)."""
         src, idx = self._dev(src, "src"), self._dev(idx, "idx")
-        side = image_side(src.shape[1], max_shift)
+        side = _image_side(src.shape[1], max_shift)
         if idx.dtype != np.int32:
             idx = idx.astype(np.int32)
         out = self._out(out, "out", (idx.shape[0], src.shape[1]), src.dtype)
@@ -412,7 +412,7 @@ class CudaKernels:
         optional elastic ``field``, bilinear with edges repeated, one launch. src: (N, side*side),
         idx: (B,) int -> (B, side*side)."""
         src, idx = self._dev(src, "src"), self._dev(idx, "idx")
-        side = image_side(src.shape[1], 0)
+        side = _image_side(src.shape[1], 0)
         if idx.dtype != np.int32:
             idx = idx.astype(np.int32)
         out = self._out(out, "out", (idx.shape[0], src.shape[1]), src.dtype)

@@ -60,7 +60,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import njit  # numba.njit, without the disk cache where none can be written
-from .images import image_side
+from .images import image_side as _image_side
 from .numba_math import exp as _exp
 from .numba_math import log1p as _log1p
 from .numba_math import sigmoid as _sigmoid
@@ -901,7 +901,7 @@ def gather_shifted(
 ) -> np.ndarray:
     """Minibatch gather with the reference's hash-drawn edge-repeating shifts, in one
     pass. src: (N, side*side) float, idx: (B,) int -> (B, side*side)."""
-    side = image_side(src.shape[1], max_shift)
+    side = _image_side(src.shape[1], max_shift)
     if out is None:
         out = np.empty((idx.shape[0], src.shape[1]), dtype=src.dtype)
     if not (src.flags.c_contiguous and out.flags.c_contiguous):
@@ -1016,7 +1016,7 @@ def gather_warped(
     """Minibatch gather with the reference's Philox-drawn rotation, scaling and translation and an
     optional elastic ``field``, bilinear with edges repeated, in one pass.
     src: (N, side*side) float, idx: (B,) int -> (B, side*side)."""
-    side, b = image_side(src.shape[1], 0), idx.shape[0]
+    side, b = _image_side(src.shape[1], 0), idx.shape[0]
     if out is None:
         out = np.empty((b, src.shape[1]), dtype=src.dtype)
     if not (src.flags.c_contiguous and out.flags.c_contiguous):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .images import image_side
+from .images import image_side as _image_side
 
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
 LEAKY_SLOPE = 0.01
@@ -146,7 +146,7 @@ def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
     out[r, i, j] = img[clip(i - dy), clip(j - dx)]. ``step``: int or 1-element
     int64 device array (fresh shifts each training step, in a CUDA graph too).
     src: (N, side*side) float, idx: (B,) int -> (B, side*side)."""
-    side = image_side(src.shape[1], max_shift)
+    side = _image_side(src.shape[1], max_shift)
     b, span = idx.shape[0], 2 * max_shift + 1
     h = _hash32(seed, b, step).astype(np.int64)
     dy, dx = (h & 0xFFFF) % span - max_shift, (h >> 16) % span - max_shift
@@ -203,7 +203,7 @@ def gather_warped(src, idx, max_rotate, max_scale, max_shift, seed, step=0, fiel
     source row = (cos(angle) y + sin(angle) x) / scale + c + field[r, 0, i, j],
     source col = (-sin(angle) y + cos(angle) x) / scale + c + field[r, 1, i, j] (float64).
     src: (N, side*side) float, idx: (B,) int -> (B, side*side) src's dtype."""
-    side = image_side(src.shape[1], 0)
+    side = _image_side(src.shape[1], 0)
     b = idx.shape[0]
     if field is not None and field.shape != (b, 2, side, side):
         raise ValueError(f"gather_warped: field must have shape {(b, 2, side, side)}, got {field.shape}")

@@ -231,4 +231,4 @@ def test_train_with_rotation_scaling_and_elastic_augmentation(tmp_path):
     assert (fit["augment_rotate"], fit["augment_scale"], fit["augment_elastic"]) == (10.0, 0.1, 20.0)
     assert fit["augment_elastic_sigma"] == 4.0  # the preset's default smoothing
     bad = gpumlp("train", *TINY, "--limit", "500", "--epochs", "1", "--augment-rotate", "270")
-    assert bad.returncode != 0 and "rotate in [0, 180]" in bad.stderr
+    assert bad.returncode != 0 and "rotate (degrees) must be a finite number in [0, 180]" in bad.stderr
