@@ -1,4 +1,5 @@
-"""gpumlp: multilayer perceptrons on NumPy, Numba and CuPy with one training loop."""
+"""gpumlp: multilayer perceptrons on NumPy, Numba and CuPy (and cuda-emu, CUDA emulated on the CPU)
+with one training loop."""
 
 __version__ = "0.1.0"
 __all__ = ["MLP", "MLPClassifier", "Backend", "BackendUnavailable", "get_backend", "__version__"]

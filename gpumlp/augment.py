@@ -10,7 +10,10 @@ displacement fields made by ``elastic_field``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from gpumlp.kernels.images import image_side
+from gpumlp.validate import check_float
 
 
 @dataclass(frozen=True)
@@ -26,16 +29,12 @@ class Augment:
     elastic_sigma: float = 4.0
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"augmentation {name} must be a finite number, got {value!r}")
-        if min(self.shift, self.rotate, self.scale, self.elastic_alpha) < 0:
-            raise ValueError(f"augmentation limits must be >= 0, got {self}")
-        if not 0 <= self.rotate <= 180 or not self.scale < 1 or not self.elastic_sigma > 0:
-            raise ValueError(
-                "augmentation needs rotate in [0, 180] degrees, scale in [0, 1) and elastic_sigma > 0, "
-                f"got rotate={self.rotate}, scale={self.scale}, elastic_sigma={self.elastic_sigma}"
-            )
+        inf = math.inf
+        check_float("augmentation shift", self.shift, 0.0, inf, high_open=True)
+        check_float("augmentation rotate (degrees)", self.rotate, 0.0, 180.0)
+        check_float("augmentation scale", self.scale, 0.0, 1.0, high_open=True)
+        check_float("augmentation elastic_alpha", self.elastic_alpha, 0.0, inf, high_open=True)
+        check_float("augmentation elastic_sigma", self.elastic_sigma, 0.0, inf, low_open=True, high_open=True)
 
     @property
     def active(self) -> bool:
@@ -47,11 +46,7 @@ class Augment:
         """True when the run needs the bilinear warp (anything beyond whole-pixel shifts)."""
         return bool(self.rotate or self.scale or self.elastic_alpha or self.shift != int(self.shift))
 
-    def check_images(self, width: int) -> int:
-        """The side of the square images of ``width`` features, checking the shift fits. -> side."""
-        side = int(round(width**0.5))
-        if self.active and side * side != width:
-            raise ValueError(f"augmentation needs square images; {width} features is not a square")
-        if not self.shift < side:
-            raise ValueError(f"augment shift must be below the image side {side}, got {self.shift}")
-        return side
+    def check_images(self, width: int) -> int | None:
+        """The side of the square images of ``width`` features, checking the shift fits -> side;
+        None when no augmentation is on (then any width goes)."""
+        return image_side(width, self.shift) if self.active else None

@@ -1,9 +1,7 @@
 """Checkpoint files: one ``.npz`` holding named arrays, a JSON header and a SHA-256 checksum.
 
-Writes are atomic: the file is written to a temporary name in the same
-directory (``.<name>.<pid>.<random>.tmp``), flushed to disk, then renamed over
-the target, so a crash or a kill mid-write leaves the previous checkpoint
-intact; :func:`clean_stale_tmp` removes what a killed writer left behind.
+Writes are atomic (:func:`gpumlp.atomic.atomic_write`), so a crash or a kill
+mid-write leaves the previous checkpoint intact.
 Reads are verified: the checksum covers the header and every array's name,
 dtype, shape and bytes, so a flipped bit or a truncated file is a
 :class:`CheckpointError` naming the file, never a wrong model.
@@ -14,15 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from gpumlp.atomic import atomic_write
+
 _META_KEY = "__meta__"
 _SUM_KEY = "__sha256__"
-_TMP_RE = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
 
 
 class CheckpointError(ValueError):
@@ -48,24 +45,9 @@ def write(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) ->
     payload = dict(arrays)
     payload[_META_KEY] = np.frombuffer(meta_bytes, dtype=np.uint8)
     payload[_SUM_KEY] = np.frombuffer(_digest(arrays, meta_bytes).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make saved models private
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        np.savez(f, **payload)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
@@ -136,27 +118,3 @@ def expect_array(path, arrays: dict, key: str, shape: tuple, dtype=None) -> np.n
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise CheckpointError(f"{path}: array {key!r} contains NaN or inf")
     return a
-
-
-def clean_stale_tmp(directory: str | os.PathLike) -> list[Path]:
-    """Remove ``.<name>.<pid>.*.tmp`` files in ``directory`` whose writer process is gone -> removed."""
-    removed = []
-    for p in Path(directory).glob(".*.tmp"):
-        m = _TMP_RE.match(p.name)
-        if m and not pid_alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -1,4 +1,5 @@
-"""The ``gpumlp`` command line: ``train | eval | predict | info | bench``.
+"""The ``gpumlp`` command line: ``train | eval | predict | export | summary | report | search |
+experiment | show-data | info | bench``.
 
 Exit codes: 0 success; 2 a bad flag, file or value, a damaged model file, an ``--out``
 directory in use by another run, or too little memory (one ``gpumlp: error: ...``
@@ -10,6 +11,7 @@ progress and diagnostics to stderr.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -128,9 +130,8 @@ def _add_export(sub) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     """--backend, --precision and --data-dir."""
-    p.add_argument(
-        "--backend", default=None, help="numpy | numba | cupy | auto (default: $GPUMLP_BACKEND or auto)"
-    )
+    backends = "numpy | numba | cupy | cuda-emu | auto"
+    p.add_argument("--backend", default=None, help=f"{backends} (default: $GPUMLP_BACKEND or auto)")
     _add_precision(p)
     from gpumlp.cli_data import add_data_args
 
@@ -334,8 +335,9 @@ def _json_default(o):
     raise TypeError(f"not JSON-able: {type(o).__name__}")
 
 
-def _train_config(args: argparse.Namespace, paths: dict) -> dict:
-    """Resolve the run's config; with --resume start from OUT/config.json when present."""
+def _train_config(args: argparse.Namespace, paths: dict) -> tuple[dict, dict | None]:
+    """Resolve the run's config; with --resume start from OUT/config.json when present.
+    -> (config, the config.json it resumed from, kept to restore if the run diverges, or None)."""
     if args.resume and not paths:
         raise UsageError("--resume needs --out DIR (it continues from DIR/checkpoint.npz)")
     if args.resume and not paths["checkpoint"].is_file():
@@ -352,7 +354,7 @@ def _train_config(args: argparse.Namespace, paths: dict) -> dict:
             raise UsageError(f"{paths['config']} is unreadable ({e}); start a new run") from None
         if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in MODEL_SECTIONS):
             raise UsageError(f"{paths['config']} lacks its model/fit/data sections; start a new run")
-    return resolve_config(args, saved)
+    return resolve_config(args, copy.deepcopy(saved)), saved
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -374,12 +376,12 @@ def _train(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     out = Path(args.out) if args.out else None
     paths = _out_paths(out)
-    config = _train_config(args, paths)
+    config, last_good = _train_config(args, paths)
     fit_kw = fit_kwargs(config)  # validates the schedule before any data is loaded
     if args.plots:
-        from gpumlp.report import _pyplot
+        from gpumlp.plots import require_matplotlib
 
-        _pyplot()  # fail now, not after training, when matplotlib is missing
+        require_matplotlib()  # fail now, not after training, when matplotlib is missing
     be = get_backend(args.backend)
     be.set_matmul_precision(args.precision)
     data = _train_data(args, config)
@@ -393,7 +395,8 @@ def _train(args: argparse.Namespace) -> int:
     spec, preset = config["model"]["spec"], config["preset"]
     _log(f"training {spec} on {len(x_tr)} samples of {data.source}, backend {be.name}, preset {preset}")
     _log(f"hyper-parameters: {describe(config)}")
-    last_good = _start_run_dir(args, paths, config, model, len(x_tr)) if out else None
+    if out:
+        _start_run_dir(args, paths, config, model, len(x_tr))
     history = _fit(args, model, prep, (x_tr, y_tr, X_valid, y_va), fit_kw, config, paths, last_good)
     return _report_run(args, model, prep, data, history, config, paths, len(x_tr), t_start)
 
@@ -495,20 +498,16 @@ class _Interrupted(Exception):
     """Ctrl-C during training, with a message about the kept checkpoint."""
 
 
-def _start_run_dir(args: argparse.Namespace, paths: dict, config: dict, model, n_train: int) -> dict | None:
+def _start_run_dir(args: argparse.Namespace, paths: dict, config: dict, model, n_train: int) -> None:
     """Check that a --resume can continue (model, optimizer, data size), then write config.json:
-    nothing in the run directory changes unless the resume is accepted. -> the config it replaced
-    on a resume (restored if the run diverges), else None."""
+    nothing in the run directory changes unless the resume is accepted."""
     from gpumlp.rundir import clear_diverged
     from gpumlp.train import check_resume
 
-    previous = None
     if args.resume:
         check_resume(paths["checkpoint"], model.config(), config["fit"]["optimizer"], n_train)
-        previous = json.loads(paths["config"].read_text()) if paths["config"].is_file() else None
     _write_json(paths["config"], config)
     clear_diverged(paths["config"].parent)
-    return previous
 
 
 def _test_metrics(y_true, y_pred, n_classes: int) -> dict:
@@ -539,44 +538,40 @@ def _save_outputs(model, prep: Prep, history, metrics: dict, paths: dict, plots:
     _write_json(paths["history"], history.to_dict())
     _write_json(paths["metrics"], metrics)
     if plots:
-        from gpumlp import report
+        from gpumlp import plots
 
         out = paths["model"].parent
-        report.plot_history(history.to_dict(), out / "history.png")
-        report.plot_confusion(metrics["confusion_matrix"], out / "confusion.png")
+        plots.plot_history(history.to_dict(), out / "history.png")
+        plots.plot_confusion(metrics["confusion_matrix"], out / "confusion.png")
         if data.n_features == 784:  # the digit grid draws 28x28 images
-            report.plot_misclassified(data.x_test, data.y_test, y_pred, out / "misclassified.png")
+            plots.plot_misclassified(data.x_test, data.y_test, y_pred, out / "misclassified.png")
         _log(
             f"plots written to {out}/history.png, confusion.png"
             + (", misclassified.png" * (data.n_features == 784))
         )
         if "grad_norms" in history.records[-1]:
-            path = report.plot_grad_norms(history.to_dict(), out / "grad_norms.png")
+            path = plots.plot_grad_norms(history.to_dict(), out / "grad_norms.png")
             _log(f"gradient norms plotted in {path}")
 
 
 # ------------------------------------------------------------------ eval / predict
 def load_model(path: str, backend: str | None):
-    """(model, prep) from a model file; a missing or bad file is a clear error."""
+    """(model, prep, meta) from a model file, read and checksum-verified once; a missing or bad file is
+    a clear error. ``meta`` is its JSON header, with ``classes`` (the label of each output; 0..K-1 when
+    the file predates stored classes)."""
+    from gpumlp import checkpoint
     from gpumlp.model import MLP
 
     if not Path(path).is_file():
         raise UsageError(f"model file {path} does not exist")
-    model = MLP.load(path, backend=backend)
-    prep = Prep.from_file(path)
+    arrays, meta = checkpoint.read(path)
+    model = MLP.from_checkpoint(path, arrays, meta, backend=backend)
+    prep = Prep.from_checkpoint(path, arrays, meta)
     if prep is None:
         _log(f"warning: {path} stores no preprocessing; assuming pixels scaled to [0, 1]")
         prep = Prep("0,1")
-    return model, prep
-
-
-def model_meta(path: str, n_classes: int) -> dict:
-    """A model file's JSON header, with ``classes`` (the label of each output; 0..K-1 when absent)."""
-    from gpumlp import checkpoint
-
-    meta = checkpoint.read(path)[1]
-    meta.setdefault("classes", list(range(n_classes)))  # models saved before classes were stored
-    return meta
+    meta.setdefault("classes", list(range(model.n_classes)))
+    return model, prep, meta
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -585,9 +580,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gpumlp.data.datasets import encode_labels
     from gpumlp.metrics import accuracy, classification_report
 
-    model, prep = load_model(args.model, args.backend)
+    model, prep, meta = load_model(args.model, args.backend)
     model.be.set_matmul_precision(args.precision)
-    meta = model_meta(args.model, model.n_classes)
     config = meta.get("config", {})
     given = data_source(args)  # no data flags: the data set the model was trained on
     source = {**given, "test_split": args.test_split} if given else config.get("data", {}).get("source", {})
@@ -662,9 +656,8 @@ def _read_png(path: Path) -> np.ndarray:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``gpumlp predict MODEL FILE``."""
-    model, prep = load_model(args.model, args.backend)
+    model, prep, meta = load_model(args.model, args.backend)
     model.be.set_matmul_precision(args.precision)
-    meta = model_meta(args.model, model.n_classes)
     saved = meta.get("config", {}).get("data", {}).get("source", {})  # the training table's label column
     label_column = args.label_column or saved.get("label_column")
     x = read_images(args.file, model.n_features, label_column)
@@ -686,7 +679,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """``gpumlp export MODEL --format onnx|torch OUT``."""
     from gpumlp.export import EXPORTERS
 
-    model, prep = load_model(args.model, "numpy")
+    model, prep, _ = load_model(args.model, "numpy")
     EXPORTERS[args.format](model, prep, args.out)
     print(f"{args.format} model: {args.out}")
     return EXIT_OK
@@ -696,7 +689,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     """``gpumlp summary MODEL``."""
     from gpumlp.export import summary
 
-    model, prep = load_model(args.model, "numpy")
+    model, prep, _ = load_model(args.model, "numpy")
     print(summary(model, prep))
     return EXIT_OK
 

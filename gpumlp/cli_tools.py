@@ -59,7 +59,7 @@ def _digit(text: str) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     """``gpumlp experiment nonlinear``: the accuracy table on stdout, figure and JSON in --out."""
     from gpumlp.experiment import run_nonlinear
-    from gpumlp.report import plot_nonlinear, require_matplotlib
+    from gpumlp.plots import plot_nonlinear, require_matplotlib
 
     require_matplotlib()  # fail before training, not after
     result = run_nonlinear(
@@ -82,7 +82,7 @@ def cmd_show_data(args: argparse.Namespace) -> int:
     """``gpumlp show-data``: samples.png (one per class) and variants_<digit>.png."""
     from gpumlp.cli import load_data
     from gpumlp.kernels import reference
-    from gpumlp.report import plot_samples, plot_variants, require_matplotlib
+    from gpumlp.plots import plot_samples, plot_variants, require_matplotlib
 
     require_matplotlib()
     mnist = load_data(args)  # MNIST, or the --data-dir given

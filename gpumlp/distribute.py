@@ -11,36 +11,24 @@ Both submit :func:`run_shared_trial` and return ``concurrent.futures``-style fut
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import uuid
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+
+from gpumlp.search import process_pool, trial_gpus
 
 _WORKER_DATA: dict[str, tuple] = {}  # in each local worker: data token -> (X, y, X_valid, y_valid)
 
 
 def default_workers(backend: str) -> int:
     """One worker per GPU on cupy, else one per two CPU cores (numba and BLAS use two threads well)."""
-    if backend == "cupy":
-        try:
-            import cupy
-
-            return max(1, cupy.cuda.runtime.getDeviceCount())
-        except Exception:
-            return 1
-    return max(1, (os.cpu_count() or 1) // 2)
+    return trial_gpus(backend) or max(1, (os.cpu_count() or 1) // 2)
 
 
-def _init_worker(token: str, data: tuple, counter, n_gpus: int) -> None:
-    """Pool initializer: keep the data; on GPUs, pin this worker to one device (before cupy loads)."""
+def _keep_data(token: str, data: tuple) -> None:
+    """Pool initializer: keep the data in this worker for every trial it runs."""
     _WORKER_DATA[token] = data
-    if n_gpus:
-        with counter.get_lock():
-            index = counter.value
-            counter.value += 1
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % n_gpus)
 
 
 def run_shared_trial(params: dict, base: dict, data) -> dict:
@@ -68,18 +56,12 @@ def run_shared_trial(params: dict, base: dict, data) -> dict:
 
 
 class LocalTrials:
-    """``workers`` spawned processes, each holding the data from its start."""
+    """``workers`` spawned processes, each holding the data from its start; with ``gpus`` > 0 each
+    sees one GPU (:func:`gpumlp.search.process_pool`: of those in ``$CUDA_VISIBLE_DEVICES``, if set)."""
 
-    def __init__(self, data: tuple, workers: int, backend: str):
-        n_gpus = default_workers("cupy") if backend == "cupy" else 0
-        ctx = mp.get_context("spawn")
+    def __init__(self, data: tuple, workers: int, gpus: int = 0):
         self.token = uuid.uuid4().hex
-        self.pool = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=ctx,
-            initializer=_init_worker,
-            initargs=(self.token, data, ctx.Value("i", 0), n_gpus),
-        )
+        self.pool = process_pool(workers, gpus, initializer=_keep_data, initargs=(self.token, data))
         self.description = f"{workers} local process{'es' * (workers > 1)} (spawn)"
 
     def submit(self, params: dict, base: dict):

@@ -65,7 +65,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     lr, momentum, l1, l2, weight_decay, clip_norm, schedule, epochs, batch_size, tol, patience,
     shuffle: as :func:`gpumlp.train.fit`; validation_fraction: share of the rows held out
     (stratified at random) to compute ``validation_scores_`` and for
-    ``patience``; backend: ``numpy`` | ``numba`` | ``cupy`` | None (auto);
+    ``patience``; backend: ``numpy`` | ``numba`` | ``cupy`` | ``cuda-emu`` | None (auto);
     dtype: float32 | float64; random_state: int, None or a RandomState (seeds
     init, dropout and shuffling); warm_start: ``fit`` continues from the current
     weights; verbose: one line per epoch on stderr.

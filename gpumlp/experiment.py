@@ -4,7 +4,7 @@ layer with a nonlinearity solves it, and so does a linear model on squared featu
 :func:`run_nonlinear` trains the same small network five ways on one toy set and
 returns the accuracies, loss curves and trained models; ``gpumlp experiment
 nonlinear`` prints the table and draws the decision boundaries
-(:func:`gpumlp.report.plot_nonlinear`).
+(:func:`gpumlp.plots.plot_nonlinear`).
 """
 
 from __future__ import annotations

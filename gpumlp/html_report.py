@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpumlp import report
+from gpumlp import plots
 
 _CSS = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -95,14 +95,14 @@ def _per_class_table(metrics: dict) -> str:
 def _figures(run: Path, history: dict, metrics: dict, tmp: Path, backend, data_dir) -> dict[str, str]:
     """Section title -> embedded figure(s) HTML."""
     figs = {
-        "Training curves": _img(report.plot_history(history, tmp / "h.png"), "loss and accuracy per epoch")
+        "Training curves": _img(plots.plot_history(history, tmp / "h.png"), "loss and accuracy per epoch")
     }
     if history["records"] and "grad_norms" in history["records"][-1]:
         figs["Gradient norm per layer"] = _img(
-            report.plot_grad_norms(history, tmp / "g.png"), "gradient norms"
+            plots.plot_grad_norms(history, tmp / "g.png"), "gradient norms"
         )
     figs["Confusion matrix (test set)"] = _img(
-        report.plot_confusion(metrics["confusion_matrix"], tmp / "c.png"), "confusion matrix"
+        plots.plot_confusion(metrics["confusion_matrix"], tmp / "c.png"), "confusion matrix"
     )
     model_path = run / "model.npz"
     if not model_path.is_file():
@@ -117,14 +117,14 @@ def _figures(run: Path, history: dict, metrics: dict, tmp: Path, backend, data_d
     if data.n_features != 784:  # the grids draw 28x28 digits
         figs["Test images"] = '<p class="note">The data are not 28x28 images: no image grids.</p>'
         return figs
-    model, prep = load_model(str(model_path), backend)
+    model, prep, _ = load_model(str(model_path), backend)
     y_pred = model.predict(prep.apply(data.x_test, model.dtype))
     x = data.x_test.reshape(len(data.x_test), -1)
     figs["Misclassified test images"] = _img(
-        report.plot_misclassified(x, data.y_test, y_pred, tmp / "m.png"), "misclassified digits"
+        plots.plot_misclassified(x, data.y_test, y_pred, tmp / "m.png"), "misclassified digits"
     )
     figs["One test image per class"] = _img(
-        report.plot_samples(x, data.y_test, tmp / "s.png", "test set: the first sample of each class"),
+        plots.plot_samples(x, data.y_test, tmp / "s.png", "test set: the first sample of each class"),
         "samples",
     )
     return figs

@@ -32,6 +32,15 @@ def init_weights(rng: np.random.Generator, n_in: int, n_out: int, init: str) -> 
     return rng.normal(0.0, std, size=(n_in, n_out))
 
 
+def grown_rows(store: dict, key, shape: tuple[int, ...], xp, dtype):
+    """The first ``shape[0]`` rows of the buffer ``store[key]`` (an ``xp`` array of ``dtype``),
+    reallocated at ``shape`` only when missing or shorter: buffers grow to the largest batch seen."""
+    buf = store.get(key)
+    if buf is None or buf.shape[0] < shape[0]:
+        buf = store[key] = xp.empty(shape, dtype=dtype)
+    return buf[: shape[0]]
+
+
 class Layer:
     """Base class: parameter bookkeeping and per-shape workspace buffers."""
 
@@ -57,11 +66,7 @@ class Layer:
         shape, grown to the largest batch seen. Inference on any mix of batch sizes (a predict's
         last, shorter chunk; batch 1 after 4096) then allocates nothing once the largest has run,
         where exact-shape buffers would pile up one set per distinct size."""
-        rows, key = shape[0], (name, shape[1:])
-        buf = self._eval_workspace.get(key)
-        if buf is None or buf.shape[0] < rows:
-            buf = self._eval_workspace[key] = self.be.xp.empty(shape, dtype=self.dtype)
-        return buf[:rows]
+        return grown_rows(self._eval_workspace, (name, shape[1:]), shape, self.be.xp, self.dtype)
 
     def _add_param(self, name: str, host_value: np.ndarray) -> None:
         self.params[name] = self.be.asarray(host_value, dtype=self.dtype)

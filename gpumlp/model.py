@@ -10,7 +10,7 @@ import numpy as np
 
 from gpumlp import checkpoint
 from gpumlp.backend import Backend, get_backend, resolve_dtype
-from gpumlp.layers import LAYER_TYPES, Activation, BatchNorm, Dense, Dropout, Layer
+from gpumlp.layers import LAYER_TYPES, Activation, BatchNorm, Dense, Dropout, Layer, grown_rows
 from gpumlp.losses import get_loss
 from gpumlp.validate import (
     MAX_SEED,
@@ -98,6 +98,7 @@ class MLP:
         self.dtype = resolve_dtype(dtype)
         _check_memory(self.widths, self.dtype)
         self.be = get_backend(backend)
+        self._input_buffers: dict = {}  # host input casts for inference, see _device_input
         layers: list[Layer] = []
         for i, width in enumerate(self.widths[1:-1]):
             if self.batchnorm:
@@ -222,11 +223,9 @@ class MLP:
             return self.be.asarray(xb, dtype=self.dtype)
         if xb.dtype == self.dtype and xb.flags.c_contiguous:
             return xb
-        buf = getattr(self, "_input_buffer", None)
-        if buf is None or buf.shape[0] < xb.shape[0]:
-            buf = self._input_buffer = np.empty(xb.shape, dtype=self.dtype)
-        np.copyto(buf[: xb.shape[0]], xb, casting="unsafe")
-        return buf[: xb.shape[0]]
+        buf = grown_rows(self._input_buffers, "x", xb.shape, np, self.dtype)
+        np.copyto(buf, xb, casting="unsafe")
+        return buf
 
     def decision_function(self, X, batch_size: int = 4096) -> np.ndarray:
         """Host (n, n_features) -> host (n, n_classes) raw scores, evaluated in chunks."""

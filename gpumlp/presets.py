@@ -23,6 +23,23 @@ from gpumlp import checkpoint
 SCALE_MODES = ("-1,1", "0,1", "standardize")
 STD_FLOOR = 1e-8  # as gpumlp.data.standardize: near-constant features are only centred
 
+# What both base recipes share: no L1, no clipping, no early stopping, no augmentation.
+_MODEL_COMMON = {"dropout": 0.0, "batchnorm": False, "dtype": "float32", "seed": 1}
+_FIT_COMMON = {
+    "momentum": 0.9,
+    "l1": 0.0,
+    "weight_decay": None,
+    "clip_norm": None,
+    "clip_value": None,
+    "tol": None,
+    "stop_param_change": None,
+    "patience": None,
+    "augment_shift": 0,
+    "augment_rotate": 0.0,
+    "augment_scale": 0.0,
+    "augment_elastic": 0.0,
+    "augment_elastic_sigma": 4.0,
+}
 PRESETS: dict[str, dict] = {
     # The classic reference run: sigmoid 784-100-10 with the logistic cost, plain SGD on
     # summed minibatch gradients, L2 0.01, pixels in [-1, 1], 55k train / 5k valid.
@@ -32,34 +49,19 @@ PRESETS: dict[str, dict] = {
             "act": "sigmoid",
             "loss": "logistic",
             "init": "normal",
-            "dropout": 0.0,
-            "batchnorm": False,
-            "dtype": "float32",
-            "seed": 1,
+            **_MODEL_COMMON,
         },
         "fit": {
             "optimizer": "sgd",
             "lr": 0.0005,
-            "momentum": 0.9,
-            "l1": 0.0,
             "l2": 0.01,
-            "weight_decay": None,
-            "clip_norm": None,
-            "clip_value": None,
             "schedule": "constant",
             "lr_gamma": 0.1,
             "lr_step": 10,
             "reduction": "sum",
             "batch_size": 100,
             "epochs": 200,
-            "tol": None,
-            "stop_param_change": None,
-            "patience": None,
-            "augment_shift": 0,
-            "augment_rotate": 0.0,
-            "augment_scale": 0.0,
-            "augment_elastic": 0.0,
-            "augment_elastic_sigma": 4.0,
+            **_FIT_COMMON,
         },
         "data": {"scale": "-1,1", "valid": 5000},
     },
@@ -70,34 +72,19 @@ PRESETS: dict[str, dict] = {
             "act": "relu",
             "loss": "softmax_xent",
             "init": "he",
-            "dropout": 0.0,
-            "batchnorm": False,
-            "dtype": "float32",
-            "seed": 1,
+            **_MODEL_COMMON,
         },
         "fit": {
             "optimizer": "adam",
             "lr": 0.001,
-            "momentum": 0.9,
-            "l1": 0.0,
             "l2": 0.0,
-            "weight_decay": None,
-            "clip_norm": None,
-            "clip_value": None,
             "schedule": "exp",
             "lr_gamma": 0.7,
             "lr_step": 1,
             "reduction": "mean",
             "batch_size": 128,
             "epochs": 6,
-            "tol": None,
-            "stop_param_change": None,
-            "patience": None,
-            "augment_shift": 0,
-            "augment_rotate": 0.0,
-            "augment_scale": 0.0,
-            "augment_elastic": 0.0,
-            "augment_elastic_sigma": 4.0,
+            **_FIT_COMMON,
         },
         "data": {"scale": "0,1", "valid": 5000},
     },
@@ -197,7 +184,12 @@ class Prep:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Prep | None:
         """The preprocessing stored in a model file, or None when it holds none."""
-        arrays, meta = checkpoint.read(path)
+        return cls.from_checkpoint(path, *checkpoint.read(path))
+
+    @classmethod
+    def from_checkpoint(cls, path, arrays: dict, meta: dict) -> Prep | None:
+        """The preprocessing in the verified (arrays, meta) that :func:`checkpoint.read` gave for ``path``
+        (None when it holds none)."""
         prep = meta.get("prep")
         if prep is None:
             return None

@@ -3,8 +3,8 @@
 - :class:`RunLock`: an exclusive ``fcntl`` lock on ``DIR/.lock`` held for the whole run; a second
   run into the same directory fails at once with :class:`RunDirBusy` naming the holder's PID.
   The kernel drops the lock when the holder dies (even by ``kill -9``), so it never goes stale.
-- :func:`write_json`: temp file in the same directory, fsync, rename: readers see the old or
-  the new file, never half of one.
+- :func:`write_json`: atomic (:func:`gpumlp.atomic.atomic_write`): readers see the old or the
+  new file, never half of one.
 - ``DIR/diverged.json``: written when a run diverges, so ``--resume`` can refuse to repeat the
   learning rate that diverged.
 """
@@ -15,10 +15,9 @@ import errno
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from gpumlp import checkpoint
+from gpumlp.atomic import atomic_write, clean_stale_tmp
 
 LOCK_NAME = ".lock"
 DIVERGED_NAME = "diverged.json"
@@ -53,7 +52,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
-        checkpoint.clean_stale_tmp(self.directory)
+        clean_stale_tmp(self.directory)
         return self
 
     def release(self) -> None:
@@ -73,17 +72,8 @@ class RunLock:
 def write_json(path: str | os.PathLike, obj, default=None) -> None:
     """Write ``obj`` as indented JSON atomically (same-directory temp file, fsync, rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=2, default=default) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; run outputs are not secret
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(obj, indent=2, default=default) + "\n")
 
 
 def mark_diverged(directory: str | os.PathLike, base_lr: float, epoch: int, message: str) -> None:

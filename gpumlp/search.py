@@ -110,7 +110,7 @@ def _gpu_count() -> int:
         return 0
 
 
-def _trial_gpus(backend: str | None) -> int:
+def trial_gpus(backend: str | None) -> int:
     """GPUs the trials run on: those CuPy sees for backend cupy or auto (which picks cupy where
     a GPU is usable; default ``$GPUMLP_BACKEND``, else auto), 0 for the CPU backends."""
     name = (backend or os.environ.get("GPUMLP_BACKEND") or "auto").lower()
@@ -120,26 +120,34 @@ def _trial_gpus(backend: str | None) -> int:
 def default_workers(backend: str | None = None) -> int:
     """Workers of the local search pool for trials on ``backend``: one per GPU when they run on
     the cupy backend, else one per CPU core."""
-    return _trial_gpus(backend) or os.cpu_count() or 1
+    return trial_gpus(backend) or os.cpu_count() or 1
 
 
-def _use_one_gpu(devices) -> None:
-    """Worker initializer: make exactly one GPU visible, before anything initialises CUDA here."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = devices.get()
+def _init_worker(devices, initializer, initargs: tuple) -> None:
+    """Worker initializer: make exactly one GPU visible (before anything initialises CUDA here),
+    then run the pool's own ``initializer``."""
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices.get()
+    if initializer is not None:
+        initializer(*initargs)
 
 
-def process_pool(max_workers: int, gpus: int = 0) -> ProcessPoolExecutor:
-    """A pool of ``max_workers`` spawned processes. With ``gpus`` > 0, worker i sees only GPU
-    i mod gpus (of those in ``$CUDA_VISIBLE_DEVICES``, if set) as its device 0."""
+def process_pool(
+    max_workers: int, gpus: int = 0, initializer=None, initargs: tuple = ()
+) -> ProcessPoolExecutor:
+    """A pool of ``max_workers`` spawned processes (a forked CUDA context is invalid), each running
+    ``initializer(*initargs)`` first. With ``gpus`` > 0, worker i sees only GPU i mod gpus (of those
+    in ``$CUDA_VISIBLE_DEVICES``, if set) as its device 0."""
     ctx = multiprocessing.get_context("spawn")
-    if gpus <= 0:
-        return ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
-    devices = ctx.Queue()
-    for i in range(max_workers):
-        devices.put(ids[i % min(gpus, len(ids))].strip())
-    return ProcessPoolExecutor(max_workers, mp_context=ctx, initializer=_use_one_gpu, initargs=(devices,))
+    devices = None
+    if gpus > 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+        devices = ctx.Queue()
+        for i in range(max_workers):
+            devices.put(ids[i % min(gpus, len(ids))].strip())
+    init = (devices, initializer, initargs)
+    return ProcessPoolExecutor(max_workers, mp_context=ctx, initializer=_init_worker, initargs=init)
 
 
 def run_trial(params: dict, base: dict, data: tuple) -> dict:
@@ -192,10 +200,7 @@ def search(
     Without an ``executor``, trials run in a local pool of ``workers`` spawned
     processes (default :func:`default_workers` for ``base["backend"]``, at most
     one per trial of a round)."""
-    if method not in ("grid", "random"):
-        raise ValueError(f"method must be 'grid' or 'random', got {method!r}")
-    if method == "grid" and rounds != 1:
-        raise ValueError("coarse-to-fine rounds need random search (method='random')")
+    check_method(method, rounds)
     base = dict(base or {})
     unknown = set(space) - _MODEL_KEYS - _FIT_KEYS
     if unknown:
@@ -203,18 +208,47 @@ def search(
     own = executor is None
     if own:
         per_round = len(grid(space)) if method == "grid" else n_trials
-        gpus = _trial_gpus(base["backend"] if isinstance(base.get("backend"), str) else None)
+        gpus = trial_gpus(base["backend"] if isinstance(base.get("backend"), str) else None)
         executor = process_pool(workers or min(gpus or os.cpu_count() or 1, max(1, per_round)), gpus=gpus)
-    result = SearchResult()
+
+    def run(configs: list[dict]) -> list[dict]:
+        futures = [executor.submit(run_trial, c, base, data) for c in configs]
+        return sorted((f.result() for f in futures), key=lambda t: -t["valid_acc"])
+
     try:
-        for r in range(rounds):
-            configs = grid(space) if method == "grid" else sample(space, n_trials, seed + r)
-            futures = [executor.submit(run_trial, c, base, data) for c in configs]
-            result.trials += [f.result() for f in futures]
-            result.trials.sort(key=lambda t: -t["valid_acc"])
-            if r + 1 < rounds:
-                space = refine(space, result.best["params"], shrink)
+        trials = coarse_to_fine(
+            space, run, method=method, n_trials=n_trials, rounds=rounds, shrink=shrink, seed=seed
+        )
     finally:
         if own:
             executor.shutdown()
-    return result
+    return SearchResult(sorted(trials, key=lambda t: -t["valid_acc"]))
+
+
+def check_method(method: str, rounds: int) -> None:
+    """ValueError unless ``method`` is grid or random, and rounds > 1 come with random."""
+    if method not in ("grid", "random"):
+        raise ValueError(f"method must be 'grid' or 'random', got {method!r}")
+    if method == "grid" and rounds != 1:
+        raise ValueError("coarse-to-fine rounds need random search (method='random', --method random)")
+
+
+def coarse_to_fine(
+    space: Mapping, run, *, method: str, n_trials: int, rounds: int, shrink: float, seed: int
+) -> list[dict]:
+    """Search rounds: each runs ``run(configs) -> trials, best first`` on the grid of ``space`` or
+    ``n_trials`` random samples of it, then narrows the space around the best trial so far
+    (``refine``). -> every trial, each with its ``round`` (1-based), in the order run."""
+    check_method(method, rounds)
+    trials: list[dict] = []
+    best = None
+    for r in range(rounds):
+        found = run(grid(space) if method == "grid" else sample(space, n_trials, seed + r))
+        for t in found:
+            t["round"] = r + 1
+        trials += found
+        if best is None or found[0]["valid_acc"] > best["valid_acc"]:
+            best = found[0]
+        if r + 1 < rounds:
+            space = refine(space, best["params"], shrink)
+    return trials

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpumlp.search import RANGE_KINDS, grid, refine, sample
+from gpumlp.search import RANGE_KINDS, coarse_to_fine
 
 EXTRA_KEYS = ("hidden",)
 
@@ -198,21 +198,18 @@ def run_all(trials, configs: list[dict], base: dict, log) -> list[dict]:
 
 
 def search_rounds(trials, space: dict, base: dict, args: argparse.Namespace, log) -> list[dict]:
-    """Grid or random search, refined coarse to fine over ``args.rounds``, each round optionally halved."""
-    if args.method == "grid" and args.rounds != 1:
-        raise ValueError("coarse-to-fine --rounds need --method random")
-    all_trials: list[dict] = []
-    for r in range(args.rounds):
-        configs = grid(space) if args.method == "grid" else sample(space, args.trials, args.seed + r)
+    """Grid or random search, refined coarse to fine over ``args.rounds``, each round optionally halved.
+    -> the full-budget trials best first, then those stopped early."""
+
+    def run(configs: list[dict]) -> list[dict]:
         if args.halving:
-            found = successive_halving(trials, configs, base, args.eta, args.min_epochs, log)
-        else:
-            found = run_all(trials, configs, base, log)
-        for t in found:
-            t["round"] = r + 1
-        all_trials += found
-        if r + 1 < args.rounds:
-            space = refine(space, found[0]["params"], args.shrink)
+            return successive_halving(trials, configs, base, args.eta, args.min_epochs, log)
+        return run_all(trials, configs, base, log)
+
+    all_trials = coarse_to_fine(
+        space, run, method=args.method, n_trials=args.trials, rounds=args.rounds, shrink=args.shrink,
+        seed=args.seed,
+    )  # fmt: skip
     final = [t for t in all_trials if t["epochs_budget"] == base["epochs"]]
     return sorted(final, key=lambda t: -t["valid_acc"]) + [t for t in all_trials if t not in final]
 
@@ -295,10 +292,9 @@ def write_results(out: Path, results: list[dict], names: list[str], space: dict,
 def plot_parallel(results: list[dict], names: list[str], space: dict, path: Path) -> Path:
     """Parallel coordinates: one axis per hyper-parameter (log axes for log ranges, choices spread
     evenly) and validation accuracy last; one line per trial, coloured by accuracy."""
-    import matplotlib
+    from gpumlp.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     axes_vals = []
     for n in names:
@@ -339,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the search the flags describe; print the table; write the result files."""
     from gpumlp.backend import get_backend
     from gpumlp.distribute import DaskTrials, LocalTrials, default_workers
+    from gpumlp.search import trial_gpus
 
     def log(msg: str) -> None:
         if not args.quiet:
@@ -350,7 +347,9 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers or default_workers(base_backend)
     t0 = time.perf_counter()
     trials = (
-        DaskTrials(arrays, args.dask, workers) if args.dask else LocalTrials(arrays, workers, base_backend)
+        DaskTrials(arrays, args.dask, workers)
+        if args.dask
+        else LocalTrials(arrays, workers, trial_gpus(base_backend))
     )
     try:
         log(

@@ -257,8 +257,8 @@ class FitConfig:
             raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
         positive = {"clip_norm": self.clip_norm, "clip_value": self.clip_value}
         for name, value in {**positive, "stop_param_change": self.stop_param_change}.items():
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+            if value is not None:
+                check_float(name, value, 0.0, math.inf, low_open=True, high_open=True)
         if self.augment is not None and self.augment_shift:
             raise ValueError("give the shift either as augment_shift or inside augment, not both")
 

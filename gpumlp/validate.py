@@ -23,14 +23,16 @@ def check_int(name: str, value, low: int, high: int | None = None) -> int:
 
 def check_float(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False):
     """A finite real number in the interval (open/closed ends as given) -> float, else ValueError."""
-    rng = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    rng = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if high == np.inf:  # a lower bound only: say "> 0" rather than "in (0, inf)"
+        rng = f"{'>' if low_open else '>='} {low:g}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number in {rng}, got {value!r}")
+        raise ValueError(f"{name} must be a number {rng}, got {value!r}")
     value = float(value)
     ok = np.isfinite(value) and (value > low if low_open else value >= low)
     ok = ok and (value < high if high_open else value <= high)
     if not ok:
-        raise ValueError(f"{name} must be a finite number in {rng}, got {value}")
+        raise ValueError(f"{name} must be a finite number {rng}, got {value}")
     return value
 
 

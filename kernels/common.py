@@ -56,17 +56,6 @@ def accumulate(acc, value, dtype):
     return acc
 
 
-def image_side(width: int, max_shift: int) -> int:
-    """Side of the square images stored as rows of ``width`` features, checking that
-    ``max_shift`` pixels fit: 0 <= max_shift < side. -> side."""
-    side = int(round(width**0.5))
-    if side * side != width:
-        raise ValueError(f"shift augmentation needs square images; {width} features is not a square")
-    if not 0 <= max_shift < side:
-        raise ValueError(f"max_shift must be in [0, {side}) for {side}x{side} images, got {max_shift}")
-    return side
-
-
 def gaussian_taps(sigma: float) -> np.ndarray:
     """The normalised Gaussian of std ``sigma`` the elastic fields are smoothed with, as
     scipy.ndimage.gaussian_filter samples it: radius int(4 sigma + 0.5). -> (2R+1,) float64."""

@@ -31,8 +31,8 @@ import numpy as np
 
 from .common import check_permutation_size as _check_permutation_size
 from .common import gaussian_taps as _gaussian_taps
-from .common import image_side as _image_side
 from .common import updates_running_stats as _updates_running_stats
+from .images import image_side as _image_side
 from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS
 
 _CUDA_DIR = _Path(__file__).resolve().parent / "cuda"

@@ -65,11 +65,11 @@ from .common import PHILOX_W as _PHILOX_W
 from .common import accumulate as _accumulate  # the same 0-d accumulator glue as the reference
 from .common import check_permutation_size as _check_permutation_size
 from .common import gaussian_taps as _gaussian_taps
-from .common import image_side as _image_side
 from .common import put as _put
 from .common import step_value as _step_value
 from .common import store_sum as _store_sum
 from .common import updates_running_stats as _updates_running_stats
+from .images import image_side as _image_side
 from .numba_math import exp as _exp
 from .numba_math import log1p as _log1p
 from .numba_math import sigmoid as _sigmoid

@@ -39,11 +39,11 @@ from .common import PHILOX_W as _PHILOX_W
 from .common import accumulate as _accumulate
 from .common import check_permutation_size as _check_permutation_size
 from .common import gaussian_taps as _gaussian_taps
-from .common import image_side as _image_side
 from .common import put as _put
 from .common import step_value as _step_value
 from .common import store_sum as _store_sum
 from .common import updates_running_stats as _updates_running_stats
+from .images import image_side as _image_side
 
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
 LEAKY_SLOPE = 0.01

@@ -114,3 +114,36 @@ def test_gather_warped_rejects_bad_shapes(be):
     with pytest.raises(ValueError, match="field"):
         bad = be.asarray(np.zeros((3, 2, 3, 3), np.float32))
         be.k.gather_warped(be.asarray(np.zeros((3, 9), np.float32)), idx, 5.0, 0.1, 1.0, 0, field=bad)
+
+
+@pytest.mark.parametrize("width, shift", [(10, 1), (9, 3), (9, 3.5)])
+def test_fit_and_every_kernel_check_images_with_one_rule(be, width, shift):
+    """Augment.check_images (run by fit before training) and the gather kernels refuse the same
+    images with the same message; an image that fits gives the same side."""
+    from gpumlp.augment import Augment
+
+    with pytest.raises(ValueError) as fit_error:
+        Augment(shift=shift).check_images(width)
+    idx = be.asarray(np.zeros(2, np.int32))
+    with pytest.raises(ValueError) as kernel_error:
+        be.k.gather_shifted(be.asarray(np.zeros((3, width), np.float32)), idx, int(shift), 0)
+    assert str(fit_error.value).split(", got")[0] == str(kernel_error.value).split(", got")[0]
+    assert Augment(shift=shift).check_images(16) == 4 and Augment().check_images(10) is None
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"shift": -1}, r"augmentation shift must be a finite number >= 0, got -1"),
+        ({"rotate": 181.0}, r"augmentation rotate \(degrees\) must be a finite number in \[0, 180\]"),
+        ({"scale": 1.0}, r"augmentation scale must be a finite number in \[0, 1\)"),
+        ({"elastic_alpha": float("nan")}, r"augmentation elastic_alpha must be a finite number >= 0"),
+        ({"elastic_sigma": 0.0}, r"augmentation elastic_sigma must be a finite number > 0"),
+        ({"shift": True}, r"augmentation shift must be a number >= 0, got True"),
+    ],
+)
+def test_augment_limits_are_checked_one_by_one(kw, message):
+    from gpumlp.augment import Augment
+
+    with pytest.raises(ValueError, match=message):
+        Augment(**kw)

@@ -181,6 +181,17 @@ def test_render_and_compare_roundtrip(quick_json):
     assert bad == len(res["epochs"]) + len(res["inference"])
 
 
+def test_bench_plots_are_pngs_drawn_by_gpumlp_plots(quick_json, tmp_path):
+    """--plot draws through gpumlp.plots (the one matplotlib setup): one PNG per figure."""
+    pytest.importorskip("matplotlib")
+    from gpumlp.bench.report import plot
+
+    res, _ = quick_json
+    paths = plot(res, tmp_path / "plots")
+    assert [p.name for p in paths] == ["epoch_time.png"]  # --quick: no sweep and no tta
+    assert paths[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
 def test_gpu_step_profile_counts_a_sync_free_step(tmp_path):
     """bench/gpu_step_profile.py drives the real training step on the emulated device,
     eagerly and through CUDA graphs."""

@@ -96,6 +96,55 @@ def test_predict_npz_matches_model(trained, tmp_path):
     assert all(abs(sum(map(float, r[1:])) - 1) < 1e-2 for r in rows)
 
 
+def _count_reads(monkeypatch, name: str) -> list:
+    """Every path named ``name`` that checkpoint.read or Path.read_text reads from now on (real reads)."""
+    from pathlib import Path
+
+    from gpumlp import checkpoint
+
+    seen = []
+    real_read, real_text = checkpoint.read, Path.read_text
+
+    def read(path, *a, **kw):
+        seen.extend([path] * (Path(path).name == name))
+        return real_read(path, *a, **kw)
+
+    def read_text(self, *a, **kw):
+        seen.extend([self] * (self.name == name))
+        return real_text(self, *a, **kw)
+
+    monkeypatch.setattr(checkpoint, "read", read)
+    monkeypatch.setattr(Path, "read_text", read_text)
+    return seen
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_eval_and_predict_read_the_model_file_once(trained, tmp_path, monkeypatch, capsys, command):
+    """One read and checksum of model.npz gives the model, its preprocessing and its classes."""
+    from gpumlp.cli import main
+    from gpumlp.data import load_mnist
+
+    out, _ = trained
+    np.savez(tmp_path / "five.npz", x=load_mnist().x_test[:5])
+    seen = _count_reads(monkeypatch, "model.npz")
+    more = [str(tmp_path / "five.npz")] if command == "predict" else []
+    assert main([command, str(out / "model.npz"), *more, "--backend", "numpy"]) == 0
+    assert len(seen) == 1
+    printed = capsys.readouterr().out
+    assert len(printed.split()) == 5 if command == "predict" else "test accuracy:" in printed
+
+
+def test_resume_reads_config_json_once(trained, tmp_path, monkeypatch):
+    from gpumlp.cli import main
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained[0], out)
+    seen = _count_reads(monkeypatch, "config.json")
+    flags = ["--resume", "--epochs", "3", "--backend", "numpy", "--no-progress"]
+    assert main(["train", "--out", str(out), *flags]) == 0
+    assert len(seen) == 1
+
+
 def test_info():
     proc = gpumlp("info")
     assert proc.returncode == 0, proc.stderr
@@ -182,4 +231,4 @@ def test_train_with_rotation_scaling_and_elastic_augmentation(tmp_path):
     assert (fit["augment_rotate"], fit["augment_scale"], fit["augment_elastic"]) == (10.0, 0.1, 20.0)
     assert fit["augment_elastic_sigma"] == 4.0  # the preset's default smoothing
     bad = gpumlp("train", *TINY, "--limit", "500", "--epochs", "1", "--augment-rotate", "270")
-    assert bad.returncode != 0 and "rotate in [0, 180]" in bad.stderr
+    assert bad.returncode != 0 and "rotate (degrees) must be a finite number in [0, 180]" in bad.stderr

@@ -289,7 +289,7 @@ def test_npz_cache_created_reused_and_rebuilt(tmp_path):
     first = load_mnist(d)
     npz = d / "mnist.npz"
     assert npz.is_file()
-    assert not [p for p in d.iterdir() if p.name.endswith(".part")]
+    assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
 
     # reused while the IDX files are unchanged
     t = npz.stat().st_mtime_ns

@@ -165,6 +165,27 @@ def test_idx_dir_errors_name_the_problem(tmp_path):
         load_idx_dir(tmp_path / "nope")
 
 
+@pytest.mark.parametrize(
+    "broken, problem",
+    [
+        ("train-labels-idx1-ubyte.gz", r"train-labels-idx1-ubyte.gz: labels must be 1-D .*swapped"),
+        ("t10k-images-idx3-ubyte.gz", r"t10k-images-idx3-ubyte.gz has 7 images but .* 52 labels"),
+    ],
+)
+def test_mnist_and_any_idx_dir_read_through_one_loader(tmp_path, broken, problem):
+    """load_mnist and load_idx_dir read a directory the same way: the same arrays, the same errors."""
+    from gpumlp.data import load_mnist
+
+    d = letters_dir(tmp_path / "m", side=28, classes=9)  # labels 1..9: valid MNIST labels
+    m, ds = load_mnist(d, download=False, cache=False), load_idx_dir(d)
+    assert np.array_equal(m.x_train, ds.x_train) and np.array_equal(m.y_test, ds.y_test)
+    bad = np.zeros((7, 28, 28) if "images" in broken else (260, 2), np.uint8)
+    write_idx(d / broken, bad)
+    for load in (lambda: load_mnist(d, download=False, cache=False), lambda: load_idx_dir(d)):
+        with pytest.raises(DataError, match=problem):
+            load()
+
+
 # ---------------------------------------------------------------- labels and splits
 def test_labels_map_to_classes_and_back():
     classes, ids = encode_labels(np.array(["dog", "cat", "dog", "emu"]))

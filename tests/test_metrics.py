@@ -1,4 +1,4 @@
-"""gpumlp.metrics against hand-computed cases and identities; gpumlp.report writes valid PNGs."""
+"""gpumlp.metrics against hand-computed cases and identities; gpumlp.plots writes valid PNGs."""
 
 from __future__ import annotations
 
@@ -147,9 +147,9 @@ def _assert_png(path):
     assert len(data) > 100 and data.startswith(PNG_MAGIC)
 
 
-def test_report_pngs(tmp_path):
+def test_plots_pngs(tmp_path):
     pytest.importorskip("matplotlib")
-    from gpumlp import report
+    from gpumlp import plots
 
     history = {
         "records": [
@@ -160,7 +160,7 @@ def test_report_pngs(tmp_path):
     rng = np.random.default_rng(0)
     X = rng.integers(0, 256, size=(40, 784)).astype(np.uint8)
     y_true, y_pred = rng.integers(0, 10, 40), rng.integers(0, 10, 40)
-    _assert_png(report.plot_history(history, tmp_path / "h.png"))
-    _assert_png(report.plot_misclassified(X, y_true, y_pred, tmp_path / "m.png"))
-    _assert_png(report.plot_misclassified(X, y_true, y_true, tmp_path / "none.png"))  # nothing wrong
-    _assert_png(report.plot_confusion(confusion_matrix(y_true, y_pred, 10), tmp_path / "sub" / "c.png"))
+    _assert_png(plots.plot_history(history, tmp_path / "h.png"))
+    _assert_png(plots.plot_misclassified(X, y_true, y_pred, tmp_path / "m.png"))
+    _assert_png(plots.plot_misclassified(X, y_true, y_true, tmp_path / "none.png"))  # nothing wrong
+    _assert_png(plots.plot_confusion(confusion_matrix(y_true, y_pred, 10), tmp_path / "sub" / "c.png"))

@@ -56,7 +56,7 @@ def test_bad_model_hyper_parameters(kwargs, message):
     "kwargs, message",
     [
         (dict(epochs=2.5), r"epochs must be an integer >= 1, got 2.5"),
-        (dict(tol=float("nan")), r"tol must be a finite number in \(0, inf\)"),
+        (dict(tol=float("nan")), r"tol must be a finite number > 0"),
         (dict(patience=0, valid_split=10), r"patience must be an integer >= 1"),
         (dict(patience=2), "patience needs validation data"),
         (dict(valid_split=1.5), "valid_split must be an integer"),

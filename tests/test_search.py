@@ -7,7 +7,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import pytest
 
 from gpumlp.data import make_circles
-from gpumlp.search import default_workers, grid, process_pool, refine, sample, search
+from gpumlp.search import coarse_to_fine, default_workers, grid, process_pool, refine, sample, search
 
 _PARENT_STATE: list = []  # changed by a test at run time: a forked worker would inherit it
 
@@ -87,16 +87,48 @@ def test_default_search_pool_spawns_its_workers():
     assert res.best["params"] == {"lr": 0.05} and res.best["valid_acc"] >= 0.9
 
 
+def _local_trials_pool(workers: int, gpus: int):
+    """The pool behind ``gpumlp search``'s local trials (the data kept in each worker)."""
+    from gpumlp.distribute import LocalTrials
+
+    return LocalTrials(_data(), workers, gpus=gpus).pool
+
+
+@pytest.mark.parametrize("make_pool", [process_pool, _local_trials_pool], ids=["search", "search-cli"])
 @pytest.mark.parametrize("visible, expected", [(None, {"0", "1"}), ("3,5", {"3", "5"})])
-def test_gpu_pool_gives_each_worker_its_own_gpu(monkeypatch, visible, expected):
+def test_gpu_pool_gives_each_worker_its_own_gpu(monkeypatch, visible, expected, make_pool):
+    """Both the search API's pool and the CLI's local trials pin one GPU per worker, chosen among
+    $CUDA_VISIBLE_DEVICES when set (the CLI's pool used to hand out 0, 1 regardless)."""
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager, process_pool(2, gpus=2) as ex:
+    with ctx.Manager() as manager, make_pool(2, gpus=2) as ex:
         barrier = manager.Barrier(2)
         assert {f.result() for f in [ex.submit(_visible_gpu, barrier) for _ in range(2)]} == expected
+
+
+def test_coarse_to_fine_refines_around_the_best_trial_so_far():
+    """A worse second round does not move the third round's space away from the first round's best."""
+    space = {"lr": ("log", 1e-4, 1.0)}
+    scores = iter([1.0, 0.0, 0.5])  # per round: round 1's trials are the best ones
+
+    def run(configs):
+        score = next(scores)
+        return sorted(({"params": c, "valid_acc": score - abs(c["lr"] - 0.01)} for c in configs),
+                      key=lambda t: -t["valid_acc"])  # fmt: skip
+
+    trials = coarse_to_fine(space, run, method="random", n_trials=4, rounds=3, shrink=0.5, seed=7)
+    by_round = [[t for t in trials if t["round"] == r] for r in (1, 2, 3)]
+    best1 = max(by_round[0], key=lambda t: t["valid_acc"])
+
+    def lrs(configs):
+        return sorted(c["lr"] for c in configs)
+
+    space2 = refine(space, best1["params"], 0.5)
+    assert lrs(t["params"] for t in by_round[1]) == lrs(sample(space2, 4, 8))
+    assert lrs(t["params"] for t in by_round[2]) == lrs(sample(refine(space2, best1["params"], 0.5), 4, 9))
 
 
 def test_default_workers_per_backend(monkeypatch):

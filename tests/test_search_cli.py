@@ -72,7 +72,7 @@ def test_successive_halving_keeps_the_best_third_and_grows_the_budget():
     X, y = blobs()
     data = (X[:240], y[:240], X[240:], y[240:])
     configs = [{"lr": lr} for lr in (1e-5, 3e-5, 1e-4, 1e-2, 3e-2, 0.1)]
-    trials = LocalTrials(data, workers=2, backend="numpy")
+    trials = LocalTrials(data, workers=2)
     try:
         results = successive_halving(trials, configs, {**BASE, "epochs": 9}, eta=3, min_epochs=1, log=print)
     finally:

@@ -1,4 +1,6 @@
 """``gpumlp bench``: every available backend and the PyTorch peer, same configs, same data, one run.
+This is the installed runner; the suites and scripts that need a checkout are in the top-level
+``bench/`` (see README.md here and there).
 
 Usage: ``python -m gpumlp.bench [--quick] [--backends numpy,numba,torch] [--configs seed,adam256]
 [--dtype float32] [--repeats N] [--json PATH] [--markdown PATH] [--plot DIR] [--compare OLD.json]

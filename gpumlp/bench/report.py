@@ -295,13 +295,9 @@ def compare(new: dict, old: dict, threshold: float = REGRESSION) -> tuple[str, i
 # --------------------------------------------------------------------- plots
 def plot(res: dict, out_dir: str | Path) -> list[Path]:
     """Write PNGs (epoch time, sweeps, tta) into out_dir; -> paths written."""
-    try:
-        import matplotlib
+    from gpumlp.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise RuntimeError(f"--plot needs matplotlib ({e}); pip install 'gpumlp[plot]'") from None
+    plt = pyplot()  # a one-line ImportError naming the plot extra when matplotlib is missing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -323,7 +319,7 @@ def plot(res: dict, out_dir: str | Path) -> list[Path]:
         ax.set_yscale("log")
         ax.legend()
         ax.set_title("Epoch time, 55k MNIST samples")
-        written.append(_save(fig, out / "epoch_time.png", plt))
+        written.append(_save(fig, out / "epoch_time.png"))
 
     for kind in ("width", "batch"):
         pts = [p for p in res.get("sweep", []) if p["kind"] == kind]
@@ -338,7 +334,7 @@ def plot(res: dict, out_dir: str | Path) -> list[Path]:
         ax.set_xlabel("hidden width (784-W-10, batch 256)" if kind == "width" else "batch size (784-256-10)")
         ax.set_ylabel("seconds per epoch")
         ax.legend()
-        written.append(_save(fig, out / f"sweep_{kind}.png", plt))
+        written.append(_save(fig, out / f"sweep_{kind}.png"))
 
     if res.get("tta"):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -350,15 +346,15 @@ def plot(res: dict, out_dir: str | Path) -> list[Path]:
         ax.set_xlabel("training seconds (eval excluded)")
         ax.set_ylabel("MNIST test accuracy")
         ax.legend()
-        written.append(_save(fig, out / "tta.png", plt))
+        written.append(_save(fig, out / "tta.png"))
     return written
 
 
-def _save(fig, path: Path, plt) -> Path:
+def _save(fig, path: Path) -> Path:
+    from gpumlp.plots import save_png
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def all_numbers_finite(obj) -> bool:

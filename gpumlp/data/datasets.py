@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpumlp.data.idx import DataError, read_idx
+from gpumlp.data.idx import DataError, read_idx_splits
 from gpumlp.data.mnist import cache_root, download_files, load_mnist
 
 NPZ_LAYOUTS = (("X", "y", "X_test", "y_test"), ("x_train", "y_train", "x_test", "y_test"))
@@ -300,16 +300,7 @@ def load_idx_dir(directory: str | os.PathLike, files: Sequence[str] | None = Non
         paths = dict(zip(("x_train", "y_train", "x_test", "y_test"), (directory / f for f in files)))
     else:
         paths = find_idx_files(directory)
-    arrays = {role: read_idx(p) for role, p in paths.items()}
-    for split in ("train", "test"):
-        if f"x_{split}" in arrays:
-            x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-            if x.ndim < 2 or y.ndim != 1:
-                raise DataError(
-                    f"{paths[f'x_{split}']} / {paths[f'y_{split}']}: expected images (N, H, W) and labels "
-                    "(N,), "
-                    f"got shapes {x.shape} and {y.shape}; are images and labels swapped?"
-                )
+    arrays = read_idx_splits(paths)
     test = (arrays.get("x_test"), arrays.get("y_test"))
     return _dataset(arrays["x_train"], arrays["y_train"], *test, source=str(directory), pixels=True)
 

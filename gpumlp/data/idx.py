@@ -11,6 +11,7 @@ import gzip
 import math
 import os
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,29 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (gzip or raw) -> uint8 array with the header's dims, e.g. (60000, 28, 28)."""
     path = Path(path)
     return parse_idx(_read_bytes(path), str(path))
+
+
+def read_idx_splits(paths: Mapping[str, Path]) -> dict[str, np.ndarray]:
+    """Read IDX files by role (``x_train``, ``y_train``[, ``x_test``, ``y_test``]) -> uint8 arrays by role,
+    each split checked: images (N, H, W) or (N, F), labels (N,), the same N."""
+    arrays = {role: read_idx(p) for role, p in paths.items()}
+    for split in ("train", "test"):
+        xr, yr = f"x_{split}", f"y_{split}"
+        if xr not in arrays:
+            continue
+        x, y = arrays[xr], arrays[yr]
+        if y.ndim != 1:
+            raise DataError(
+                f"{paths[yr]}: labels must be 1-D (N,), got shape {y.shape}; are images and labels swapped?"
+            )
+        if x.ndim < 2:
+            raise DataError(
+                f"{paths[xr]}: images must be (N, H, W) or (N, F), got shape {x.shape}; "
+                "are images and labels swapped?"
+            )
+        if len(x) != len(y):
+            raise DataError(
+                f"{paths[xr]} has {len(x)} images but {paths[yr]} has {len(y)} labels; "
+                "the counts must match (mixed-up or truncated files?)"
+            )
+    return arrays

@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import logging
 import os
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpumlp.data.idx import DataError, read_idx
+from gpumlp.atomic import atomic_write
+from gpumlp.data.idx import DataError, read_idx_splits
 
 log = logging.getLogger(__name__)
 
@@ -129,22 +129,16 @@ def _download_file(url: str, dest: Path, md5: str | tuple[str, str | None], time
     ``md5`` is the archive's md5, or (archive md5, md5 of the gunzipped bytes): a repackaged copy
     (recompressed, so another archive md5) is accepted when its content md5 matches."""
     want, content_md5 = (md5, None) if isinstance(md5, str) else md5
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        digest = hashlib.md5()
-        req = urllib.request.Request(url, headers={"User-Agent": "gpumlp"})
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(req, timeout=timeout) as resp:
-            while chunk := resp.read(_CHUNK):
-                digest.update(chunk)
-                f.write(chunk)
+    digest = hashlib.md5()
+    req = urllib.request.Request(url, headers={"User-Agent": "gpumlp"})
+    with atomic_write(dest) as f, urllib.request.urlopen(req, timeout=timeout) as resp:
+        while chunk := resp.read(_CHUNK):
+            digest.update(chunk)
+            f.write(chunk)
+        f.flush()
         got = digest.hexdigest()
-        if got != want and not (content_md5 and _gunzip_md5(Path(tmp)) == content_md5):
+        if got != want and not (content_md5 and _gunzip_md5(Path(f.name)) == content_md5):
             raise DataError(f"md5 mismatch for {dest.name} from {url}: expected {want}, got {got}")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the data is not secret
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _gunzip_md5(path: Path) -> str | None:
@@ -237,7 +231,7 @@ def _check_split(images: np.ndarray, labels: np.ndarray, img_name: str, lbl_name
 def _read_dir(directory: Path) -> dict[str, np.ndarray]:
     """Read and validate the four IDX files of ``directory`` -> the MNIST arrays by field name."""
     paths = {k: _find_file(directory, stem) for k, stem in FILES.items()}
-    raw = {k: read_idx(p) for k, p in paths.items()}
+    raw = read_idx_splits(paths)
     out = {}
     for split in ("train", "test"):
         xi, yi = f"x_{split}", f"y_{split}"
@@ -286,18 +280,11 @@ def _load_npz(directory: Path, key: np.ndarray) -> dict[str, np.ndarray] | None:
 def _save_npz(directory: Path, arrays: dict[str, np.ndarray], key: np.ndarray) -> None:
     """Write ``mnist.npz`` (with the source ``key``) atomically if ``directory`` is writable;
     failures are only logged."""
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{CACHE_NAME}.", suffix=".part")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(directory / CACHE_NAME) as f:
             np.savez_compressed(f, **arrays, **{CACHE_KEY: key})
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the data is not secret
-        os.replace(tmp, directory / CACHE_NAME)
     except OSError as e:
         log.debug("not caching MNIST in %s (%s)", directory, e)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------- entry point

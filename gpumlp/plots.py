@@ -1,8 +1,8 @@
-"""PNG reports: training curves, misclassified digits, confusion matrix.
+"""Plots as PNG files: training curves, misclassified digits, confusion matrix.
 
 matplotlib is optional (the ``plot`` extra) and imported only when a plot is
 drawn, always with the non-interactive Agg backend, so nothing here needs a
-display and ``import gpumlp.report`` never needs matplotlib.
+display and ``import gpumlp.plots`` never needs matplotlib.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 PLOT_HINT = "pip install -e '.[plot]'"
 
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or a clear ImportError naming the extra."""
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend, or a one-line ImportError naming the extra."""
     try:
         import matplotlib
     except ImportError:
@@ -31,15 +31,15 @@ def _pyplot():
 
 def require_matplotlib() -> None:
     """Raise the ImportError naming the ``plot`` extra now (before a long run) if matplotlib is missing."""
-    _pyplot()
+    pyplot()
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    """Write a figure as PNG (creating parent folders) and close it."""
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure as PNG at ``path`` (creating parent folders), close it -> the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -53,7 +53,7 @@ def _records(history: dict) -> list[dict]:
 
 def plot_history(history: dict, path: str | os.PathLike) -> Path:
     """Cost and accuracy per epoch (train, and valid when recorded) side by side -> PNG at ``path``."""
-    plt = _pyplot()
+    plt = pyplot()
     recs = _records(history)
     epochs = [r["epoch"] for r in recs]
     fig, (ax_cost, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -69,30 +69,27 @@ def plot_history(history: dict, path: str | os.PathLike) -> Path:
         ax.legend()
     ax_cost.set_title("cost per sample")
     ax_acc.set_title("accuracy")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_misclassified(X, y_true, y_pred, path: str | os.PathLike, n: int = 25) -> Path:
     """Up to ``n`` misclassified 28x28 images of X (N, 784) in a square grid titled "t: 7 p: 2" -> PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     X, y_true, y_pred = np.asarray(X), np.asarray(y_true), np.asarray(y_pred)
     if X.ndim != 2 or X.shape[1] != 784:
         raise ValueError(f"plot_misclassified needs (N, 784) images of 28x28 digits, got shape {X.shape}")
     wrong = np.flatnonzero(y_true != y_pred)[:n]
-    side = max(1, int(np.ceil(np.sqrt(n))))
-    fig, axes = plt.subplots(side, side, figsize=(1.6 * side, 1.8 * side))
-    for ax in np.ravel(axes):
-        ax.axis("off")
-    for ax, i in zip(np.ravel(axes), wrong):
-        ax.imshow(X[i].reshape(28, 28), cmap="gray_r")
-        ax.set_title(f"t: {y_true[i]} p: {y_pred[i]}", fontsize=9)
-    fig.suptitle(f"{len(wrong)} misclassified" + ("" if len(wrong) else " (none)"))
-    return _save(fig, path)
+    cols = max(1, int(np.ceil(np.sqrt(n))))
+    fig = plt.figure(figsize=(1.6 * cols, 1.8 * cols))
+    titles = [f"t: {y_true[i]} p: {y_pred[i]}" for i in wrong]
+    title = f"{len(wrong)} misclassified" + ("" if len(wrong) else " (none)")
+    _digit_grid(fig, X[wrong], titles, cols, title)
+    return save_png(fig, path)
 
 
 def plot_confusion(cm, path: str | os.PathLike) -> Path:
     """Confusion matrix (rows true, columns predicted) as an annotated heat map -> PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(cm)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         raise ValueError(f"confusion matrix must be square (K, K), got shape {cm.shape}")
@@ -106,12 +103,12 @@ def plot_confusion(cm, path: str | os.PathLike) -> Path:
         for j in range(k):
             color = "white" if cm[i, j] > threshold else "black"
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=color)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_grad_norms(history: dict, path: str | os.PathLike) -> Path:
     """Each layer's RMS gradient norm per epoch (the ``grad_norms`` records), log scale -> PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     recs = _records(history)
     if not all("grad_norms" in r for r in recs):
         raise ValueError("history has no grad_norms; train with log_grad_norms=True (--log-grad-norms)")
@@ -123,7 +120,7 @@ def plot_grad_norms(history: dict, path: str | os.PathLike) -> Path:
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _digit_grid(fig, images, titles: list[str], cols: int, title: str) -> None:
@@ -141,31 +138,31 @@ def _digit_grid(fig, images, titles: list[str], cols: int, title: str) -> None:
 
 def plot_samples(X, y, path: str | os.PathLike, title: str = "one sample per class") -> Path:
     """The first image (N, 784) of every class in y, left to right by class -> PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     X, y = np.asarray(X), np.asarray(y)
     classes = np.unique(y)
     first = [int(np.flatnonzero(y == c)[0]) for c in classes]
     fig = plt.figure(figsize=(1.2 * len(classes), 1.7))
     _digit_grid(fig, X[first], [f"class {c}" for c in classes], len(classes), title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_variants(panels: dict[str, np.ndarray], path: str | os.PathLike, title: str) -> Path:
     """Side-by-side square grids, one per {panel title: images (N, 784)} -> PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     n = max(len(v) for v in panels.values())
     cols = max(1, int(np.ceil(np.sqrt(n))))
     fig = plt.figure(figsize=(1.1 * cols * len(panels) + 0.5, 1.1 * cols + 0.8))
     for sub, (name, images) in zip(np.atleast_1d(fig.subfigures(1, len(panels))), panels.items()):
         _digit_grid(sub, images, [""] * len(images), cols, name)
     fig.suptitle(title, y=1.04)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_nonlinear(result, path: str | os.PathLike, resolution: int = 200) -> Path:
     """Decision boundaries of every variant of a :class:`gpumlp.experiment.NonlinearResult`
     side by side (training points on top), plus their loss curves -> PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
 
     X, y, k = result.X, result.y, int(result.y.max()) + 1
@@ -196,4 +193,4 @@ def plot_nonlinear(result, path: str | os.PathLike, resolution: int = 200) -> Pa
         ax.axis("off")
     fig.suptitle(f"{result.dataset}: linear vs nonlinear models", fontsize=13)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
