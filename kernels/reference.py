@@ -22,8 +22,10 @@ Conventions shared by every kernel
 * Labels outside ``[0, K)`` are the caller's error (the framework validates
   them at the API boundary); a backend may raise on them but never reads or
   writes out of bounds.
-* Activations are named ``identity``, ``sigmoid``, ``tanh``, ``relu`` and
-  ``leaky_relu`` (negative slope ``LEAKY_SLOPE``).
+* Activations are the rows of ``activations.py`` (``identity``, ``sigmoid``, ``tanh``, ``relu``,
+  ``leaky_relu`` with negative slope ``LEAKY_SLOPE``, ``gelu``, ``gelu_tanh``, ``silu``, ``softplus``);
+  ``act_grad`` needs the pre-activation (``pre=``, kept by ``bias_act(..., pre=)``) for those whose
+  row says ``needs_input``.
 * Per-step integers (Adam's ``t``, dropout's and ``gather_shifted``'s ``step``)
   are a Python int or a 1-element int64 array on the backend's device. The training loop passes the
   array: a GPU kernel reads it on the device, so a captured CUDA graph replays
@@ -34,8 +36,11 @@ from __future__ import annotations
 
 import numpy as np
 
-ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
-LEAKY_SLOPE = 0.01
+# ACTIVATIONS and LEAKY_SLOPE are re-exported: the contract's constants come from the table
+from .activations import ACTIVATIONS as ACTIVATIONS
+from .activations import LEAKY_SLOPE as LEAKY_SLOPE
+from .activations import activation, grad_spec
+
 # sigmoid_bce treats probabilities as clipped to [LOG_EPS, 1 - LOG_EPS]: no log(0), and
 # each class term costs at most -log(LOG_EPS) ~ 27.6.
 LOG_EPS = 1e-12
@@ -44,11 +49,6 @@ _M32 = 0xFFFFFFFF
 # round multipliers and Weyl key increments.
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
-
-
-def _check_act(act: str) -> None:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
 def _step_value(t) -> int:
@@ -92,37 +92,22 @@ def matmul(a, b, out=None, trans_a=False, trans_b=False):
     return np.matmul(a, b, out=out)
 
 
-def bias_act(z, b, act, out=None):
-    """Forward of a dense layer's tail: ``act(z + b)``. z: (B,N), b: (N,) -> (B,N)."""
-    _check_act(act)
+def bias_act(z, b, act, out=None, pre=None):
+    """Forward of a dense layer's tail: ``act(z + b)``, act's NumPy definition in activations.py.
+    ``pre``, when given, receives the pre-activation z + b too (act_grad needs it for some
+    activations). z: (B,N), b: (N,) -> (B,N)."""
+    spec = activation(act)
     s = z + b
-    if act == "identity":
-        y = s
-    elif act == "sigmoid":
-        y = 1.0 / (1.0 + np.exp(-s))
-    elif act == "tanh":
-        y = np.tanh(s)
-    elif act == "relu":
-        y = np.maximum(s, 0)
-    else:
-        y = np.where(s > 0, s, s * LEAKY_SLOPE)
-    return _put(out, y.astype(z.dtype, copy=False))
+    if pre is not None:
+        pre[...] = s
+    return _put(out, spec.forward(s).astype(z.dtype, copy=False))
 
 
-def act_grad(grad_out, y, act, out=None):
-    """Backward Hadamard product ``grad_out * act'(.)``, the derivative taken from
-    the activation's *output* y. grad_out, y: (B,N) -> (B,N)."""
-    _check_act(act)
-    if act == "identity":
-        d = np.ones_like(y)
-    elif act == "sigmoid":
-        d = y * (1 - y)
-    elif act == "tanh":
-        d = 1 - y * y
-    elif act == "relu":
-        d = (y > 0).astype(y.dtype)
-    else:
-        d = np.where(y > 0, 1, LEAKY_SLOPE).astype(y.dtype)
+def act_grad(grad_out, y, act, out=None, pre=None):
+    """Backward Hadamard product ``grad_out * act'(s)``, the derivative taken from the activation's
+    output y, and from the pre-activation ``pre`` (s) for the activations whose table row needs
+    it (else ``pre`` is not read). grad_out, y, pre: (B,N) -> (B,N)."""
+    d = grad_spec(act, pre).derivative(y, pre)
     return _put(out, grad_out * d)
 
 
