@@ -60,7 +60,10 @@ import numpy as np
 from numba import prange
 
 from ._jit import njit  # numba.njit, without the disk cache where none can be written
-from .activations import CODE_LIMIT, GELU_TANH_A, SQRT_2_OVER_PI, activation, grad_spec
+from .activations import CODE_LIMIT as _CODE_LIMIT
+from .activations import GELU_TANH_A as _GELU_TANH_A
+from .activations import SQRT_2_OVER_PI as _SQRT_2_OVER_PI
+from .activations import activation, grad_spec
 from .numba_math import exp as _exp
 from .numba_math import log1p as _log1p
 from .numba_math import sigmoid as _sigmoid
@@ -82,7 +85,7 @@ from .reference import (
 )
 
 # bias_act's internal passes around NumPy's vectorised exp (float64 sigmoid): beyond every activation code
-_NEGATE, _SIGMOID_FINISH = CODE_LIMIT, CODE_LIMIT + 1
+_NEGATE, _SIGMOID_FINISH = _CODE_LIMIT, _CODE_LIMIT + 1
 _INV_SQRT_2, _INV_SQRT_2PI = 1.0 / math.sqrt(2.0), 1.0 / math.sqrt(2.0 * math.pi)
 # Elements from which a kernel uses its parallel variant (see the module docstring and _par_min).
 _PAR_MIN_2_THREADS = 1 << 22  # measured on the 2-core dev box
@@ -243,7 +246,7 @@ def _bias_act_rows(z, b, out, pre, keep, code, r0, r1):
         for i in range(r0, r1):
             for j in range(n):
                 s = z[i, j] + b[j]
-                out[i, j] = s * _sigmoid(2.0 * SQRT_2_OVER_PI * (s + GELU_TANH_A * s * s * s))
+                out[i, j] = s * _sigmoid(2.0 * _SQRT_2_OVER_PI * (s + _GELU_TANH_A * s * s * s))
     elif code == 7:  # silu
         for i in range(r0, r1):
             for j in range(n):
@@ -326,8 +329,8 @@ def _act_grad_range(g, y, s, out, code, lo, hi):
     elif code == 6:  # gelu_tanh: p + 2 s p (1 - p) u'(s), p = sigmoid(2u)
         for i in range(lo, hi):
             x = s[i]
-            p = _sigmoid(2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_A * x * x * x))
-            du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_A * x * x)
+            p = _sigmoid(2.0 * _SQRT_2_OVER_PI * (x + _GELU_TANH_A * x * x * x))
+            du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_A * x * x)
             out[i] = g[i] * (p + 2.0 * x * p * (1.0 - p) * du)
     elif code == 7:  # silu: p (1 + s (1 - p)), p = sigmoid(s)
         for i in range(lo, hi):
