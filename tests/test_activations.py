@@ -8,7 +8,11 @@ and test_gradients.py, parametrised over the table.)"""
 from __future__ import annotations
 
 import inspect
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +207,32 @@ def test_new_activations_train_like_the_reference(name):
         if len(states) == 3:  # eager and graph steps on the CUDA backend: bit for bit
             for key, eager in states[1].items():
                 np.testing.assert_array_equal(states[2][key], eager, err_msg=f"{act} {key}")
+
+
+@pytest.mark.parametrize("act", ["gelu", "softplus"])
+def test_cli_trains_with_the_tables_activations(act, tmp_path):
+    """``--act`` offers every row of the table (one that needs the pre-activation, one that does not)."""
+    env = {**os.environ, "GPUMLP_BACKEND": "numpy"}
+    args = ["--limit", "2000", "--spec", "784-32-10", "--optimizer", "adam", "--lr", "0.003", "--no-progress"]
+    cmd = [sys.executable, "-m", "gpumlp", "train", *args, "--act", act, "--epochs", "1", "--out", tmp_path]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["model"]["act"] == act and metrics["test_accuracy"] > 0.6
+    usage = subprocess.run([*cmd[:4], "--help"], capture_output=True, text=True, timeout=60, env=env).stdout
+    assert "{" + ",".join(activations.ACTIVATIONS) + "}" in usage.replace("\n", "").replace(" ", "")
+
+
+@pytest.mark.parametrize("act", NEW)
+def test_bench_torch_peer_builds_the_same_network(act):
+    """The benchmark's PyTorch peer maps the activation through the export's table: same logits."""
+    torch = pytest.importorskip("torch")
+    from gpumlp.bench.peers import TorchRecipe
+
+    recipe = TorchRecipe([12, 16, 8, 3], act, "softmax_xent", "sgd", 0.1, dtype="float64", seed=2)
+    model = MLP([12, 16, 8, 3], act=act, dtype="float64", backend="numpy", seed=2)
+    x = np.random.default_rng(0).normal(size=(10, 12)) * 3
+    with torch.no_grad():
+        got = recipe.model(torch.from_numpy(x).to(recipe.device)).cpu().numpy()
+    # the peer's Linear layers hold the weights rounded through float32; GELU's two forms differ by ~1e-3
+    np.testing.assert_allclose(got, model.forward(x), rtol=1e-5, atol=1e-6)
