@@ -39,7 +39,8 @@ import numpy as np
 # ACTIVATIONS and LEAKY_SLOPE are re-exported: the contract's constants come from the table
 from .activations import ACTIVATIONS as ACTIVATIONS
 from .activations import LEAKY_SLOPE as LEAKY_SLOPE
-from .activations import activation, grad_spec
+from .activations import activation as _activation
+from .activations import grad_spec as _grad_spec
 
 # sigmoid_bce treats probabilities as clipped to [LOG_EPS, 1 - LOG_EPS]: no log(0), and
 # each class term costs at most -log(LOG_EPS) ~ 27.6.
@@ -96,7 +97,7 @@ def bias_act(z, b, act, out=None, pre=None):
     """Forward of a dense layer's tail: ``act(z + b)``, act's NumPy definition in activations.py.
     ``pre``, when given, receives the pre-activation z + b too (act_grad needs it for some
     activations). z: (B,N), b: (N,) -> (B,N)."""
-    spec = activation(act)
+    spec = _activation(act)
     s = z + b
     if pre is not None:
         pre[...] = s
@@ -107,7 +108,7 @@ def act_grad(grad_out, y, act, out=None, pre=None):
     """Backward Hadamard product ``grad_out * act'(s)``, the derivative taken from the activation's
     output y, and from the pre-activation ``pre`` (s) for the activations whose table row needs
     it (else ``pre`` is not read). grad_out, y, pre: (B,N) -> (B,N)."""
-    d = grad_spec(act, pre).derivative(y, pre)
+    d = _grad_spec(act, pre).derivative(y, pre)
     return _put(out, grad_out * d)
 
 

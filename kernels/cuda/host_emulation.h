@@ -509,7 +509,7 @@ inline int lane_id() { return (int)(linear_tid() & 31u); }
     std::abort();
 }
 #else
-inline void __trap() {
+__attribute__((no_sanitize_address)) inline void __trap() {
     const uint3 t = threadIdx, b = blockIdx;
     cuda_emu::info->fault = cuda_emu::trapped;
     cuda_emu::info->thread[0] = t.x, cuda_emu::info->thread[1] = t.y, cuda_emu::info->thread[2] = t.z;
