@@ -336,9 +336,10 @@ def _act_grad_range(g, y, s, out, code, lo, hi):
         for i in range(lo, hi):
             p = _sigmoid(s[i])
             out[i] = g[i] * (p * (1.0 + s[i] * (1.0 - p)))
-    elif code == 8:  # softplus: sigmoid(s) = 1 - e^-y
+    elif code == 8:  # softplus: sigmoid(s) = 1 - e^-y = 2t / (1 + t), t = tanh(y/2): SIMD, no cancellation
         for i in range(lo, hi):
-            out[i] = g[i] * -math.expm1(-y[i])
+            t = _tanh(0.5 * y[i])
+            out[i] = g[i] * (2.0 * t / (1.0 + t))
     else:
         raise ValueError("act_grad: unknown activation code")
 
