@@ -9,8 +9,9 @@ NumPy definition: ``forward(s) -> y`` and ``derivative(y, s) -> act'(s)``, which
 
 Adding an activation: a row here, a ``case`` in ``activate``/``activate_grad`` of
 ``cuda/device_common.h`` (with its ``ACT_`` code) and a branch in ``_bias_act_rows`` and
-``_act_grad_range`` of ``numba_cpu.py``. Codes stay below ``CODE_LIMIT``: a backend's internal
-passes use codes from there on, so they never collide with an activation.
+``_act_grad_range`` of ``numba_cpu.py``; outside the kernels, its ONNX nodes and torch module in
+``gpumlp/export.py``. The tests find each of these missing. Codes stay below ``CODE_LIMIT``: a
+backend's internal passes use codes from there on, so they never collide with an activation.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 @dataclass(frozen=True)
 class ActivationSpec:
     """One activation: ``forward(s)`` and ``derivative(y, s)`` take and return NumPy arrays of one
-    float dtype (``s`` is None in ``derivative`` unless ``needs_input``)."""
+    float dtype (``derivative`` may get ``s=None`` unless ``needs_input``)."""
 
     name: str
     code: int
