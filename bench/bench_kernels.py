@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gpumlp import backend
+from gpumlp.kernels.activations import needs_input
 
 BACKENDS = ("numpy", "numba")
 DTYPE = np.float32
@@ -44,20 +45,25 @@ def _data(shape, seed=0):
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("shape", ACT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh", "gelu", "silu", "softplus"])
 def test_bias_act(benchmark, name, shape, act):
+    # as Dense.forward in training: the pre-activation is kept where act_grad needs it
     be = _backend(name)
     z, b, out = _data(shape), _data(shape[1:]), np.empty(shape, DTYPE)
-    _run(benchmark, be, lambda: be.k.bias_act(z, b, act, out=out), 2 * z.nbytes + b.nbytes)
+    pre = np.empty(shape, DTYPE) if needs_input(act) else None
+    nbytes = (2 + (pre is not None)) * z.nbytes + b.nbytes
+    _run(benchmark, be, lambda: be.k.bias_act(z, b, act, out=out, pre=pre), nbytes)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("shape", ACT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("act", ["relu", "sigmoid"])
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "gelu", "silu", "softplus"])
 def test_act_grad(benchmark, name, shape, act):
     be = _backend(name)
     g, y, out = _data(shape), np.abs(_data(shape, 1)) % 1, np.empty(shape, DTYPE)
-    _run(benchmark, be, lambda: be.k.act_grad(g, y, act, out=out), 3 * g.nbytes)
+    pre = _data(shape, 2) if needs_input(act) else None
+    nbytes = (3 + (pre is not None)) * g.nbytes
+    _run(benchmark, be, lambda: be.k.act_grad(g, y, act, out=out, pre=pre), nbytes)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from gpumlp.kernels.reference import LEAKY_SLOPE
+from gpumlp.kernels.activations import GELU_TANH_A, LEAKY_SLOPE, SQRT_2_OVER_PI
 from gpumlp.model import MLP
 
 ONNX_OPSET = 17
@@ -77,7 +77,39 @@ def prep_affine(prep, n_features: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------- ONNX
-_ONNX_ACTS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "leaky_relu": "LeakyRelu"}
+def _onnx_gelu(node, const, x: str, name: str) -> str:
+    """x (1 + erf(x / sqrt 2)) / 2 from opset-13 ops (ONNX's own Gelu needs opset 20)."""
+    scaled = node("Mul", [x, const(f"{name}.inv_sqrt2", 1 / np.sqrt(2.0))], f"{name}.scaled")
+    return _onnx_half_x_one_plus(node, const, x, node("Erf", [scaled], f"{name}.erf"), name)
+
+
+def _onnx_gelu_tanh(node, const, x: str, name: str) -> str:
+    """x (1 + tanh(sqrt(2/pi) (x + A x^3))) / 2, as torch's GELU(approximate="tanh")."""
+    cube = node("Mul", [x, node("Mul", [x, x], f"{name}.sq")], f"{name}.cube")
+    a_cube = node("Mul", [cube, const(f"{name}.a", GELU_TANH_A)], f"{name}.a_cube")
+    inner = node("Add", [x, a_cube], f"{name}.inner")
+    u = node("Mul", [inner, const(f"{name}.k", SQRT_2_OVER_PI)], f"{name}.u")
+    return _onnx_half_x_one_plus(node, const, x, node("Tanh", [u], f"{name}.tanh"), name)
+
+
+def _onnx_half_x_one_plus(node, const, x: str, t: str, name: str) -> str:
+    """x / 2 * (1 + t), the node ``name``."""
+    half_x = node("Mul", [x, const(f"{name}.half", 0.5)], f"{name}.half_x")
+    return node("Mul", [half_x, node("Add", [t, const(f"{name}.one", 1.0)], f"{name}.one_plus")], name)
+
+
+# activation -> builder(node, const, x, name) of its ONNX nodes (opset 17) after x
+ONNX_ACTIVATIONS = {
+    "identity": lambda node, const, x, name: x,
+    "relu": lambda node, const, x, name: node("Relu", [x], name),
+    "sigmoid": lambda node, const, x, name: node("Sigmoid", [x], name),
+    "tanh": lambda node, const, x, name: node("Tanh", [x], name),
+    "leaky_relu": lambda node, const, x, name: node("LeakyRelu", [x], name, alpha=LEAKY_SLOPE),
+    "gelu": _onnx_gelu,
+    "gelu_tanh": _onnx_gelu_tanh,
+    "silu": lambda node, const, x, name: node("Mul", [x, node("Sigmoid", [x], f"{name}.sigmoid")], name),
+    "softplus": lambda node, const, x, name: node("Softplus", [x], name),
+}
 
 
 def to_onnx(model: MLP, prep=None):
@@ -106,9 +138,9 @@ def to_onnx(model: MLP, prep=None):
         kind, p = type(layer).__name__, (lambda name, i=i: arrays[f"param/{i}.{name}"])
         if kind == "Dense":
             x = node("Gemm", [x, const(f"{i}.W", p("W")), const(f"{i}.b", p("b"))], f"{i}.dense")
-            x = _onnx_act(node, layer.act, x, f"{i}.{layer.act}")
+            x = ONNX_ACTIVATIONS[layer.act](node, const, x, f"{i}.{layer.act}")
         elif kind == "Activation":
-            x = _onnx_act(node, layer.act, x, f"{i}.{layer.act}")
+            x = ONNX_ACTIVATIONS[layer.act](node, const, x, f"{i}.{layer.act}")
         elif kind == "BatchNorm":
             stats = [const(f"{i}.{s}", arrays[f"state/{i}.{s}"]) for s in ("running_mean", "running_var")]
             bn_in = [x, const(f"{i}.gamma", p("gamma")), const(f"{i}.beta", p("beta")), *stats]
@@ -132,13 +164,6 @@ def to_onnx(model: MLP, prep=None):
     return proto
 
 
-def _onnx_act(node, act: str, x: str, name: str) -> str:
-    """The activation node after ``x`` (none for identity)."""
-    if act == "identity":
-        return x
-    return node(_ONNX_ACTS[act], [x], name, **({"alpha": LEAKY_SLOPE} if act == "leaky_relu" else {}))
-
-
 def _onnx_io(helper, onnx, name: str, width: int):
     return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", width])
 
@@ -159,8 +184,12 @@ def save_onnx(model: MLP, prep, path: str | os.PathLike) -> None:
 
 
 # ------------------------------------------------------------------- PyTorch
-_TORCH_ACTS = {"relu": ("ReLU", {}), "sigmoid": ("Sigmoid", {}), "tanh": ("Tanh", {}),
-               "leaky_relu": ("LeakyReLU", {"negative_slope": LEAKY_SLOPE})}  # fmt: skip
+# activation -> (torch.nn module name, kwargs); the bench's torch peer uses it too
+TORCH_ACTIVATIONS = {
+    "identity": ("Identity", {}), "relu": ("ReLU", {}), "sigmoid": ("Sigmoid", {}), "tanh": ("Tanh", {}),
+    "leaky_relu": ("LeakyReLU", {"negative_slope": LEAKY_SLOPE}), "gelu": ("GELU", {"approximate": "none"}),
+    "gelu_tanh": ("GELU", {"approximate": "tanh"}), "silu": ("SiLU", {}), "softplus": ("Softplus", {}),
+}  # fmt: skip
 
 
 def torch_export(model: MLP, prep=None) -> tuple[list, dict[str, np.ndarray]]:
@@ -181,9 +210,9 @@ def torch_export(model: MLP, prep=None) -> tuple[list, dict[str, np.ndarray]]:
             state.update({f"{j}.weight": W.T.astype(dt), f"{j}.bias": b.astype(dt)})
             n = layer.n_out
             if layer.act != "identity":
-                spec.append(list(_TORCH_ACTS[layer.act]))
+                spec.append(list(TORCH_ACTIVATIONS[layer.act]))
         elif kind == "Activation":
-            spec.append(list(_TORCH_ACTS[layer.act]))
+            spec.append(list(TORCH_ACTIVATIONS[layer.act]))
         elif kind == "BatchNorm":  # ours weights the old running value by momentum, PyTorch the new one
             spec.append(
                 ["BatchNorm1d", {"num_features": n, "eps": layer.eps, "momentum": 1 - layer.momentum}]

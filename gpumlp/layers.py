@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gpumlp.backend import Backend
-from gpumlp.kernels.reference import ACTIVATIONS
+from gpumlp.kernels.activations import activation
 from gpumlp.validate import check_float, check_int
 
 INITS = ("normal", "xavier", "he")
@@ -84,8 +84,7 @@ class Dense(Layer):
     decayed = ("W",)
 
     def __init__(self, n_out: int, act: str = "identity", init: str = "xavier"):
-        if act not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
+        self._keeps_input = activation(act).needs_input  # keep the pre-activation for act_grad
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
         self.n_out, self.act, self.init = check_int("layer width", n_out, 1), act, init
@@ -100,16 +99,20 @@ class Dense(Layer):
         k, shape, ws = self.be.k, (x.shape[0], self.n_out), self._ws if train else self._eval_ws
         z = k.matmul(x, self.params["W"], out=ws("z", shape))
         # a separate output buffer: in place, Numba cannot prove no aliasing and won't vectorise
-        y = k.bias_act(z, self.params["b"], self.act, out=ws("y", shape))
+        pre = ws("pre", shape) if train and self._keeps_input else None
+        y = k.bias_act(z, self.params["b"], self.act, out=ws("y", shape), pre=pre)
         if train:  # what backward needs; in eval mode, keep no reference to the caller's input
-            self._x, self._y = x, y
+            self._x, self._y, self._pre = x, y, pre
         return y
 
     def backward(self, dy, need_dx: bool, sgd: tuple[float, float] | None = None):
         """With ``sgd`` = (lr, l2), W takes its SGD step inside the weight-gradient GEMM
         (``sgd_matmul_step``) after dx has used the old W; grads["W"] is then scratch."""
         k, x, W = self.be.k, self._x, self.params["W"]
-        dz = dy if self.act == "identity" else k.act_grad(dy, self._y, self.act, out=self._ws("dz", dy.shape))
+        if self.act == "identity":
+            dz = dy
+        else:
+            dz = k.act_grad(dy, self._y, self.act, out=self._ws("dz", dy.shape), pre=self._pre)
         if sgd is None:
             k.matmul(x, dz, out=self.grads["W"], trans_a=True)
         k.bias_grad(dz, out=self.grads["b"])
@@ -126,8 +129,7 @@ class Activation(Layer):
     """Elementwise activation on its own (e.g. after BatchNorm)."""
 
     def __init__(self, act: str):
-        if act not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
+        self._keeps_input = activation(act).needs_input  # the input is the pre-activation
         self.act = act
 
     def build(self, be, n_in, dtype, rng):
@@ -138,10 +140,11 @@ class Activation(Layer):
     def forward(self, x, train: bool, step=0):
         ws = self._ws if train else self._eval_ws
         self._y = self.be.k.bias_act(x, self._zero_bias, self.act, out=ws("y", x.shape))
+        self._pre = x if train and self._keeps_input else None
         return self._y
 
     def backward(self, dy, need_dx: bool):
-        return self.be.k.act_grad(dy, self._y, self.act, out=self._ws("dx", dy.shape))
+        return self.be.k.act_grad(dy, self._y, self.act, out=self._ws("dx", dy.shape), pre=self._pre)
 
     def config(self):
         return {"act": self.act}

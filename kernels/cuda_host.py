@@ -228,7 +228,8 @@ _LAUNCH_ERRORS = {
     3: "deadlock: threads wait at barriers that can never complete (a __syncthreads or warp "
     "shuffle not reached by every thread of the block/warp)",
 }
-_FAULT = 4  # a sanitizer fault ended the launch; the LaunchInfo says which
+_FAULT = 4  # a sanitizer fault or __trap() ended the launch; the LaunchInfo says which
+_TRAPPED = 4  # cuda_emu::Fault::trapped
 
 
 class SanitizerError(RuntimeError):
@@ -388,6 +389,11 @@ class HostKernel:
         info = _LaunchInfo(seed=seed, regions=regions, nregions=len(pointers), checks=checks)
         info.shared, info.nshared, info.shared_fill = self._shared, self._nshared, fill
         rc = self._fn(*g, *b, ctypes.byref(info), *values)
+        if rc == _FAULT and info.fault == _TRAPPED:
+            raise RuntimeError(
+                f"kernel {self.name} grid={g} block={b}: thread {tuple(info.thread)} of block "
+                f"{tuple(info.block)} called __trap() (a device-side check failed; a GPU aborts the launch)"
+            )
         if rc == _FAULT:
             raise SanitizerError(self._fault_message(info, g, b, pointers))
         if rc:

@@ -29,6 +29,8 @@ from typing import Any as _Any
 
 import numpy as np
 
+from .activations import activation as _activation
+from .activations import grad_spec as _grad_spec
 from .common import check_permutation_size as _check_permutation_size
 from .common import gaussian_taps as _gaussian_taps
 from .common import updates_running_stats as _updates_running_stats
@@ -94,12 +96,6 @@ def _sfx(a: _Any, name: str) -> str:
 def _seed64(seed: int) -> np.uint64:
     """A random stream's seed as the kernels' ``unsigned long long`` (mod 2^64, as the reference)."""
     return np.uint64(int(seed) & (2**64 - 1))
-
-
-def _act_code(act: str) -> np.int32:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
-    return np.int32(ACTIVATIONS.index(act))
 
 
 # ------------------------------------------------------- CuPy's private compute-type switch
@@ -327,22 +323,28 @@ class CudaKernels:
             )
         return drop
 
-    def bias_act(self, z, b, act, out=None):
-        """``act(z + b)`` in one pass. z: (B,N), b: (N,) -> (B,N)."""
-        code = _act_code(act)
+    def bias_act(self, z, b, act, out=None, pre=None):
+        """``act(z + b)`` in one pass, also storing z + b into ``pre`` when given.
+        z: (B,N), b: (N,) -> (B,N)."""
+        code = np.int32(_activation(act).code)
         z, b = self._dev(z, "z"), self._dev(b, "b")
         out = self._out(out, "out", z.shape, z.dtype)
+        keep = pre is not None
+        pre = self._out(pre, "pre", z.shape, z.dtype) if keep else out  # not written unless kept
         slope = z.dtype.type(LEAKY_SLOPE)
-        self._elementwise("bias_act", z, z, b, out, np.int64(z.size), np.int32(b.size), code, slope)
+        size = np.int64(z.size)
+        self._elementwise("bias_act", z, z, b, out, pre, size, np.int32(b.size), code, np.int32(keep), slope)
         return out
 
-    def act_grad(self, grad_out, y, act, out=None):
-        """``grad_out * act'(.)`` from the activation's output y. (B,N) -> (B,N)."""
-        code = _act_code(act)
+    def act_grad(self, grad_out, y, act, out=None, pre=None):
+        """``grad_out * act'(.)`` from the activation's output y and, where the activation needs it,
+        the pre-activation ``pre``. (B,N) -> (B,N)."""
+        spec = _grad_spec(act, pre)
         grad_out, y = self._dev(grad_out, "grad_out"), self._dev(y, "y")
+        pre = self._inplace(pre, "pre", y) if spec.needs_input else y  # read but unused where not needed
         out = self._out(out, "out", y.shape, y.dtype)
         slope = y.dtype.type(LEAKY_SLOPE)
-        self._elementwise("act_grad", y, grad_out, y, out, np.int64(y.size), code, slope)
+        self._elementwise("act_grad", y, grad_out, y, pre, out, np.int64(y.size), np.int32(spec.code), slope)
         return out
 
     def bias_grad(self, grad_z, out=None):

@@ -60,6 +60,10 @@ import numpy as np
 from numba import prange
 
 from ._jit import njit  # numba.njit, without the disk cache where none can be written
+from .activations import CODE_LIMIT as _CODE_LIMIT
+from .activations import GELU_TANH_A as _GELU_TANH_A
+from .activations import SQRT_2_OVER_PI as _SQRT_2_OVER_PI
+from .activations import activation, grad_spec
 from .common import PHILOX_M as _PHILOX_M
 from .common import PHILOX_W as _PHILOX_W
 from .common import accumulate as _accumulate  # the same 0-d accumulator glue as the reference
@@ -76,7 +80,9 @@ from .numba_math import sigmoid as _sigmoid
 from .numba_math import tanh as _tanh
 from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS
 
-_ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # identity 0 .. leaky_relu 4
+# bias_act's internal passes around NumPy's vectorised exp (float64 sigmoid): beyond every activation code
+_NEGATE, _SIGMOID_FINISH = _CODE_LIMIT, _CODE_LIMIT + 1
+_INV_SQRT_2, _INV_SQRT_2PI = 1.0 / math.sqrt(2.0), 1.0 / math.sqrt(2.0 * math.pi)
 # Elements from which a kernel uses its parallel variant (see the module docstring and _par_min).
 _PAR_MIN_2_THREADS = 1 << 22  # measured on the 2-core dev box
 _PAR_MIN_FLOOR = 1 << 17
@@ -89,13 +95,6 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 # and no less accurate. No other fast-math flag (NaN/inf semantics stay IEEE).
 _CONTRACT = {"contract"}
 _BCE_CAP = -math.log(LOG_EPS)  # largest per-class term of sigmoid_bce, as in the reference
-
-
-def _act_code(act: str) -> int:
-    code = _ACT_CODE.get(act)
-    if code is None:
-        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
-    return code
 
 
 def _flat(a: np.ndarray, name: str) -> np.ndarray:
@@ -204,10 +203,14 @@ def _blas_ready(w, a, b, trans_a: bool, trans_b: bool) -> bool:
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
-def _bias_act_rows(z, b, out, code, r0, r1):
-    # codes 1/2 (sigmoid/tanh) inline numba_math's SIMD polynomials; codes 5/6 are the passes
-    # around NumPy's vectorised exp (see bias_act).
+def _bias_act_rows(z, b, out, pre, keep, code, r0, r1):
+    # codes 1/2 (sigmoid/tanh) inline numba_math's SIMD polynomials; _NEGATE / _SIGMOID_FINISH are the
+    # passes around NumPy's vectorised exp (see bias_act). keep: also store z + b into pre.
     n = z.shape[1]
+    if keep:
+        for i in range(r0, r1):
+            for j in range(n):
+                pre[i, j] = z[i, j] + b[j]
     if code == 0:
         for i in range(r0, r1):
             for j in range(n):
@@ -230,48 +233,76 @@ def _bias_act_rows(z, b, out, code, r0, r1):
             for j in range(n):
                 s = z[i, j] + b[j]
                 out[i, j] = s if s > 0 else s * LEAKY_SLOPE
-    elif code == 5:  # -(z + b), the argument of exp in the sigmoid
+    elif code == 5:  # gelu: s Phi(s), Phi through erfc (no cancellation for s < 0)
+        for i in range(r0, r1):
+            for j in range(n):
+                s = z[i, j] + b[j]
+                out[i, j] = 0.5 * s * math.erfc(-s * _INV_SQRT_2)
+    elif code == 6:  # gelu_tanh: s (1 + tanh u) / 2 = s sigmoid(2u)
+        for i in range(r0, r1):
+            for j in range(n):
+                s = z[i, j] + b[j]
+                out[i, j] = s * _sigmoid(2.0 * _SQRT_2_OVER_PI * (s + _GELU_TANH_A * s * s * s))
+    elif code == 7:  # silu
+        for i in range(r0, r1):
+            for j in range(n):
+                s = z[i, j] + b[j]
+                out[i, j] = s * _sigmoid(s)
+    elif code == 8:  # softplus: max(s, 0) + log1p(e^-|s|)
+        for i in range(r0, r1):
+            for j in range(n):
+                s = z[i, j] + b[j]
+                out[i, j] = max(s, 0.0) + _log1p(_exp(-abs(s)))
+    elif code == _NEGATE:  # -(z + b), the argument of exp in the sigmoid
         for i in range(r0, r1):
             for j in range(n):
                 out[i, j] = -(z[i, j] + b[j])
-    else:  # code 6: out holds exp(-(z + b)); finish the sigmoid in place
+    elif code == _SIGMOID_FINISH:  # out holds exp(-(z + b)); finish the sigmoid in place
         for i in range(r0, r1):
             for j in range(n):
                 out[i, j] = 1.0 / (1.0 + out[i, j])
+    else:
+        raise ValueError("bias_act: unknown activation code")
 
 
 @njit(cache=True, error_model="numpy")
-def _bias_act_serial(z, b, out, code):
-    _bias_act_rows(z, b, out, code, 0, z.shape[0])
+def _bias_act_serial(z, b, out, pre, keep, code):
+    _bias_act_rows(z, b, out, pre, keep, code, 0, z.shape[0])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _bias_act_par(z, b, out, code, nt):
+def _bias_act_par(z, b, out, pre, keep, code, nt):
     step = (z.shape[0] + nt - 1) // nt
     for c in prange(nt):
-        _bias_act_rows(z, b, out, code, c * step, min(z.shape[0], (c + 1) * step))
+        _bias_act_rows(z, b, out, pre, keep, code, c * step, min(z.shape[0], (c + 1) * step))
 
 
-def bias_act(z: np.ndarray, b: np.ndarray, act: str, out: np.ndarray | None = None) -> np.ndarray:
-    """Fused ``act(z + b)``. z: (B,N), b: (N,) -> (B,N), z's dtype."""
-    code = _act_code(act)
+def bias_act(
+    z: np.ndarray, b: np.ndarray, act: str, out: np.ndarray | None = None, pre: np.ndarray | None = None
+) -> np.ndarray:
+    """Fused ``act(z + b)``, also storing z + b into ``pre`` when given. z: (B,N), b: (N,) -> (B,N),
+    z's dtype."""
+    code = activation(act).code
     if out is None:
         out = np.empty_like(z)
+    keep = pre is not None
+    pre = pre if keep else out  # not written unless kept
     n = z.size
     if code == 2 and n >= _NUMPY_TANH_MIN:
-        _run(_bias_act_par, _bias_act_serial, n, z, b, out, 0)
+        _run(_bias_act_par, _bias_act_serial, n, z, b, out, pre, keep, 0)
         np.tanh(out, out=out)
     elif code == 1 and z.dtype == np.float64 and n >= _SIMD_EXP_MIN:
-        _run(_bias_act_par, _bias_act_serial, n, z, b, out, 5)
+        _run(_bias_act_par, _bias_act_serial, n, z, b, out, pre, keep, _NEGATE)
         np.exp(out, out=out)
-        _run(_bias_act_par, _bias_act_serial, n, out, b, out, 6)
+        _run(_bias_act_par, _bias_act_serial, n, out, b, out, pre, False, _SIGMOID_FINISH)
     else:
-        _run(_bias_act_par, _bias_act_serial, n, z, b, out, code)
+        _run(_bias_act_par, _bias_act_serial, n, z, b, out, pre, keep, code)
     return out
 
 
 @njit(cache=True, error_model="numpy")
-def _act_grad_range(g, y, out, code, lo, hi):
+def _act_grad_range(g, y, s, out, code, lo, hi):
+    # s: the pre-activation, read only by the codes whose derivative needs it
     if code == 0:
         for i in range(lo, hi):
             out[i] = g[i]
@@ -284,30 +315,58 @@ def _act_grad_range(g, y, out, code, lo, hi):
     elif code == 3:
         for i in range(lo, hi):
             out[i] = g[i] if y[i] > 0 else 0
-    else:
+    elif code == 4:
         for i in range(lo, hi):
             out[i] = g[i] if y[i] > 0 else g[i] * LEAKY_SLOPE
+    elif code == 5:  # gelu: Phi(s) + s phi(s)
+        for i in range(lo, hi):
+            x = s[i]
+            out[i] = g[i] * (0.5 * math.erfc(-x * _INV_SQRT_2) + x * _INV_SQRT_2PI * math.exp(-0.5 * x * x))
+    elif code == 6:  # gelu_tanh: p + 2 s p (1 - p) u'(s), p = sigmoid(2u)
+        for i in range(lo, hi):
+            x = s[i]
+            p = _sigmoid(2.0 * _SQRT_2_OVER_PI * (x + _GELU_TANH_A * x * x * x))
+            du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_A * x * x)
+            out[i] = g[i] * (p + 2.0 * x * p * (1.0 - p) * du)
+    elif code == 7:  # silu: p (1 + s (1 - p)), p = sigmoid(s)
+        for i in range(lo, hi):
+            p = _sigmoid(s[i])
+            out[i] = g[i] * (p * (1.0 + s[i] * (1.0 - p)))
+    elif code == 8:  # softplus: sigmoid(s) = 1 - e^-y = 2t / (1 + t), t = tanh(y/2): SIMD, no cancellation
+        for i in range(lo, hi):
+            t = _tanh(0.5 * y[i])
+            out[i] = g[i] * (2.0 * t / (1.0 + t))
+    else:
+        raise ValueError("act_grad: unknown activation code")
 
 
 @njit(cache=True, error_model="numpy")
-def _act_grad_serial(g, y, out, code):
-    _act_grad_range(g, y, out, code, 0, g.size)
+def _act_grad_serial(g, y, s, out, code):
+    _act_grad_range(g, y, s, out, code, 0, g.size)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _act_grad_par(g, y, out, code, nt):
+def _act_grad_par(g, y, s, out, code, nt):
     step = (g.size + nt - 1) // nt
     for c in prange(nt):
-        _act_grad_range(g, y, out, code, c * step, min(g.size, (c + 1) * step))
+        _act_grad_range(g, y, s, out, code, c * step, min(g.size, (c + 1) * step))
 
 
-def act_grad(grad_out: np.ndarray, y: np.ndarray, act: str, out: np.ndarray | None = None) -> np.ndarray:
-    """Fused ``grad_out * act'(.)`` from the activation output y. (B,N),(B,N) -> (B,N)."""
-    code = _act_code(act)
+def act_grad(
+    grad_out: np.ndarray,
+    y: np.ndarray,
+    act: str,
+    out: np.ndarray | None = None,
+    pre: np.ndarray | None = None,
+) -> np.ndarray:
+    """Fused ``grad_out * act'(.)`` from the activation output y and, where the activation needs
+    it, the pre-activation ``pre``. (B,N),(B,N),(B,N) -> (B,N)."""
+    spec = grad_spec(act, pre)
     if out is None:
         out = np.empty_like(grad_out)
     g1, y1, o1 = _flat(grad_out, "grad_out"), _flat(y, "y"), _flat(out, "out")
-    _run(_act_grad_par, _act_grad_serial, g1.size, g1, y1, o1, code)
+    s1 = _flat(pre, "pre") if spec.needs_input else y1
+    _run(_act_grad_par, _act_grad_serial, g1.size, g1, y1, s1, o1, spec.code)
     return out
 
 
@@ -1332,15 +1391,14 @@ def _warmup(dtype=np.float32) -> float:
     b = np.zeros(4, dt)
     lab = np.array([0, 3, 1], np.int64)
     nt = (2,)  # extra last argument of the parallel variants
-    for name in ACTIVATIONS:
-        code = _act_code(name)
-        _bias_act_serial(z, b, np.empty_like(z), code)
-        _bias_act_par(z, b, np.empty_like(z), code, *nt)
-    for code in (5, 6):
-        _bias_act_serial(z, b, np.empty_like(z), code)
-        _bias_act_par(z, b, np.empty_like(z), code, *nt)
-        _act_grad_serial(z.ravel(), z.ravel(), np.empty(z.size, dt), code)
-        _act_grad_par(z.ravel(), z.ravel(), np.empty(z.size, dt), code, *nt)
+    codes = [activation(name).code for name in ACTIVATIONS]
+    for code in (*codes, _NEGATE, _SIGMOID_FINISH):
+        for keep in (False, True):
+            _bias_act_serial(z, b, np.empty_like(z), np.empty_like(z), keep, code)
+            _bias_act_par(z, b, np.empty_like(z), np.empty_like(z), keep, code, *nt)
+    for code in codes:
+        _act_grad_serial(z.ravel(), z.ravel(), z.ravel(), np.empty(z.size, dt), code)
+        _act_grad_par(z.ravel(), z.ravel(), z.ravel(), np.empty(z.size, dt), code, *nt)
     bias_grad(z)
     gather_rows(z, lab[[0, 2]])
     softmax(z)

@@ -22,8 +22,10 @@ Conventions shared by every kernel
 * Labels outside ``[0, K)`` are the caller's error (the framework validates
   them at the API boundary); a backend may raise on them but never reads or
   writes out of bounds.
-* Activations are named ``identity``, ``sigmoid``, ``tanh``, ``relu`` and
-  ``leaky_relu`` (negative slope ``LEAKY_SLOPE``).
+* Activations are the rows of ``activations.py`` (``identity``, ``sigmoid``, ``tanh``, ``relu``,
+  ``leaky_relu`` with negative slope ``LEAKY_SLOPE``, ``gelu``, ``gelu_tanh``, ``silu``, ``softplus``);
+  ``act_grad`` needs the pre-activation (``pre=``, kept by ``bias_act(..., pre=)``) for those whose
+  row says ``needs_input``.
 * Per-step integers (Adam's ``t``, dropout's and ``gather_shifted``'s ``step``)
   are a Python int or a 1-element int64 array on the backend's device. The training loop passes the
   array: a GPU kernel reads it on the device, so a captured CUDA graph replays
@@ -34,6 +36,11 @@ from __future__ import annotations
 
 import numpy as np
 
+# ACTIVATIONS and LEAKY_SLOPE are re-exported: the contract's constants come from the table
+from .activations import ACTIVATIONS as ACTIVATIONS
+from .activations import LEAKY_SLOPE as LEAKY_SLOPE
+from .activations import activation as _activation
+from .activations import grad_spec as _grad_spec
 from .common import PHILOX_M as _PHILOX_M
 from .common import PHILOX_W as _PHILOX_W
 from .common import accumulate as _accumulate
@@ -45,17 +52,12 @@ from .common import store_sum as _store_sum
 from .common import updates_running_stats as _updates_running_stats
 from .images import image_side as _image_side
 
-ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
-LEAKY_SLOPE = 0.01
 # sigmoid_bce treats probabilities as clipped to [LOG_EPS, 1 - LOG_EPS]: no log(0), and
 # each class term costs at most -log(LOG_EPS) ~ 27.6.
 LOG_EPS = 1e-12
 _M32 = 0xFFFFFFFF
 
 
-def _check_act(act: str) -> None:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
 # --------------------------------------------------------------------- dense
@@ -66,37 +68,22 @@ def matmul(a, b, out=None, trans_a=False, trans_b=False):
     return np.matmul(a, b, out=out)
 
 
-def bias_act(z, b, act, out=None):
-    """Forward of a dense layer's tail: ``act(z + b)``. z: (B,N), b: (N,) -> (B,N)."""
-    _check_act(act)
+def bias_act(z, b, act, out=None, pre=None):
+    """Forward of a dense layer's tail: ``act(z + b)``, act's NumPy definition in activations.py.
+    ``pre``, when given, receives the pre-activation z + b too (act_grad needs it for some
+    activations). z: (B,N), b: (N,) -> (B,N)."""
+    spec = _activation(act)
     s = z + b
-    if act == "identity":
-        y = s
-    elif act == "sigmoid":
-        y = 1.0 / (1.0 + np.exp(-s))
-    elif act == "tanh":
-        y = np.tanh(s)
-    elif act == "relu":
-        y = np.maximum(s, 0)
-    else:
-        y = np.where(s > 0, s, s * LEAKY_SLOPE)
-    return _put(out, y.astype(z.dtype, copy=False))
+    if pre is not None:
+        pre[...] = s
+    return _put(out, spec.forward(s).astype(z.dtype, copy=False))
 
 
-def act_grad(grad_out, y, act, out=None):
-    """Backward Hadamard product ``grad_out * act'(.)``, the derivative taken from
-    the activation's *output* y. grad_out, y: (B,N) -> (B,N)."""
-    _check_act(act)
-    if act == "identity":
-        d = np.ones_like(y)
-    elif act == "sigmoid":
-        d = y * (1 - y)
-    elif act == "tanh":
-        d = 1 - y * y
-    elif act == "relu":
-        d = (y > 0).astype(y.dtype)
-    else:
-        d = np.where(y > 0, 1, LEAKY_SLOPE).astype(y.dtype)
+def act_grad(grad_out, y, act, out=None, pre=None):
+    """Backward Hadamard product ``grad_out * act'(s)``, the derivative taken from the activation's
+    output y, and from the pre-activation ``pre`` (s) for the activations whose table row needs
+    it (else ``pre`` is not read). grad_out, y, pre: (B,N) -> (B,N)."""
+    d = _grad_spec(act, pre).derivative(y, pre)
     return _put(out, grad_out * d)
 
 

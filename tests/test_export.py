@@ -92,6 +92,34 @@ def test_onnx_every_activation_and_cost(act, loss, batchnorm, dtype):
     np.testing.assert_allclose(proba, ref_proba, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "softplus"])
+def test_onnx_and_torch_exports_of_the_newer_activations(act):
+    """GELU (exact: Erf; tanh form: Tanh) and SiLU built from opset-17 ops, softplus as ONNX Softplus,
+    and torch's GELU/SiLU/Softplus modules: both reproduce gpumlp's probabilities, also where the
+    pre-activations reach the tails (inputs times 4)."""
+    ort = pytest.importorskip("onnxruntime")
+    torch = pytest.importorskip("torch")
+    from gpumlp.export import build_torch
+
+    model = MLP("20-16-12-5", act=act, batchnorm=act == "silu", backend="numpy", seed=3)
+    x = 4 * np.random.default_rng(1).normal(size=(64, 20)).astype(np.float32)
+    sess = ort.InferenceSession(to_onnx(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    proba, label = sess.run(None, {"input": x})
+    ref_proba, ref_label = gpumlp_outputs(model, None, x)
+    np.testing.assert_array_equal(label, ref_label)
+    np.testing.assert_allclose(proba, ref_proba, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch_proba = build_torch(*torch_export(model))(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(torch_proba, ref_proba, rtol=0, atol=1e-5)
+
+
+def test_every_activation_has_an_onnx_and_a_torch_export():
+    from gpumlp.export import ONNX_ACTIVATIONS, TORCH_ACTIVATIONS
+    from gpumlp.kernels.activations import ACTIVATIONS
+
+    assert set(ONNX_ACTIVATIONS) == set(TORCH_ACTIVATIONS) == set(ACTIVATIONS)
+
+
 def test_torch_cli_export_rebuilds_an_equal_sequential(trained, tmp_path):
     torch = pytest.importorskip("torch")
     from gpumlp.export import load_torch

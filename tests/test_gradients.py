@@ -113,6 +113,8 @@ def test_loss_gradients(loss_name, scale):
         dict(act="tanh", loss="mse"),
         dict(act="leaky_relu", batchnorm=True),
         dict(act="relu", dropout=0.3),
+        dict(act="gelu"),  # Dense keeps the pre-activation for act_grad
+        dict(act="silu", batchnorm=True),  # Activation's input is the pre-activation
     ],
     ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
 )

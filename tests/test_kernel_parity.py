@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpumlp import backend
+from gpumlp.kernels import activations
 from gpumlp.kernels import reference as ref
 from gpumlp.optim import OPTIMIZERS, RULES, Optimizer
 
@@ -40,6 +41,11 @@ def _labels(b: int, k: int, seed=1, dtype=np.int64) -> np.ndarray:
 
 def _empty(be, shape, dtype):
     return be.xp.empty(shape, dtype=dtype)
+
+
+def _pre(act: str, s):
+    """What act_grad's ``pre=`` gets: the pre-activation s where the table says the derivative needs it."""
+    return s if activations.needs_input(act) else None
 
 
 # ================================================================== dense
@@ -123,14 +129,27 @@ def test_bias_act(be, dtype, act, shape, with_out):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_out", [False, True])
 def test_act_grad(be, dtype, act, shape, with_out):
-    # y is a genuine activation output (relu zeros, sigmoid in (0,1), ...)
-    y = ref.bias_act(_data(shape, dtype, 1, 3.0), np.zeros(shape[1], dtype), act)
+    # y is a genuine activation output (relu zeros, sigmoid in (0,1), ...) of the pre-activation s
+    s = _data(shape, dtype, 1, 3.0)
+    y, pre = ref.bias_act(s, np.zeros(shape[1], dtype), act), _pre(act, s)
     gout = _data(shape, dtype, 2)
     out = _empty(be, shape, dtype) if with_out else None
-    got = be.k.act_grad(be.asarray(gout), be.asarray(y), act, out=out)
+    dpre = None if pre is None else be.asarray(pre)
+    got = be.k.act_grad(be.asarray(gout), be.asarray(y), act, out=out, pre=dpre)
     if with_out:
         assert got is out
-    assert_close(ref.act_grad(gout, y, act), be.to_host(got), *TOL[dtype], what=f"act_grad {act}")
+    assert_close(ref.act_grad(gout, y, act, pre=pre), be.to_host(got), *TOL[dtype], what=f"act_grad {act}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ref.ACTIVATIONS)
+def test_bias_act_keeps_the_pre_activation(be, dtype, act):
+    # pre receives z + b: one rounding of one add on every backend, so bit for bit
+    z, b = _data((33, 65), dtype, 1, 3.0), _data((65,), dtype, 2)
+    pre = _empty(be, z.shape, dtype)
+    y = be.k.bias_act(be.asarray(z), be.asarray(b), act, pre=pre)
+    np.testing.assert_array_equal(be.to_host(pre), z + b)
+    assert_close(ref.bias_act(z, b, act), be.to_host(y), *TOL[dtype], what=f"bias_act {act} with pre")
 
 
 def test_unknown_activation_is_value_error(be):
@@ -141,17 +160,24 @@ def test_unknown_activation_is_value_error(be):
         be.k.act_grad(z, z, "swish")
 
 
+@pytest.mark.parametrize("act", [a for a in ref.ACTIVATIONS if activations.needs_input(a)])
+def test_act_grad_without_a_needed_pre_activation_is_value_error(be, act):
+    z = be.asarray(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match=f"derivative of '{act}' needs the pre-activation: pass pre="):
+        be.k.act_grad(z, z, act)
+
+
 @HYP
 @given(shape=shapes_st, act=st.sampled_from(ref.ACTIVATIONS), seed=st.integers(0, 2**16))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bias_act_act_grad_hypothesis(be, dtype, shape, act, seed):
     z, b, g = _data(shape, dtype, seed, 3.0), _data(shape[1:], dtype, seed + 1), _data(shape, dtype, seed + 2)
-    y = ref.bias_act(z, b, act)
+    y, pre = ref.bias_act(z, b, act), _pre(act, z + b)
     assert_close(
         y, be.to_host(be.k.bias_act(be.asarray(z), be.asarray(b), act)), *TOL[dtype], what="bias_act"
     )
-    got = be.k.act_grad(be.asarray(g), be.asarray(y), act)
-    assert_close(ref.act_grad(g, y, act), be.to_host(got), *TOL[dtype], what="act_grad")
+    got = be.k.act_grad(be.asarray(g), be.asarray(y), act, pre=None if pre is None else be.asarray(pre))
+    assert_close(ref.act_grad(g, y, act, pre=pre), be.to_host(got), *TOL[dtype], what="act_grad")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -668,9 +694,11 @@ def test_numba_parallel_variants_match_reference(dtype, monkeypatch):
     shape = (37, 65)
     z, b = _data(shape, dtype, 30, 3.0), _data(shape[1:], dtype, 31)
     for act in ref.ACTIVATIONS:
-        y = ref.bias_act(z, b, act)
-        assert_close(y, be.k.bias_act(z, b, act), *TOL[dtype], what=f"parallel bias_act {act}")
-        assert_close(ref.act_grad(z, y, act), be.k.act_grad(z, y, act), *TOL[dtype], what="parallel act_grad")
+        y, pre, kept = ref.bias_act(z, b, act), _pre(act, z + b), np.empty_like(z)
+        assert_close(y, be.k.bias_act(z, b, act, pre=kept), *TOL[dtype], what=f"parallel bias_act {act}")
+        np.testing.assert_array_equal(kept, z + b)
+        expected = ref.act_grad(z, y, act, pre=pre)
+        assert_close(expected, be.k.act_grad(z, y, act, pre=pre), *TOL[dtype], what="parallel act_grad")
     for opt in OPTIMIZERS:
         _run_optimizer(be, opt, "l1+l2+wd", shape, dtype)
 

@@ -65,6 +65,7 @@ class TorchRecipe:
     ):
         import torch
 
+        from gpumlp.export import TORCH_ACTIVATIONS
         from gpumlp.model import MLP
         from gpumlp.optim import OPTIMIZERS, Optimizer
 
@@ -72,7 +73,7 @@ class TorchRecipe:
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = getattr(torch, dtype)
-        acts = {"relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid, "tanh": torch.nn.Tanh}
+        act_name, act_kwargs = TORCH_ACTIVATIONS[act]
         ref = MLP(list(widths), act=act, loss=loss, dtype=dtype, backend="numpy", seed=seed)
         layers: list = []
         dense = [la for la in ref.layers if "W" in la.params]
@@ -83,7 +84,7 @@ class TorchRecipe:
                 lin.bias.copy_(torch.from_numpy(la.params["b"]))
             layers.append(lin)
             if i < len(dense) - 1:
-                layers.append(acts[act]())
+                layers.append(getattr(torch.nn, act_name)(**act_kwargs))
         self.model = torch.nn.Sequential(*layers).to(self.device, self.dtype)
         self.logistic = ref.loss.name == "logistic"
         if ref.loss.name not in ("logistic", "softmax_xent"):

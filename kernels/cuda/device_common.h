@@ -22,12 +22,16 @@
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
          i += (long long)gridDim.x * blockDim.x)
 
-// Activation codes: the index of the name in reference.ACTIVATIONS.
+// Activation codes: the table in kernels/activations.py (tests/test_activations.py checks them).
 #define ACT_IDENTITY 0
 #define ACT_SIGMOID 1
 #define ACT_TANH 2
 #define ACT_RELU 3
 #define ACT_LEAKY_RELU 4
+#define ACT_GELU 5
+#define ACT_GELU_TANH 6
+#define ACT_SILU 7
+#define ACT_SOFTPLUS 8
 
 // Precision-matched math: the float overloads keep float32 kernels in float32.
 __device__ __forceinline__ float dev_exp(float x) { return expf(x); }
@@ -40,6 +44,10 @@ __device__ __forceinline__ float dev_tanh(float x) { return tanhf(x); }
 __device__ __forceinline__ double dev_tanh(double x) { return tanh(x); }
 __device__ __forceinline__ float dev_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double dev_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float dev_erfc(float x) { return erfcf(x); }
+__device__ __forceinline__ double dev_erfc(double x) { return erfc(x); }
+__device__ __forceinline__ float dev_expm1(float x) { return expm1f(x); }
+__device__ __forceinline__ double dev_expm1(double x) { return expm1(x); }
 
 template <typename T>
 __device__ __forceinline__ T dev_max(T a, T b) { return b > a ? b : a; }
@@ -47,27 +55,60 @@ __device__ __forceinline__ T dev_max(T a, T b) { return b > a ? b : a; }
 template <typename T>
 __device__ __forceinline__ T dev_sign(T x) { return T((x > T(0)) - (x < T(0))); }
 
-// act(s) for an activation code; slope is reference.LEAKY_SLOPE.
+template <typename T>
+__device__ __forceinline__ T dev_sigmoid(T x) { return T(1) / (T(1) + dev_exp(-x)); }
+
+// GELU's constants (activations.py): 1/sqrt(2), 1/sqrt(2 pi), sqrt(2/pi) and the tanh approximation's A.
+#define GELU_INV_SQRT2 0.70710678118654752440
+#define GELU_INV_SQRT_2PI 0.39894228040143267794
+#define GELU_SQRT_2_OVER_PI 0.79788456080286535588
+#define GELU_TANH_A 0.044715
+
+// The tanh approximation's sigmoid(2u), u = sqrt(2/pi) (s + A s^3): (1 + tanh u) / 2 without cancellation.
+template <typename T>
+__device__ __forceinline__ T gelu_tanh_p(T s) {
+    return dev_sigmoid(T(2) * T(GELU_SQRT_2_OVER_PI) * (s + T(GELU_TANH_A) * s * s * s));
+}
+
+// act(s) for an activation code; slope is reference.LEAKY_SLOPE. An unknown code traps (a GPU
+// aborts the kernel; the host emulation reports the launch as failed) instead of guessing.
 template <typename T>
 __device__ __forceinline__ T activate(T s, int act, T slope) {
     switch (act) {
+        case ACT_IDENTITY: return s;
         case ACT_SIGMOID: return T(1) / (T(1) + dev_exp(-s));
         case ACT_TANH: return dev_tanh(s);
         case ACT_RELU: return s > T(0) ? s : T(0);
         case ACT_LEAKY_RELU: return s > T(0) ? s : s * slope;
-        default: return s;
+        case ACT_GELU: return T(0.5) * s * dev_erfc(-s * T(GELU_INV_SQRT2));
+        case ACT_GELU_TANH: return s * gelu_tanh_p(s);
+        case ACT_SILU: return s * dev_sigmoid(s);
+        case ACT_SOFTPLUS: return dev_max(s, T(0)) + dev_log1p(dev_exp(-dev_max(s, -s)));
+        default: __trap(); return s;
     }
 }
 
-// act'(.) expressed through the activation's output y.
+// act'(.) through the activation's output y, or its pre-activation s where the table says so.
 template <typename T>
-__device__ __forceinline__ T activate_grad(T y, int act, T slope) {
+__device__ __forceinline__ T activate_grad(T y, T s, int act, T slope) {
     switch (act) {
+        case ACT_IDENTITY: return T(1);
         case ACT_SIGMOID: return y * (T(1) - y);
         case ACT_TANH: return T(1) - y * y;
         case ACT_RELU: return y > T(0) ? T(1) : T(0);
         case ACT_LEAKY_RELU: return y > T(0) ? T(1) : slope;
-        default: return T(1);
+        case ACT_GELU:
+            return T(0.5) * dev_erfc(-s * T(GELU_INV_SQRT2)) + s * T(GELU_INV_SQRT_2PI) * dev_exp(T(-0.5) * s * s);
+        case ACT_GELU_TANH: {
+            const T p = gelu_tanh_p(s), du = T(GELU_SQRT_2_OVER_PI) * (T(1) + T(3 * GELU_TANH_A) * s * s);
+            return p + T(2) * s * p * (T(1) - p) * du;
+        }
+        case ACT_SILU: {
+            const T p = dev_sigmoid(s);
+            return p * (T(1) + s * (T(1) - p));
+        }
+        case ACT_SOFTPLUS: return -dev_expm1(-y);  // sigmoid(s) = 1 - e^-y
+        default: __trap(); return T(1);
     }
 }
 

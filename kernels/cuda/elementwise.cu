@@ -5,23 +5,25 @@
 // permutation).
 #include "device_common.h"
 
-// y = act(z + b). z, out: (B, N) as n = B*N elements; b: (N,).
+// y = act(z + b), and pre = z + b when keep. z, out, pre: (B, N) as n = B*N elements; b: (N,).
 template <typename T>
 __device__ void bias_act_impl(const T* __restrict__ z, const T* __restrict__ b, T* __restrict__ out,
-                              long long n, int ncol, int act, T slope) {
+                              T* __restrict__ pre, long long n, int ncol, int act, int keep, T slope) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        out[i] = activate(z[i] + b[i % ncol], act, slope);
+        const T s = z[i] + b[i % ncol];
+        if (keep) pre[i] = s;
+        out[i] = activate(s, act, slope);
     }
 }
 
-// out = grad_out * act'(y), elementwise over n values.
+// out = grad_out * act'(.) from y and the pre-activation pre (y itself where act does not need it).
 template <typename T>
-__device__ void act_grad_impl(const T* __restrict__ grad_out, const T* __restrict__ y, T* __restrict__ out,
-                              long long n, int act, T slope) {
+__device__ void act_grad_impl(const T* __restrict__ grad_out, const T* __restrict__ y, const T* __restrict__ pre,
+                              T* __restrict__ out, long long n, int act, T slope) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        out[i] = grad_out[i] * activate_grad(y[i], act, slope);
+        out[i] = grad_out[i] * activate_grad(y[i], pre[i], act, slope);
     }
 }
 
@@ -69,23 +71,25 @@ __device__ void gather_shifted_impl(const T* __restrict__ src, const int* __rest
 }
 
 extern "C" __global__ void bias_act_f32(const float* __restrict__ z, const float* __restrict__ b,
-                                        float* __restrict__ out, long long n, int ncol, int act,
-                                        float slope) {
-    bias_act_impl(z, b, out, n, ncol, act, slope);
+                                        float* __restrict__ out, float* __restrict__ pre, long long n,
+                                        int ncol, int act, int keep, float slope) {
+    bias_act_impl(z, b, out, pre, n, ncol, act, keep, slope);
 }
 extern "C" __global__ void bias_act_f64(const double* __restrict__ z, const double* __restrict__ b,
-                                        double* __restrict__ out, long long n, int ncol, int act,
-                                        double slope) {
-    bias_act_impl(z, b, out, n, ncol, act, slope);
+                                        double* __restrict__ out, double* __restrict__ pre, long long n,
+                                        int ncol, int act, int keep, double slope) {
+    bias_act_impl(z, b, out, pre, n, ncol, act, keep, slope);
 }
 
 extern "C" __global__ void act_grad_f32(const float* __restrict__ grad_out, const float* __restrict__ y,
-                                        float* __restrict__ out, long long n, int act, float slope) {
-    act_grad_impl(grad_out, y, out, n, act, slope);
+                                        const float* __restrict__ pre, float* __restrict__ out, long long n,
+                                        int act, float slope) {
+    act_grad_impl(grad_out, y, pre, out, n, act, slope);
 }
 extern "C" __global__ void act_grad_f64(const double* __restrict__ grad_out, const double* __restrict__ y,
-                                        double* __restrict__ out, long long n, int act, double slope) {
-    act_grad_impl(grad_out, y, out, n, act, slope);
+                                        const double* __restrict__ pre, double* __restrict__ out, long long n,
+                                        int act, double slope) {
+    act_grad_impl(grad_out, y, pre, out, n, act, slope);
 }
 
 extern "C" __global__ void bias_grad_f32(const float* __restrict__ g, float* __restrict__ out, int nrow,

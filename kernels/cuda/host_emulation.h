@@ -43,6 +43,8 @@
 #include <cmath>
 #include <cerrno>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <numeric>
@@ -104,7 +106,7 @@ struct Region {                 // a pointer argument of the kernel
     unsigned int elem;          // its element size
     unsigned int pad;
 };
-enum Fault : unsigned int { no_fault, out_of_bounds, misaligned, uninitialised };
+enum Fault : unsigned int { no_fault, out_of_bounds, misaligned, uninitialised, trapped };
 enum Check : unsigned int { check_bounds = 1, check_init = 2 };
 struct LaunchInfo {
     unsigned long long seed;    // in: order of blocks and threads: 0 in order, 1 reversed, else seeded random
@@ -499,6 +501,22 @@ inline int lane_id() { return (int)(linear_tid() & 31u); }
 }  // namespace cuda_emu
 
 // ------------------------------------------------------------- intrinsics
+// __trap(): a GPU aborts the kernel (the launch fails). Fibers: the thread stops and the launch ends
+// with fault `trapped` (rc 4), which cuda_host.py raises; OpenMP threads cannot stop alone: abort.
+#if defined(CUDA_EMU_OPENMP)
+[[noreturn]] inline void __trap() {
+    std::fputs("cuda-emu: a kernel called __trap()\n", stderr);
+    std::abort();
+}
+#else
+__attribute__((no_sanitize_address)) inline void __trap() {
+    const uint3 t = threadIdx, b = blockIdx;
+    cuda_emu::info->fault = cuda_emu::trapped;
+    cuda_emu::info->thread[0] = t.x, cuda_emu::info->thread[1] = t.y, cuda_emu::info->thread[2] = t.z;
+    cuda_emu::info->block[0] = b.x, cuda_emu::info->block[1] = b.y, cuda_emu::info->block[2] = b.z;
+    cuda_emu::yield_as(cuda_emu::State::faulted);  // the scheduler abandons this fiber
+}
+#endif
 inline void __syncthreads() { cuda_emu::block_barrier(); }
 inline void __syncwarp(unsigned int = 0xffffffffu) { cuda_emu::warp_sync(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
