@@ -395,8 +395,8 @@ def _train(args: argparse.Namespace) -> int:
     spec, preset = config["model"]["spec"], config["preset"]
     _log(f"training {spec} on {len(x_tr)} samples of {data.source}, backend {be.name}, preset {preset}")
     _log(f"hyper-parameters: {describe(config)}")
-    if out:
-        _start_run_dir(args, paths, config, model, len(x_tr))
+    if out:  # with --resume: the checkpoint, checked (and read once for the whole run)
+        fit_kw["resume"] = _start_run_dir(args, paths, config, model, len(x_tr))
     history = _fit(args, model, prep, (x_tr, y_tr, X_valid, y_va), fit_kw, config, paths, last_good)
     return _report_run(args, model, prep, data, history, config, paths, len(x_tr), t_start)
 
@@ -413,7 +413,7 @@ def _fit(args: argparse.Namespace, model, prep: Prep, split, fit_kw: dict, confi
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return model.fit(
                 prep.apply(x_tr, model.dtype), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
-                checkpoint_path=paths.get("checkpoint"), resume=args.resume,
+                checkpoint_path=paths.get("checkpoint"),
                 divergence_factor=args.divergence_factor or None,
                 checkpoint_extra=(prep.to_arrays(), {"prep": prep.to_meta()}),
                 cuda_graphs=args.cuda_graphs, log_grad_norms=args.log_grad_norms,
@@ -498,16 +498,17 @@ class _Interrupted(Exception):
     """Ctrl-C during training, with a message about the kept checkpoint."""
 
 
-def _start_run_dir(args: argparse.Namespace, paths: dict, config: dict, model, n_train: int) -> None:
+def _start_run_dir(args: argparse.Namespace, paths: dict, config: dict, model, n_train: int):
     """Check that a --resume can continue (model, optimizer, data size), then write config.json:
-    nothing in the run directory changes unless the resume is accepted."""
+    nothing in the run directory changes unless the resume is accepted. -> what ``fit(resume=)``
+    takes: the checked checkpoint (so it is read once), or False."""
     from gpumlp.rundir import clear_diverged
     from gpumlp.train import check_resume
 
-    if args.resume:
-        check_resume(paths["checkpoint"], model.config(), config["fit"]["optimizer"], n_train)
+    resume = args.resume and check_resume(paths["checkpoint"], model, config["fit"]["optimizer"], n_train)
     _write_json(paths["config"], config)
     clear_diverged(paths["config"].parent)
+    return resume
 
 
 def _test_metrics(y_true, y_pred, n_classes: int) -> dict:

@@ -27,7 +27,7 @@ from gpumlp import checkpoint
 from gpumlp.augment import Augment
 from gpumlp.data import split_train_valid
 from gpumlp.monitor import GradNorms, ParamChange
-from gpumlp.optim import Optimizer, Schedule
+from gpumlp.optim import RULES, Optimizer, Schedule
 from gpumlp.step import History, TrainState, TrainStep
 from gpumlp.validate import MAX_SEED, check_features, check_float, check_int, check_labels
 
@@ -85,11 +85,13 @@ def _save_checkpoint(path, run: _Run) -> None:
     model.save(path, extra_arrays=arrays, extra_meta=meta)
 
 
-def check_resume(path, model_config: dict, optimizer: str, n_train: int | None) -> tuple[dict, dict]:
-    """Read and verify checkpoint ``path`` for resuming a run of ``model_config`` with ``optimizer``
-    on ``n_train`` samples -> (arrays, meta); any mismatch is a CheckpointError saying what differs.
+def check_resume(path, model, optimizer: str, n_train: int | None) -> tuple[dict, dict]:
+    """Read and verify checkpoint ``path`` for resuming a run of ``model`` (an MLP) with ``optimizer``
+    (a name of OPTIMIZERS) on ``n_train`` samples -> (arrays, meta), which ``fit(resume=...)``
+    takes so the file is read once; any mismatch is a CheckpointError saying what differs.
     Nothing is loaded or written, so callers can check before touching a run directory."""
     arrays, meta = checkpoint.read(path)
+    model_config = model.config()
     tr = meta.get("train")
     if not isinstance(tr, dict):
         raise checkpoint.CheckpointError(f"{path} holds a model but no training state; cannot resume")
@@ -117,19 +119,22 @@ def check_resume(path, model_config: dict, optimizer: str, n_train: int | None) 
         )
     for key, kind in (("epoch", int), ("step", int), ("seed", int), ("history", dict), ("best", list)):
         checkpoint.expect(path, tr, key, kind, "train")
+    state = RULES[optimizer].state
+    for name, *_ in model.param_groups():  # exactly the optimizer's state arrays (RULES[...].state)
+        saved = sorted(k for k in arrays if k.startswith(f"opt/{name}/"))
+        if len(saved) != len(state):
+            raise checkpoint.CheckpointError(
+                f"{path} holds {len(saved)} optimizer arrays for {name!r} ({', '.join(saved) or 'none'}); "
+                f"{optimizer} keeps {len(state)} ({', '.join(state) or 'none'})"
+            )
     return arrays, meta
 
 
-def _load_checkpoint(path, model, opt, opt_state: list, n_train: int) -> TrainState:
-    arrays, meta = check_resume(path, model.config(), opt.name, n_train)
+def _load_checkpoint(path, model, opt, opt_state: list, n_train: int, checked=None) -> TrainState:
+    """Load the checkpoint into the model and the optimizer state; ``checked`` is what
+    check_resume already returned for it (else it is read and checked here)."""
+    arrays, meta = checked if checked is not None else check_resume(path, model, opt.name, n_train)
     tr = meta["train"]
-    for name, *_ in model.param_groups():  # exactly the optimizer's state arrays (RULES[...].state)
-        saved = sorted(k for k in arrays if k.startswith(f"opt/{name}/"))
-        if len(saved) != len(opt.rule.state):
-            raise checkpoint.CheckpointError(
-                f"{path} holds {len(saved)} optimizer arrays for {name!r} ({', '.join(saved) or 'none'}); "
-                f"{opt.name} keeps {len(opt.rule.state)} ({', '.join(opt.rule.state) or 'none'})"
-            )
     opt_arrays = [
         (checkpoint.expect_array(path, arrays, f"opt/{name}/{j}", a.shape, "f"), a)
         for (name, *_), states in zip(model.param_groups(), opt_state)
@@ -188,7 +193,8 @@ class FitConfig:
     rotation, scaling, sub-pixel shifts and elastic distortions, drawn the same way.
     With ``checkpoint_path`` the state is saved atomically after each epoch, with
     ``checkpoint_extra`` = (host arrays, JSON meta) of the caller's (e.g. preprocessing);
-    ``resume=True`` continues from it exactly.
+    ``resume=True`` continues from it exactly (or pass the (arrays, meta) :func:`check_resume`
+    returned for it, so the file is read once).
     ``cuda_graphs`` (cupy/cuda-emu) replays each full-size step as one CUDA graph
     (any optimizer, dropout, batch norm and clipping included).
     ``log_grad_norms`` records each layer's RMS gradient norm per epoch (``grad_norms``
@@ -217,7 +223,7 @@ class FitConfig:
     augment_shift: int = 0
     augment: Augment | None = None
     checkpoint_path: str | os.PathLike | None = None
-    resume: bool = False
+    resume: bool | tuple[dict, dict] = False
     checkpoint_extra: tuple[dict, dict] = ({}, {})
     divergence_factor: float | None = DIVERGENCE_FACTOR
     cuda_graphs: bool = False
@@ -306,7 +312,7 @@ def fit(
     augment_shift: int = 0,
     augment: Augment | None = None,
     checkpoint_path: str | os.PathLike | None = None,
-    resume: bool = False,
+    resume: bool | tuple[dict, dict] = False,
     checkpoint_extra: tuple[dict, dict] = ({}, {}),
     divergence_factor: float | None = DIVERGENCE_FACTOR,
     cuda_graphs: bool = False,
@@ -363,7 +369,8 @@ def _prepare(model, X, y, X_valid, y_valid, cfg: FitConfig) -> _Run:
     opt_state = [opt.init_state(model.be, w) for _, w, _, _ in model.param_groups()]
     ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
     if cfg.resume and ckpt and ckpt.exists():
-        st = _load_checkpoint(ckpt, model, opt, opt_state, X.shape[0])
+        checked = cfg.resume if isinstance(cfg.resume, tuple) else None
+        st = _load_checkpoint(ckpt, model, opt, opt_state, X.shape[0], checked)
     else:
         st = TrainState(epoch=0, step=0, seed=int(cfg.seed), history=History())
     valid = None

@@ -134,12 +134,14 @@ def test_eval_and_predict_read_the_model_file_once(trained, tmp_path, monkeypatc
     assert len(printed.split()) == 5 if command == "predict" else "test accuracy:" in printed
 
 
-def test_resume_reads_config_json_once(trained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["config.json", "checkpoint.npz"])
+def test_resume_reads_config_and_checkpoint_once(trained, tmp_path, monkeypatch, name):
+    """The checkpoint is checked before config.json is rewritten and that same read is what fit loads."""
     from gpumlp.cli import main
 
     out = tmp_path / "copy"
     shutil.copytree(trained[0], out)
-    seen = _count_reads(monkeypatch, "config.json")
+    seen = _count_reads(monkeypatch, name)
     flags = ["--resume", "--epochs", "3", "--backend", "numpy", "--no-progress"]
     assert main(["train", "--out", str(out), *flags]) == 0
     assert len(seen) == 1
