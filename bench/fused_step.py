@@ -134,9 +134,8 @@ def compare(cfg_name: str, X, y, repeats: int) -> dict:
     fused = FusedTrainer(b, cfg, cfg.batch_size)
     kernel_t, fused_t = [], []
     for r in range(repeats + 1):
-        order = nk.permutation(r, X.shape[0])
         t0 = time.perf_counter()
-        fused.epoch(X, y, order)
+        fused.epoch(X, y, nk.permutation(r, X.shape[0]))  # fit's epoch also draws its permutation
         dt_fused = (time.perf_counter() - t0) / steps
         dt_kernel = _fit(a, cfg, X, y, r).records[0]["seconds"] / steps
         if r:  # the first round compiles
