@@ -17,6 +17,7 @@ kernel module's private jitted bodies on purpose.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -32,6 +33,7 @@ from gpumlp.train import fit
 _ACT = {"sigmoid": 1, "relu": 3}
 
 
+@functools.lru_cache
 def make_step(dtype):
     """The fused step for 784-H-K MLPs (hidden act code, loss bce/softmax, sgd-fold or adam)."""
     import numba
@@ -87,7 +89,7 @@ class FusedTrainer:
         grads = (l1.grads["W"], l2.grads["W"], l1.grads["b"], l2.grads["b"])
         self.ws = tuple(np.empty((batch, w), dt) for w in widths) + grads
         self.cfg, self.batch, self.act = cfg, batch, _ACT[cfg.act]
-        self.step = make_step(dt)
+        self.step = make_step(np.dtype(dt))
         self.acc, self.hits, self.t = np.zeros(1, dt), np.zeros(1, np.int64), 0
 
     def epoch(self, X, y, order) -> None:
