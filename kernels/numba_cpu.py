@@ -513,10 +513,11 @@ def _sigmoid_bce_k(z, labels, grad, scale, cap):
     nb, k = z.shape
     sc, cp, lead = z.dtype.type(scale), z.dtype.type(cap), 8 // z.itemsize
     _check_labels(labels, 0, nb, k)
-    if nb < lead:  # one float32 row leaves no room: its terms summed in class order, as acc.sum()
+    if nb < lead:  # 0 rows, or 1 float32 row (no room): its terms summed in class order, as acc.sum()
         total = 0.0
-        for j in range(k):
-            total += _bce_term(z[0, j], j == labels[0], cp, z.dtype.type(1), z.dtype.type(0))[0]
+        for i in range(nb):
+            for j in range(k):
+                total += _bce_term(z[i, j], j == labels[i], cp, z.dtype.type(1), z.dtype.type(0))[0]
         _bce_grads(z, labels, grad, sc, cp, 0, nb)
         return total
     acc = grad[:lead].reshape(-1).view(np.float64)[:k]
