@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"## One training step, kernel by kernel ({args.dtype}, {args.samples} samples/epoch, median of "
         f"{args.epochs} instrumented epochs interleaved with {args.epochs} plain ones)\n\n"
-        f"Command: `python bench/step_breakdown.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+        f"Command: `python bench/step_breakdown.py {shlex.join(sys.argv[1:] if argv is None else argv)}`"
     )
     env = " ".join(f"{k}={os.environ[k]}" for k in ENV_VARS if k in os.environ)
     header += f"\n\nenv: {env or '(none set)'}; 1-min load average at start {os.getloadavg()[0]:.2f}"
