@@ -95,6 +95,7 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 # and no less accurate. No other fast-math flag (NaN/inf semantics stay IEEE).
 _CONTRACT = {"contract"}
 _BCE_CAP = -math.log(LOG_EPS)  # largest per-class term of sigmoid_bce, as in the reference
+_PROD_MAX = 2.0**900  # softmax_xent multiplies row sums (each <= K < 2^100) up to this, then logs
 
 
 def _flat(a: np.ndarray, name: str) -> np.ndarray:
@@ -438,32 +439,31 @@ def _exp_inplace(x):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
-def _log1p_inplace(x):
-    for t in range(x.size):
-        x[t] = _log1p(x[t])
-
-
-@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
-def _normalise_rows(out, sums):
-    """Divide each row of out by its sum; sums[i] = that sum - 1 (>= 0: the max term is 1), when
-    sums is not empty (softmax alone needs no sums, and allocates nothing per row)."""
+def _normalise_rows(out):
+    """Divide each row of out by its sum s -> the sum over rows of log s. No buffer, one log per
+    ~900 bits of product: the float64 product of the sums (each in [1, K]: the max term is 1)
+    is logged when it might overflow with the next row, and at the end."""
     one = out.dtype.type(1)
+    total, prod = 0.0, 1.0
     for i in range(out.shape[0]):
         s = out.dtype.type(0)
         for j in range(out.shape[1]):
             s += out[i, j]
-        if sums.size:
-            sums[i] = s - one
+        if prod > _PROD_MAX:
+            total += math.log(prod)
+            prod = 1.0
+        prod *= s
         inv = one / s
         for j in range(out.shape[1]):
             out[i, j] *= inv
+    return total + math.log(prod)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _softmax_k(z, out):
     _shift_rows(z, out)
     _exp_inplace(out.reshape(-1))
-    _normalise_rows(out, np.empty(0, out.dtype))
+    _normalise_rows(out)
 
 
 def softmax(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -486,11 +486,8 @@ def _softmax_xent_k(z, labels, grad, scale):
             raise ValueError("softmax_xent: label out of range [0, K)")
         total -= grad[i, y]
     _exp_inplace(grad.reshape(-1))
-    sums = np.empty(nb, grad.dtype)
-    _normalise_rows(grad, sums)
-    _log1p_inplace(sums)  # the row sums are >= 1: s - 1 is exact and log1p(s - 1) = log s
+    total += _normalise_rows(grad)
     for i in range(nb):
-        total += sums[i]
         grad[i, labels[i]] -= 1
     g, sc = grad.reshape(-1), grad.dtype.type(scale)
     for t in range(g.size):
@@ -513,25 +510,78 @@ def softmax_xent(
     return _accumulate(loss, total, logits.dtype), grad
 
 
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT, inline="always")
+def _bce_term(x, hit, cap, one, zero):
+    """(capped softplus term, unscaled gradient) of logit x vs target hit (0/1); one, zero: x's type."""
+    e = _exp(-abs(x))  # never exp of a large positive number: finite for any logit
+    r = one / (one + e)
+    p, q = (r, e * r) if x >= zero else (e * r, r)  # sigmoid(x), 1 - sigmoid(x), no cancellation
+    s = -x if hit else x  # the term is softplus(s): -log p for t=1, -log(1-p) for t=0
+    return min(max(s, zero) + _log1p(e), cap), (-q if hit else p)  # |s| = |x|: one exp serves both
+
+
+@njit(cache=True, error_model="numpy")
+def _check_labels(labels, r0, r1, k):
+    for i in range(r0, r1):
+        if labels[i] < 0 or labels[i] >= k:
+            raise ValueError("sigmoid_bce: label out of range [0, K)")
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _bce_rows(z, labels, grad, sc, cap, acc, r0, r1):
+    """Rows r0..r1: each class's term added into acc[j] (per-class sums: the inner loop has no
+    reduction, it vectorises) and the scaled gradient written."""
+    k, one, zero = z.shape[1], z.dtype.type(1), z.dtype.type(0)
+    for i in range(r0, r1):
+        y = labels[i]
+        for j in range(k):
+            term, g = _bce_term(z[i, j], j == y, cap, one, zero)
+            acc[j] += term
+            grad[i, j] = g * sc
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _bce_terms(z, labels, cap, acc, r0, r1):
+    """Rows r0..r1: the terms only, added into acc[j]."""
+    k, one, zero = z.shape[1], z.dtype.type(1), z.dtype.type(0)
+    for i in range(r0, r1):
+        y = labels[i]
+        for j in range(k):
+            acc[j] += _bce_term(z[i, j], j == y, cap, one, zero)[0]
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _bce_grads(z, labels, grad, sc, cap, r0, r1):
+    """Rows r0..r1: the scaled gradient only."""
+    k, one, zero = z.shape[1], z.dtype.type(1), z.dtype.type(0)
+    for i in range(r0, r1):
+        y = labels[i]
+        for j in range(k):
+            grad[i, j] = _bce_term(z[i, j], j == y, cap, one, zero)[1] * sc
+
+
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _sigmoid_bce_k(z, labels, grad, scale, cap):
-    k, one, zero = z.shape[1], z.dtype.type(1), z.dtype.type(0)
-    sc, cp = z.dtype.type(scale), z.dtype.type(cap)
-    acc = np.zeros(k, np.float64)  # per-class partial sums: the inner loop has no reduction, it vectorises
-    for i in range(z.shape[0]):
-        y = labels[i]
-        if y < 0 or y >= k:
-            raise ValueError("sigmoid_bce: label out of range [0, K)")
-        for j in range(k):
-            x = z[i, j]
-            e = _exp(-abs(x))  # never exp of a large positive number: finite for any logit
-            r = one / (one + e)
-            p, q = (r, e * r) if x >= zero else (e * r, r)  # sigmoid(x), 1 - sigmoid(x), no cancellation
-            hit = j == y
-            s = -x if hit else x  # the term is softplus(s): -log p for t=1, -log(1-p) for t=0
-            acc[j] += min(max(s, zero) + _log1p(e), cp)  # |s| = |x|: the same exp serves both
-            grad[i, j] = (-q if hit else p) * sc
-    return acc.sum()
+    # The float64 per-class sums live in grad's first rows (8 bytes a class: two float32 rows, one
+    # float64 row) until every other row is done; those rows' gradients are written last. Nothing is
+    # allocated, and each class still sums its rows in order 0, 1, ..., B-1.
+    nb, k = z.shape
+    sc, cp, lead = z.dtype.type(scale), z.dtype.type(cap), 8 // z.itemsize
+    _check_labels(labels, 0, nb, k)
+    if nb < lead:  # 0 rows, or 1 float32 row (no room): its terms summed in class order, as acc.sum()
+        total = 0.0
+        for i in range(nb):
+            for j in range(k):
+                total += _bce_term(z[i, j], j == labels[i], cp, z.dtype.type(1), z.dtype.type(0))[0]
+        _bce_grads(z, labels, grad, sc, cp, 0, nb)
+        return total
+    acc = grad[:lead].reshape(-1).view(np.float64)[:k]
+    acc[:] = 0.0
+    _bce_terms(z, labels, cp, acc, 0, lead)
+    _bce_rows(z[lead:], labels[lead:], grad[lead:], sc, cp, acc, 0, nb - lead)
+    total = acc.sum()
+    _bce_grads(z, labels, grad, sc, cp, 0, lead)
+    return total
 
 
 def sigmoid_bce(
@@ -545,6 +595,7 @@ def sigmoid_bce(
     logits: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) grad), logits' dtype."""
     if grad is None:
         grad = np.empty_like(logits)
+    _flat(grad, "grad")  # C-contiguous: its first rows double as the per-class sums
     total = _sigmoid_bce_k(logits, labels, grad, float(grad_scale), _BCE_CAP)
     return _accumulate(loss, total, logits.dtype), grad
 

@@ -1,0 +1,52 @@
+"""The CPU step experiments in bench/ run end to end on a small MNIST slice and say what they measured."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numba")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_step_breakdown_times_every_kernel_of_the_seed_step(tmp_path):
+    """Every call of the real step is filed under its kernel and role: the seed's forward GEMMs, its
+    input-gradient GEMM and both SGD-in-GEMM weight steps (plain SGD folds the update into them)."""
+    out = tmp_path / "breakdown.md"
+    text = _run(
+        "step_breakdown.py", "--configs", "seed", "--epochs", "1", "--samples", "600", "--out", str(out)
+    )
+    assert out.read_text().strip() == text.strip()
+    for row in (
+        "matmul x·W 100x784x100", "matmul x·W 100x100x10", "matmul dz·Wᵀ 100x10x100",
+        "sgd_matmul_step W -= lr·xᵀ·dz 784x100x100", "sgd_matmul_step W -= lr·xᵀ·dz 100x100x10",
+        "bias_act sigmoid 100x100", "act_grad sigmoid 100x100", "sigmoid_bce 100x10", "gather_rows 600x784",
+        "sgd_step 110", "**Python + glue**", "**step total**",
+    ):  # fmt: skip
+        assert f"| {row}" in text, row
+    shares = [float(line.rsplit("|", 2)[-2]) for line in text.splitlines() if line.startswith("| **all ")]
+    assert 0 < sum(shares) <= 100.5  # the kernels' shares of one step
+
+
+def test_fused_step_matches_the_per_kernel_step_exactly():
+    """The fused prototype is validated before it is timed: after 20 unshuffled steps its weights
+    equal the per-kernel path's bit for bit (the same kernels and GEMM calls in the same order)."""
+    text = _run("fused_step.py", "--configs", "seed,adam256", "--samples", "2600", "--repeats", "1")
+    rows = {
+        line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| ")
+    }
+    for config in ("seed", "adam256"):
+        assert float(rows[config][5]) == 0.0, rows[config]
+        assert float(rows[config][4]) > 0  # a ratio was measured
