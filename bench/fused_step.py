@@ -50,9 +50,9 @@ def make_step(dtype):
         bsz = idx.shape[0]
         gather(X, idx, x)
         gemm(z1, x, W1, 1.0, 0.0, False, False)
-        bias_act(z1, b1, y1, act, 0, bsz)
+        bias_act(z1, b1, y1, y1, False, act, 0, bsz)  # pre unused: no pre-activation kept
         gemm(z2, y1, W2, 1.0, 0.0, False, False)
-        bias_act(z2, b2, s2, 0, 0, bsz)
+        bias_act(z2, b2, s2, s2, False, 0, 0, bsz)
         acc[0] += bce(s2, labels, g2, scale, cap) if use_bce else xent(s2, labels, g2, scale)
         hits[0] += correct(s2, labels)
         bias_grad(g2, gb2)
@@ -62,7 +62,8 @@ def make_step(dtype):
         else:
             gemm(gW2, y1, g2, 1.0, 0.0, True, False)
             gemm(dy1, g2, W2, 1.0, 0.0, False, True)
-        act_grad(dy1.reshape(-1), y1.reshape(-1), dz1.reshape(-1), act, 0, dy1.size)
+        y1f = y1.reshape(-1)  # also as the pre-activation argument, unread by sigmoid/relu
+        act_grad(dy1.reshape(-1), y1f, y1f, dz1.reshape(-1), act, 0, dy1.size)
         bias_grad(dz1, gb1)
         if not use_adam:
             gemm(W1, x, dz1, -lr, 1.0, True, False)
@@ -70,8 +71,8 @@ def make_step(dtype):
         else:
             gemm(gW1, x, dz1, 1.0, 0.0, True, False)
             lr_c, inv_bc2 = lr / (1.0 - 0.9**t), 1.0 / (1.0 - 0.999**t)
-            adam(wg, gg, m1, v1, lr_c, 0.9, 0.999, 1e-8, inv_bc2, 0.0, 0.0, 0, wg.size)
-            adam(ow, og, m2, v2, lr_c, 0.9, 0.999, 1e-8, inv_bc2, 0.0, 0.0, 0, ow.size)
+            adam(wg, gg, m1, v1, lr_c, 0.9, 0.999, 1e-8, inv_bc2, 1.0, 0.0, 0.0, 0, wg.size)
+            adam(ow, og, m2, v2, lr_c, 0.9, 0.999, 1e-8, inv_bc2, 1.0, 0.0, 0.0, 0, ow.size)
 
     return step
 
