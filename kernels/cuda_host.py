@@ -63,7 +63,13 @@ SANITIZERS = ("memcheck", "racecheck", "initcheck")
 # integer; bools get 0xA5, which is neither False nor True.
 POISON = {1: 0xA5, 2: 0x7DA5, 4: 0x7FA5A5A5, 8: 0x7FF5A5A5A5A5A5A5}
 
-_KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
+# A plain kernel, or a float32/float64 pair from device_common.h's GPUMLP_F32_F64(name, (params), (args)).
+_KERNEL_RE = re.compile(
+    r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)'
+    r"|\bGPUMLP_F32_F64\s*\(\s*(\w+)\s*,\s*\(([^)]*)\)",
+    re.S,
+)
+_FLOAT_TYPES = {"f32": "float", "f64": "double"}  # GPUMLP_F32_F64's kernels: name suffix -> T
 _COMMENT_RE = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 
 # C base type -> (ctypes scalar type, NumPy dtype, accepted Python/NumPy scalar types)
@@ -112,13 +118,22 @@ def _parse_param(kernel: str, text: str) -> Param:
 
 
 def parse_kernels(code: str) -> dict[str, tuple[Param, ...]]:
-    """Kernel name -> parameters, for every ``extern "C" __global__`` function in ``code``."""
+    """Kernel name -> parameters, for every ``extern "C" __global__`` function in ``code``, in
+    source order; ``GPUMLP_F32_F64(name, (params), (args))`` gives name_f32 and name_f64 with
+    T = float and T = double in params, as the macro in cuda/device_common.h does."""
     code = _COMMENT_RE.sub("", code)
     out = {}
-    for name, params in _KERNEL_RE.findall(code):
-        items = [p for p in params.split(",") if p.strip() and p.strip() != "void"]
-        out[name] = tuple(_parse_param(name, p) for p in items)
+    for name, params, pair, typed in _KERNEL_RE.findall(code):
+        if name:
+            out[name] = _parse_params(name, params)
+        for suffix, ctype in _FLOAT_TYPES.items() if pair else ():
+            out[f"{pair}_{suffix}"] = _parse_params(f"{pair}_{suffix}", re.sub(r"\bT\b", ctype, typed))
     return out
+
+
+def _parse_params(kernel: str, params: str) -> tuple[Param, ...]:
+    items = [p for p in params.split(",") if p.strip() and p.strip() != "void"]
+    return tuple(_parse_param(kernel, p) for p in items)
 
 
 def sanitizers() -> frozenset[str]:

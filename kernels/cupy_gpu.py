@@ -19,7 +19,6 @@ for the backend. Nothing here imports CuPy: ``import gpumlp`` never needs it or 
 from __future__ import annotations
 
 import math as _math
-import re as _re
 import threading as _threading
 import warnings as _warnings
 import weakref as _weakref
@@ -29,6 +28,7 @@ from typing import Any as _Any
 
 import numpy as np
 
+from .cuda_host import parse_kernels as _parse_kernels
 from .reference import (
     ACTIVATIONS,
     LEAKY_SLOPE,
@@ -41,7 +41,6 @@ from .reference import (
 
 _CUDA_DIR = _Path(__file__).resolve().parent / "cuda"
 _INCLUDE = '#include "device_common.h"'
-_DECLARED = _re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
 _BLOCK = 256  # threads per block for elementwise kernels (<= MAX_BLOCK in device_common.h)
 _COL_BLOCK = (32, 8)  # column kernels: 32 columns x COL_Y row lanes
 # "cublas": eager matmuls on cuBLAS via cupy.matmul (default); "own": always our tiled GEMM in
@@ -164,7 +163,7 @@ class CudaKernels:
         """Compile and load the modules and fetch every kernel in them (so nothing loads mid-capture:
         with CUDA's lazy loading that can invalidate the capture)."""
         for stem in sorted(stems):
-            for name in _DECLARED.findall(_source(stem)):
+            for name in _parse_kernels(_source(stem)):
                 self._function(stem, name)
 
     def _grid(self, n: int, block: int = _BLOCK) -> int:

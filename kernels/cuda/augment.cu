@@ -76,35 +76,14 @@ __device__ void gather_warped_impl(const T* __restrict__ src, const int* __restr
     }
 }
 
-extern "C" __global__ void signed_noise_f32(float* __restrict__ out, long long n, unsigned long long seed,
-                                            const long long* __restrict__ step) {
-    signed_noise_impl(out, n, seed, step);
-}
-extern "C" __global__ void signed_noise_f64(double* __restrict__ out, long long n, unsigned long long seed,
-                                            const long long* __restrict__ step) {
-    signed_noise_impl(out, n, seed, step);
-}
+GPUMLP_F32_F64(signed_noise, (T* __restrict__ out, long long n, unsigned long long seed,
+                             const long long* __restrict__ step), (out, n, seed, step))
 
-extern "C" __global__ void blur_f32(const float* __restrict__ src, float* __restrict__ out, long long n,
-                                    int side, double sigma, double scale, int along_rows) {
-    blur_impl(src, out, n, side, sigma, scale, along_rows);
-}
-extern "C" __global__ void blur_f64(const double* __restrict__ src, double* __restrict__ out, long long n,
-                                    int side, double sigma, double scale, int along_rows) {
-    blur_impl(src, out, n, side, sigma, scale, along_rows);
-}
+GPUMLP_F32_F64(blur, (const T* __restrict__ src, T* __restrict__ out, long long n, int side, double sigma,
+                     double scale, int along_rows), (src, out, n, side, sigma, scale, along_rows))
 
-extern "C" __global__ void gather_warped_f32(const float* __restrict__ src, const int* __restrict__ idx,
-                                             const float* __restrict__ field, float* __restrict__ out,
-                                             long long n, int side, double max_angle, double max_scale,
-                                             double max_shift, int has_field, unsigned long long seed,
-                                             const long long* __restrict__ step) {
-    gather_warped_impl(src, idx, field, out, n, side, max_angle, max_scale, max_shift, has_field, seed, step);
-}
-extern "C" __global__ void gather_warped_f64(const double* __restrict__ src, const int* __restrict__ idx,
-                                             const double* __restrict__ field, double* __restrict__ out,
-                                             long long n, int side, double max_angle, double max_scale,
-                                             double max_shift, int has_field, unsigned long long seed,
-                                             const long long* __restrict__ step) {
-    gather_warped_impl(src, idx, field, out, n, side, max_angle, max_scale, max_shift, has_field, seed, step);
-}
+GPUMLP_F32_F64(gather_warped, (const T* __restrict__ src, const int* __restrict__ idx, const T* __restrict__ field,
+                              T* __restrict__ out, long long n, int side, double max_angle, double max_scale,
+                              double max_shift, int has_field, unsigned long long seed,
+                              const long long* __restrict__ step),
+               (src, idx, field, out, n, side, max_angle, max_scale, max_shift, has_field, seed, step))

@@ -22,6 +22,24 @@
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
          i += (long long)gridDim.x * blockDim.x)
 
+// The float32 and float64 kernels of a templated body, with one parameter list:
+//   GPUMLP_F32_F64(name, (T* __restrict__ w, const T* __restrict__ g, long long n, T lr), (w, g, n, lr))
+// defines extern "C" name_f32 and name_f64, whose parameters are the list with T = float and
+// T = double, each calling name_impl(args). T is an alias in a namespace of each kernel's own (a
+// using-declaration brings the kernel back to file scope); C linkage keeps the plain symbol name.
+// kernels/cuda_host.py's parse_kernels expands it the same way (tests/test_cuda_kernels.py checks
+// that against the compilers). An old hand-written f32/f64 pair converts mechanically: keep the f32
+// parameter list with float -> T and the call's arguments.
+#define GPUMLP_KERNEL_AS(kname, type, name, params, args)   \
+    namespace gpumlp_##kname {                             \
+    using T = type;                                        \
+    extern "C" __global__ void kname params { name##_impl args; } \
+    }                                                      \
+    using gpumlp_##kname::kname;
+#define GPUMLP_F32_F64(name, params, args)                         \
+    GPUMLP_KERNEL_AS(name##_f32, float, name, params, args)        \
+    GPUMLP_KERNEL_AS(name##_f64, double, name, params, args)
+
 // Activation codes: the index of the name in reference.ACTIVATIONS.
 #define ACT_IDENTITY 0
 #define ACT_SIGMOID 1

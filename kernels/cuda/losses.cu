@@ -113,54 +113,19 @@ __device__ void correct_count_impl(const T* __restrict__ scores, const int* __re
     }
 }
 
-extern "C" __global__ void softmax_xent_f32(const float* __restrict__ logits, const int* __restrict__ labels,
-                                            float* __restrict__ grad, float* __restrict__ loss, int nrow,
-                                            int ncol, float scale) {
-    softmax_xent_impl(logits, labels, grad, loss, nrow, ncol, scale);
-}
-extern "C" __global__ void softmax_xent_f64(const double* __restrict__ logits, const int* __restrict__ labels,
-                                            double* __restrict__ grad, double* __restrict__ loss, int nrow,
-                                            int ncol, double scale) {
-    softmax_xent_impl(logits, labels, grad, loss, nrow, ncol, scale);
-}
+GPUMLP_F32_F64(softmax_xent, (const T* __restrict__ logits, const int* __restrict__ labels, T* __restrict__ grad,
+                             T* __restrict__ loss, int nrow, int ncol, T scale),
+               (logits, labels, grad, loss, nrow, ncol, scale))
 
-extern "C" __global__ void softmax_f32(const float* __restrict__ logits, float* __restrict__ out, int nrow,
-                                       int ncol) {
-    softmax_impl(logits, out, nrow, ncol);
-}
-extern "C" __global__ void softmax_f64(const double* __restrict__ logits, double* __restrict__ out, int nrow,
-                                       int ncol) {
-    softmax_impl(logits, out, nrow, ncol);
-}
+GPUMLP_F32_F64(softmax, (const T* __restrict__ logits, T* __restrict__ out, int nrow, int ncol),
+               (logits, out, nrow, ncol))
 
-extern "C" __global__ void sigmoid_bce_f32(const float* __restrict__ logits, const int* __restrict__ labels,
-                                           float* __restrict__ grad, float* __restrict__ loss, int nrow,
-                                           int ncol, float scale, float cap) {
-    sigmoid_bce_impl(logits, labels, grad, loss, nrow, ncol, scale, cap);
-}
-extern "C" __global__ void sigmoid_bce_f64(const double* __restrict__ logits, const int* __restrict__ labels,
-                                           double* __restrict__ grad, double* __restrict__ loss, int nrow,
-                                           int ncol, double scale, double cap) {
-    sigmoid_bce_impl(logits, labels, grad, loss, nrow, ncol, scale, cap);
-}
+GPUMLP_F32_F64(sigmoid_bce, (const T* __restrict__ logits, const int* __restrict__ labels, T* __restrict__ grad,
+                            T* __restrict__ loss, int nrow, int ncol, T scale, T cap),
+               (logits, labels, grad, loss, nrow, ncol, scale, cap))
 
-extern "C" __global__ void mse_f32(const float* __restrict__ pred, const int* __restrict__ labels,
-                                   float* __restrict__ grad, float* __restrict__ loss, int nrow, int ncol,
-                                   float scale) {
-    mse_impl(pred, labels, grad, loss, nrow, ncol, scale);
-}
-extern "C" __global__ void mse_f64(const double* __restrict__ pred, const int* __restrict__ labels,
-                                   double* __restrict__ grad, double* __restrict__ loss, int nrow, int ncol,
-                                   double scale) {
-    mse_impl(pred, labels, grad, loss, nrow, ncol, scale);
-}
+GPUMLP_F32_F64(mse, (const T* __restrict__ pred, const int* __restrict__ labels, T* __restrict__ grad,
+                    T* __restrict__ loss, int nrow, int ncol, T scale), (pred, labels, grad, loss, nrow, ncol, scale))
 
-extern "C" __global__ void correct_count_f32(const float* __restrict__ scores, const int* __restrict__ labels,
-                                             long long* __restrict__ count, int nrow, int ncol) {
-    correct_count_impl(scores, labels, count, nrow, ncol);
-}
-extern "C" __global__ void correct_count_f64(const double* __restrict__ scores,
-                                             const int* __restrict__ labels, long long* __restrict__ count,
-                                             int nrow, int ncol) {
-    correct_count_impl(scores, labels, count, nrow, ncol);
-}
+GPUMLP_F32_F64(correct_count, (const T* __restrict__ scores, const int* __restrict__ labels,
+                              long long* __restrict__ count, int nrow, int ncol), (scores, labels, count, nrow, ncol))
