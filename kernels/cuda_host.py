@@ -28,6 +28,7 @@ wants a C-contiguous device array of the pointee's dtype.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -45,6 +46,11 @@ EMULATION_HEADER = CUDA_DIR / "host_emulation.h"
 # -fno-gnu-unique: each library keeps its own copy of the emulation's state and of the kernels'
 # __shared__ variables (the dynamic linker would otherwise merge them across libraries).
 CXXFLAGS = ("-std=c++20", "-fopenmp", "-O2", "-shared", "-fPIC", "-Wall", "-fno-gnu-unique")
+# What `empty` leaves in every element under initcheck, by element size: a signalling NaN for
+# floats (arithmetic never produces one, so a computed value never matches) and an unlikely
+# integer; bools get 0xA5, which is neither False nor True. The checked build gets them as
+# -DCUDA_EMU_POISON<bytes>, so they are written only here.
+POISON = {1: 0xA5, 2: 0x7DA5, 4: 0x7FA5A5A5, 8: 0x7FF5A5A5A5A5A5A5}
 # The checked flavour (memcheck, initcheck): g++ calls the header's __asan_* hooks before every
 # load and store, outside the stack and globals; no vector or merged accesses, whose alignment
 # is the compiler's, not the kernel's.
@@ -56,12 +62,9 @@ CHECKED_FLAGS = (
     "--param=asan-globals=0",
     "-fno-tree-vectorize",
     "-fno-store-merging",
+    *(f"-DCUDA_EMU_POISON{size}={value:#x}ull" for size, value in POISON.items()),
 )
 SANITIZERS = ("memcheck", "racecheck", "initcheck")
-# What `empty` leaves in every element under initcheck, by element size: a signalling NaN for
-# floats (arithmetic never produces one, so a computed value never matches) and an unlikely
-# integer; bools get 0xA5, which is neither False nor True.
-POISON = {1: 0xA5, 2: 0x7DA5, 4: 0x7FA5A5A5, 8: 0x7FF5A5A5A5A5A5A5}
 
 # A plain kernel, or a float32/float64 pair from device_common.h's GPUMLP_F32_F64(name, (params), (args)).
 _KERNEL_RE = re.compile(
@@ -138,7 +141,11 @@ def _parse_params(kernel: str, params: str) -> tuple[Param, ...]:
 
 def sanitizers() -> frozenset[str]:
     """The sanitizers ``$GPUMLP_EMU_SANITIZE`` turns on (comma-separated names from :data:`SANITIZERS`)."""
-    text = os.environ.get("GPUMLP_EMU_SANITIZE", "")
+    return _parse_sanitizers(os.environ.get("GPUMLP_EMU_SANITIZE", ""))
+
+
+@functools.lru_cache(maxsize=8)  # asked on every `empty`: parse each setting once
+def _parse_sanitizers(text: str) -> frozenset[str]:
     names = frozenset(n.strip().lower() for n in text.split(",") if n.strip())
     if not names <= set(SANITIZERS):
         raise ValueError(
