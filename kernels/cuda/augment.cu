@@ -4,11 +4,6 @@
 // Contract: kernels/reference.py (elastic_field, gather_warped).
 #include "device_common.h"
 
-// uniform in [0, 1) of element i of the stream (seed, step), as reference.hash_uniform.
-__device__ __forceinline__ double philox_uniform(unsigned long long seed, long long step, long long i) {
-    return (double)(philox_word(seed, step, i) >> 8) * (1.0 / 16777216.0);
-}
-
 // out[i] = 2 * uniform_i - 1: the noise of n values.
 template <typename T>
 __device__ void signed_noise_impl(T* __restrict__ out, long long n, unsigned long long seed,

@@ -116,6 +116,11 @@ __device__ __forceinline__ unsigned int philox_word(unsigned long long seed, lon
     }
 }
 
+// uniform in [0, 1) of element i of the stream (seed, step), as reference.hash_uniform.
+__device__ __forceinline__ double philox_uniform(unsigned long long seed, long long step, long long i) {
+    return (double)(philox_word(seed, step, i) >> 8) * (1.0 / 16777216.0);
+}
+
 // op(X)[r, c] of a stored matrix, zero outside [0, rows) x [0, cols) of op(X).
 template <typename T>
 __device__ __forceinline__ T gemm_load(const T* __restrict__ x, int r, int c, int rows, int cols, int ld,

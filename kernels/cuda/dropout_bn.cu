@@ -7,7 +7,7 @@
 extern "C" __global__ void hash_uniform_f64(double* __restrict__ out, long long n, unsigned long long seed,
                                             const long long* __restrict__ step) {
     const long long t = *step;
-    GRID_STRIDE(i, n) { out[i] = (double)(philox_word(seed, t, i) >> 8) * (1.0 / 16777216.0); }
+    GRID_STRIDE(i, n) { out[i] = philox_uniform(seed, t, i); }
 }
 
 // Keep element i when the top 24 bits of its random word are >= thresh (= ceil(p * 2^24),

@@ -48,7 +48,8 @@ __device__ void softmax_impl(const T* __restrict__ logits, T* __restrict__ out, 
     }
 }
 
-// Logistic cost against one-hot targets; p clipped to [eps, 1-eps] (in T) inside log().
+// Logistic cost against one-hot targets: each term a softplus of +-z (never the log of a rounded p),
+// capped at cap = -log(reference.LOG_EPS) as the reference caps it.
 template <typename T>
 __device__ void sigmoid_bce_impl(const T* __restrict__ logits, const int* __restrict__ labels,
                                  T* __restrict__ grad, T* __restrict__ loss, int nrow, int ncol, T scale,
