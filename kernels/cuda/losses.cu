@@ -48,52 +48,48 @@ __device__ void softmax_impl(const T* __restrict__ logits, T* __restrict__ out, 
     }
 }
 
+// The one-hot losses' row loop: over each row's columns k, term(i, k == label) writes element i's
+// gradient and returns its loss term; the row sums, times factor, go to *loss once per block.
+template <typename T, typename Term>
+__device__ void onehot_loss_rows(const int* __restrict__ labels, T* __restrict__ loss, int nrow, int ncol,
+                                 T factor, Term term) {
+    __shared__ T scratch[32];
+    T acc = T(0);
+    for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
+        const int y = labels[row];
+        T part = T(0);
+        for (int k = threadIdx.x; k < ncol; k += blockDim.x) part += term((long long)row * ncol + k, k == y);
+        part = block_sum(part, scratch);
+        if (threadIdx.x == 0) acc += factor * part;
+    }
+    if (threadIdx.x == 0) atomicAdd(loss, acc);
+}
+
 // Logistic cost against one-hot targets: each term a softplus of +-z (never the log of a rounded p),
 // capped at cap = -log(reference.LOG_EPS) as the reference caps it.
 template <typename T>
 __device__ void sigmoid_bce_impl(const T* __restrict__ logits, const int* __restrict__ labels,
                                  T* __restrict__ grad, T* __restrict__ loss, int nrow, int ncol, T scale,
                                  T cap) {
-    __shared__ T scratch[32];
-    T acc = T(0);
-    for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
-        const int y = labels[row];
-        T part = T(0);
-        for (int k = threadIdx.x; k < ncol; k += blockDim.x) {
-            const long long i = (long long)row * ncol + k;
-            const T p = T(1) / (T(1) + dev_exp(-logits[i]));
-            const bool t = (k == y);
-            // -log p = softplus(-z), -log(1-p) = softplus(z): never the log of a rounded p
-            const T s = t ? -logits[i] : logits[i];
-            const T sp = dev_max(s, T(0)) + dev_log1p(dev_exp(-dev_max(s, -s)));
-            part += sp < cap ? sp : cap;
-            grad[i] = scale * (p - (t ? T(1) : T(0)));
-        }
-        part = block_sum(part, scratch);
-        if (threadIdx.x == 0) acc += part;
-    }
-    if (threadIdx.x == 0) atomicAdd(loss, acc);
+    onehot_loss_rows(labels, loss, nrow, ncol, T(1), [=](long long i, bool t) {
+        const T p = T(1) / (T(1) + dev_exp(-logits[i]));
+        // -log p = softplus(-z), -log(1-p) = softplus(z)
+        const T s = t ? -logits[i] : logits[i];
+        const T sp = dev_max(s, T(0)) + dev_log1p(dev_exp(-dev_max(s, -s)));
+        grad[i] = scale * (p - (t ? T(1) : T(0)));
+        return sp < cap ? sp : cap;
+    });
 }
 
 // Half squared error against one-hot targets.
 template <typename T>
 __device__ void mse_impl(const T* __restrict__ pred, const int* __restrict__ labels, T* __restrict__ grad,
                          T* __restrict__ loss, int nrow, int ncol, T scale) {
-    __shared__ T scratch[32];
-    T acc = T(0);
-    for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
-        const int y = labels[row];
-        T part = T(0);
-        for (int k = threadIdx.x; k < ncol; k += blockDim.x) {
-            const long long i = (long long)row * ncol + k;
-            const T d = pred[i] - (k == y ? T(1) : T(0));
-            part += d * d;
-            grad[i] = scale * d;
-        }
-        part = block_sum(part, scratch);
-        if (threadIdx.x == 0) acc += T(0.5) * part;
-    }
-    if (threadIdx.x == 0) atomicAdd(loss, acc);
+    onehot_loss_rows(labels, loss, nrow, ncol, T(0.5), [=](long long i, bool t) {
+        const T d = pred[i] - (t ? T(1) : T(0));
+        grad[i] = scale * d;
+        return d * d;
+    });
 }
 
 // *count += #rows with argmax(scores[row]) == labels[row] (first max wins). One thread per row.
