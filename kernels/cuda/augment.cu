@@ -12,22 +12,35 @@ __device__ void signed_noise_impl(T* __restrict__ out, long long n, unsigned lon
     GRID_STRIDE(i, n) { out[i] = (T)(2.0 * philox_uniform(seed, t, i) - 1.0); }
 }
 
+#define BLUR_TAPS 256  // Gaussian weights kept in shared memory: |d| < BLUR_TAPS (all of them for side <= 256)
+
+// exp(-d^2 / (2 sigma^2)), from the block's table where it holds d.
+__device__ __forceinline__ double gauss_weight(const double* table, int d, double sigma) {
+    const int a = d < 0 ? -d : d;
+    return a < BLUR_TAPS ? table[a] : exp(-0.5 * (d / sigma) * (d / sigma));
+}
+
 // out = scale * src smoothed by the normalised Gaussian of std sigma (radius int(4 sigma + 0.5),
 // as reference._gaussian_taps), zero outside, along x (along_rows = 0) or y (1) of each
-// side x side image; src, out: n = images * side * side values; float64 sums.
+// side x side image; src, out: n = images * side * side values; float64 sums. Each block computes
+// the weights once (not 2 radius + 1 exps per element).
 template <typename T>
 __device__ void blur_impl(const T* __restrict__ src, T* __restrict__ out, long long n, int side, double sigma,
                           double scale, int along_rows) {
+    __shared__ double table[BLUR_TAPS];
     const int radius = (int)(4.0 * sigma + 0.5);
+    for (int d = threadIdx.x; d <= radius && d < BLUR_TAPS; d += blockDim.x)
+        table[d] = exp(-0.5 * (d / sigma) * (d / sigma));
+    __syncthreads();
     double norm = 0.0;
-    for (int d = -radius; d <= radius; ++d) norm += exp(-0.5 * (d / sigma) * (d / sigma));
+    for (int d = -radius; d <= radius; ++d) norm += gauss_weight(table, d, sigma);
     GRID_STRIDE(i, n) {
         const long long pixel = i % ((long long)side * side);
         const int at = along_rows ? (int)(pixel / side) : (int)(pixel % side);
         const long long stride = along_rows ? side : 1;
         double acc = 0.0;
         for (int d = max(-radius, -at); d <= min(radius, side - 1 - at); ++d) {
-            acc += exp(-0.5 * (d / sigma) * (d / sigma)) / norm * (double)src[i + d * stride];
+            acc += gauss_weight(table, d, sigma) / norm * (double)src[i + d * stride];
         }
         out[i] = (T)(scale * acc);
     }
