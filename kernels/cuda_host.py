@@ -66,10 +66,11 @@ CHECKED_FLAGS = (
 )
 SANITIZERS = ("memcheck", "racecheck", "initcheck")
 
-# A plain kernel, or a float32/float64 pair from device_common.h's GPUMLP_F32_F64(name, (params), (args)).
+# A plain kernel, or a float32/float64 pair from device_common.h's GPUMLP_F32_F64(name, (params), (args))
+# or GPUMLP_F32_F64_SUFFIX(name, suffix, (params), (args)).
 _KERNEL_RE = re.compile(
     r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)'
-    r"|\bGPUMLP_F32_F64\s*\(\s*(\w+)\s*,\s*\(([^)]*)\)",
+    r"|\bGPUMLP_F32_F64(?:_SUFFIX)?\s*\(\s*(\w+)\s*,\s*(?:(\w+)\s*,\s*)?\(([^)]*)\)",
     re.S,
 )
 _FLOAT_TYPES = {"f32": "float", "f64": "double"}  # GPUMLP_F32_F64's kernels: name suffix -> T
@@ -123,14 +124,16 @@ def _parse_param(kernel: str, text: str) -> Param:
 def parse_kernels(code: str) -> dict[str, tuple[Param, ...]]:
     """Kernel name -> parameters, for every ``extern "C" __global__`` function in ``code``, in
     source order; ``GPUMLP_F32_F64(name, (params), (args))`` gives name_f32 and name_f64 with
-    T = float and T = double in params, as the macro in cuda/device_common.h does."""
+    T = float and T = double in params, as the macro in cuda/device_common.h does
+    (``GPUMLP_F32_F64_SUFFIX(name, suffix, ...)``: name_f32<suffix> and name_f64<suffix>)."""
     code = _COMMENT_RE.sub("", code)
     out = {}
-    for name, params, pair, typed in _KERNEL_RE.findall(code):
+    for name, params, pair, tail, typed in _KERNEL_RE.findall(code):
         if name:
             out[name] = _parse_params(name, params)
         for suffix, ctype in _FLOAT_TYPES.items() if pair else ():
-            out[f"{pair}_{suffix}"] = _parse_params(f"{pair}_{suffix}", re.sub(r"\bT\b", ctype, typed))
+            kernel = f"{pair}_{suffix}{tail}"
+            out[kernel] = _parse_params(kernel, re.sub(r"\bT\b", ctype, typed))
     return out
 
 

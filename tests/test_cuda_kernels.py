@@ -87,6 +87,11 @@ def test_parse_kernels_expands_the_float_pair_macro():
         "axpy_f64": ["double* x", "double* y", "long long n", "double a", "double d"],
     }
     assert [p.const for p in kernels["axpy_f32"]] == [True, False, False, False, False]
+    src = "GPUMLP_F32_F64_SUFFIX(take, _i64, (const T* x, const long long* i, T* y), (x, i, y))"
+    assert {k: [p.describe() for p in v] for k, v in cuda_host.parse_kernels(src).items()} == {
+        "take_f32_i64": ["float* x", "long long* i", "float* y"],
+        "take_f64_i64": ["double* x", "long long* i", "double* y"],
+    }
 
 
 def test_nvrtc_source_is_self_contained():

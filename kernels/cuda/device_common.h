@@ -36,9 +36,11 @@
     extern "C" __global__ void kname params { name##_impl args; } \
     }                                                      \
     using gpumlp_##kname::kname;
-#define GPUMLP_F32_F64(name, params, args)                         \
-    GPUMLP_KERNEL_AS(name##_f32, float, name, params, args)        \
-    GPUMLP_KERNEL_AS(name##_f64, double, name, params, args)
+// GPUMLP_F32_F64_SUFFIX(name, suffix, params, args): the same, named name_f32<suffix> and name_f64<suffix>.
+#define GPUMLP_F32_F64_SUFFIX(name, suffix, params, args)                \
+    GPUMLP_KERNEL_AS(name##_f32##suffix, float, name, params, args)      \
+    GPUMLP_KERNEL_AS(name##_f64##suffix, double, name, params, args)
+#define GPUMLP_F32_F64(name, params, args) GPUMLP_F32_F64_SUFFIX(name, , params, args)
 
 // Activation codes: the index of the name in reference.ACTIVATIONS.
 #define ACT_IDENTITY 0

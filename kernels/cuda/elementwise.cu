@@ -76,24 +76,10 @@ GPUMLP_F32_F64(act_grad, (const T* __restrict__ grad_out, const T* __restrict__ 
 
 GPUMLP_F32_F64(bias_grad, (const T* __restrict__ g, T* __restrict__ out, int nrow, int ncol), (g, out, nrow, ncol))
 
-extern "C" __global__ void gather_rows_f32_i32(const float* __restrict__ src, const int* __restrict__ idx,
-                                               float* __restrict__ out, long long n, long long width) {
-    gather_rows_impl(src, idx, out, n, width);
-}
-extern "C" __global__ void gather_rows_f32_i64(const float* __restrict__ src,
-                                               const long long* __restrict__ idx, float* __restrict__ out,
-                                               long long n, long long width) {
-    gather_rows_impl(src, idx, out, n, width);
-}
-extern "C" __global__ void gather_rows_f64_i32(const double* __restrict__ src, const int* __restrict__ idx,
-                                               double* __restrict__ out, long long n, long long width) {
-    gather_rows_impl(src, idx, out, n, width);
-}
-extern "C" __global__ void gather_rows_f64_i64(const double* __restrict__ src,
-                                               const long long* __restrict__ idx, double* __restrict__ out,
-                                               long long n, long long width) {
-    gather_rows_impl(src, idx, out, n, width);
-}
+GPUMLP_F32_F64_SUFFIX(gather_rows, _i32, (const T* __restrict__ src, const int* __restrict__ idx,
+                                          T* __restrict__ out, long long n, long long width), (src, idx, out, n, width))
+GPUMLP_F32_F64_SUFFIX(gather_rows, _i64, (const T* __restrict__ src, const long long* __restrict__ idx,
+                                          T* __restrict__ out, long long n, long long width), (src, idx, out, n, width))
 
 GPUMLP_F32_F64(gather_shifted, (const T* __restrict__ src, const int* __restrict__ idx, T* __restrict__ out,
                                long long n, int side, int max_shift, unsigned long long seed,
