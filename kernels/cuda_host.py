@@ -1,8 +1,9 @@
 """Build CUDA C++ sources for the CPU and launch their kernels through ctypes.
 
 The ``.cu`` files are compiled *unchanged* by g++ with ``cuda/host_emulation.h``
-force-included (it implements the CUDA thread model with OpenMP). For every
-``extern "C" __global__`` kernel found in the source, a generated launcher
+force-included (it implements the CUDA thread model: fibers, or an OpenMP team). For every
+kernel :func:`parse_kernels` finds in the source (``extern "C" __global__`` functions and the
+float32/float64 pairs of cuda/device_common.h's ``GPUMLP_F32_F64``), a generated launcher
 ``cuda_emu_launch_<name>(gx, gy, gz, bx, by, bz, info, args...)`` runs the grid
 (``info``: the schedule in, a sanitizer's finding out; see ``LaunchInfo`` in the header).
 Libraries are cached under ``$GPUMLP_CACHE/cuda_emu`` (default
