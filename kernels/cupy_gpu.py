@@ -329,23 +329,24 @@ class CudaKernels:
             )
         return drop
 
+    def _activation(self, base: str, code: np.int32, like: _Any, inputs: tuple, sizes: tuple, out: _Any):
+        """Launch bias_act / act_grad over like's elements: base(*inputs, out, *sizes, code, slope),
+        out (allocated like ``like`` when None) returned."""
+        out = self._out(out, "out", like.shape, like.dtype)
+        self._elementwise(base, like, *inputs, out, *sizes, code, like.dtype.type(LEAKY_SLOPE))
+        return out
+
     def bias_act(self, z, b, act, out=None):
         """``act(z + b)`` in one pass. z: (B,N), b: (N,) -> (B,N)."""
         code = _act_code(act)
         z, b = self._dev(z, "z"), self._dev(b, "b")
-        out = self._out(out, "out", z.shape, z.dtype)
-        slope = z.dtype.type(LEAKY_SLOPE)
-        self._elementwise("bias_act", z, z, b, out, np.int64(z.size), np.int32(b.size), code, slope)
-        return out
+        return self._activation("bias_act", code, z, (z, b), (np.int64(z.size), np.int32(b.size)), out)
 
     def act_grad(self, grad_out, y, act, out=None):
         """``grad_out * act'(.)`` from the activation's output y. (B,N) -> (B,N)."""
         code = _act_code(act)
         grad_out, y = self._dev(grad_out, "grad_out"), self._dev(y, "y")
-        out = self._out(out, "out", y.shape, y.dtype)
-        slope = y.dtype.type(LEAKY_SLOPE)
-        self._elementwise("act_grad", y, grad_out, y, out, np.int64(y.size), code, slope)
-        return out
+        return self._activation("act_grad", code, y, (grad_out, y), (np.int64(y.size),), out)
 
     def bias_grad(self, grad_z, out=None):
         """Column sums of grad_z. (B,N) -> (N,)."""
