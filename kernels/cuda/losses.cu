@@ -7,6 +7,18 @@
 // caller) with atomicAdd, so nothing synchronizes with the host.
 #include "device_common.h"
 
+// The stable softmax's statistics of a row z of ncol values: m = max z and s = sum exp(z - m),
+// block-wide (every thread gets both). scratch: the caller's __shared__ T[32].
+template <typename T>
+__device__ __forceinline__ void row_max_sumexp(const T* z, int ncol, T* scratch, T& m, T& s) {
+    m = z[0];
+    for (int k = threadIdx.x; k < ncol; k += blockDim.x) m = dev_max(m, z[k]);
+    m = block_max(m, scratch);
+    s = T(0);
+    for (int k = threadIdx.x; k < ncol; k += blockDim.x) s += dev_exp(z[k] - m);
+    s = block_sum(s, scratch);
+}
+
 // loss += sum_rows [lse(z) - z[y]]; grad = scale * (softmax(z) - onehot(y)).
 template <typename T>
 __device__ void softmax_xent_impl(const T* __restrict__ logits, const int* __restrict__ labels,
@@ -16,12 +28,8 @@ __device__ void softmax_xent_impl(const T* __restrict__ logits, const int* __res
     for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
         const T* z = logits + (long long)row * ncol;
         T* g = grad + (long long)row * ncol;
-        T m = z[0];
-        for (int k = threadIdx.x; k < ncol; k += blockDim.x) m = dev_max(m, z[k]);
-        m = block_max(m, scratch);
-        T s = T(0);
-        for (int k = threadIdx.x; k < ncol; k += blockDim.x) s += dev_exp(z[k] - m);
-        s = block_sum(s, scratch);
+        T m, s;
+        row_max_sumexp(z, ncol, scratch, m, s);
         const int y = labels[row];
         for (int k = threadIdx.x; k < ncol; k += blockDim.x) {
             g[k] = scale * (dev_exp(z[k] - m) / s - (k == y ? T(1) : T(0)));
@@ -38,12 +46,8 @@ __device__ void softmax_impl(const T* __restrict__ logits, T* __restrict__ out, 
     __shared__ T scratch[32];
     for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
         const T* z = logits + (long long)row * ncol;
-        T m = z[0];
-        for (int k = threadIdx.x; k < ncol; k += blockDim.x) m = dev_max(m, z[k]);
-        m = block_max(m, scratch);
-        T s = T(0);
-        for (int k = threadIdx.x; k < ncol; k += blockDim.x) s += dev_exp(z[k] - m);
-        s = block_sum(s, scratch);
+        T m, s;
+        row_max_sumexp(z, ncol, scratch, m, s);
         for (int k = threadIdx.x; k < ncol; k += blockDim.x) out[(long long)row * ncol + k] = dev_exp(z[k] - m) / s;
     }
 }
