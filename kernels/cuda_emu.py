@@ -7,7 +7,8 @@ TypeError (use ``a.get()``), and mixing it with a ``numpy.ndarray`` in
 arithmetic or in an ``xp`` function raises TypeError. Functions not listed
 here fall through to NumPy's of the same name (``xp.sqrt``, ``xp.sum`` ...),
 with the same host-array check. ``empty``/``empty_like`` fill floats with NaN
-so code that reads uninitialised device memory shows it.
+so code that reads uninitialised device memory shows it (under
+``GPUMLP_EMU_SANITIZE=initcheck``, every element with ``cuda_host.POISON``, which kernels report).
 
 :class:`RawModule` compiles the CUDA source with ``cuda_host`` (g++ + the host
 emulation header) and its kernels run on the CPU. ``cuda`` offers
