@@ -167,7 +167,7 @@ def _split(body, rows: bool = False) -> tuple:
         f"    for c in numba.prange(nt):\n"
         f"        {body.__name__}({args}, c * step, min({n}, (c + 1) * step))\n"
     )
-    line = sys._getframe(1).f_lineno  # tracebacks and cache file names point at the _split call
+    line = sys._getframe(1).f_lineno  # tracebacks and cache file names point at (or just below) the call
     made: dict = {}
     exec(compile("\n" * (line - 1) + src, __file__, "exec"), globals(), made)
     serial = njit(cache=True, error_model="numpy")(made[f"{name}_serial"])
