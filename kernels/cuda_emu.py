@@ -7,7 +7,8 @@ TypeError (use ``a.get()``), and mixing it with a ``numpy.ndarray`` in
 arithmetic or in an ``xp`` function raises TypeError. Functions not listed
 here fall through to NumPy's of the same name (``xp.sqrt``, ``xp.sum`` ...),
 with the same host-array check. ``empty``/``empty_like`` fill floats with NaN
-so code that reads uninitialised device memory shows it.
+so code that reads uninitialised device memory shows it (under
+``GPUMLP_EMU_SANITIZE=initcheck``, every element with ``cuda_host.POISON``, which kernels report).
 
 :class:`RawModule` compiles the CUDA source with ``cuda_host`` (g++ + the host
 emulation header) and its kernels run on the CPU. ``cuda`` offers
@@ -139,33 +140,44 @@ def _allocated(a: np.ndarray) -> np.ndarray:
 # --------------------------------------------- stream order and the race checker
 _HOST: dict[int, int] = {}  # stream id -> its last op the host waited for (synchronize, get)
 _SEQ = [0, 0]  # [ops issued so far, ops issued before the last Device.synchronize]
-_BLOCKING: list[_Stream] = []  # streams the legacy null stream synchronises with
+# Streams the legacy null stream synchronises with; one that is collected leaves its clock to the
+# null stream (it can issue nothing more), so the set does not grow with every stream ever made.
+_BLOCKING: weakref.WeakSet[_Stream] = weakref.WeakSet()
 _PENDING: dict[int, _Stream] = {}  # deferred mode: streams with queued work, by id
 _LOCAL = threading.local()  # the current-stream stack, per host thread as in CUDA
 _SKIP_MODULES = (__name__, __package__ or __name__, "numpy", "gpumlp.backend")  # the wrappers, not the caller
 
 
-def _caller() -> str:
-    """Where the device work was asked for: the first frame outside the emulator, the
-    kernel wrappers and NumPy (``gpumlp/train.py:210 (fit)``)."""
+def _caller() -> tuple | None:
+    """Where the device work was asked for: the first frame outside the emulator, the kernel
+    wrappers and NumPy, as (file, line, function); :func:`_place` words it when a report needs it."""
     f = sys._getframe(2)
-    while f is not None and str(f.f_globals.get("__name__", "")).startswith(_SKIP_MODULES):
+    while f is not None and f.f_globals.get("__name__", "").startswith(_SKIP_MODULES):
         f = f.f_back
-    if f is None:
+    return None if f is None else (f.f_code.co_filename, f.f_lineno, f.f_code.co_name)
+
+
+def _place(site: tuple | None) -> str:
+    """A :func:`_caller` site as ``gpumlp/train.py:210 (fit)``."""
+    if site is None:
         return "an unknown place"
-    path = Path(f.f_code.co_filename)
-    return f"{path.parent.name}/{path.name}:{f.f_lineno} ({f.f_code.co_name})"
+    path = Path(site[0])
+    return f"{path.parent.name}/{path.name}:{site[1]} ({site[2]})"
 
 
 class _Shadow:
     """The race checker's log of one allocation: recent accesses as
     (lo, hi, write, stream, clock, seq, op) over its bytes [lo, hi)."""
 
-    __slots__ = ("what", "nbytes", "log")
+    __slots__ = ("dtype", "shape", "site", "nbytes", "log")
 
-    def __init__(self, a: np.ndarray, where: str) -> None:
-        self.what = f"a {a.dtype} {a.shape} device buffer allocated at {where}"
-        self.nbytes, self.log = a.nbytes, []
+    def __init__(self, a: np.ndarray, site: tuple | None) -> None:
+        self.dtype, self.shape, self.site, self.nbytes, self.log = a.dtype, a.shape, site, a.nbytes, []
+
+    @property
+    def what(self) -> str:
+        """The allocation in words (only a race report needs them)."""
+        return f"a {self.dtype} {self.shape} device buffer allocated at {_place(self.site)}"
 
 
 _SHADOWS: dict[int, _Shadow] = {}
@@ -178,7 +190,7 @@ def _span(a: np.ndarray) -> tuple[_Shadow, int, int]:
         root = root.base
     shadow = _SHADOWS.get(id(root))
     if shadow is None:  # memory NumPy made without passing through _allocated
-        shadow = _SHADOWS[id(root)] = _Shadow(root, "an unknown place")
+        shadow = _SHADOWS[id(root)] = _Shadow(root, None)
         weakref.finalize(root, _SHADOWS.pop, id(root), None)
     lo, hi = np.lib.array_utils.byte_bounds(a)
     start = np.lib.array_utils.byte_bounds(root)[0]
@@ -778,7 +790,8 @@ class _Stream:
         kind = "blocking" if self._blocking else "non-blocking"
         self._name = "the legacy null stream" if null else f"stream {self._id} ({kind})"
         if self._blocking:
-            _BLOCKING.append(self)
+            _BLOCKING.add(self)
+            weakref.finalize(self, _join, _NULL._vc, self._vc)
 
     def __enter__(self) -> _Stream:
         _stream_stack().append(self)

@@ -1,8 +1,9 @@
 """Build CUDA C++ sources for the CPU and launch their kernels through ctypes.
 
 The ``.cu`` files are compiled *unchanged* by g++ with ``cuda/host_emulation.h``
-force-included (it implements the CUDA thread model with OpenMP). For every
-``extern "C" __global__`` kernel found in the source, a generated launcher
+force-included (it implements the CUDA thread model: fibers, or an OpenMP team). For every
+kernel :func:`parse_kernels` finds in the source (``extern "C" __global__`` functions and the
+float32/float64 pairs of cuda/device_common.h's ``GPUMLP_F32_F64``), a generated launcher
 ``cuda_emu_launch_<name>(gx, gy, gz, bx, by, bz, info, args...)`` runs the grid
 (``info``: the schedule in, a sanitizer's finding out; see ``LaunchInfo`` in the header).
 Libraries are cached under ``$GPUMLP_CACHE/cuda_emu`` (default
@@ -28,6 +29,7 @@ wants a C-contiguous device array of the pointee's dtype.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -45,6 +47,11 @@ EMULATION_HEADER = CUDA_DIR / "host_emulation.h"
 # -fno-gnu-unique: each library keeps its own copy of the emulation's state and of the kernels'
 # __shared__ variables (the dynamic linker would otherwise merge them across libraries).
 CXXFLAGS = ("-std=c++20", "-fopenmp", "-O2", "-shared", "-fPIC", "-Wall", "-fno-gnu-unique")
+# What `empty` leaves in every element under initcheck, by element size: a signalling NaN for
+# floats (arithmetic never produces one, so a computed value never matches) and an unlikely
+# integer; bools get 0xA5, which is neither False nor True. The checked build gets them as
+# -DCUDA_EMU_POISON<bytes>, so they are written only here.
+POISON = {1: 0xA5, 2: 0x7DA5, 4: 0x7FA5A5A5, 8: 0x7FF5A5A5A5A5A5A5}
 # The checked flavour (memcheck, initcheck): g++ calls the header's __asan_* hooks before every
 # load and store, outside the stack and globals; no vector or merged accesses, whose alignment
 # is the compiler's, not the kernel's.
@@ -56,14 +63,18 @@ CHECKED_FLAGS = (
     "--param=asan-globals=0",
     "-fno-tree-vectorize",
     "-fno-store-merging",
+    *(f"-DCUDA_EMU_POISON{size}={value:#x}ull" for size, value in POISON.items()),
 )
 SANITIZERS = ("memcheck", "racecheck", "initcheck")
-# What `empty` leaves in every element under initcheck, by element size: a signalling NaN for
-# floats (arithmetic never produces one, so a computed value never matches) and an unlikely
-# integer; bools get 0xA5, which is neither False nor True.
-POISON = {1: 0xA5, 2: 0x7DA5, 4: 0x7FA5A5A5, 8: 0x7FF5A5A5A5A5A5A5}
 
-_KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
+# A plain kernel, or a float32/float64 pair from device_common.h's GPUMLP_F32_F64(name, (params), (args))
+# or GPUMLP_F32_F64_SUFFIX(name, suffix, (params), (args)).
+_KERNEL_RE = re.compile(
+    r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)'
+    r"|\bGPUMLP_F32_F64(?:_SUFFIX)?\s*\(\s*(\w+)\s*,\s*(?:(\w+)\s*,\s*)?\(([^)]*)\)",
+    re.S,
+)
+_FLOAT_TYPES = {"f32": "float", "f64": "double"}  # GPUMLP_F32_F64's kernels: name suffix -> T
 _COMMENT_RE = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 
 # C base type -> (ctypes scalar type, NumPy dtype, accepted Python/NumPy scalar types)
@@ -112,18 +123,33 @@ def _parse_param(kernel: str, text: str) -> Param:
 
 
 def parse_kernels(code: str) -> dict[str, tuple[Param, ...]]:
-    """Kernel name -> parameters, for every ``extern "C" __global__`` function in ``code``."""
+    """Kernel name -> parameters, for every ``extern "C" __global__`` function in ``code``, in
+    source order; ``GPUMLP_F32_F64(name, (params), (args))`` gives name_f32 and name_f64 with
+    T = float and T = double in params, as the macro in cuda/device_common.h does
+    (``GPUMLP_F32_F64_SUFFIX(name, suffix, ...)``: name_f32<suffix> and name_f64<suffix>)."""
     code = _COMMENT_RE.sub("", code)
     out = {}
-    for name, params in _KERNEL_RE.findall(code):
-        items = [p for p in params.split(",") if p.strip() and p.strip() != "void"]
-        out[name] = tuple(_parse_param(name, p) for p in items)
+    for name, params, pair, tail, typed in _KERNEL_RE.findall(code):
+        if name:
+            out[name] = _parse_params(name, params)
+        for suffix, ctype in _FLOAT_TYPES.items() if pair else ():
+            kernel = f"{pair}_{suffix}{tail}"
+            out[kernel] = _parse_params(kernel, re.sub(r"\bT\b", ctype, typed))
     return out
+
+
+def _parse_params(kernel: str, params: str) -> tuple[Param, ...]:
+    items = [p for p in params.split(",") if p.strip() and p.strip() != "void"]
+    return tuple(_parse_param(kernel, p) for p in items)
 
 
 def sanitizers() -> frozenset[str]:
     """The sanitizers ``$GPUMLP_EMU_SANITIZE`` turns on (comma-separated names from :data:`SANITIZERS`)."""
-    text = os.environ.get("GPUMLP_EMU_SANITIZE", "")
+    return _parse_sanitizers(os.environ.get("GPUMLP_EMU_SANITIZE", ""))
+
+
+@functools.lru_cache(maxsize=8)  # asked on every `empty`: parse each setting once
+def _parse_sanitizers(text: str) -> frozenset[str]:
     names = frozenset(n.strip().lower() for n in text.split(",") if n.strip())
     if not names <= set(SANITIZERS):
         raise ValueError(

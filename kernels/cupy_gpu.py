@@ -19,7 +19,6 @@ for the backend. Nothing here imports CuPy: ``import gpumlp`` never needs it or 
 from __future__ import annotations
 
 import math as _math
-import re as _re
 import threading as _threading
 import warnings as _warnings
 import weakref as _weakref
@@ -34,12 +33,12 @@ from .activations import grad_spec as _grad_spec
 from .common import check_permutation_size as _check_permutation_size
 from .common import gaussian_taps as _gaussian_taps
 from .common import updates_running_stats as _updates_running_stats
+from .cuda_host import parse_kernels as _parse_kernels
 from .images import image_side as _image_side
 from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS
 
 _CUDA_DIR = _Path(__file__).resolve().parent / "cuda"
 _INCLUDE = '#include "device_common.h"'
-_DECLARED = _re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
 _BLOCK = 256  # threads per block for elementwise kernels (<= MAX_BLOCK in device_common.h)
 _COL_BLOCK = (32, 8)  # column kernels: 32 columns x COL_Y row lanes
 # "cublas": eager matmuls on cuBLAS via cupy.matmul (default); "own": always our tiled GEMM in
@@ -157,7 +156,7 @@ class CudaKernels:
         """Compile and load the modules and fetch every kernel in them (so nothing loads mid-capture:
         with CUDA's lazy loading that can invalidate the capture)."""
         for stem in sorted(stems):
-            for name in _DECLARED.findall(_source(stem)):
+            for name in _parse_kernels(_source(stem)):
                 self._function(stem, name)
 
     def _grid(self, n: int, block: int = _BLOCK) -> int:

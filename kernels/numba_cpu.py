@@ -50,14 +50,15 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import inspect
 import math
 import os
+import sys
 import threading
 import time
 
 import numba
 import numpy as np
-from numba import prange
 
 from ._jit import njit  # numba.njit, without the disk cache where none can be written
 from .activations import CODE_LIMIT as _CODE_LIMIT
@@ -138,6 +139,35 @@ def _run(par, serial, n: int, *args) -> None:
             par(*args, nt)
             return
     serial(*args)
+
+
+def _split(body, rows: bool = False) -> tuple:
+    """The serial and the parallel variant of a chunk body ``body(*args, lo, hi)`` (a jitted kernel
+    whose last two parameters bound the elements, or the rows with ``rows``, it handles), for _run:
+    ``serial(*args)`` runs [0, n); ``par(*args, nt)`` cuts it into nt chunks run under ``numba.prange``.
+    n is the first argument's size (row count with ``rows``). Both call the very same body, so
+    they agree bit for bit. Use: ``_foo_serial, _foo_par = _split(_foo_range)``.
+
+    The two are written out as source compiled at the caller's line, not closures: Numba keys a
+    closure's disk cache on its pickled cell contents, and a pickled dispatcher carries a fresh
+    uuid each process, so a closure would miss the cache (and add a cache file) on every run."""
+    params = list(inspect.signature(body.py_func).parameters)[:-2]
+    args, first = ", ".join(params), params[0]
+    n = f"{first}.shape[0]" if rows else f"{first}.size"
+    name = body.__name__.rsplit("_", 1)[0]
+    src = (
+        f"def {name}_serial({args}):\n"
+        f"    {body.__name__}({args}, 0, {n})\n"
+        f"def {name}_par({args}, nt):\n"
+        f"    step = ({n} + nt - 1) // nt\n"
+        f"    for c in numba.prange(nt):\n"
+        f"        {body.__name__}({args}, c * step, min({n}, (c + 1) * step))\n"
+    )
+    line = sys._getframe(1).f_lineno  # tracebacks and cache file names point at (or just below) the call
+    made: dict = {}
+    exec(compile("\n" * (line - 1) + src, __file__, "exec"), globals(), made)
+    serial = njit(cache=True, error_model="numpy")(made[f"{name}_serial"])
+    return serial, njit(cache=True, parallel=True, error_model="numpy")(made[f"{name}_par"])
 
 
 # ======================================================================= dense
@@ -266,16 +296,7 @@ def _bias_act_rows(z, b, out, pre, keep, code, r0, r1):
         raise ValueError("bias_act: unknown activation code")
 
 
-@njit(cache=True, error_model="numpy")
-def _bias_act_serial(z, b, out, pre, keep, code):
-    _bias_act_rows(z, b, out, pre, keep, code, 0, z.shape[0])
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _bias_act_par(z, b, out, pre, keep, code, nt):
-    step = (z.shape[0] + nt - 1) // nt
-    for c in prange(nt):
-        _bias_act_rows(z, b, out, pre, keep, code, c * step, min(z.shape[0], (c + 1) * step))
+_bias_act_serial, _bias_act_par = _split(_bias_act_rows, rows=True)
 
 
 def bias_act(
@@ -341,16 +362,7 @@ def _act_grad_range(g, y, s, out, code, lo, hi):
         raise ValueError("act_grad: unknown activation code")
 
 
-@njit(cache=True, error_model="numpy")
-def _act_grad_serial(g, y, s, out, code):
-    _act_grad_range(g, y, s, out, code, 0, g.size)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _act_grad_par(g, y, s, out, code, nt):
-    step = (g.size + nt - 1) // nt
-    for c in prange(nt):
-        _act_grad_range(g, y, s, out, code, c * step, min(g.size, (c + 1) * step))
+_act_grad_serial, _act_grad_par = _split(_act_grad_range)
 
 
 def act_grad(
@@ -667,16 +679,7 @@ def _sgd_range(w, g, lr, l2, l1, lo, hi):
         w[i] = wi - lr * (g[i] + l2 * wi + l1 * np.sign(wi))
 
 
-@njit(cache=True, error_model="numpy")
-def _sgd_serial(w, g, lr, l2, l1):
-    _sgd_range(w, g, lr, l2, l1, 0, w.size)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _sgd_par(w, g, lr, l2, l1, nt):
-    step = (w.size + nt - 1) // nt
-    for c in prange(nt):
-        _sgd_range(w, g, lr, l2, l1, c * step, min(w.size, (c + 1) * step))
+_sgd_serial, _sgd_par = _split(_sgd_range)
 
 
 def sgd_step(w: np.ndarray, g: np.ndarray, lr: float, l2: float = 0.0, l1: float = 0.0) -> None:
@@ -717,16 +720,7 @@ def _momentum_range(w, g, v, lr, mu, nesterov, l2, l1, lo, hi):
             w[i] = wi - lr * v[i]
 
 
-@njit(cache=True, error_model="numpy")
-def _momentum_serial(w, g, v, lr, mu, nesterov, l2, l1):
-    _momentum_range(w, g, v, lr, mu, nesterov, l2, l1, 0, w.size)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _momentum_par(w, g, v, lr, mu, nesterov, l2, l1, nt):
-    step = (w.size + nt - 1) // nt
-    for c in prange(nt):
-        _momentum_range(w, g, v, lr, mu, nesterov, l2, l1, c * step, min(w.size, (c + 1) * step))
+_momentum_serial, _momentum_par = _split(_momentum_range)
 
 
 def momentum_step(
@@ -765,16 +759,7 @@ def _adagrad_range(w, g, h, lr, eps, l2, l1, lo, hi):
         w[i] = wi - lr * ge / (math.sqrt(h[i]) + eps)
 
 
-@njit(cache=True, error_model="numpy")
-def _adagrad_serial(w, g, h, lr, eps, l2, l1):
-    _adagrad_range(w, g, h, lr, eps, l2, l1, 0, w.size)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _adagrad_par(w, g, h, lr, eps, l2, l1, nt):
-    step = (w.size + nt - 1) // nt
-    for c in prange(nt):
-        _adagrad_range(w, g, h, lr, eps, l2, l1, c * step, min(w.size, (c + 1) * step))
+_adagrad_serial, _adagrad_par = _split(_adagrad_range)
 
 
 def adagrad_step(
@@ -800,16 +785,7 @@ def _rmsprop_range(w, g, s, lr, rho, eps, l2, l1, lo, hi):
         w[i] = wi - lr * ge / (math.sqrt(s[i]) + eps)
 
 
-@njit(cache=True, error_model="numpy")
-def _rmsprop_serial(w, g, s, lr, rho, eps, l2, l1):
-    _rmsprop_range(w, g, s, lr, rho, eps, l2, l1, 0, w.size)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _rmsprop_par(w, g, s, lr, rho, eps, l2, l1, nt):
-    step = (w.size + nt - 1) // nt
-    for c in prange(nt):
-        _rmsprop_range(w, g, s, lr, rho, eps, l2, l1, c * step, min(w.size, (c + 1) * step))
+_rmsprop_serial, _rmsprop_par = _split(_rmsprop_range)
 
 
 def rmsprop_step(
@@ -851,17 +827,7 @@ def _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, keep, l2, l1, lo, hi):
         w[i] = wi * keep - lr_c * m[i] / (math.sqrt(v[i] * inv_bc2) + eps)
 
 
-@njit(cache=True, error_model="numpy")
-def _adam_serial(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, keep, l2, l1):
-    _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, keep, l2, l1, 0, w.size)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _adam_par(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, keep, l2, l1, nt):
-    step = (w.size + nt - 1) // nt
-    for c in prange(nt):
-        lo, hi = c * step, min(w.size, (c + 1) * step)
-        _adam_range(w, g, m, v, lr_c, b1, b2, eps, inv_bc2, keep, l2, l1, lo, hi)
+_adam_serial, _adam_par = _split(_adam_range)
 
 
 def _adam_run(w, g, m, v, lr, t, beta1, beta2, eps, keep, l2, l1) -> None:
@@ -923,16 +889,7 @@ def _lion_range(w, g, m, lr, b1, b2, omb1, omb2, wd, l2, l1, lo, hi):
         m[i] = b2 * m[i] + omb2 * ge
 
 
-@njit(cache=True, error_model="numpy")
-def _lion_serial(w, g, m, lr, b1, b2, omb1, omb2, wd, l2, l1):
-    _lion_range(w, g, m, lr, b1, b2, omb1, omb2, wd, l2, l1, 0, w.size)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _lion_par(w, g, m, lr, b1, b2, omb1, omb2, wd, l2, l1, nt):
-    step = (w.size + nt - 1) // nt
-    for c in prange(nt):
-        _lion_range(w, g, m, lr, b1, b2, omb1, omb2, wd, l2, l1, c * step, min(w.size, (c + 1) * step))
+_lion_serial, _lion_par = _split(_lion_range)
 
 
 def lion_step(

@@ -249,28 +249,16 @@ def _by_dtype(f32, f64):
     return pick
 
 
-@njit(cache=True, error_model="numpy")
-def _map_exp(x, out):
-    for i in range(x.size):
-        out[i] = exp(x[i])
+def _elementwise(f):
+    """A jitted loop ``out[i] = f(x[i])`` over flat arrays, f one of the overloaded scalar functions
+    below. (A closure over a plain function: Numba's disk cache keys it by the function's name.)"""
 
+    @njit(cache=True, error_model="numpy")
+    def loop(x, out):
+        for i in range(x.size):
+            out[i] = f(x[i])
 
-@njit(cache=True, error_model="numpy")
-def _map_log1p(x, out):
-    for i in range(x.size):
-        out[i] = log1p(x[i])
-
-
-@njit(cache=True, error_model="numpy")
-def _map_sigmoid(x, out):
-    for i in range(x.size):
-        out[i] = sigmoid(x[i])
-
-
-@njit(cache=True, error_model="numpy")
-def _map_tanh(x, out):
-    for i in range(x.size):
-        out[i] = tanh(x[i])
+    return loop
 
 
 def _mapped(loop, x: np.ndarray) -> np.ndarray:
@@ -302,6 +290,8 @@ def tanh(x: np.ndarray) -> np.ndarray:
     return _mapped(_map_tanh, x)
 
 
+_map_exp, _map_log1p = _elementwise(exp), _elementwise(log1p)
+_map_sigmoid, _map_tanh = _elementwise(sigmoid), _elementwise(tanh)
 overload(exp, inline="always")(_by_dtype(_exp32, _exp64))
 overload(log1p, inline="always")(_by_dtype(_log1p32, _log1p64))
 overload(sigmoid, inline="always")(_by_dtype(_sigmoid32, _sigmoid64))

@@ -47,6 +47,16 @@ def test_elastic_field(be, dtype, n, side, sigma, with_out):
     assert_close(expected, be.to_host(got), rtol, atol * 36, "elastic_field")
 
 
+def test_elastic_field_of_images_wider_than_the_blur_table(be):
+    """The CUDA blur keeps the weights of offsets below 256 in shared memory and computes wider
+    ones as it goes: a 260-pixel side with radius int(4 * 66 + 0.5) = 264 uses both."""
+    shape = (1, 2, 260, 260)
+    expected = ref.elastic_field(5, 1, 260, 34.0, 66.0, step=2, out=np.empty(shape))
+    got = be.k.elastic_field(5, 1, 260, 34.0, 66.0, step=device_step(be, 2), out=be.xp.empty(shape))
+    rtol, atol = TOL[np.float64]
+    assert_close(expected, be.to_host(got), rtol, atol * 34, "elastic_field")
+
+
 def test_elastic_field_rejects_a_bad_sigma(be):
     with pytest.raises(ValueError, match="sigma must be > 0"):
         be.k.elastic_field(0, 1, 7, 34.0, 0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -47,6 +48,50 @@ def test_nvcc_compiles_without_warnings(cu: Path, arch: str, tmp_path: Path):
     proc = subprocess.run([*cmd, "-o", str(tmp_path / "k.ptx")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert ".entry" in (tmp_path / "k.ptx").read_text()
+
+
+def _signature_asserts(kernels: dict) -> str:
+    """C++ static_asserts that each kernel's type is exactly the parsed parameter list."""
+    lines = ["#include <type_traits>"]
+    for name, params in kernels.items():
+        types = ", ".join(f"{'const ' if p.const else ''}{p.base}{'*' if p.pointer else ''}" for p in params)
+        lines.append(f'static_assert(std::is_same_v<decltype(&{name}), void (*)({types})>, "{name}");')
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
+def test_parsed_kernels_are_what_the_compilers_build(cu: Path, tmp_path: Path):
+    """parse_kernels expands GPUMLP_F32_F64 itself: its kernels and parameter types must be the
+    compilers' (g++ with the host emulation; nvcc, whose PTX also lists every kernel it built)."""
+    kernels = cuda_host.parse_kernels(cu.read_text())
+    assert kernels and "GPUMLP_F32_F64" not in "".join(kernels)
+    check = tmp_path / "check.cu"
+    check.write_text(f'#include "{cu}"\n' + _signature_asserts(kernels))
+    gxx = ["g++", *cuda_host.CXXFLAGS, "-fsyntax-only", "-x", "c++", "-include", cuda_host.EMULATION_HEADER]
+    proc = subprocess.run([*gxx, f"-I{CUDA_DIR}", check], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if NVCC is None:
+        pytest.skip("nvcc not found: checked against g++ only")
+    ptx = tmp_path / "k.ptx"
+    proc = subprocess.run([NVCC, "-ptx", "-arch=sm_80", f"-I{CUDA_DIR}", str(check), "-o", str(ptx)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(re.findall(r"\.entry (\w+)\(", ptx.read_text())) == set(kernels)
+
+
+def test_parse_kernels_expands_the_float_pair_macro():
+    src = "GPUMLP_F32_F64(axpy, (const T* __restrict__ x, T* y, long long n, T a, double d), (x, y, n, a, d))"
+    kernels = cuda_host.parse_kernels(src)
+    assert {k: [p.describe() for p in v] for k, v in kernels.items()} == {
+        "axpy_f32": ["float* x", "float* y", "long long n", "float a", "double d"],
+        "axpy_f64": ["double* x", "double* y", "long long n", "double a", "double d"],
+    }
+    assert [p.const for p in kernels["axpy_f32"]] == [True, False, False, False, False]
+    src = "GPUMLP_F32_F64_SUFFIX(take, _i64, (const T* x, const long long* i, T* y), (x, i, y))"
+    assert {k: [p.describe() for p in v] for k, v in cuda_host.parse_kernels(src).items()} == {
+        "take_f32_i64": ["float* x", "long long* i", "float* y"],
+        "take_f64_i64": ["double* x", "long long* i", "double* y"],
+    }
 
 
 def test_nvrtc_source_is_self_contained():

@@ -1,6 +1,7 @@
 """The emulated device's streams: CUDA's ordering rules, the happens-before race checker
 (StreamRaceError) and the deferred schedule that turns ordering bugs into wrong numbers."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -114,6 +115,26 @@ def test_the_legacy_null_stream_synchronises_with_blocking_streams_only(axpy):
     with non_blocking:
         with pytest.raises(cuda_emu.StreamRaceError, match=r"wrote it on stream \d+ \(blocking\)"):
             _launch(axpy, y, x)
+
+
+def test_a_collected_blocking_stream_still_orders_the_null_stream(axpy):
+    """A blocking stream that is garbage collected leaves the emulator's set of blocking streams,
+    and the null stream stays ordered after what that stream waited for."""
+    x, y = _synced_pair()
+    other = cuda.Stream(non_blocking=True)
+    with other:
+        _launch(axpy, x, y)  # writes y on a stream the null stream does not wait for
+    blocking = cuda.Stream()
+    blocking.wait_event(other.record())  # ... but this blocking stream does
+    ident = blocking._id
+    del blocking
+    gc.collect()
+    assert ident not in {s._id for s in cuda_emu._BLOCKING}
+    _launch(axpy, y, x)  # the null stream waits for the (collected) blocking stream's wait
+    for _ in range(50):
+        cuda.Stream()
+    gc.collect()
+    assert len(cuda_emu._BLOCKING) < 50
 
 
 def test_uploads_are_asynchronous_and_ordered_by_events(axpy):

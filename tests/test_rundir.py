@@ -239,6 +239,25 @@ def test_read_only_numba_cache_falls_back_with_one_warning(tmp_path):
     assert len(warnings) == 1, proc.stderr
 
 
+def test_numba_serial_and_parallel_variants_load_from_the_disk_cache(tmp_path):
+    """The variants numba_cpu._split generates, and numba_math's loops made by _elementwise, are
+    compiled once, then loaded from the cache by the next process (a closure over a jitted body
+    would miss it every run)."""
+    pytest.importorskip("numba")
+    code = (
+        "import numpy as np; from gpumlp.kernels import numba_cpu as k, numba_math as m\n"
+        "w, g = np.ones(8), np.ones(8)\n"
+        "k._sgd_serial(w, g, 0.1, 0.0, 0.0); k._sgd_par(w, g, 0.1, 0.0, 0.0, 2); m.exp(w); m.tanh(w)\n"
+        "fs = (k._sgd_serial, k._sgd_par, m._map_exp, m._map_tanh)\n"
+        "print([sum(f.stats.cache_hits.values()) for f in fs])"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+            for _ in range(2)]  # fmt: skip
+    assert [r.stdout.strip() for r in runs] == ["[0, 0, 0, 0]", "[1, 1, 1, 1]"], [r.stderr for r in runs]
+    assert len(list(tmp_path.rglob("*_sgd_par-*.nbc"))) == 1  # one entry, not one more per run
+
+
 # ------------------------------------------------------------------ predict inputs
 def test_predict_reads_scaled_npz_and_png_modes_as_raw_pixels(run2, tmp_path):
     Image = pytest.importorskip("PIL.Image")

@@ -4,11 +4,6 @@
 // Contract: kernels/reference.py (elastic_field, gather_warped).
 #include "device_common.h"
 
-// uniform in [0, 1) of element i of the stream (seed, step), as reference.hash_uniform.
-__device__ __forceinline__ double philox_uniform(unsigned long long seed, long long step, long long i) {
-    return (double)(philox_word(seed, step, i) >> 8) * (1.0 / 16777216.0);
-}
-
 // out[i] = 2 * uniform_i - 1: the noise of n values.
 template <typename T>
 __device__ void signed_noise_impl(T* __restrict__ out, long long n, unsigned long long seed,
@@ -17,22 +12,35 @@ __device__ void signed_noise_impl(T* __restrict__ out, long long n, unsigned lon
     GRID_STRIDE(i, n) { out[i] = (T)(2.0 * philox_uniform(seed, t, i) - 1.0); }
 }
 
+#define BLUR_TAPS 256  // Gaussian weights kept in shared memory: |d| < BLUR_TAPS (all of them for side <= 256)
+
+// exp(-d^2 / (2 sigma^2)), from the block's table where it holds d.
+__device__ __forceinline__ double gauss_weight(const double* table, int d, double sigma) {
+    const int a = d < 0 ? -d : d;
+    return a < BLUR_TAPS ? table[a] : exp(-0.5 * (d / sigma) * (d / sigma));
+}
+
 // out = scale * src smoothed by the normalised Gaussian of std sigma (radius int(4 sigma + 0.5),
 // as reference._gaussian_taps), zero outside, along x (along_rows = 0) or y (1) of each
-// side x side image; src, out: n = images * side * side values; float64 sums.
+// side x side image; src, out: n = images * side * side values; float64 sums. Each block computes
+// the weights once (not 2 radius + 1 exps per element).
 template <typename T>
 __device__ void blur_impl(const T* __restrict__ src, T* __restrict__ out, long long n, int side, double sigma,
                           double scale, int along_rows) {
+    __shared__ double table[BLUR_TAPS];
     const int radius = (int)(4.0 * sigma + 0.5);
+    for (int d = threadIdx.x; d <= radius && d < BLUR_TAPS; d += blockDim.x)
+        table[d] = exp(-0.5 * (d / sigma) * (d / sigma));
+    __syncthreads();
     double norm = 0.0;
-    for (int d = -radius; d <= radius; ++d) norm += exp(-0.5 * (d / sigma) * (d / sigma));
+    for (int d = -radius; d <= radius; ++d) norm += gauss_weight(table, d, sigma);
     GRID_STRIDE(i, n) {
         const long long pixel = i % ((long long)side * side);
         const int at = along_rows ? (int)(pixel / side) : (int)(pixel % side);
         const long long stride = along_rows ? side : 1;
         double acc = 0.0;
         for (int d = max(-radius, -at); d <= min(radius, side - 1 - at); ++d) {
-            acc += exp(-0.5 * (d / sigma) * (d / sigma)) / norm * (double)src[i + d * stride];
+            acc += gauss_weight(table, d, sigma) / norm * (double)src[i + d * stride];
         }
         out[i] = (T)(scale * acc);
     }
@@ -76,35 +84,14 @@ __device__ void gather_warped_impl(const T* __restrict__ src, const int* __restr
     }
 }
 
-extern "C" __global__ void signed_noise_f32(float* __restrict__ out, long long n, unsigned long long seed,
-                                            const long long* __restrict__ step) {
-    signed_noise_impl(out, n, seed, step);
-}
-extern "C" __global__ void signed_noise_f64(double* __restrict__ out, long long n, unsigned long long seed,
-                                            const long long* __restrict__ step) {
-    signed_noise_impl(out, n, seed, step);
-}
+GPUMLP_F32_F64(signed_noise, (T* __restrict__ out, long long n, unsigned long long seed,
+                             const long long* __restrict__ step), (out, n, seed, step))
 
-extern "C" __global__ void blur_f32(const float* __restrict__ src, float* __restrict__ out, long long n,
-                                    int side, double sigma, double scale, int along_rows) {
-    blur_impl(src, out, n, side, sigma, scale, along_rows);
-}
-extern "C" __global__ void blur_f64(const double* __restrict__ src, double* __restrict__ out, long long n,
-                                    int side, double sigma, double scale, int along_rows) {
-    blur_impl(src, out, n, side, sigma, scale, along_rows);
-}
+GPUMLP_F32_F64(blur, (const T* __restrict__ src, T* __restrict__ out, long long n, int side, double sigma,
+                     double scale, int along_rows), (src, out, n, side, sigma, scale, along_rows))
 
-extern "C" __global__ void gather_warped_f32(const float* __restrict__ src, const int* __restrict__ idx,
-                                             const float* __restrict__ field, float* __restrict__ out,
-                                             long long n, int side, double max_angle, double max_scale,
-                                             double max_shift, int has_field, unsigned long long seed,
-                                             const long long* __restrict__ step) {
-    gather_warped_impl(src, idx, field, out, n, side, max_angle, max_scale, max_shift, has_field, seed, step);
-}
-extern "C" __global__ void gather_warped_f64(const double* __restrict__ src, const int* __restrict__ idx,
-                                             const double* __restrict__ field, double* __restrict__ out,
-                                             long long n, int side, double max_angle, double max_scale,
-                                             double max_shift, int has_field, unsigned long long seed,
-                                             const long long* __restrict__ step) {
-    gather_warped_impl(src, idx, field, out, n, side, max_angle, max_scale, max_shift, has_field, seed, step);
-}
+GPUMLP_F32_F64(gather_warped, (const T* __restrict__ src, const int* __restrict__ idx, const T* __restrict__ field,
+                              T* __restrict__ out, long long n, int side, double max_angle, double max_scale,
+                              double max_shift, int has_field, unsigned long long seed,
+                              const long long* __restrict__ step),
+               (src, idx, field, out, n, side, max_angle, max_scale, max_shift, has_field, seed, step))

@@ -22,6 +22,26 @@
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
          i += (long long)gridDim.x * blockDim.x)
 
+// The float32 and float64 kernels of a templated body, with one parameter list:
+//   GPUMLP_F32_F64(name, (T* __restrict__ w, const T* __restrict__ g, long long n, T lr), (w, g, n, lr))
+// defines extern "C" name_f32 and name_f64, whose parameters are the list with T = float and
+// T = double, each calling name_impl(args). T is an alias in a namespace of each kernel's own (a
+// using-declaration brings the kernel back to file scope); C linkage keeps the plain symbol name.
+// kernels/cuda_host.py's parse_kernels expands it the same way (tests/test_cuda_kernels.py checks
+// that against the compilers). An old hand-written f32/f64 pair converts mechanically: keep the f32
+// parameter list with float -> T and the call's arguments.
+#define GPUMLP_KERNEL_AS(kname, type, name, params, args)   \
+    namespace gpumlp_##kname {                             \
+    using T = type;                                        \
+    extern "C" __global__ void kname params { name##_impl args; } \
+    }                                                      \
+    using gpumlp_##kname::kname;
+// GPUMLP_F32_F64_SUFFIX(name, suffix, params, args): the same, named name_f32<suffix> and name_f64<suffix>.
+#define GPUMLP_F32_F64_SUFFIX(name, suffix, params, args)                \
+    GPUMLP_KERNEL_AS(name##_f32##suffix, float, name, params, args)      \
+    GPUMLP_KERNEL_AS(name##_f64##suffix, double, name, params, args)
+#define GPUMLP_F32_F64(name, params, args) GPUMLP_F32_F64_SUFFIX(name, , params, args)
+
 // Activation codes: the table in kernels/activations.py (tests/test_activations.py checks them).
 #define ACT_IDENTITY 0
 #define ACT_SIGMOID 1
@@ -137,6 +157,11 @@ __device__ __forceinline__ unsigned int philox_word(unsigned long long seed, lon
         case 2: return c2;
         default: return c3;
     }
+}
+
+// uniform in [0, 1) of element i of the stream (seed, step), as reference.hash_uniform.
+__device__ __forceinline__ double philox_uniform(unsigned long long seed, long long step, long long i) {
+    return (double)(philox_word(seed, step, i) >> 8) * (1.0 / 16777216.0);
 }
 
 // op(X)[r, c] of a stored matrix, zero outside [0, rows) x [0, cols) of op(X).

@@ -7,7 +7,7 @@
 extern "C" __global__ void hash_uniform_f64(double* __restrict__ out, long long n, unsigned long long seed,
                                             const long long* __restrict__ step) {
     const long long t = *step;
-    GRID_STRIDE(i, n) { out[i] = (double)(philox_word(seed, t, i) >> 8) * (1.0 / 16777216.0); }
+    GRID_STRIDE(i, n) { out[i] = philox_uniform(seed, t, i); }
 }
 
 // Keep element i when the top 24 bits of its random word are >= thresh (= ceil(p * 2^24),
@@ -114,73 +114,25 @@ __device__ void batchnorm_backward_impl(const T* __restrict__ dy, const T* __res
     }
 }
 
-extern "C" __global__ void dropout_forward_f32(const float* __restrict__ x, float* __restrict__ out,
-                                               float* __restrict__ mask, long long n, unsigned long long seed,
-                                               const long long* __restrict__ step, unsigned int thresh,
-                                               float scale) {
-    dropout_forward_impl(x, out, mask, n, seed, step, thresh, scale);
-}
-extern "C" __global__ void dropout_forward_f64(const double* __restrict__ x, double* __restrict__ out,
-                                               double* __restrict__ mask, long long n, unsigned long long seed,
-                                               const long long* __restrict__ step, unsigned int thresh,
-                                               double scale) {
-    dropout_forward_impl(x, out, mask, n, seed, step, thresh, scale);
-}
+GPUMLP_F32_F64(dropout_forward, (const T* __restrict__ x, T* __restrict__ out, T* __restrict__ mask, long long n,
+                                unsigned long long seed, const long long* __restrict__ step, unsigned int thresh,
+                                T scale), (x, out, mask, n, seed, step, thresh, scale))
 
-extern "C" __global__ void mul_f32(const float* __restrict__ a, const float* __restrict__ b,
-                                   float* __restrict__ out, long long n) {
-    mul_impl(a, b, out, n);
-}
-extern "C" __global__ void mul_f64(const double* __restrict__ a, const double* __restrict__ b,
-                                   double* __restrict__ out, long long n) {
-    mul_impl(a, b, out, n);
-}
+GPUMLP_F32_F64(mul, (const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, long long n),
+               (a, b, out, n))
 
-extern "C" __global__ void batchnorm_forward_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-                                                 const float* __restrict__ beta, float* __restrict__ out,
-                                                 float* __restrict__ xhat, float* __restrict__ mean,
-                                                 float* __restrict__ var, float* run_mean, float* run_var,
-                                                 int nrow, int ncol, float eps, float momentum,
-                                                 float one_minus_momentum, float unbias, int update) {
-    batchnorm_forward_impl(x, gamma, beta, out, xhat, mean, var, run_mean, run_var, nrow, ncol, eps, momentum,
-                           one_minus_momentum, unbias, update);
-}
-extern "C" __global__ void batchnorm_forward_f64(const double* __restrict__ x, const double* __restrict__ gamma,
-                                                 const double* __restrict__ beta, double* __restrict__ out,
-                                                 double* __restrict__ xhat, double* __restrict__ mean,
-                                                 double* __restrict__ var, double* run_mean, double* run_var,
-                                                 int nrow, int ncol, double eps, double momentum,
-                                                 double one_minus_momentum, double unbias, int update) {
-    batchnorm_forward_impl(x, gamma, beta, out, xhat, mean, var, run_mean, run_var, nrow, ncol, eps, momentum,
-                           one_minus_momentum, unbias, update);
-}
+GPUMLP_F32_F64(batchnorm_forward, (const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                                  T* __restrict__ out, T* __restrict__ xhat, T* __restrict__ mean,
+                                  T* __restrict__ var, T* run_mean, T* run_var, int nrow, int ncol, T eps, T momentum,
+                                  T one_minus_momentum, T unbias, int update),
+               (x, gamma, beta, out, xhat, mean, var, run_mean, run_var, nrow, ncol, eps, momentum,
+                one_minus_momentum, unbias, update))
 
-extern "C" __global__ void batchnorm_inference_f32(const float* __restrict__ x, const float* __restrict__ gamma,
-                                                   const float* __restrict__ beta, const float* __restrict__ mean,
-                                                   const float* __restrict__ var, float* __restrict__ out,
-                                                   long long n, int ncol, float eps) {
-    batchnorm_inference_impl(x, gamma, beta, mean, var, out, n, ncol, eps);
-}
-extern "C" __global__ void batchnorm_inference_f64(const double* __restrict__ x,
-                                                   const double* __restrict__ gamma,
-                                                   const double* __restrict__ beta,
-                                                   const double* __restrict__ mean,
-                                                   const double* __restrict__ var, double* __restrict__ out,
-                                                   long long n, int ncol, double eps) {
-    batchnorm_inference_impl(x, gamma, beta, mean, var, out, n, ncol, eps);
-}
+GPUMLP_F32_F64(batchnorm_inference, (const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                                    const T* __restrict__ mean, const T* __restrict__ var, T* __restrict__ out,
+                                    long long n, int ncol, T eps), (x, gamma, beta, mean, var, out, n, ncol, eps))
 
-extern "C" __global__ void batchnorm_backward_f32(const float* __restrict__ dy, const float* __restrict__ xhat,
-                                                  const float* __restrict__ gamma, const float* __restrict__ var,
-                                                  float* __restrict__ dx, float* __restrict__ dgamma,
-                                                  float* __restrict__ dbeta, int nrow, int ncol, float eps) {
-    batchnorm_backward_impl(dy, xhat, gamma, var, dx, dgamma, dbeta, nrow, ncol, eps);
-}
-extern "C" __global__ void batchnorm_backward_f64(const double* __restrict__ dy,
-                                                  const double* __restrict__ xhat,
-                                                  const double* __restrict__ gamma,
-                                                  const double* __restrict__ var, double* __restrict__ dx,
-                                                  double* __restrict__ dgamma, double* __restrict__ dbeta,
-                                                  int nrow, int ncol, double eps) {
-    batchnorm_backward_impl(dy, xhat, gamma, var, dx, dgamma, dbeta, nrow, ncol, eps);
-}
+GPUMLP_F32_F64(batchnorm_backward, (const T* __restrict__ dy, const T* __restrict__ xhat, const T* __restrict__ gamma,
+                                   const T* __restrict__ var, T* __restrict__ dx, T* __restrict__ dgamma,
+                                   T* __restrict__ dbeta, int nrow, int ncol, T eps),
+               (dy, xhat, gamma, var, dx, dgamma, dbeta, nrow, ncol, eps))

@@ -70,66 +70,24 @@ __device__ void gather_shifted_impl(const T* __restrict__ src, const int* __rest
     }
 }
 
-extern "C" __global__ void bias_act_f32(const float* __restrict__ z, const float* __restrict__ b,
-                                        float* __restrict__ out, float* __restrict__ pre, long long n,
-                                        int ncol, int act, int keep, float slope) {
-    bias_act_impl(z, b, out, pre, n, ncol, act, keep, slope);
-}
-extern "C" __global__ void bias_act_f64(const double* __restrict__ z, const double* __restrict__ b,
-                                        double* __restrict__ out, double* __restrict__ pre, long long n,
-                                        int ncol, int act, int keep, double slope) {
-    bias_act_impl(z, b, out, pre, n, ncol, act, keep, slope);
-}
+GPUMLP_F32_F64(bias_act, (const T* __restrict__ z, const T* __restrict__ b, T* __restrict__ out,
+                         T* __restrict__ pre, long long n, int ncol, int act, int keep, T slope),
+               (z, b, out, pre, n, ncol, act, keep, slope))
 
-extern "C" __global__ void act_grad_f32(const float* __restrict__ grad_out, const float* __restrict__ y,
-                                        const float* __restrict__ pre, float* __restrict__ out, long long n,
-                                        int act, float slope) {
-    act_grad_impl(grad_out, y, pre, out, n, act, slope);
-}
-extern "C" __global__ void act_grad_f64(const double* __restrict__ grad_out, const double* __restrict__ y,
-                                        const double* __restrict__ pre, double* __restrict__ out, long long n,
-                                        int act, double slope) {
-    act_grad_impl(grad_out, y, pre, out, n, act, slope);
-}
+GPUMLP_F32_F64(act_grad, (const T* __restrict__ grad_out, const T* __restrict__ y, const T* __restrict__ pre,
+                         T* __restrict__ out, long long n, int act, T slope),
+               (grad_out, y, pre, out, n, act, slope))
 
-extern "C" __global__ void bias_grad_f32(const float* __restrict__ g, float* __restrict__ out, int nrow,
-                                         int ncol) {
-    bias_grad_impl(g, out, nrow, ncol);
-}
-extern "C" __global__ void bias_grad_f64(const double* __restrict__ g, double* __restrict__ out, int nrow,
-                                         int ncol) {
-    bias_grad_impl(g, out, nrow, ncol);
-}
+GPUMLP_F32_F64(bias_grad, (const T* __restrict__ g, T* __restrict__ out, int nrow, int ncol), (g, out, nrow, ncol))
 
-extern "C" __global__ void gather_rows_f32_i32(const float* __restrict__ src, const int* __restrict__ idx,
-                                               float* __restrict__ out, long long n, long long width) {
-    gather_rows_impl(src, idx, out, n, width);
-}
-extern "C" __global__ void gather_rows_f32_i64(const float* __restrict__ src,
-                                               const long long* __restrict__ idx, float* __restrict__ out,
-                                               long long n, long long width) {
-    gather_rows_impl(src, idx, out, n, width);
-}
-extern "C" __global__ void gather_rows_f64_i32(const double* __restrict__ src, const int* __restrict__ idx,
-                                               double* __restrict__ out, long long n, long long width) {
-    gather_rows_impl(src, idx, out, n, width);
-}
-extern "C" __global__ void gather_rows_f64_i64(const double* __restrict__ src,
-                                               const long long* __restrict__ idx, double* __restrict__ out,
-                                               long long n, long long width) {
-    gather_rows_impl(src, idx, out, n, width);
-}
+GPUMLP_F32_F64_SUFFIX(gather_rows, _i32, (const T* __restrict__ src, const int* __restrict__ idx,
+                                          T* __restrict__ out, long long n, long long width), (src, idx, out, n, width))
+GPUMLP_F32_F64_SUFFIX(gather_rows, _i64, (const T* __restrict__ src, const long long* __restrict__ idx,
+                                          T* __restrict__ out, long long n, long long width), (src, idx, out, n, width))
 
-extern "C" __global__ void gather_shifted_f32(const float* __restrict__ src, const int* __restrict__ idx,
-                                              float* __restrict__ out, long long n, int side, int max_shift,
-                                              unsigned long long seed, const long long* __restrict__ step) {
-    gather_shifted_impl(src, idx, out, n, side, max_shift, seed, step);
-}
-extern "C" __global__ void gather_shifted_f64(const double* __restrict__ src, const int* __restrict__ idx,
-                                              double* __restrict__ out, long long n, int side, int max_shift,
-                                              unsigned long long seed, const long long* __restrict__ step) {
-    gather_shifted_impl(src, idx, out, n, side, max_shift, seed, step);
-}
+GPUMLP_F32_F64(gather_shifted, (const T* __restrict__ src, const int* __restrict__ idx, T* __restrict__ out,
+                               long long n, int side, int max_shift, unsigned long long seed,
+                               const long long* __restrict__ step), (src, idx, out, n, side, max_shift, seed, step))
 
 // permutation(): keys[i] = word(i) << 32 | i. They are distinct, so sorting them gives the
 // reference's stable argsort of the words whatever the sort.

@@ -65,13 +65,6 @@ __device__ void gemm_impl(const T* __restrict__ a, const T* __restrict__ b, T* _
     }
 }
 
-extern "C" __global__ void gemm_f32(const float* __restrict__ a, const float* __restrict__ b,
-                                    float* __restrict__ c, int m, int n, int k, int lda, int ldb, int ldc,
-                                    int trans_a, int trans_b) {
-    gemm_impl(a, b, c, m, n, k, lda, ldb, ldc, trans_a, trans_b);
-}
-extern "C" __global__ void gemm_f64(const double* __restrict__ a, const double* __restrict__ b,
-                                    double* __restrict__ c, int m, int n, int k, int lda, int ldb, int ldc,
-                                    int trans_a, int trans_b) {
-    gemm_impl(a, b, c, m, n, k, lda, ldb, ldc, trans_a, trans_b);
-}
+GPUMLP_F32_F64(gemm, (const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c, int m, int n, int k,
+                     int lda, int ldb, int ldc, int trans_a, int trans_b),
+               (a, b, c, m, n, k, lda, ldb, ldc, trans_a, trans_b))

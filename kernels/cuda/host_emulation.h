@@ -394,13 +394,18 @@ __attribute__((no_sanitize_address)) inline bool private_memory(uintptr_t a, siz
            within(a, size, errno);  // g++ inlines math's errno stores
 }
 
-// Does the element at a hold the poison pattern of its size (see cuda_host.POISON)?
+// Does the element at a hold the poison pattern of its size? The patterns are cuda_host.POISON,
+// passed by cuda_host.py as -DCUDA_EMU_POISON<bytes>.
+#if !defined(CUDA_EMU_POISON1) || !defined(CUDA_EMU_POISON2) || !defined(CUDA_EMU_POISON4) || \
+    !defined(CUDA_EMU_POISON8)
+#error "the checked build needs -DCUDA_EMU_POISON1/2/4/8 (cuda_host.CHECKED_FLAGS passes them)"
+#endif
 __attribute__((no_sanitize_address)) inline bool poisoned(uintptr_t a, size_t size) {
     switch (size) {
-        case 1: return *(const unsigned char*)a == 0xA5u;
-        case 2: return *(const unsigned short*)a == 0x7DA5u;
-        case 4: return *(const unsigned int*)a == 0x7FA5A5A5u;
-        case 8: return *(const unsigned long long*)a == 0x7FF5A5A5A5A5A5A5ull;
+        case 1: return *(const unsigned char*)a == CUDA_EMU_POISON1;
+        case 2: return *(const unsigned short*)a == CUDA_EMU_POISON2;
+        case 4: return *(const unsigned int*)a == CUDA_EMU_POISON4;
+        case 8: return *(const unsigned long long*)a == CUDA_EMU_POISON8;
         default: return false;
     }
 }

@@ -7,6 +7,18 @@
 // caller) with atomicAdd, so nothing synchronizes with the host.
 #include "device_common.h"
 
+// The stable softmax's statistics of a row z of ncol values: m = max z and s = sum exp(z - m),
+// block-wide (every thread gets both). scratch: the caller's __shared__ T[32].
+template <typename T>
+__device__ __forceinline__ void row_max_sumexp(const T* z, int ncol, T* scratch, T& m, T& s) {
+    m = z[0];
+    for (int k = threadIdx.x; k < ncol; k += blockDim.x) m = dev_max(m, z[k]);
+    m = block_max(m, scratch);
+    s = T(0);
+    for (int k = threadIdx.x; k < ncol; k += blockDim.x) s += dev_exp(z[k] - m);
+    s = block_sum(s, scratch);
+}
+
 // loss += sum_rows [lse(z) - z[y]]; grad = scale * (softmax(z) - onehot(y)).
 template <typename T>
 __device__ void softmax_xent_impl(const T* __restrict__ logits, const int* __restrict__ labels,
@@ -16,12 +28,8 @@ __device__ void softmax_xent_impl(const T* __restrict__ logits, const int* __res
     for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
         const T* z = logits + (long long)row * ncol;
         T* g = grad + (long long)row * ncol;
-        T m = z[0];
-        for (int k = threadIdx.x; k < ncol; k += blockDim.x) m = dev_max(m, z[k]);
-        m = block_max(m, scratch);
-        T s = T(0);
-        for (int k = threadIdx.x; k < ncol; k += blockDim.x) s += dev_exp(z[k] - m);
-        s = block_sum(s, scratch);
+        T m, s;
+        row_max_sumexp(z, ncol, scratch, m, s);
         const int y = labels[row];
         for (int k = threadIdx.x; k < ncol; k += blockDim.x) {
             g[k] = scale * (dev_exp(z[k] - m) / s - (k == y ? T(1) : T(0)));
@@ -38,61 +46,54 @@ __device__ void softmax_impl(const T* __restrict__ logits, T* __restrict__ out, 
     __shared__ T scratch[32];
     for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
         const T* z = logits + (long long)row * ncol;
-        T m = z[0];
-        for (int k = threadIdx.x; k < ncol; k += blockDim.x) m = dev_max(m, z[k]);
-        m = block_max(m, scratch);
-        T s = T(0);
-        for (int k = threadIdx.x; k < ncol; k += blockDim.x) s += dev_exp(z[k] - m);
-        s = block_sum(s, scratch);
+        T m, s;
+        row_max_sumexp(z, ncol, scratch, m, s);
         for (int k = threadIdx.x; k < ncol; k += blockDim.x) out[(long long)row * ncol + k] = dev_exp(z[k] - m) / s;
     }
 }
 
-// Logistic cost against one-hot targets; p clipped to [eps, 1-eps] (in T) inside log().
-template <typename T>
-__device__ void sigmoid_bce_impl(const T* __restrict__ logits, const int* __restrict__ labels,
-                                 T* __restrict__ grad, T* __restrict__ loss, int nrow, int ncol, T scale,
-                                 T cap) {
+// The one-hot losses' row loop: over each row's columns k, term(i, k == label) writes element i's
+// gradient and returns its loss term; the row sums, times factor, go to *loss once per block.
+template <typename T, typename Term>
+__device__ void onehot_loss_rows(const int* __restrict__ labels, T* __restrict__ loss, int nrow, int ncol,
+                                 T factor, Term term) {
     __shared__ T scratch[32];
     T acc = T(0);
     for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
         const int y = labels[row];
         T part = T(0);
-        for (int k = threadIdx.x; k < ncol; k += blockDim.x) {
-            const long long i = (long long)row * ncol + k;
-            const T p = T(1) / (T(1) + dev_exp(-logits[i]));
-            const bool t = (k == y);
-            // -log p = softplus(-z), -log(1-p) = softplus(z): never the log of a rounded p
-            const T s = t ? -logits[i] : logits[i];
-            const T sp = dev_max(s, T(0)) + dev_log1p(dev_exp(-dev_max(s, -s)));
-            part += sp < cap ? sp : cap;
-            grad[i] = scale * (p - (t ? T(1) : T(0)));
-        }
+        for (int k = threadIdx.x; k < ncol; k += blockDim.x) part += term((long long)row * ncol + k, k == y);
         part = block_sum(part, scratch);
-        if (threadIdx.x == 0) acc += part;
+        if (threadIdx.x == 0) acc += factor * part;
     }
     if (threadIdx.x == 0) atomicAdd(loss, acc);
+}
+
+// Logistic cost against one-hot targets: each term a softplus of +-z (never the log of a rounded p),
+// capped at cap = -log(reference.LOG_EPS) as the reference caps it.
+template <typename T>
+__device__ void sigmoid_bce_impl(const T* __restrict__ logits, const int* __restrict__ labels,
+                                 T* __restrict__ grad, T* __restrict__ loss, int nrow, int ncol, T scale,
+                                 T cap) {
+    onehot_loss_rows(labels, loss, nrow, ncol, T(1), [=](long long i, bool t) {
+        const T p = T(1) / (T(1) + dev_exp(-logits[i]));
+        // -log p = softplus(-z), -log(1-p) = softplus(z)
+        const T s = t ? -logits[i] : logits[i];
+        const T sp = dev_max(s, T(0)) + dev_log1p(dev_exp(-dev_max(s, -s)));
+        grad[i] = scale * (p - (t ? T(1) : T(0)));
+        return sp < cap ? sp : cap;
+    });
 }
 
 // Half squared error against one-hot targets.
 template <typename T>
 __device__ void mse_impl(const T* __restrict__ pred, const int* __restrict__ labels, T* __restrict__ grad,
                          T* __restrict__ loss, int nrow, int ncol, T scale) {
-    __shared__ T scratch[32];
-    T acc = T(0);
-    for (int row = blockIdx.x; row < nrow; row += gridDim.x) {
-        const int y = labels[row];
-        T part = T(0);
-        for (int k = threadIdx.x; k < ncol; k += blockDim.x) {
-            const long long i = (long long)row * ncol + k;
-            const T d = pred[i] - (k == y ? T(1) : T(0));
-            part += d * d;
-            grad[i] = scale * d;
-        }
-        part = block_sum(part, scratch);
-        if (threadIdx.x == 0) acc += T(0.5) * part;
-    }
-    if (threadIdx.x == 0) atomicAdd(loss, acc);
+    onehot_loss_rows(labels, loss, nrow, ncol, T(0.5), [=](long long i, bool t) {
+        const T d = pred[i] - (t ? T(1) : T(0));
+        grad[i] = scale * d;
+        return d * d;
+    });
 }
 
 // *count += #rows with argmax(scores[row]) == labels[row] (first max wins). One thread per row.
@@ -113,54 +114,19 @@ __device__ void correct_count_impl(const T* __restrict__ scores, const int* __re
     }
 }
 
-extern "C" __global__ void softmax_xent_f32(const float* __restrict__ logits, const int* __restrict__ labels,
-                                            float* __restrict__ grad, float* __restrict__ loss, int nrow,
-                                            int ncol, float scale) {
-    softmax_xent_impl(logits, labels, grad, loss, nrow, ncol, scale);
-}
-extern "C" __global__ void softmax_xent_f64(const double* __restrict__ logits, const int* __restrict__ labels,
-                                            double* __restrict__ grad, double* __restrict__ loss, int nrow,
-                                            int ncol, double scale) {
-    softmax_xent_impl(logits, labels, grad, loss, nrow, ncol, scale);
-}
+GPUMLP_F32_F64(softmax_xent, (const T* __restrict__ logits, const int* __restrict__ labels, T* __restrict__ grad,
+                             T* __restrict__ loss, int nrow, int ncol, T scale),
+               (logits, labels, grad, loss, nrow, ncol, scale))
 
-extern "C" __global__ void softmax_f32(const float* __restrict__ logits, float* __restrict__ out, int nrow,
-                                       int ncol) {
-    softmax_impl(logits, out, nrow, ncol);
-}
-extern "C" __global__ void softmax_f64(const double* __restrict__ logits, double* __restrict__ out, int nrow,
-                                       int ncol) {
-    softmax_impl(logits, out, nrow, ncol);
-}
+GPUMLP_F32_F64(softmax, (const T* __restrict__ logits, T* __restrict__ out, int nrow, int ncol),
+               (logits, out, nrow, ncol))
 
-extern "C" __global__ void sigmoid_bce_f32(const float* __restrict__ logits, const int* __restrict__ labels,
-                                           float* __restrict__ grad, float* __restrict__ loss, int nrow,
-                                           int ncol, float scale, float cap) {
-    sigmoid_bce_impl(logits, labels, grad, loss, nrow, ncol, scale, cap);
-}
-extern "C" __global__ void sigmoid_bce_f64(const double* __restrict__ logits, const int* __restrict__ labels,
-                                           double* __restrict__ grad, double* __restrict__ loss, int nrow,
-                                           int ncol, double scale, double cap) {
-    sigmoid_bce_impl(logits, labels, grad, loss, nrow, ncol, scale, cap);
-}
+GPUMLP_F32_F64(sigmoid_bce, (const T* __restrict__ logits, const int* __restrict__ labels, T* __restrict__ grad,
+                            T* __restrict__ loss, int nrow, int ncol, T scale, T cap),
+               (logits, labels, grad, loss, nrow, ncol, scale, cap))
 
-extern "C" __global__ void mse_f32(const float* __restrict__ pred, const int* __restrict__ labels,
-                                   float* __restrict__ grad, float* __restrict__ loss, int nrow, int ncol,
-                                   float scale) {
-    mse_impl(pred, labels, grad, loss, nrow, ncol, scale);
-}
-extern "C" __global__ void mse_f64(const double* __restrict__ pred, const int* __restrict__ labels,
-                                   double* __restrict__ grad, double* __restrict__ loss, int nrow, int ncol,
-                                   double scale) {
-    mse_impl(pred, labels, grad, loss, nrow, ncol, scale);
-}
+GPUMLP_F32_F64(mse, (const T* __restrict__ pred, const int* __restrict__ labels, T* __restrict__ grad,
+                    T* __restrict__ loss, int nrow, int ncol, T scale), (pred, labels, grad, loss, nrow, ncol, scale))
 
-extern "C" __global__ void correct_count_f32(const float* __restrict__ scores, const int* __restrict__ labels,
-                                             long long* __restrict__ count, int nrow, int ncol) {
-    correct_count_impl(scores, labels, count, nrow, ncol);
-}
-extern "C" __global__ void correct_count_f64(const double* __restrict__ scores,
-                                             const int* __restrict__ labels, long long* __restrict__ count,
-                                             int nrow, int ncol) {
-    correct_count_impl(scores, labels, count, nrow, ncol);
-}
+GPUMLP_F32_F64(correct_count, (const T* __restrict__ scores, const int* __restrict__ labels,
+                              long long* __restrict__ count, int nrow, int ncol), (scores, labels, count, nrow, ncol))

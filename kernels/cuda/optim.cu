@@ -85,91 +85,38 @@ __device__ void lion_impl(T* __restrict__ w, const T* __restrict__ g, T* __restr
     }
 }
 
-extern "C" __global__ void sgd_f32(float* __restrict__ w, const float* __restrict__ g, long long n, float lr,
-                                   float l2, float l1) {
-    sgd_impl(w, g, n, lr, l2, l1);
-}
-extern "C" __global__ void sgd_f64(double* __restrict__ w, const double* __restrict__ g, long long n, double lr,
-                                   double l2, double l1) {
-    sgd_impl(w, g, n, lr, l2, l1);
-}
+GPUMLP_F32_F64(sgd, (T* __restrict__ w, const T* __restrict__ g, long long n, T lr, T l2, T l1),
+               (w, g, n, lr, l2, l1))
 
-extern "C" __global__ void momentum_f32(float* __restrict__ w, const float* __restrict__ g,
-                                        float* __restrict__ v, long long n, float lr, float mu, int nesterov,
-                                        float l2, float l1) {
-    momentum_impl(w, g, v, n, lr, mu, nesterov, l2, l1);
-}
-extern "C" __global__ void momentum_f64(double* __restrict__ w, const double* __restrict__ g,
-                                        double* __restrict__ v, long long n, double lr, double mu,
-                                        int nesterov, double l2, double l1) {
-    momentum_impl(w, g, v, n, lr, mu, nesterov, l2, l1);
-}
+GPUMLP_F32_F64(momentum, (T* __restrict__ w, const T* __restrict__ g, T* __restrict__ v, long long n, T lr, T mu,
+                         int nesterov, T l2, T l1), (w, g, v, n, lr, mu, nesterov, l2, l1))
 
-extern "C" __global__ void adagrad_f32(float* __restrict__ w, const float* __restrict__ g,
-                                       float* __restrict__ h, long long n, float lr, float eps, float l2,
-                                       float l1) {
-    adagrad_impl(w, g, h, n, lr, eps, l2, l1);
-}
-extern "C" __global__ void adagrad_f64(double* __restrict__ w, const double* __restrict__ g,
-                                       double* __restrict__ h, long long n, double lr, double eps, double l2,
-                                       double l1) {
-    adagrad_impl(w, g, h, n, lr, eps, l2, l1);
-}
+GPUMLP_F32_F64(adagrad, (T* __restrict__ w, const T* __restrict__ g, T* __restrict__ h, long long n, T lr, T eps,
+                        T l2, T l1), (w, g, h, n, lr, eps, l2, l1))
 
-extern "C" __global__ void rmsprop_f32(float* __restrict__ w, const float* __restrict__ g,
-                                       float* __restrict__ s, long long n, float lr, float rho,
-                                       float one_minus_rho, float eps, float l2, float l1) {
-    rmsprop_impl(w, g, s, n, lr, rho, one_minus_rho, eps, l2, l1);
-}
-extern "C" __global__ void rmsprop_f64(double* __restrict__ w, const double* __restrict__ g,
-                                       double* __restrict__ s, long long n, double lr, double rho,
-                                       double one_minus_rho, double eps, double l2, double l1) {
-    rmsprop_impl(w, g, s, n, lr, rho, one_minus_rho, eps, l2, l1);
-}
+GPUMLP_F32_F64(rmsprop, (T* __restrict__ w, const T* __restrict__ g, T* __restrict__ s, long long n, T lr, T rho,
+                        T one_minus_rho, T eps, T l2, T l1), (w, g, s, n, lr, rho, one_minus_rho, eps, l2, l1))
 
-extern "C" __global__ void adam_f32(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
-                                    float* __restrict__ v, long long n, float lr, float beta1, float beta2,
-                                    float one_minus_beta1, float one_minus_beta2, float eps, float l2, float l1,
-                                    double beta1_d, double beta2_d, const long long* __restrict__ t) {
-    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t,
-              1.0f);
-}
-extern "C" __global__ void adam_f64(double* __restrict__ w, const double* __restrict__ g,
-                                    double* __restrict__ m, double* __restrict__ v, long long n, double lr,
-                                    double beta1, double beta2, double one_minus_beta1, double one_minus_beta2,
-                                    double eps, double l2, double l1, double beta1_d, double beta2_d,
-                                    const long long* __restrict__ t) {
-    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t,
-              1.0);
-}
+GPUMLP_F32_F64(adam, (T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v, long long n,
+                     T lr, T beta1, T beta2, T one_minus_beta1, T one_minus_beta2, T eps, T l2, T l1, double beta1_d,
+                     double beta2_d, const long long* __restrict__ t),
+               (w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t,
+                T(1)))
 
-// keep = 1 - lr*weight_decay, rounded once on the host like the reference.
-extern "C" __global__ void adamw_f32(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
-                                     float* __restrict__ v, long long n, float lr, float beta1, float beta2,
-                                     float one_minus_beta1, float one_minus_beta2, float eps, float l2, float l1,
-                                     double beta1_d, double beta2_d, const long long* __restrict__ t, float keep) {
-    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t,
-              keep);
+// AdamW is Adam with w scaled by keep = 1 - lr*weight_decay (rounded once on the host like the reference).
+template <typename... A>
+__device__ __forceinline__ void adamw_impl(A... a) {
+    adam_impl(a...);
 }
-extern "C" __global__ void adamw_f64(double* __restrict__ w, const double* __restrict__ g,
-                                     double* __restrict__ m, double* __restrict__ v, long long n, double lr,
-                                     double beta1, double beta2, double one_minus_beta1, double one_minus_beta2,
-                                     double eps, double l2, double l1, double beta1_d, double beta2_d,
-                                     const long long* __restrict__ t, double keep) {
-    adam_impl(w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t,
-              keep);
-}
+GPUMLP_F32_F64(adamw, (T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v, long long n,
+                      T lr, T beta1, T beta2, T one_minus_beta1, T one_minus_beta2, T eps, T l2, T l1, double beta1_d,
+                      double beta2_d, const long long* __restrict__ t, T keep),
+               (w, g, m, v, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, l2, l1, beta1_d, beta2_d, t,
+                keep))
 
-extern "C" __global__ void lion_f32(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
-                                    long long n, float lr, float beta1, float beta2, float one_minus_beta1,
-                                    float one_minus_beta2, float weight_decay, float l2, float l1) {
-    lion_impl(w, g, m, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, l2, l1);
-}
-extern "C" __global__ void lion_f64(double* __restrict__ w, const double* __restrict__ g, double* __restrict__ m,
-                                    long long n, double lr, double beta1, double beta2, double one_minus_beta1,
-                                    double one_minus_beta2, double weight_decay, double l2, double l1) {
-    lion_impl(w, g, m, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, l2, l1);
-}
+GPUMLP_F32_F64(lion, (T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, long long n, T lr, T beta1,
+                     T beta2, T one_minus_beta1, T one_minus_beta2, T weight_decay, T l2, T l1),
+               (w, g, m, n, lr, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, l2, l1))
 
 // Sum of x^2 over n elements, in double, written to *out (added to it when accumulate).
 // One launch and deterministic: each block stores its partial sum, and the last block
@@ -211,23 +158,11 @@ __device__ void clip_scale_impl(T* __restrict__ g, const T* __restrict__ sumsq, 
     GRID_STRIDE(i, n) { g[i] *= factor; }
 }
 
-extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, long long n, double* partials,
-                                           unsigned int* ticket, float* out, int accumulate) {
-    sum_squares_impl(x, n, partials, ticket, out, accumulate);
-}
-extern "C" __global__ void sum_squares_f64(const double* __restrict__ x, long long n, double* partials,
-                                           unsigned int* ticket, double* out, int accumulate) {
-    sum_squares_impl(x, n, partials, ticket, out, accumulate);
-}
+GPUMLP_F32_F64(sum_squares, (const T* __restrict__ x, long long n, double* partials, unsigned int* ticket, T* out,
+                            int accumulate), (x, n, partials, ticket, out, accumulate))
 
-extern "C" __global__ void clip_scale_f32(float* __restrict__ g, const float* __restrict__ sumsq, long long n,
-                                          double max_norm) {
-    clip_scale_impl(g, sumsq, n, max_norm);
-}
-extern "C" __global__ void clip_scale_f64(double* __restrict__ g, const double* __restrict__ sumsq, long long n,
-                                          double max_norm) {
-    clip_scale_impl(g, sumsq, n, max_norm);
-}
+GPUMLP_F32_F64(clip_scale, (T* __restrict__ g, const T* __restrict__ sumsq, long long n, double max_norm),
+               (g, sumsq, n, max_norm))
 
 // g = clamp(g, -v, v) elementwise; written with comparisons (not fmin/fmax) so NaN stays NaN.
 template <typename T>
@@ -238,5 +173,4 @@ __device__ void clip_value_impl(T* __restrict__ g, long long n, T v) {
     }
 }
 
-extern "C" __global__ void clip_value_f32(float* __restrict__ g, long long n, float v) { clip_value_impl(g, n, v); }
-extern "C" __global__ void clip_value_f64(double* __restrict__ g, long long n, double v) { clip_value_impl(g, n, v); }
+GPUMLP_F32_F64(clip_value, (T* __restrict__ g, long long n, T v), (g, n, v))
