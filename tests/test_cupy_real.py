@@ -24,6 +24,7 @@ import gpumlp
 from gpumlp import backend
 from gpumlp.backend import BackendUnavailable, get_backend
 from gpumlp.kernels import cuda_emu, cupy_gpu
+from gpumlp.kernels.cuda_host import parse_kernels
 
 cupy = pytest.importorskip("cupy", reason="real CuPy not installed (pip install cupy-cuda13x)")
 
@@ -99,7 +100,7 @@ def test_rawmodule_source_compiles_with_nvrtc(nvrtc, stem: str, cc: str, monkeyp
     ptx, log = _compile(nvrtc, kwargs["code"], f"{stem}.cu", _nvrtc_options(kwargs["options"], cc))
     assert not log.strip(), f"NVRTC warnings for {stem}.cu on sm_{cc}:\n{log}"
 
-    declared = set(re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(', kwargs["code"]))
+    declared = set(parse_kernels(kwargs["code"]))  # plain kernels and GPUMLP_F32_F64 pairs
     assert set(re.findall(r"\.entry\s+(\w+)", ptx)) == declared
     bases = [base for base, s in cupy_gpu._FILES.items() if s == stem]
     fixed = _fixed_suffixes()
