@@ -507,19 +507,23 @@ def _softmax_xent_k(z, labels, grad, scale):
     return total
 
 
-def softmax_xent(
-    logits: np.ndarray,
-    labels: np.ndarray,
-    grad: np.ndarray | None = None,
-    grad_scale: float = 1.0,
-    loss: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+_A = np.ndarray  # short, so the loss signatures fit on one line
+
+
+def _row_loss(kernel, scores: _A, labels: _A, grad: _A | None, grad_scale, loss, *extra) -> tuple:
+    """The wrappers' glue: ``kernel(scores, labels, grad, scale, *extra)`` -> its summed loss, with
+    grad allocated when None (C-contiguous: the kernels use it flat) -> (0-d loss, grad)."""
+    if grad is None:
+        grad = np.empty_like(scores)
+    _flat(grad, "grad")
+    total = kernel(scores, labels, grad, float(grad_scale), *extra)
+    return _accumulate(loss, total, scores.dtype), grad
+
+
+def softmax_xent(logits: _A, labels: _A, grad: _A | None = None, grad_scale=1.0, loss=None) -> tuple:
     """Fused stable softmax cross-entropy + gradient from int labels.
     logits: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) grad), logits' dtype."""
-    if grad is None:
-        grad = np.empty_like(logits)
-    total = _softmax_xent_k(logits, labels, grad, float(grad_scale))
-    return _accumulate(loss, total, logits.dtype), grad
+    return _row_loss(_softmax_xent_k, logits, labels, grad, grad_scale, loss)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT, inline="always")
@@ -596,20 +600,11 @@ def _sigmoid_bce_k(z, labels, grad, scale, cap):
     return total
 
 
-def sigmoid_bce(
-    logits: np.ndarray,
-    labels: np.ndarray,
-    grad: np.ndarray | None = None,
-    grad_scale: float = 1.0,
-    loss: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def sigmoid_bce(logits: _A, labels: _A, grad: _A | None = None, grad_scale=1.0, loss=None) -> tuple:
     """Fused logistic cost vs one-hot(labels), terms as capped softplus like the reference.
-    logits: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) grad), logits' dtype."""
-    if grad is None:
-        grad = np.empty_like(logits)
-    _flat(grad, "grad")  # C-contiguous: its first rows double as the per-class sums
-    total = _sigmoid_bce_k(logits, labels, grad, float(grad_scale), _BCE_CAP)
-    return _accumulate(loss, total, logits.dtype), grad
+    logits: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) grad), logits' dtype. grad's first
+    rows double as the per-class sums, so it must be C-contiguous."""
+    return _row_loss(_sigmoid_bce_k, logits, labels, grad, grad_scale, loss, _BCE_CAP)
 
 
 @njit(cache=True, error_model="numpy")
@@ -627,19 +622,10 @@ def _mse_k(pred, labels, grad, scale):
     return 0.5 * total
 
 
-def mse(
-    pred: np.ndarray,
-    labels: np.ndarray,
-    grad: np.ndarray | None = None,
-    grad_scale: float = 1.0,
-    loss: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def mse(pred: _A, labels: _A, grad: _A | None = None, grad_scale=1.0, loss=None) -> tuple:
     """Fused half squared error vs one-hot(labels).
     pred: (B,K), labels: (B,) int -> (0-d summed loss, (B,K) grad), pred's dtype."""
-    if grad is None:
-        grad = np.empty_like(pred)
-    total = _mse_k(pred, labels, grad, float(grad_scale))
-    return _accumulate(loss, total, pred.dtype), grad
+    return _row_loss(_mse_k, pred, labels, grad, grad_scale, loss)
 
 
 @njit(cache=True, error_model="numpy")
@@ -724,30 +710,12 @@ _momentum_serial, _momentum_par = _split(_momentum_range)
 
 
 def momentum_step(
-    w: np.ndarray,
-    g: np.ndarray,
-    v: np.ndarray,
-    lr: float,
-    mu: float = 0.9,
-    nesterov: bool = False,
-    l2: float = 0.0,
-    l1: float = 0.0,
+    w: _A, g: _A, v: _A, lr: float, mu: float = 0.9, nesterov: bool = False, l2: float = 0.0, l1: float = 0.0
 ) -> None:
     """Heavy-ball / Nesterov momentum (PyTorch convention), in place on w and v."""
     w1, g1, v1 = _flat(w, "w"), _flat(g, "g"), _flat(v, "v")
-    _run(
-        _momentum_par,
-        _momentum_serial,
-        w1.size,
-        w1,
-        g1,
-        v1,
-        float(lr),
-        float(mu),
-        bool(nesterov),
-        float(l2),
-        float(l1),
-    )
+    scalars = (float(lr), float(mu), bool(nesterov), float(l2), float(l1))
+    _run(_momentum_par, _momentum_serial, w1.size, w1, g1, v1, *scalars)
 
 
 @njit(cache=True, error_model="numpy")
@@ -762,15 +730,7 @@ def _adagrad_range(w, g, h, lr, eps, l2, l1, lo, hi):
 _adagrad_serial, _adagrad_par = _split(_adagrad_range)
 
 
-def adagrad_step(
-    w: np.ndarray,
-    g: np.ndarray,
-    h: np.ndarray,
-    lr: float,
-    eps: float = 1e-8,
-    l2: float = 0.0,
-    l1: float = 0.0,
-) -> None:
+def adagrad_step(w: _A, g: _A, h: _A, lr: float, eps: float = 1e-8, l2: float = 0.0, l1: float = 0.0) -> None:
     """AdaGrad, in place on w and h (same shape as w)."""
     w1, g1, h1 = _flat(w, "w"), _flat(g, "g"), _flat(h, "h")
     _run(_adagrad_par, _adagrad_serial, w1.size, w1, g1, h1, float(lr), float(eps), float(l2), float(l1))
@@ -789,30 +749,12 @@ _rmsprop_serial, _rmsprop_par = _split(_rmsprop_range)
 
 
 def rmsprop_step(
-    w: np.ndarray,
-    g: np.ndarray,
-    s: np.ndarray,
-    lr: float,
-    rho: float = 0.9,
-    eps: float = 1e-8,
-    l2: float = 0.0,
-    l1: float = 0.0,
+    w: _A, g: _A, s: _A, lr: float, rho: float = 0.9, eps: float = 1e-8, l2: float = 0.0, l1: float = 0.0
 ) -> None:
     """RMSProp, in place on w and s (same shape as w)."""
     w1, g1, s1 = _flat(w, "w"), _flat(g, "g"), _flat(s, "s")
-    _run(
-        _rmsprop_par,
-        _rmsprop_serial,
-        w1.size,
-        w1,
-        g1,
-        s1,
-        float(lr),
-        float(rho),
-        float(eps),
-        float(l2),
-        float(l1),
-    )
+    scalars = (float(lr), float(rho), float(eps), float(l2), float(l1))
+    _run(_rmsprop_par, _rmsprop_serial, w1.size, w1, g1, s1, *scalars)
 
 
 @njit(cache=True, error_model="numpy")
@@ -840,17 +782,8 @@ def _adam_run(w, g, m, v, lr, t, beta1, beta2, eps, keep, l2, l1) -> None:
 
 
 def adam_step(
-    w: np.ndarray,
-    g: np.ndarray,
-    m: np.ndarray,
-    v: np.ndarray,
-    lr: float,
-    t: int,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    l2: float = 0.0,
-    l1: float = 0.0,
+    w: _A, g: _A, m: _A, v: _A, lr: float, t: int, beta1: float = 0.9, beta2: float = 0.999,
+    eps: float = 1e-8, l2: float = 0.0, l1: float = 0.0
 ) -> None:
     """Adam with bias correction at step t (1-based; int or 1-element int64 array),
     in place on w, m, v (same shape)."""
@@ -858,18 +791,8 @@ def adam_step(
 
 
 def adamw_step(
-    w: np.ndarray,
-    g: np.ndarray,
-    m: np.ndarray,
-    v: np.ndarray,
-    lr: float,
-    t: int,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.01,
-    l2: float = 0.0,
-    l1: float = 0.0,
+    w: _A, g: _A, m: _A, v: _A, lr: float, t: int, beta1: float = 0.9, beta2: float = 0.999,
+    eps: float = 1e-8, weight_decay: float = 0.01, l2: float = 0.0, l1: float = 0.0
 ) -> None:
     """AdamW (decoupled weight decay) at step t (1-based; int or 1-element int64 array),
     in place on w, m, v (same shape): one pass, the decay as a factor on w."""
