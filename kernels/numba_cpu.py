@@ -132,10 +132,19 @@ def _par_min(nt: int) -> int:
     return max(_PAR_MIN_FLOOR, _PAR_MIN_2_THREADS * 2 // max(nt, 1))
 
 
+def _blas_pool_idle() -> bool:
+    """True when NumPy's OpenBLAS runs on the calling thread only. Its worker threads spin on
+    their cores for a while after every GEMM, and a parallel region competing with them lost
+    badly here (Adam on 203k floats: 0.12 ms serial, 6.4 ms parallel after a GEMM; 4M-element
+    bias+ReLU: 1.0 vs 1.9 ms), so the parallel variants wait for a single-threaded BLAS (or an
+    explicit GPUMLP_PAR_MIN). Unknown BLAS (MKL, Accelerate): assume a pool."""
+    return _BLAS_THREADS is not None and _BLAS_THREADS() == 1
+
+
 def _run(par, serial, n: int, *args) -> None:
     """Call the parallel variant (with the thread count) for big n, else the serial one."""
     if n >= (_PAR_MIN_FLOOR if _PAR_MIN is None else _PAR_MIN) and (nt := numba.get_num_threads()) > 1:
-        if n >= _par_min(nt):
+        if n >= _par_min(nt) and (_PAR_MIN is not None or _blas_pool_idle()):
             par(*args, nt)
             return
     serial(*args)
@@ -178,16 +187,18 @@ def matmul(
     return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
 
 
-def _load_cblas() -> tuple | None:
-    """(sgemm, dgemm) of the OpenBLAS that NumPy's wheels bundle (CBLAS, 64-bit ints) as ctypes
-    functions, so that the GEMM shares np.matmul's library and thread pool; None elsewhere
-    (NumPy on MKL/Accelerate: sgd_matmul_step then forms the product, then steps)."""
+def _load_openblas() -> tuple | None:
+    """(sgemm, dgemm, get_num_threads) of the OpenBLAS that NumPy's wheels bundle (CBLAS, 64-bit
+    ints) as ctypes functions, so that the GEMM shares np.matmul's library and thread pool; None
+    elsewhere (NumPy on MKL/Accelerate: sgd_matmul_step then forms the product, then steps)."""
     root = os.path.dirname(np.__file__)
     pats = ("../numpy.libs/libscipy_openblas64_*", ".dylibs/libscipy_openblas64_*")
     for path in sorted(p for pat in pats for p in glob.glob(os.path.join(root, pat))):
         try:
             lib = ctypes.CDLL(path)
-            return tuple(_cblas_gemm_type(t)((f"scipy_cblas_{c}gemm64_", lib)) for c, t in _CBLAS_TYPES)
+            gemms = tuple(_cblas_gemm_type(t)((f"scipy_cblas_{c}gemm64_", lib)) for c, t in _CBLAS_TYPES)
+            threads = ctypes.CFUNCTYPE(ctypes.c_int)(("scipy_openblas_get_num_threads64_", lib))
+            return (*gemms, threads)
         except (OSError, AttributeError):
             continue
     return None
@@ -200,7 +211,8 @@ def _cblas_gemm_type(t):
 
 
 _CBLAS_TYPES = (("s", ctypes.c_float), ("d", ctypes.c_double))
-_CBLAS = _load_cblas()
+_OPENBLAS = _load_openblas()
+_CBLAS, _BLAS_THREADS = (_OPENBLAS[:2], _OPENBLAS[2]) if _OPENBLAS else (None, None)
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 

@@ -703,6 +703,29 @@ def test_numba_parallel_variants_match_reference(dtype, monkeypatch):
         _run_optimizer(be, opt, "l1+l2+wd", shape, dtype)
 
 
+def test_numba_parallel_variants_wait_for_a_single_threaded_blas(monkeypatch):
+    """OpenBLAS's workers spin after each GEMM; a parallel region beside them lost 2-50x, so above
+    the threshold the parallel variant runs only when BLAS is on one thread, or when asked for."""
+    threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
+    numba = pytest.importorskip("numba")
+    k = backend.get_backend("numba").k
+    if k._BLAS_THREADS is None or numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs NumPy's bundled OpenBLAS and at least 2 Numba threads")
+    calls = []
+    par, serial = (lambda *a: calls.append("par")), (lambda *a: calls.append("serial"))
+    monkeypatch.setattr(k, "_PAR_MIN", None)
+    big = k._par_min(numba.get_num_threads())
+    with threadpool_limits(2, "blas"):
+        k._run(par, serial, big)
+    with threadpool_limits(1, "blas"):
+        k._run(par, serial, big)
+        k._run(par, serial, big - 1)
+    monkeypatch.setattr(k, "_PAR_MIN", 10)
+    with threadpool_limits(2, "blas"):
+        k._run(par, serial, 10)
+    assert calls == ["serial", "par", "serial", "par"]
+
+
 def test_numba_parallel_threshold_adapts_to_the_thread_count(monkeypatch):
     try:
         k = backend.get_backend("numba").k
