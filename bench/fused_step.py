@@ -42,6 +42,7 @@ def make_step(dtype):
     bias_act, act_grad, bias_grad = nk._bias_act_rows, nk._act_grad_range, nk._bias_grad_k
     bce, xent, correct, gather = nk._sigmoid_bce_k, nk._softmax_xent_k, nk._correct_k, nk._gather_k
     sgd, adam, cap = nk._sgd_range, nk._adam_range, nk._BCE_CAP
+    real = np.dtype(dtype).type  # Adam's scalars in the weights' dtype, as numba_cpu passes them
 
     @numba.njit(error_model="numpy")
     def step(X, idx, labels, p, ws, act, use_bce, use_adam, lr, scale, t, acc, hits):
@@ -70,9 +71,11 @@ def make_step(dtype):
             sgd(ow, og, lr, 0.0, 0.0, 0, ow.size)
         else:
             gemm(gW1, x, dz1, 1.0, 0.0, True, False)
-            lr_c, inv_bc2 = lr / (1.0 - 0.9**t), 1.0 / (1.0 - 0.999**t)
-            adam(wg, gg, m1, v1, lr_c, 0.9, 0.999, 1e-8, inv_bc2, 1.0, 0.0, 0.0, 0, wg.size)
-            adam(ow, og, m2, v2, lr_c, 0.9, 0.999, 1e-8, inv_bc2, 1.0, 0.0, 0.0, 0, ow.size)
+            lr_c, inv_bc2 = real(lr / (1.0 - 0.9**t)), real(1.0 / (1.0 - 0.999**t))
+            b1, b2, omb1, omb2 = real(0.9), real(0.999), real(1 - 0.9), real(1 - 0.999)
+            eps, one, zero = real(1e-8), real(1), real(0)
+            adam(wg, gg, m1, v1, lr_c, b1, b2, omb1, omb2, eps, inv_bc2, one, zero, zero, 0, wg.size)
+            adam(ow, og, m2, v2, lr_c, b1, b2, omb1, omb2, eps, inv_bc2, one, zero, zero, 0, ow.size)
 
     return step
 
