@@ -184,9 +184,10 @@ class TrainStep:
         scale = 1.0 / b if self.mean else 1.0
         _, grad = model.loss(be, scores, labels, grad=self.g_buf[b], grad_scale=scale, loss=self.loss_sum)
         k.correct_count(scores, labels, count=self.correct)
-        # plain SGD steps the weights inside their gradient GEMM, unless the gradient itself is needed
+        # plain SGD steps the weights inside their gradient GEMM where the backend's BLAS can (else
+        # the flat-buffer update is fewer launches), unless the gradient itself is needed
         needs_grad = bool(self.clip or self.clip_value or self.grad_norms)
-        fold = self.opt.gemm_fold(lr, needs_grad)
+        fold = self.opt.gemm_fold(lr, needs_grad) if be.k.SGD_IN_GEMM else None
         model.backward(grad, sgd=fold)
         if self.grad_norms:
             self.grad_norms.accumulate()

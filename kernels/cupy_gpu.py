@@ -121,6 +121,7 @@ class CudaKernels:
     ACTIVATIONS = ACTIVATIONS
     LEAKY_SLOPE = LEAKY_SLOPE
     LOG_EPS = LOG_EPS
+    SGD_IN_GEMM = False  # sgd_matmul_step forms the product, then steps (see the reference)
 
     def __init__(self, xp: _Any, *, gemm: str = "cublas", validate_labels: bool = True) -> None:
         if gemm not in GEMMS:

@@ -232,6 +232,7 @@ def _gemm_kernel(fn):
 
 
 _GEMM = {np.dtype(t): _gemm_kernel(fn) for t, fn in zip((np.float32, np.float64), _CBLAS or ())}
+SGD_IN_GEMM = _CBLAS is not None  # sgd_matmul_step is one cblas GEMM (else: product, then step)
 
 
 def _blas_ready(w, a, b, trans_a: bool, trans_b: bool) -> bool:

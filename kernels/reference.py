@@ -55,6 +55,9 @@ from .images import image_side as _image_side
 # sigmoid_bce treats probabilities as clipped to [LOG_EPS, 1 - LOG_EPS]: no log(0), and
 # each class term costs at most -log(LOG_EPS) ~ 27.6.
 LOG_EPS = 1e-12
+# True when sgd_matmul_step is one GEMM (alpha/beta), never forming the gradient; here and on the
+# GPU it forms the product, then steps: one update per weight matrix instead of one per flat buffer.
+SGD_IN_GEMM = False
 _M32 = 0xFFFFFFFF
 
 

@@ -206,6 +206,8 @@ def test_gpu_step_profile_counts_a_sync_free_step(tmp_path):
     rows = [line for line in out.read_text().splitlines() if line.startswith("| seed 784-100-10")]
     eager, graph = ([c.strip() for c in row.strip("|").split("|")] for row in rows)
     assert int(eager[1]) > 0 and int(eager[2]) == 5  # our kernels; 2 forward + 3 backward GEMMs
+    launches = next(line for line in out.read_text().splitlines() if line.startswith("| seed |"))
+    assert "sgd_f32 ×2," in launches  # SGD steps the two flat buffers (cuBLAS does not fold it here)
     assert eager[8] == "0 / 0 / 0" and eager[9] == "0"  # no transfers, syncs or allocations per step
     # with graphs: one graph launch and two device copies (batch, step) replace every launch
     assert graph[1].startswith("1 + 2 ") and int(graph[2]) == int(eager[1]) + int(eager[2])
