@@ -1020,15 +1020,9 @@ def _blur_k(taps, scale, src, out, rows):
 
 
 def elastic_field(
-    seed: int,
-    n: int,
-    side: int,
-    alpha: float,
-    sigma: float,
-    step=0,
-    out: np.ndarray | None = None,
-    work: np.ndarray | None = None,
-) -> np.ndarray:
+    seed: int, n: int, side: int, alpha: float, sigma: float, step=0,
+    out: _A | None = None, work: _A | None = None
+) -> _A:
     """The reference's Simard displacement fields: Philox noise in [-1, 1), Gaussian-smoothed
     along x then y, times alpha. -> (n, 2, side, side) out's dtype (float32 when out is None)."""
     taps = _gaussian_taps(sigma)
@@ -1078,16 +1072,9 @@ def _gather_warped_k(src, idx, out, side, limits, field, w0, w1, w2, w3):
 
 
 def gather_warped(
-    src: np.ndarray,
-    idx: np.ndarray,
-    max_rotate: float,
-    max_scale: float,
-    max_shift: float,
-    seed: int,
-    step=0,
-    field: np.ndarray | None = None,
-    out: np.ndarray | None = None,
-) -> np.ndarray:
+    src: _A, idx: _A, max_rotate: float, max_scale: float, max_shift: float, seed: int, step=0,
+    field: _A | None = None, out: _A | None = None
+) -> _A:
     """Minibatch gather with the reference's Philox-drawn rotation, scaling and translation and an
     optional elastic ``field``, bilinear with edges repeated, in one pass.
     src: (N, side*side) float, idx: (B,) int -> (B, side*side)."""
