@@ -29,7 +29,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, mode) as f:
             yield f
             f.flush()
@@ -40,10 +40,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: done once, at import, not per write
+    os.umask(mask)  # (a per-write read would briefly give every other thread's new files umask 0)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def clean_stale_tmp(directory: str | os.PathLike) -> list[Path]:
