@@ -50,3 +50,19 @@ def test_fused_step_matches_the_per_kernel_step_exactly():
     for config in ("seed", "adam256"):
         assert float(rows[config][5]) == 0.0, rows[config]
         assert float(rows[config][4]) > 0  # a ratio was measured
+
+
+def test_parallel_after_gemm_measures_every_case(tmp_path):
+    """The script behind the README's Threads paragraph runs against the current kernels (it calls
+    their serial and parallel variants directly, so a changed kernel signature fails here)."""
+    out = tmp_path / "parallel.md"
+    text = _run("parallel_after_gemm.py", "--rounds", "1", "--out", str(out))
+    assert out.read_text().strip() == text.strip()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == [
+        "Adam 203k, arithmetic", "Adam 203k, alone", "Adam 203k, after a 128x784x256 GEMM",
+        "bias+ReLU 4M, alone", "bias+ReLU 4M, after a 4096x1024x1024 GEMM",
+        "predict 784-1024-1024-10, batch 4096",
+    ]  # fmt: skip
+    assert all(float(row.split("|")[2]) > 0 and float(row.split("|")[3]) > 0 for row in rows)
