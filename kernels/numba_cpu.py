@@ -898,8 +898,13 @@ def _uniform(word):
 
 @njit(cache=True, error_model="numpy")
 def _hash_uniform_k(w0, w1, w2, w3, out):
-    for i in range(out.size):
-        out[i] = _uniform(_word(w0, w1, w2, w3, i))
+    """out[i] = uniform(element i of the stream), block by block: a call of _word per element
+    passes four arrays, and their reference counting cost 40 ns an element (0.4 ms vs 2.4 at 55k)."""
+    n, words = out.size, (w0, w1, w2, w3)
+    for j in range(4):
+        wj, lanes = words[j], out[j:n:4]
+        for b in range(lanes.size):
+            lanes[b] = _uniform(wj[b])
 
 
 _SCRATCH = threading.local()  # per-thread Philox words, reused: no allocation per step
@@ -933,8 +938,12 @@ def hash_uniform(seed: int, n: int, step=0) -> np.ndarray:
 # ====================================================== shuffle and augmentation
 @njit(cache=True, error_model="numpy")
 def _permutation_keys_k(w0, w1, w2, w3, keys):
-    for i in range(keys.size):
-        keys[i] = (_word(w0, w1, w2, w3, i) << _S32) | np.uint64(i)
+    """keys[i] = element i of the stream << 32 | i, block by block (as _hash_uniform_k)."""
+    n, words = keys.size, (w0, w1, w2, w3)
+    for j in range(4):
+        wj, lanes = words[j], keys[j:n:4]
+        for b in range(lanes.size):
+            lanes[b] = (wj[b] << _S32) | np.uint64(4 * b + j)
 
 
 def permutation(seed: int, n: int, epoch: int = 0, out: np.ndarray | None = None) -> np.ndarray:

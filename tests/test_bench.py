@@ -63,6 +63,7 @@ def test_kernel_bytes_by_hand():
     assert kernel_bytes("bias_act", (256, 1024), 4) == (2 * 256 * 1024 + 1024) * 4
     assert kernel_bytes("act_grad", (256, 1024), 4) == 3 * 256 * 1024 * 4
     assert kernel_bytes("adam_step", (10, 10), 8) == 7 * 100 * 8
+    assert kernel_bytes("permutation", (55000,), 4) == 4 * 55000
     assert kernel_bytes("softmax_xent", (256, 10), 4, label_itemsize=4) == 2 * 2560 * 4 + 256 * 4
     with pytest.raises(ValueError):
         kernel_bytes("nope", (1,), 4)

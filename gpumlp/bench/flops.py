@@ -56,6 +56,7 @@ def kernel_bytes(kernel: str, shape: Sequence[int], itemsize: int, label_itemsiz
     bias_act (B,N): reads z and b, writes y. act_grad (B,N): reads grad and y, writes out.
     bias_grad (B,N): reads grad, writes (N,). softmax_xent (B,K): reads logits and labels,
     writes grad. gather_rows / gather_shifted (B,F): read B rows and B indices, write B rows.
+    permutation (n,): writes n int32 indices.
     An optimizer step (P,) (gpumlp.optim.RULES): reads w, g and its state, writes w and the state."""
     if kernel in ("bias_act", "act_grad"):
         b, n = shape
@@ -72,6 +73,8 @@ def kernel_bytes(kernel: str, shape: Sequence[int], itemsize: int, label_itemsiz
     if kernel == "elastic_field":  # writes the (B, 2, side, side) field
         b, f = shape
         return 2 * b * f * itemsize
+    if kernel == "permutation":  # writes the (n,) int32 order: its keys need not leave the cache
+        return 4 * int(shape[0])
     n_params = 1
     for s in shape:
         n_params *= int(s)

@@ -276,6 +276,7 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
     W = W * 0.01  # keep weights bounded over many in-place steps
     t = asa(np.array([10], np.int64))  # Adam's step on the device, as the training step passes it
     fd, fw = (be.xp.empty((256, 2, 28, 28), dtype=dtype) for _ in "fw")  # elastic field and scratch
+    order = be.xp.empty(55000, dtype=np.int32)  # an epoch's shuffle of the MNIST training split
     return [
         ("matmul", "x·W", (256, 784, 1024), lambda: k.matmul(a1, w1, out=c1)),
         ("matmul", "x·W", (256, 1024, 1024), lambda: k.matmul(a2, w2, out=c2)),
@@ -309,6 +310,7 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
             (256, 784),
             lambda: k.gather_warped(Xall, idx, 10.0, 0.1, 2.0, 0, t, field=fd, out=xb),
         ),
+        ("permutation", "", (55000,), lambda: k.permutation(0, 55000, 1, out=order)),
         ("sgd_step", "", (1024, 1024), lambda: k.sgd_step(W, G, 1e-9)),
         ("adam_step", "", (1024, 1024), lambda: k.adam_step(W, G, M, V, 1e-9, t)),
     ]
