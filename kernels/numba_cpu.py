@@ -540,13 +540,19 @@ def softmax_xent(logits: _A, labels: _A, grad: _A | None = None, grad_scale=1.0,
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT, inline="always")
-def _bce_term(x, hit, cap, one, zero):
-    """(capped softplus term, unscaled gradient) of logit x vs target hit (0/1); one, zero: x's type."""
+def _bce_grad(x, hit, one):
+    """The unscaled gradient of logit x vs target hit (0/1): sigmoid(x) - hit, without cancellation."""
     e = _exp(-abs(x))  # never exp of a large positive number: finite for any logit
     r = one / (one + e)
-    p, q = (r, e * r) if x >= zero else (e * r, r)  # sigmoid(x), 1 - sigmoid(x), no cancellation
-    s = -x if hit else x  # the term is softplus(s): -log p for t=1, -log(1-p) for t=0
-    return min(max(s, zero) + _log1p(e), cap), (-q if hit else p)  # |s| = |x|: one exp serves both
+    p, q = (r, e * r) if x >= 0 else (e * r, r)  # sigmoid(x), 1 - sigmoid(x)
+    return -q if hit else p
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT, inline="always")
+def _bce_softplus(z, logs, labels, i, j, zero, cap):
+    """Element (i, j)'s term softplus(s) = max(s, 0) + log1p(e^-|s|), capped, from its log1p part."""
+    s = -z[i, j] if labels[i] == j else z[i, j]
+    return min(max(s, zero) + logs[i, j], cap)
 
 
 @njit(cache=True, error_model="numpy")
@@ -557,59 +563,29 @@ def _check_labels(labels, r0, r1, k):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
-def _bce_rows(z, labels, grad, sc, cap, acc, r0, r1):
-    """Rows r0..r1: each class's term added into acc[j] (per-class sums: the inner loop has no
-    reduction, it vectorises) and the scaled gradient written."""
-    k, one, zero = z.shape[1], z.dtype.type(1), z.dtype.type(0)
-    for i in range(r0, r1):
-        y = labels[i]
-        for j in range(k):
-            term, g = _bce_term(z[i, j], j == y, cap, one, zero)
-            acc[j] += term
-            grad[i, j] = g * sc
-
-
-@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
-def _bce_terms(z, labels, cap, acc, r0, r1):
-    """Rows r0..r1: the terms only, added into acc[j]."""
-    k, one, zero = z.shape[1], z.dtype.type(1), z.dtype.type(0)
-    for i in range(r0, r1):
-        y = labels[i]
-        for j in range(k):
-            acc[j] += _bce_term(z[i, j], j == y, cap, one, zero)[0]
-
-
-@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
-def _bce_grads(z, labels, grad, sc, cap, r0, r1):
-    """Rows r0..r1: the scaled gradient only."""
-    k, one, zero = z.shape[1], z.dtype.type(1), z.dtype.type(0)
-    for i in range(r0, r1):
-        y = labels[i]
-        for j in range(k):
-            grad[i, j] = _bce_term(z[i, j], j == y, cap, one, zero)[1] * sc
-
-
-@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _sigmoid_bce_k(z, labels, grad, scale, cap):
-    # The float64 per-class sums live in grad's first rows (8 bytes a class: two float32 rows, one
-    # float64 row) until every other row is done; those rows' gradients are written last. Nothing is
-    # allocated, and each class still sums its rows in order 0, 1, ..., B-1.
+    # A term is softplus(s), s = -x for the label's class and x otherwise: max(s, 0) + log1p(e^-|x|),
+    # capped. The log1p part, the same for both, is computed for all elements in one flat loop
+    # that vectorises (a K=10 row is too short to) and parked in grad (no other buffer); the
+    # terms are then summed class by class, each over its rows in order 0, 1, ..., B-1 in
+    # float64, then over the classes in order. The gradient overwrites grad the same way: flat
+    # as if no class were the label, then each row's label element.
     nb, k = z.shape
-    sc, cp, lead = z.dtype.type(scale), z.dtype.type(cap), 8 // z.itemsize
+    one, zero, sc, cp = z.dtype.type(1), z.dtype.type(0), z.dtype.type(scale), z.dtype.type(cap)
     _check_labels(labels, 0, nb, k)
-    if nb < lead:  # 0 rows, or 1 float32 row (no room): its terms summed in class order, as acc.sum()
-        total = 0.0
+    zf, gf = z.reshape(-1), grad.reshape(-1)
+    for t in range(zf.size):
+        gf[t] = _log1p(_exp(-abs(zf[t])))
+    total = 0.0
+    for j in range(k):
+        acc = 0.0
         for i in range(nb):
-            for j in range(k):
-                total += _bce_term(z[i, j], j == labels[i], cp, z.dtype.type(1), z.dtype.type(0))[0]
-        _bce_grads(z, labels, grad, sc, cp, 0, nb)
-        return total
-    acc = grad[:lead].reshape(-1).view(np.float64)[:k]
-    acc[:] = 0.0
-    _bce_terms(z, labels, cp, acc, 0, lead)
-    _bce_rows(z[lead:], labels[lead:], grad[lead:], sc, cp, acc, 0, nb - lead)
-    total = acc.sum()
-    _bce_grads(z, labels, grad, sc, cp, 0, lead)
+            acc += _bce_softplus(z, grad, labels, i, j, zero, cp)
+        total += acc
+    for t in range(zf.size):
+        gf[t] = _bce_grad(zf[t], False, one) * sc
+    for i in range(nb):
+        grad[i, labels[i]] = _bce_grad(z[i, labels[i]], True, one) * sc
     return total
 
 
