@@ -18,6 +18,7 @@ from gpumlp.backend import MATMUL_PRECISIONS, BackendUnavailable, get_backend
 from gpumlp.bench.flops import epoch_flops, kernel_bytes, matmul_flops, step_matmuls
 from gpumlp.bench.machine import best_time
 from gpumlp.model import MLP, parse_spec
+from gpumlp.optim import RULES, Optimizer
 
 EPOCH_SAMPLES = 55_000  # the classic 55k/5k MNIST training split
 GPUMLP_BACKENDS = ("numpy", "numba", "cupy")
@@ -272,7 +273,7 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
     a2, w2, c2 = arr(256, 1024), arr(1024, 1024), arr(256, 1024)
     dw, dx = arr(784, 1024), arr(256, 784)  # separate outputs: no value feeds back and overflows
     dz, b0 = arr(256, 1024), b * 0
-    W, G, M, V = arr(1024, 1024), arr(1024, 1024), arr(1024, 1024), asa(np.abs(rng.random((1024, 1024))))
+    W, G = arr(1024, 1024), arr(1024, 1024)
     W = W * 0.01  # keep weights bounded over many in-place steps
     t = asa(np.array([10], np.int64))  # Adam's step on the device, as the training step passes it
     fd, fw = (be.xp.empty((256, 2, 28, 28), dtype=dtype) for _ in "fw")  # elastic field and scratch
@@ -311,9 +312,23 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
             lambda: k.gather_warped(Xall, idx, 10.0, 0.1, 2.0, 0, t, field=fd, out=xb),
         ),
         ("permutation", "", (55000,), lambda: k.permutation(0, 55000, 1, out=order)),
-        ("sgd_step", "", (1024, 1024), lambda: k.sgd_step(W, G, 1e-9)),
-        ("adam_step", "", (1024, 1024), lambda: k.adam_step(W, G, M, V, 1e-9, t)),
-    ]
+    ] + _optimizer_cases(be, W, G, t)
+
+
+def _optimizer_cases(be, W, G, t) -> list[tuple[str, str, tuple, Callable]]:
+    """One case per optimizer of RULES, each stepping W with G through ``Optimizer.update`` (its
+    default hyper-parameters, L2 on, a tiny rate): (kernel, rule name where it differs, shape, thunk)."""
+    cases = []
+    for name, rule in RULES.items():
+        opt = Optimizer(name, lr=1e-9, l2=1e-4)
+        state = opt.init_state(be, W)
+        variant = "" if rule.kernel == f"{name}_step" else name
+
+        def step(opt=opt, state=state):
+            opt.update(be, W, G, state, 1e-9, t, decayed=True)
+
+        cases.append((rule.kernel, variant, tuple(W.shape), step))
+    return cases
 
 
 def time_kernels(name: str, dtype: str, quick: bool = False) -> list[dict]:
