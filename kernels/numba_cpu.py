@@ -273,10 +273,11 @@ def _bias_act_rows(z, b, out, pre, keep, code, r0, r1):
                 s = z[i, j] + b[j]
                 out[i, j] = s if s > 0 else 0
     elif code == 4:
+        slope = z.dtype.type(LEAKY_SLOPE)
         for i in range(r0, r1):
             for j in range(n):
                 s = z[i, j] + b[j]
-                out[i, j] = s if s > 0 else s * LEAKY_SLOPE
+                out[i, j] = s if s > 0 else s * slope
     elif code == 5:  # gelu: s Phi(s), Phi through erfc (no cancellation for s < 0)
         for i in range(r0, r1):
             for j in range(n):
@@ -337,22 +338,25 @@ def bias_act(
 
 @njit(cache=True, error_model="numpy")
 def _act_grad_range(g, y, s, out, code, lo, hi):
-    # s: the pre-activation, read only by the codes whose derivative needs it
+    # s: the pre-activation, read only by the codes whose derivative needs it. one in y's dtype:
+    # an int 1 would make float32 products float64, unlike the reference (NumPy's weak scalars)
+    one = y.dtype.type(1)
     if code == 0:
         for i in range(lo, hi):
             out[i] = g[i]
     elif code == 1:
         for i in range(lo, hi):
-            out[i] = g[i] * (y[i] * (1 - y[i]))
+            out[i] = g[i] * (y[i] * (one - y[i]))
     elif code == 2:
         for i in range(lo, hi):
-            out[i] = g[i] * (1 - y[i] * y[i])
+            out[i] = g[i] * (one - y[i] * y[i])
     elif code == 3:
         for i in range(lo, hi):
             out[i] = g[i] if y[i] > 0 else 0
     elif code == 4:
+        slope = y.dtype.type(LEAKY_SLOPE)
         for i in range(lo, hi):
-            out[i] = g[i] if y[i] > 0 else g[i] * LEAKY_SLOPE
+            out[i] = g[i] if y[i] > 0 else g[i] * slope
     elif code == 5:  # gelu: Phi(s) + s phi(s)
         for i in range(lo, hi):
             x = s[i]

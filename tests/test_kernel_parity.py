@@ -142,6 +142,24 @@ def test_act_grad(be, dtype, act, shape, with_out):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["identity", "sigmoid", "tanh", "relu", "leaky_relu"])
+def test_host_act_grad_of_the_arithmetic_derivatives_is_the_references_bit_for_bit(be, dtype, act):
+    """These derivatives are a product or two in the activation's dtype; numba once formed
+    1 - y and the leaky slope in float64 for float32 data (an int literal, a Python float),
+    1 ulp off the reference. On CUDA, nvcc may fuse 1 - y*y into an FMA: tolerance applies."""
+    if be.name not in ("numpy", "numba"):
+        pytest.skip("host backends only: CUDA compilers contract multiply-adds")
+    s, gout = _data((257, 1030), dtype, 1, 3.0), _data((257, 1030), dtype, 2)
+    y = ref.bias_act(s, np.zeros(1030, dtype), act)
+    got = be.to_host(be.k.act_grad(be.asarray(gout), be.asarray(y), act))
+    np.testing.assert_array_equal(got, ref.act_grad(gout, y, act))
+    if act in ("identity", "relu", "leaky_relu"):  # forward: one add and at most one product
+        b = _data((1030,), dtype, 3)
+        np.testing.assert_array_equal(be.to_host(be.k.bias_act(be.asarray(s), be.asarray(b), act)),
+                                      ref.bias_act(s, b, act))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ref.ACTIVATIONS)
 def test_bias_act_keeps_the_pre_activation(be, dtype, act):
     # pre receives z + b: one rounding of one add on every backend, so bit for bit
