@@ -47,14 +47,15 @@ def adam_cases(rounds: int) -> list[tuple]:
     own = tuple(map(np.float32, (1e-3, 0.9, 0.999, 0.1, 0.001, 1e-8, 1.001, 1.0, 0.0, 0.0)))
     f64 = tuple(map(float, own))  # the same values as float64 scalars: the arithmetic before
     a, b = rng.random((128, 784), dtype=np.float32), rng.random((784, 256), dtype=np.float32)
-    nt = k.numba.get_num_threads()
+    nt, n, step = k.numba.get_num_threads(), w.size, np.array([3], np.int64)
     rows = []
-    dtype_fns = {"float64 scalars": lambda: k._adam_serial(w, g, m, v, *f64),
-                 "weights' dtype": lambda: k._adam_serial(w, g, m, v, *own)}  # fmt: skip
+    dtype_fns = {"float64 scalars": lambda: k._adam_range(w, g, m, v, *f64, 0, n),
+                 "weights' dtype": lambda: k._adam_range(w, g, m, v, *own, 0, n)}  # fmt: skip
     t = best_us(dtype_fns, rounds, 50)
     rows.append(("Adam 203k, arithmetic", t["float64 scalars"], t["weights' dtype"]))
-    par_fns = {"serial": lambda: k._adam_serial(w, g, m, v, *own),
-               "parallel": lambda: k._adam_par(w, g, m, v, *own, nt)}  # fmt: skip
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 1.0, 0.0, 0.0)  # lr, beta1, beta2, eps, keep, l2, l1
+    par_fns = {"serial": lambda: k._adam_serial(w, g, m, v, step, *hyper),
+               "parallel": lambda: k._adam_par(w, g, m, v, step, *hyper, nt)}  # fmt: skip
     for label, before in (("alone", None), ("after a 128x784x256 GEMM", lambda: a @ b)):
         t = best_us(par_fns, rounds, 20, before)
         rows.append((f"Adam 203k, {label}", t["serial"], t["parallel"]))

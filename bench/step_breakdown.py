@@ -21,6 +21,7 @@ Usage: ``python bench/step_breakdown.py [--configs seed,adam256] [--backend numb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import statistics
@@ -111,7 +112,8 @@ def proxy_cost(n: int = 20000) -> float:
 
 def breakdown(backend: str, cfg_name: str, X, y, epochs: int, dtype: str) -> dict:
     """Per-step seconds of every kernel label, the step total and the rest for one config."""
-    cfg, be = CONFIGS[cfg_name], get_backend(backend)
+    # kernel by kernel: a step graph (numba's default) runs its kernels as one call, which no proxy sees
+    cfg, be = CONFIGS[cfg_name], dataclasses.replace(get_backend(backend), replays_steps=False)
     model = MLP(cfg.spec, act=cfg.act, loss=cfg.loss, dtype=dtype, backend=be, seed=0)
     steps = -(-X.shape[0] // cfg.batch_size)
     _epoch(model, cfg, X, y, 0)  # warm-up: JIT, workspaces, thread pools

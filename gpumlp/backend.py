@@ -41,6 +41,10 @@ class Backend:
     stream's work) and ``capture(fn)``: record the launches of ``fn()`` on the
     current stream into a graph, without running them, and return ``replay()``,
     which launches the graph on the stream current when it is called.
+    numba's ``capture`` records the step's kernel calls and replays them as one compiled
+    function (``gpumlp.kernels.numba_graph``); ``replays_steps``: the training step uses
+    ``capture`` for its full-size steps without being asked (numba: its replay matches the
+    per-kernel step bit for bit; ``GPUMLP_STEP_GRAPHS=0`` turns it off).
     ``set_precision`` (CUDA backends) switches the float32 GEMM compute type;
     ``warmup(dtype) -> seconds`` (JIT backends) compiles every kernel ahead of use."""
 
@@ -51,6 +55,7 @@ class Backend:
     synchronize: Callable[[], None] = field(default=lambda: None)
     stream: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None
+    replays_steps: bool = False
     set_precision: Callable[[str], None] | None = None
     warmup: Callable[[Any], float] | None = None
 
@@ -102,14 +107,21 @@ def _load_numba() -> Backend:
         raise BackendUnavailable(
             f"backend 'numba' needs the numba package ({e}); install it with: pip install numba"
         ) from None
-    from gpumlp.kernels import numba_cpu
+    from gpumlp.kernels import numba_cpu, numba_graph
 
+    graphs = os.environ.get("GPUMLP_STEP_GRAPHS", "1").strip()
+    if graphs not in ("0", "1"):
+        raise ValueError(
+            f"GPUMLP_STEP_GRAPHS must be 0 (steps kernel by kernel) or 1 (step graphs), got {graphs!r}"
+        )
     return Backend(
         "numba",
         np,
         numba_cpu,
         "Numba-jitted fused CPU kernels, BLAS matmul",
+        capture=numba_graph.capture,
         warmup=numba_cpu._warmup,  # the one place that binds numba's JIT warm-up
+        replays_steps=graphs == "1",
     )
 
 

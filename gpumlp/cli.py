@@ -243,7 +243,8 @@ def _add_run_args(d) -> None:
     d.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="replay each full-size step as one CUDA graph (cupy/cuda-emu)",
+        help="replay each full-size step as one CUDA graph (cupy/cuda-emu; numba replays its own step graphs "
+        "by default)",
     )
     d.add_argument("--plots", action="store_true", help="also write PNG plots to OUT (needs matplotlib)")
     d.add_argument("--tensorboard", metavar="DIR", help="write per-epoch scalars as TensorBoard event files")

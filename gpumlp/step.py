@@ -24,6 +24,9 @@ and accuracy are read once at its end. Every epoch runs on the step's one stream
 graphs (cupy / cuda-emu) the first full-size step for each learning rate runs eagerly and is
 then captured; every later one copies its indices|labels row and step number into fixed device
 buffers and replays the graph: gather, forward, loss, backward, clipping and update in one launch.
+numba does the same by default with its step graphs (``gpumlp.kernels.numba_graph``: the step's
+kernel calls as one compiled function); a step with a kernel they cannot replay (dropout,
+batch norm, augmentation, clipping, ...) runs kernel by kernel.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpumlp.augment import Augment
+from gpumlp.kernels.common import StepNotCapturable
 from gpumlp.optim import Optimizer, clip_grad_norm
 
 # Salts of the training seed, so the shuffle's and the shifts' Philox streams never
@@ -132,7 +136,7 @@ class TrainStep:
         be, xp = self.model.be, self.model.be.xp
         if graphs and be.capture is None:
             raise ValueError(f"cuda_graphs needs a CUDA backend (cupy or cuda-emu), not {be.name!r}")
-        self.shuffle, self.augment, self.use_graphs = shuffle, augment, graphs
+        self.shuffle, self.augment, self.use_graphs = shuffle, augment, graphs or be.replays_steps
         if augment.elastic_alpha:  # the displacement fields and their blur scratch, per batch shape
             side = augment.check_images(self.model.n_features)
             shape, dt = (2, side, side), self.model.dtype
@@ -140,7 +144,7 @@ class TrainStep:
         self.graph, self.graph_key = None, None
         if not shuffle:
             self.order[...] = xp.arange(self.n, dtype=np.int32)
-        if graphs:
+        if self.use_graphs:
             self.batch_buf = xp.zeros(2 * self.B, dtype=np.int32)  # indices | labels of the replayed step
             self.t_buf = xp.zeros(1, dtype=np.int64)
 
@@ -227,5 +231,9 @@ class TrainStep:
             return
         # Run the step for real first: everything it needs is then compiled and allocated.
         self._run(Xd, idx, labels, lr, self.t_buf, seed)
-        self.graph = self.model.be.capture(lambda: self._run(Xd, idx, labels, lr, self.t_buf, seed))
+        try:
+            self.graph = self.model.be.capture(lambda: self._run(Xd, idx, labels, lr, self.t_buf, seed))
+        except StepNotCapturable:  # a kernel a numba step graph cannot replay: kernel by kernel from now on
+            self.use_graphs = False
+            return
         self.graph_key = (Xd, lr, seed)

@@ -15,6 +15,11 @@ PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 
 
+class StepNotCapturable(RuntimeError):
+    """A training step makes a kernel call that a step graph cannot replay; the step then runs
+    kernel by kernel (gpumlp.step.TrainStep)."""
+
+
 def step_value(t) -> int:
     """A per-step integer given as an int or a 1-element integer (host) array -> int."""
     if isinstance(t, (int, np.integer)):

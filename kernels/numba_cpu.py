@@ -6,9 +6,12 @@ and ``hash_uniform`` bit for bit (tests/test_kernel_parity.py).
 
 How the work is split
 ---------------------
-* Dense ``matmul`` is BLAS (``np.matmul(..., out=out)``, transposes as views):
-  nothing we could jit beats it. ``sgd_matmul_step`` calls the same OpenBLAS's
-  ``cblas_?gemm`` directly so that plain SGD rides on the weight-gradient GEMM (beta).
+* Dense ``matmul`` is BLAS: nothing we could jit beats it. It and ``sgd_matmul_step`` call
+  the OpenBLAS that NumPy ships (``cblas_?gemm`` by symbol, from jitted code, transposes as
+  flags; ``np.matmul`` where BLAS cannot take the operands), so that plain SGD rides on the
+  weight-gradient GEMM (beta) and a step graph can replay every GEMM.
+* Wrappers call their jitted bodies through ``numba_graph.call`` (``_call``), which a step
+  graph's capture records instead of running (see ``kernels/numba_graph.py``).
 * Every other kernel is a Python wrapper that validates only what is cheap
   (activation name, contiguity of in-place targets) and calls one
   ``@njit(cache=True, error_model="numpy")`` kernel that makes a single pass over memory (batch
@@ -59,6 +62,8 @@ import time
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm_binding
+from numba.extending import overload
 
 from ._jit import njit  # numba.njit, without the disk cache where none can be written
 from .activations import CODE_LIMIT as _CODE_LIMIT
@@ -75,6 +80,11 @@ from .common import step_value as _step_value
 from .common import store_sum as _store_sum
 from .common import updates_running_stats as _updates_running_stats
 from .images import image_side as _image_side
+from .numba_graph import CAPTURABLE as _CAPTURABLE
+from .numba_graph import call as _call
+from .numba_graph import call_into as _call_into
+from .numba_graph import refuse as _refuse
+from .numba_graph import refusing as _refusing
 from .numba_math import exp as _exp
 from .numba_math import log1p as _log1p
 from .numba_math import sigmoid as _sigmoid
@@ -145,9 +155,9 @@ def _run(par, serial, n: int, *args) -> None:
     """Call the parallel variant (with the thread count) for big n, else the serial one."""
     if n >= (_PAR_MIN_FLOOR if _PAR_MIN is None else _PAR_MIN) and (nt := numba.get_num_threads()) > 1:
         if n >= _par_min(nt) and (_PAR_MIN is not None or _blas_pool_idle()):
-            par(*args, nt)
+            _call(par, *args, nt)
             return
-    serial(*args)
+    _call(serial, *args)
 
 
 def _split(body, rows: bool = False) -> tuple:
@@ -183,67 +193,85 @@ def _split(body, rows: bool = False) -> tuple:
 def matmul(
     a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, trans_a: bool = False, trans_b: bool = False
 ) -> np.ndarray:
-    """``op(a) @ op(b)`` on BLAS, transposes as views. (M,K)@(K,N) -> (M,N)."""
-    return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+    """``op(a) @ op(b)`` on NumPy's OpenBLAS, transposes as flags (np.matmul, transposes as views,
+    where BLAS cannot take the operands as they are). (M,K)@(K,N) -> (M,N)."""
+    a_op, b_op = a.T if trans_a else a, b.T if trans_b else b
+    if out is None and a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype:
+        out = np.empty((a_op.shape[0], b_op.shape[1]), dtype=a.dtype)
+    if out is not None and _blas_ready(out, a, b, trans_a, trans_b):
+        _call(_gemm, out, a, b, 1.0, 0.0, bool(trans_a), bool(trans_b))
+        return out
+    _refuse("matmul: operands BLAS cannot take as they are go through np.matmul")
+    return np.matmul(a_op, b_op, out=out)
 
 
-def _load_openblas() -> tuple | None:
-    """(sgemm, dgemm, get_num_threads) of the OpenBLAS that NumPy's wheels bundle (CBLAS, 64-bit
-    ints) as ctypes functions, so that the GEMM shares np.matmul's library and thread pool; None
-    elsewhere (NumPy on MKL/Accelerate: sgd_matmul_step then forms the product, then steps)."""
+def _load_openblas():
+    """Make the OpenBLAS that NumPy's wheels bundle (CBLAS, 64-bit ints) callable from jitted code
+    by symbol (``_cblas``): the GEMM then shares np.matmul's library and thread pool, and code
+    that calls it caches on disk (a ctypes address would change every process). -> its
+    ``get_num_threads`` as a ctypes function, or None elsewhere (NumPy on MKL/Accelerate:
+    ``matmul`` stays ``np.matmul`` and sgd_matmul_step forms the product, then steps)."""
     root = os.path.dirname(np.__file__)
     pats = ("../numpy.libs/libscipy_openblas64_*", ".dylibs/libscipy_openblas64_*")
     for path in sorted(p for pat in pats for p in glob.glob(os.path.join(root, pat))):
         try:
             lib = ctypes.CDLL(path)
-            gemms = tuple(_cblas_gemm_type(t)((f"scipy_cblas_{c}gemm64_", lib)) for c, t in _CBLAS_TYPES)
+            for name in _CBLAS_GEMMS.values():
+                getattr(lib, name)
             threads = ctypes.CFUNCTYPE(ctypes.c_int)(("scipy_openblas_get_num_threads64_", lib))
-            return (*gemms, threads)
         except (OSError, AttributeError):
             continue
+        llvm_binding.load_library_permanently(path)
+        return threads
     return None
 
 
-def _cblas_gemm_type(t):
-    # cblas_?gemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
-    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
-    return ctypes.CFUNCTYPE(None, i32, i32, i32, i64, i64, i64, t, ptr, i64, ptr, i64, t, ptr, i64)
-
-
-_CBLAS_TYPES = (("s", ctypes.c_float), ("d", ctypes.c_double))
-_OPENBLAS = _load_openblas()
-_CBLAS, _BLAS_THREADS = (_OPENBLAS[:2], _OPENBLAS[2]) if _OPENBLAS else (None, None)
+_CBLAS_GEMMS = {numba.float32: "scipy_cblas_sgemm64_", numba.float64: "scipy_cblas_dgemm64_"}
+_BLAS_THREADS = _load_openblas()
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
-def _gemm_kernel(fn):
-    """C = alpha * op(A) @ op(B) + beta * C through ``fn`` (row-major, transposes as flags).
-    Not cached on disk: it holds the function's address, which changes with every process."""
-
-    @njit(error_model="numpy")
-    def gemm(c, a, b, alpha, beta, ta, tb):
-        m, n = c.shape
-        k = a.shape[0] if ta else a.shape[1]
-        lda, ldb = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize
-        fn(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS, m, n, k,
-           alpha, a.ctypes, lda, b.ctypes, ldb, beta, c.ctypes, n)  # fmt: skip
-
-    return gemm
+def _cblas(c, a, b, alpha, beta, ta, tb, m, n, k, lda, ldb):
+    """cblas_?gemm on C-contiguous c, row-major, transposes as flags (jitted code only)."""
+    raise NotImplementedError("called from jitted code only")
 
 
-_GEMM = {np.dtype(t): _gemm_kernel(fn) for t, fn in zip((np.float32, np.float64), _CBLAS or ())}
-SGD_IN_GEMM = _CBLAS is not None  # sgd_matmul_step is one cblas GEMM (else: product, then step)
+@overload(_cblas)
+def _cblas_typed(c, a, b, alpha, beta, ta, tb, m, n, k, lda, ldb):
+    i32, i64, ptr, real = numba.int32, numba.int64, numba.types.voidptr, c.dtype
+    sig = numba.void(i32, i32, i32, i64, i64, i64, real, ptr, i64, ptr, i64, real, ptr, i64)
+    gemm, cast = numba.types.ExternalFunction(_CBLAS_GEMMS[real], sig), np.dtype(str(real)).type
+
+    def impl(c, a, b, alpha, beta, ta, tb, m, n, k, lda, ldb):
+        gemm(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS, m, n, k, cast(alpha),
+             a.ctypes, lda, b.ctypes, ldb, cast(beta), c.ctypes, n)  # fmt: skip
+
+    return impl
+
+
+@njit(cache=True, error_model="numpy")
+def _gemm(c, a, b, alpha, beta, ta, tb):
+    """c = alpha * op(a) @ op(b) + beta * c through OpenBLAS (operands checked by _blas_ready)."""
+    m, n = c.shape
+    k = a.shape[0] if ta else a.shape[1]
+    _cblas(c, a, b, alpha, beta, ta, tb, m, n, k, a.strides[0] // a.itemsize, b.strides[0] // b.itemsize)
+
+
+SGD_IN_GEMM = _BLAS_THREADS is not None  # sgd_matmul_step is one cblas GEMM (else: product, then step)
 
 
 def _blas_ready(w, a, b, trans_a: bool, trans_b: bool) -> bool:
     """Whether the direct GEMM can take these operands as they are: one float dtype, rows
-    with unit stride, w C-contiguous, shapes that agree (else the generic path raises)."""
-    if w.dtype not in _GEMM or a.dtype != w.dtype or b.dtype != w.dtype or a.ndim != 2 or b.ndim != 2:
+    with unit stride, w C-contiguous, shapes that agree and are not empty (else the generic
+    path handles them or raises)."""
+    if not SGD_IN_GEMM or w.dtype not in (np.float32, np.float64):
+        return False
+    if a.dtype != w.dtype or b.dtype != w.dtype or a.ndim != 2 or b.ndim != 2:
         return False
     m, k = a.shape[::-1] if trans_a else a.shape
     k2, n = b.shape[::-1] if trans_b else b.shape
     unit = all(x.strides[1] == x.itemsize and x.strides[0] >= max(1, x.shape[1]) * x.itemsize for x in (a, b))
-    return unit and k == k2 and w.shape == (m, n) and w.flags.c_contiguous
+    return unit and k == k2 and min(m, n, k) > 0 and w.shape == (m, n) and w.flags.c_contiguous
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
@@ -325,9 +353,11 @@ def bias_act(
     pre = pre if keep else out  # not written unless kept
     n = z.size
     if code == 2 and n >= _NUMPY_TANH_MIN:
+        _refuse("bias_act: tanh on this many elements runs NumPy's tanh")
         _run(_bias_act_par, _bias_act_serial, n, z, b, out, pre, keep, 0)
         np.tanh(out, out=out)
     elif code == 1 and z.dtype == np.float64 and n >= _SIMD_EXP_MIN:
+        _refuse("bias_act: float64 sigmoid on this many elements runs NumPy's exp")
         _run(_bias_act_par, _bias_act_serial, n, z, b, out, pre, keep, _NEGATE)
         np.exp(out, out=out)
         _run(_bias_act_par, _bias_act_serial, n, out, b, out, pre, False, _SIGMOID_FINISH)
@@ -414,7 +444,7 @@ def bias_grad(grad_z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Column sums (float64 accumulation). grad_z: (B,N) -> (N,), grad_z's dtype."""
     if out is None:
         out = np.empty(grad_z.shape[1], grad_z.dtype)
-    _bias_grad_k(grad_z, out)
+    _call(_bias_grad_k, grad_z, out)
     return out
 
 
@@ -444,7 +474,7 @@ def gather_rows(src: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None)
         out = np.empty((nb,) + src.shape[1:], dtype=src.dtype)
     if not (src.flags.c_contiguous and out.flags.c_contiguous):
         raise ValueError("gather_rows: src and out must be C-contiguous")
-    _gather_k(src.reshape(src.shape[0], -1), idx, out.reshape(nb, -1))
+    _call(_gather_k, src.reshape(src.shape[0], -1), idx, out.reshape(nb, -1))
     return out
 
 
@@ -533,8 +563,16 @@ def _row_loss(kernel, scores: _A, labels: _A, grad: _A | None, grad_scale, loss,
     if grad is None:
         grad = np.empty_like(scores)
     _flat(grad, "grad")
-    total = kernel(scores, labels, grad, float(grad_scale), *extra)
-    return _accumulate(loss, total, scores.dtype), grad
+    return _summed(loss, scores.dtype, kernel, scores, labels, grad, float(grad_scale), *extra), grad
+
+
+def _summed(acc, dtype, body, *args):
+    """``body(*args)`` (a jitted kernel returning a sum) added into the 0-d accumulator ``acc``,
+    or into a new 0-d array of ``dtype`` when acc is None. -> acc."""
+    if acc is None:
+        _refuse("a summed kernel without an accumulator array returns its sum to Python")
+        return _accumulate(None, body(*args), dtype)
+    return _call_into(acc, body, *args)
 
 
 def softmax_xent(logits: _A, labels: _A, grad: _A | None = None, grad_scale=1.0, loss=None) -> tuple:
@@ -644,7 +682,7 @@ def _correct_k(scores, labels):
 def correct_count(scores: np.ndarray, labels: np.ndarray, count: np.ndarray | None = None) -> np.ndarray:
     """Rows whose argmax (first max wins) equals the label, added into ``count`` if given.
     (B,K),(B,) -> 0-d int64."""
-    return _accumulate(count, _correct_k(scores, labels), np.int64)
+    return _summed(count, np.int64, _correct_k, scores, labels)
 
 
 # ================================================================== optimizers
@@ -682,7 +720,7 @@ def sgd_matmul_step(
     NumPy's bundled OpenBLAS, or with operands BLAS cannot take as they are: matmul into
     ``work``, then sgd_step. a: (M,K) ((K,M) with trans_a), b: (K,N) ((N,K) with trans_b), w: (M,N)."""
     if _blas_ready(w, a, b, trans_a, trans_b):
-        _GEMM[w.dtype](w, a, b, -float(lr), 1.0 - float(lr) * float(l2), bool(trans_a), bool(trans_b))
+        _call(_gemm, w, a, b, -float(lr), 1.0 - float(lr) * float(l2), bool(trans_a), bool(trans_b))
     else:
         sgd_step(w, matmul(a, b, out=work, trans_a=trans_a, trans_b=trans_b), lr, l2)
 
@@ -764,16 +802,28 @@ def _adam_range(w, g, m, v, lr_c, b1, b2, omb1, omb2, eps, inv_bc2, keep, l2, l1
         w[i] = wi * keep - lr_c * m[i] / (math.sqrt(v[i] * inv_bc2) + eps)
 
 
-_adam_serial, _adam_par = _split(_adam_range)
+@njit(cache=True, error_model="numpy")
+def _adam_at_range(w, g, m, v, t, lr, beta1, beta2, eps, keep, l2, l1, lo, hi):
+    """Adam on [lo, hi) at the step in t (a 1-element int64 array), read here rather than in Python
+    so that a step graph replays it (numba_graph). The bias corrections are formed in float64 as
+    Python forms them (a float power is libm's pow in both), then every scalar is rounded to w's dtype."""
+    s, real = float(t[0]), w.dtype.type
+    lr_c, inv_bc2 = lr / (1.0 - beta1**s), 1.0 / (1.0 - beta2**s)
+    b1, b2, omb1, omb2 = real(beta1), real(beta2), real(1.0 - beta1), real(1.0 - beta2)
+    _adam_range(w, g, m, v, real(lr_c), b1, b2, omb1, omb2, real(eps), real(inv_bc2), real(keep), real(l2),
+                real(l1), lo, hi)  # fmt: skip
+
+
+_adam_serial, _adam_par = _split(_adam_at_range)
 
 
 def _adam_run(w, g, m, v, lr, t, beta1, beta2, eps, keep, l2, l1) -> None:
     """Adam's pass (AdamW's with keep < 1) on flat views of w, g, m, v."""
     w1, g1, m1, v1 = _flat(w, "w"), _flat(g, "g"), _flat(m, "m"), _flat(v, "v")
-    t = _step_value(t)
-    lr_c, inv_bc2 = float(lr) / (1.0 - beta1**t), 1.0 / (1.0 - beta2**t)
-    scalars = (lr_c, beta1, beta2, 1 - beta1, 1 - beta2, eps, inv_bc2, keep, l2, l1)
-    _run(_adam_par, _adam_serial, w1.size, w1, g1, m1, v1, *map(w1.dtype.type, scalars))
+    if not (isinstance(t, np.ndarray) and t.shape == (1,) and t.dtype == np.int64):
+        t = np.array([_step_value(t)], np.int64)
+    scalars = (float(lr), float(beta1), float(beta2), float(eps), float(keep), float(l2), float(l1))
+    _run(_adam_par, _adam_serial, w1.size, w1, g1, m1, v1, t, *scalars)
 
 
 def adam_step(
@@ -1338,9 +1388,9 @@ def _warmup(dtype=np.float32) -> float:
     _adagrad_par(w1, g1, s1, 0.1, 1e-8, 0.0, 0.0, *nt)
     _rmsprop_serial(w1, g1, s1, 0.1, 0.9, 1e-8, 0.0, 0.0)
     _rmsprop_par(w1, g1, s1, 0.1, 0.9, 1e-8, 0.0, 0.0, *nt)
-    adam_scalars = tuple(map(dt.type, (1.0, 0.9, 0.999, 0.1, 0.001, 1e-8, 1000.0, 1.0, 0.0, 0.0)))
-    _adam_serial(w1, g1, s1, s2, *adam_scalars)
-    _adam_par(w1, g1, s1, s2, *adam_scalars, *nt)
+    t = np.ones(1, np.int64)
+    _adam_serial(w1, g1, s1, s2, t, 1e-3, 0.9, 0.999, 1e-8, 1.0, 0.0, 0.0)
+    _adam_par(w1, g1, s1, s2, t, 1e-3, 0.9, 0.999, 1e-8, 1.0, 0.0, 0.0, *nt)
     _lion_serial(w1, g1, s1, *_lion_scalars(dt, 0.1, 0.9, 0.99, 0.0, 0.0, 0.0))
     _lion_par(w1, g1, s1, *_lion_scalars(dt, 0.1, 0.9, 0.99, 0.0, 0.0, 0.0), *nt)
     hash_uniform(1, 4)
@@ -1355,3 +1405,11 @@ def _warmup(dtype=np.float32) -> float:
     batchnorm_inference(z, b + 1, b, mean, var)
     batchnorm_backward(z, xh, b + 1, var)
     return time.perf_counter() - t0
+
+
+# The public kernels a step graph cannot replay refuse to run inside a capture (numba_graph).
+for _name, _fn in list(globals().items()):
+    if inspect.isfunction(_fn) and _fn.__module__ == __name__ and not _name.startswith("_"):
+        if _name not in _CAPTURABLE:
+            globals()[_name] = _refusing(_fn)
+del _name, _fn

@@ -1,0 +1,132 @@
+"""Step graphs on the CPU: a training step's Numba kernel calls, recorded once and replayed as one
+compiled function. The twin of the CUDA-graph step (``gpumlp.step.TrainStep``).
+
+Why: a step of a small MLP makes about fifteen kernel calls of a few microseconds each, and the
+Python around them (the wrappers' checks, Numba's dispatch of each call, the layers' code) costs
+about a tenth of the step (bench/results/fused_step.md). Replayed as one jitted function that
+calls the same jitted kernel bodies with the same arguments, the step does the same arithmetic in
+the same order, so its results are the per-kernel step's bit for bit.
+
+How: while :func:`capture` runs ``step()``, the wrappers in ``CAPTURABLE`` call their jitted
+bodies through :func:`call` / :func:`call_into`, which record ``(body, arguments)`` instead of
+running them (a capture runs nothing, as a CUDA graph capture launches nothing), and every other
+public numba kernel is :func:`refusing`. The tape becomes the source of one function
+that calls the bodies in order on a tuple of the recorded arguments. Its source names only the
+bodies, so it is the same for every step of the same structure; it compiles once and is cached
+on disk like the kernels (a new name per structure: a hash of the source).
+
+What cannot be replayed raises :class:`~gpumlp.kernels.common.StepNotCapturable` during the
+capture, and the step runs kernel by kernel instead: a kernel not in ``CAPTURABLE`` (its Python
+reads array contents, e.g. dropout's counter), or a branch of a capturable
+one that runs outside Numba (NumPy's tanh or exp on big arrays, ``np.matmul`` on operands BLAS
+cannot take). A kernel's Python may depend only on shapes, dtypes, flags and its scalar
+arguments: all are fixed for a graph, whose step re-records when the learning rate changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+from collections.abc import Callable
+
+import numba.core.registry
+
+from ._jit import njit
+from .common import StepNotCapturable
+
+# The numba_cpu wrappers that record every jitted call they make and read no array contents.
+CAPTURABLE = frozenset({
+    "gather_rows", "matmul", "bias_act", "act_grad", "bias_grad", "softmax_xent", "sigmoid_bce",
+    "mse", "correct_count", "sgd_step", "sgd_matmul_step", "momentum_step", "adagrad_step",
+    "rmsprop_step", "adam_step", "adamw_step", "lion_step",
+})  # fmt: skip
+
+_RECORDING = threading.local()  # .tape: the list being recorded on this thread, else absent/None
+_COMPILED: dict[str, Callable] = {}  # graph source -> its jitted function, for this process
+
+
+def _tape() -> list | None:
+    return getattr(_RECORDING, "tape", None)
+
+
+def call(body, *args):
+    """``body(*args)`` for a jitted kernel body; while a step is being captured, recorded instead."""
+    tape = _tape()
+    if tape is None:
+        return body(*args)
+    tape.append((body, args, None))
+    return None
+
+
+def call_into(acc, body, *args):
+    """``acc += body(*args)`` into a 0-d accumulator, the sum cast to acc's dtype first (as NumPy
+    adds a Python scalar); while capturing, recorded instead. -> acc."""
+    tape = _tape()
+    if tape is None:
+        acc += body(*args)
+    else:
+        tape.append((body, args, acc.reshape(1)))
+    return acc
+
+
+def refuse(why: str) -> None:
+    """Raise StepNotCapturable(why) while a step is being captured (a branch that cannot be replayed)."""
+    if _tape() is not None:
+        raise StepNotCapturable(why)
+
+
+def refusing(kernel: Callable) -> Callable:
+    """``kernel`` (a wrapper not in CAPTURABLE) made to raise StepNotCapturable while a step is
+    being captured, so that a capture never runs it; outside a capture it just runs."""
+
+    @functools.wraps(kernel)
+    def guarded(*args, **kwargs):
+        refuse(f"numba kernel {kernel.__name__!r} cannot be replayed in a step graph")
+        return kernel(*args, **kwargs)
+
+    return guarded
+
+
+def capture(step: Callable[[], None]) -> Callable[[], None]:
+    """Record the numba kernel calls of ``step()`` (on this thread) without running them and
+    return ``replay()``, which runs them as one compiled function. Raises StepNotCapturable
+    (having run no kernel) when the step calls a kernel that cannot be replayed."""
+    tape = []
+    _RECORDING.tape = tape
+    try:
+        step()
+    finally:
+        _RECORDING.tape = None
+    fn, args = _compile(tape)
+    return lambda: fn(args)
+
+
+def _compile(tape: list) -> tuple[Callable, tuple]:
+    """The tape as (one jitted function of a tuple, that tuple of the recorded arguments)."""
+    from . import numba_cpu as module  # the kernel bodies' module (it imports this one)
+
+    names = {id(v): k for k, v in vars(module).items() if isinstance(v, numba.core.registry.CPUDispatcher)}
+    flat, lines = [], []
+    for body, args, acc in tape:
+        if id(body) not in names:
+            raise StepNotCapturable(f"a kernel body of {module.__name__} is not one of its jitted functions")
+        refs = []
+        for a in args:
+            refs.append(f"P[{len(flat)}]")
+            flat.append(a)
+        call_src = f"{names[id(body)]}({', '.join(refs)})"
+        if acc is None:
+            lines.append(f"    {call_src}")
+        else:
+            lines.append(f"    P[{len(flat)}][0] += P[{len(flat)}].dtype.type({call_src})")
+            flat.append(acc)
+    body_src = "\n".join(lines) or "    pass"
+    name = "_step_graph_" + hashlib.sha1(body_src.encode()).hexdigest()[:16]
+    fn = _COMPILED.get(name)
+    if fn is None:
+        namespace = dict(vars(module))
+        # cached on disk under this file's name; numba keys the cache by the function's (unique) name
+        exec(compile(f"def {name}(P):\n{body_src}\n", __file__, "exec"), namespace)
+        fn = _COMPILED[name] = njit(cache=True, error_model="numpy")(namespace[name])
+    return fn, tuple(flat)
