@@ -195,14 +195,13 @@ def matmul(
 ) -> np.ndarray:
     """``op(a) @ op(b)`` on NumPy's OpenBLAS, transposes as flags (np.matmul, transposes as views,
     where BLAS cannot take the operands as they are). (M,K)@(K,N) -> (M,N)."""
-    a_op, b_op = a.T if trans_a else a, b.T if trans_b else b
     if out is None and a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype:
-        out = np.empty((a_op.shape[0], b_op.shape[1]), dtype=a.dtype)
+        out = np.empty((a.shape[trans_a], b.shape[not trans_b]), dtype=a.dtype)
     if out is not None and _blas_ready(out, a, b, trans_a, trans_b):
         _call(_gemm, out, a, b, 1.0, 0.0, bool(trans_a), bool(trans_b))
         return out
     _refuse("matmul: operands BLAS cannot take as they are go through np.matmul")
-    return np.matmul(a_op, b_op, out=out)
+    return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
 
 
 def _load_openblas():
@@ -258,20 +257,23 @@ def _gemm(c, a, b, alpha, beta, ta, tb):
 
 
 SGD_IN_GEMM = _BLAS_THREADS is not None  # sgd_matmul_step is one cblas GEMM (else: product, then step)
+_GEMM_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float64)})
 
 
 def _blas_ready(w, a, b, trans_a: bool, trans_b: bool) -> bool:
     """Whether the direct GEMM can take these operands as they are: one float dtype, rows
     with unit stride, w C-contiguous, shapes that agree and are not empty (else the generic
-    path handles them or raises)."""
-    if not SGD_IN_GEMM or w.dtype not in (np.float32, np.float64):
-        return False
-    if a.dtype != w.dtype or b.dtype != w.dtype or a.ndim != 2 or b.ndim != 2:
+    path handles them or raises). Called on every matmul: plain checks, no generators."""
+    dt = w.dtype
+    if not (SGD_IN_GEMM and dt in _GEMM_DTYPES and a.dtype == dt and b.dtype == dt and a.ndim == b.ndim == 2):
         return False
     m, k = a.shape[::-1] if trans_a else a.shape
     k2, n = b.shape[::-1] if trans_b else b.shape
-    unit = all(x.strides[1] == x.itemsize and x.strides[0] >= max(1, x.shape[1]) * x.itemsize for x in (a, b))
-    return unit and k == k2 and min(m, n, k) > 0 and w.shape == (m, n) and w.flags.c_contiguous
+    (ra, ca), (rb, cb), size = a.strides, b.strides, dt.itemsize
+    return (
+        k == k2 and m > 0 and n > 0 and k > 0 and w.shape == (m, n) and w.flags.c_contiguous
+        and ca == size and cb == size and ra >= a.shape[1] * size and rb >= b.shape[1] * size
+    )  # fmt: skip
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
