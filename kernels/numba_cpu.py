@@ -822,10 +822,16 @@ _adam_serial, _adam_par = _split(_adam_at_range)
 def _adam_run(w, g, m, v, lr, t, beta1, beta2, eps, keep, l2, l1) -> None:
     """Adam's pass (AdamW's with keep < 1) on flat views of w, g, m, v."""
     w1, g1, m1, v1 = _flat(w, "w"), _flat(g, "g"), _flat(m, "m"), _flat(v, "v")
-    if not (isinstance(t, np.ndarray) and t.shape == (1,) and t.dtype == np.int64):
-        t = np.array([_step_value(t)], np.int64)
     scalars = (float(lr), float(beta1), float(beta2), float(eps), float(keep), float(l2), float(l1))
-    _run(_adam_par, _adam_serial, w1.size, w1, g1, m1, v1, t, *scalars)
+    _run(_adam_par, _adam_serial, w1.size, w1, g1, m1, v1, _step_array(t), *scalars)
+
+
+def _step_array(t) -> np.ndarray:
+    """A step (int or 1-element integer array) as the 1-element int64 array the jitted kernels read:
+    the training loop's own array as it is, so that a step graph replays each step's value."""
+    if isinstance(t, np.ndarray) and t.shape == (1,) and t.dtype == np.int64:
+        return t
+    return np.array([_step_value(t)], np.int64)
 
 
 def adam_step(
@@ -945,13 +951,18 @@ _SCRATCH = threading.local()  # per-thread Philox words, reused: no allocation p
 def _stream(seed: int, step, n: int) -> tuple:
     """The first n words of the stream (seed, step) as 4 arrays (block-major, see _word),
     views into a per-thread buffer that the next call overwrites."""
+    words = _scratch_words(n)
+    _philox_fill_k(_key(seed, step), *words)
+    return words
+
+
+def _scratch_words(n: int) -> tuple:
+    """Room for n words of a stream: 4 views of ceil(n/4) words in the per-thread buffer."""
     blocks = -(-n // 4)
     buf = getattr(_SCRATCH, "words", None)
     if buf is None or buf.shape[1] < blocks:
         buf = _SCRATCH.words = np.empty((4, max(blocks, 1024)), np.uint64)
-    words = tuple(buf[j, :blocks] for j in range(4))
-    _philox_fill_k(_key(seed, step), *words)
-    return words
+    return tuple(buf[j, :blocks] for j in range(4))
 
 
 def _key(seed: int, step) -> tuple:
@@ -1166,9 +1177,19 @@ def dropout_forward(
     if mask is None:
         mask = np.empty_like(x)
     scale = x.dtype.type(1.0 / (1.0 - p))  # the mask value, rounded once as the reference does
-    words = _stream(seed, step, x.size)
-    _dropout_k(_flat(x, "x"), float(p), scale, _flat(out, "out"), _flat(mask, "mask"), *words)
+    seed_lo, seed_hi = _key(seed, 0)[:2]
+    flats = (_flat(x, "x"), float(p), scale, _flat(out, "out"), _flat(mask, "mask"))
+    _call(_dropout_at_k, *flats, seed_lo, seed_hi, _step_array(step), *_scratch_words(x.size))
     return out, mask
+
+
+@njit(cache=True, error_model="numpy")
+def _dropout_at_k(x, p, scale, out, mask, seed_lo, seed_hi, step, w0, w1, w2, w3):
+    """_dropout_k on the words of the stream (seed, step[0]), formed here: the step is read in
+    jitted code (a 1-element int64 array), so that a step graph replays it (numba_graph)."""
+    s = np.uint64(step[0])
+    _philox_fill_k((seed_lo, seed_hi, s & _MASK32, s >> _S32), w0, w1, w2, w3)
+    _dropout_k(x, p, scale, out, mask, w0, w1, w2, w3)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1181,7 +1202,7 @@ def dropout_backward(grad_out: np.ndarray, mask: np.ndarray, out: np.ndarray | N
     """grad_out * mask. (B,N),(B,N) -> (B,N)."""
     if out is None:
         out = np.empty_like(grad_out)
-    _mul_k(_flat(grad_out, "grad_out"), _flat(mask, "mask"), _flat(out, "out"))
+    _call(_mul_k, _flat(grad_out, "grad_out"), _flat(mask, "mask"), _flat(out, "out"))
     return out
 
 
@@ -1240,7 +1261,7 @@ def batchnorm_forward(
         var = np.empty(x.shape[1], x.dtype)
     update = _updates_running_stats(running_mean, running_var)
     rm, rv = (running_mean, running_var) if update else (mean, var)  # untouched when not updating
-    _bn_forward_k(x, gamma, beta, float(eps), out, xhat, mean, var, rm, rv, float(momentum), update)
+    _call(_bn_forward_k, x, gamma, beta, float(eps), out, xhat, mean, var, rm, rv, float(momentum), update)
     return out, xhat, mean, var
 
 
@@ -1264,7 +1285,7 @@ def batchnorm_inference(
     """Inference batch norm with running stats, one pass. x: (B,N), others (N,) -> (B,N)."""
     if out is None:
         out = np.empty_like(x)
-    _bn_inference_k(x, gamma, beta, mean, var, float(eps), out)
+    _call(_bn_inference_k, x, gamma, beta, mean, var, float(eps), out)
     return out
 
 
@@ -1303,7 +1324,7 @@ def batchnorm_backward(
         dgamma = np.empty(grad_out.shape[1], grad_out.dtype)
     if dbeta is None:
         dbeta = np.empty(grad_out.shape[1], grad_out.dtype)
-    _bn_backward_k(grad_out, xhat, gamma, var, float(eps), dx, dgamma, dbeta)
+    _call(_bn_backward_k, grad_out, xhat, gamma, var, float(eps), dx, dgamma, dbeta)
     return dx, dgamma, dbeta
 
 
@@ -1319,7 +1340,10 @@ def _sum_squares_k(x):
 def sum_squares(x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
     """Sum of x**2 (float64 accumulation) as a 0-d array of x's dtype; written into
     ``out`` (0-d), or added to it with ``accumulate=True``."""
-    return _store_sum(out, _sum_squares_k(_flat(x, "x")), accumulate, x.dtype)
+    if out is None:
+        _refuse("sum_squares without an output array returns its sum to Python")
+        return _store_sum(None, _sum_squares_k(_flat(x, "x")), False, x.dtype)
+    return _call_into(out, _sum_squares_k, _flat(x, "x"), add=accumulate)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1328,10 +1352,17 @@ def _scale_k(g, factor):
         g[i] *= factor
 
 
+@njit(cache=True, error_model="numpy")
+def _clip_scale_k(g, sumsq, max_norm):
+    """Scale flat g by min(1, max_norm / (sqrt(sumsq) + 1e-12)), rounded to g's dtype as the
+    reference; the norm is read here (sumsq: 1 element), so that a step graph replays it."""
+    f = max_norm / (math.sqrt(np.float64(sumsq[0])) + 1e-12)
+    _scale_k(g, g.dtype.type(f if f < 1.0 else 1.0))  # min(1.0, f) as Python's min, NaN included
+
+
 def clip_scale(g: np.ndarray, sumsq: np.ndarray, max_norm: float) -> None:
     """Scale g in place by min(1, max_norm / (sqrt(sumsq) + 1e-12)); sumsq is 0-d."""
-    factor = min(1.0, max_norm / (math.sqrt(float(sumsq)) + 1e-12))
-    _scale_k(_flat(g, "g"), g.dtype.type(factor))  # the factor rounded to g's dtype, as the reference
+    _call(_clip_scale_k, _flat(g, "g"), np.asarray(sumsq).reshape(1), float(max_norm))
 
 
 @njit(cache=True, error_model="numpy")
@@ -1343,7 +1374,7 @@ def _clip_value_k(g, v):
 
 def clip_value(g: np.ndarray, value: float) -> None:
     """Clip g in place to [-value, value] elementwise (value rounded to g's dtype); NaN stays."""
-    _clip_value_k(_flat(g, "g"), g.dtype.type(value))
+    _call(_clip_value_k, _flat(g, "g"), g.dtype.type(value))
 
 
 # ===================================================================== helpers

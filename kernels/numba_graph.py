@@ -16,11 +16,12 @@ bodies, so it is the same for every step of the same structure; it compiles once
 on disk like the kernels (a new name per structure: a hash of the source).
 
 What cannot be replayed raises :class:`~gpumlp.kernels.common.StepNotCapturable` during the
-capture, and the step runs kernel by kernel instead: a kernel not in ``CAPTURABLE`` (its Python
-reads array contents, e.g. dropout's counter), or a branch of a capturable
-one that runs outside Numba (NumPy's tanh or exp on big arrays, ``np.matmul`` on operands BLAS
-cannot take). A kernel's Python may depend only on shapes, dtypes, flags and its scalar
-arguments: all are fixed for a graph, whose step re-records when the learning rate changes.
+capture, and the step runs kernel by kernel instead: a kernel not in ``CAPTURABLE`` (one whose
+Python would read array contents; dropout, Adam and clipping read their step or norm in jitted
+code instead), or a branch of a capturable one that runs outside Numba (NumPy's tanh or exp on
+big arrays, ``np.matmul`` on operands BLAS cannot take). A kernel's Python may depend only on
+shapes, dtypes, flags and its scalar arguments: all are fixed for a graph, whose step re-records
+when the learning rate changes.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ from .common import StepNotCapturable
 CAPTURABLE = frozenset({
     "gather_rows", "matmul", "bias_act", "act_grad", "bias_grad", "softmax_xent", "sigmoid_bce",
     "mse", "correct_count", "sgd_step", "sgd_matmul_step", "momentum_step", "adagrad_step",
-    "rmsprop_step", "adam_step", "adamw_step", "lion_step",
+    "rmsprop_step", "adam_step", "adamw_step", "lion_step", "dropout_forward", "dropout_backward",
+    "batchnorm_forward", "batchnorm_backward", "batchnorm_inference", "sum_squares", "clip_scale",
+    "clip_value",
 })  # fmt: skip
 
 _RECORDING = threading.local()  # .tape: the list being recorded on this thread, else absent/None
@@ -60,14 +63,19 @@ def call(body, *args):
     return None
 
 
-def call_into(acc, body, *args):
+def call_into(acc, body, *args, add: bool = True):
     """``acc += body(*args)`` into a 0-d accumulator, the sum cast to acc's dtype first (as NumPy
-    adds a Python scalar); while capturing, recorded instead. -> acc."""
+    adds a Python scalar), or ``acc[...] = body(*args)`` with add=False; while capturing,
+    recorded instead. -> acc."""
     tape = _tape()
     if tape is None:
-        acc += body(*args)
+        value = body(*args)
+        if add:
+            acc += value
+        else:
+            acc[...] = value
     else:
-        tape.append((body, args, acc.reshape(1)))
+        tape.append((body, args, (acc.reshape(1), add)))
     return acc
 
 
@@ -127,8 +135,8 @@ def _compile(tape: list) -> tuple[Callable, tuple]:
         if acc is None:
             lines.append(f"    {call_src}")
         else:
-            into = ref(acc)
-            lines.append(f"    {into}[0] += {into}.dtype.type({call_src})")
+            into, op = ref(acc[0]), "+=" if acc[1] else "="
+            lines.append(f"    {into}[0] {op} {into}.dtype.type({call_src})")
     body_src = "\n".join(lines) or "    pass"
     name = "_step_graph_" + hashlib.sha1(body_src.encode()).hexdigest()[:16]
     fn = _COMPILED.get(name)

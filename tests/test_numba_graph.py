@@ -67,6 +67,13 @@ CASES = {
         dict(act="relu")),
     "unshuffled": (
         "64-32-10", dict(batch_size=100, optimizer="sgd", lr=0.05, shuffle=False), dict(act="relu")),
+    "dropout (its step read inside the kernel), Adam": (
+        "64-32-16-10", dict(batch_size=100, optimizer="adam", lr=1e-3), dict(act="relu", dropout=0.2)),
+    "batch norm, momentum": (
+        "64-32-10", dict(batch_size=100, optimizer="momentum", lr=0.02), dict(act="relu", batchnorm=True)),
+    "clipping by norm and by value, gradient norms logged": (
+        "64-32-10", dict(batch_size=100, optimizer="sgd", lr=0.5, clip_norm=0.5, clip_value=0.05,
+                         log_grad_norms=True), dict(act="sigmoid")),
 }  # fmt: skip
 
 
@@ -87,12 +94,10 @@ def test_step_graphs_train_bit_for_bit_like_the_per_kernel_step(compiled, case, 
 @pytest.mark.parametrize(
     "model_kw, fit_kw",
     [
-        (dict(act="relu", dropout=0.2), {}),  # dropout's counter is read in Python
         (dict(act="tanh"), {}),  # tanh on 32 x 100 elements is NumPy's
-        (dict(act="relu"), dict(clip_norm=1.0)),
-        (dict(act="relu", batchnorm=True), {}),
+        (dict(act="relu"), dict(augment_shift=1)),  # the shifts' Philox words are formed in Python
     ],
-    ids=["dropout", "tanh", "clipping", "batch norm"],
+    ids=["tanh", "augmentation"],
 )
 def test_a_step_graphs_cannot_replay_runs_kernel_by_kernel(compiled, model_kw, fit_kw):
     fit_kw = dict(batch_size=100, optimizer="sgd", lr=0.05, **fit_kw)
@@ -140,6 +145,24 @@ def _kernel_calls(rng, dtype):
         opt("adam_step", "m", "v", t=step),
         opt("adamw_step", "m", "v", t=step, weight_decay=0.1),
         opt("lion_step", "m"),
+        ("dropout_forward", lambda: (f(20, 12), np.empty((20, 12), dtype), np.empty((20, 12), dtype)),
+         lambda k, a: k.dropout_forward(a[0], 0.3, 7, out=a[1], mask=a[2], step=np.array([5]))),
+        ("dropout_backward", lambda: (f(20, 12), f(20, 12), np.empty((20, 12), dtype)),
+         lambda k, a: k.dropout_backward(a[0], a[1], out=a[2])),
+        ("batchnorm_forward", lambda: (f(20, 12), f(12), f(12), *[np.empty((20, 12), dtype) for _ in "ox"],
+                                       *[np.empty(12, dtype) for _ in "mv"], f(12), np.abs(f(12))),
+         lambda k, a: k.batchnorm_forward(*a[:3], 1e-5, *a[3:7], running_mean=a[7], running_var=a[8])),
+        ("batchnorm_backward", lambda: (f(20, 12), f(20, 12), f(12), np.abs(f(12)), np.empty((20, 12), dtype),
+                                        np.empty(12, dtype), np.empty(12, dtype)),
+         lambda k, a: k.batchnorm_backward(*a[:4], 1e-5, *a[4:])),
+        ("batchnorm_inference",
+         lambda: (f(20, 12), f(12), f(12), f(12), np.abs(f(12)), np.empty((20, 12), dtype)),
+         lambda k, a: k.batchnorm_inference(*a[:5], 1e-5, out=a[5])),
+        ("sum_squares", lambda: (f(20, 12), np.ones((), dtype)),
+         lambda k, a: k.sum_squares(a[0], out=a[1], accumulate=True)),
+        ("clip_scale", lambda: (f(20, 12), np.full((), 300.0, dtype)),
+         lambda k, a: k.clip_scale(a[0], a[1], 2.0)),
+        ("clip_value", lambda: (f(20, 12),), lambda k, a: k.clip_value(a[0], 0.5)),
     ]  # fmt: skip
 
 
@@ -163,12 +186,12 @@ def test_every_capturable_kernel_is_recorded_without_running_and_replays_what_it
 @pytest.mark.parametrize(
     "call",
     [
-        lambda k, x: k.dropout_forward(x, 0.5, 1),  # not CAPTURABLE
+        lambda k, x: k.gather_shifted(x, np.arange(4), 1, 0),  # not CAPTURABLE
         lambda k, x: k.bias_act(x, x[0], "tanh", out=x),  # NumPy's tanh from 256 elements
         lambda k, x: k.matmul(x[:, ::2], x[:32, :5]),  # strided columns: np.matmul
         lambda k, x: k.softmax_xent(x, np.zeros(64, np.int32)),  # no accumulator
     ],
-    ids=["dropout", "tanh", "strided matmul", "loss without accumulator"],
+    ids=["augmentation", "tanh", "strided matmul", "loss without accumulator"],
 )
 def test_a_capture_refuses_what_it_cannot_replay_having_run_nothing(call):
     x = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
