@@ -950,25 +950,28 @@ _SCRATCH = threading.local()  # per-thread Philox words, reused: no allocation p
 
 def _stream(seed: int, step, n: int) -> tuple:
     """The first n words of the stream (seed, step) as 4 arrays (block-major, see _word),
-    views into a per-thread buffer that the next call overwrites."""
-    words = _scratch_words(n)
-    _philox_fill_k(_key(seed, step), *words)
-    return words
-
-
-def _scratch_words(n: int) -> tuple:
-    """Room for n words of a stream: 4 views of ceil(n/4) words in the per-thread buffer."""
+    views into a per-thread buffer that the next call overwrites. A jitted call fills them and
+    reads the step itself (the training step's 1-element array), so a step graph replays it."""
     blocks = -(-n // 4)
     buf = getattr(_SCRATCH, "words", None)
     if buf is None or buf.shape[1] < blocks:
         buf = _SCRATCH.words = np.empty((4, max(blocks, 1024)), np.uint64)
-    return tuple(buf[j, :blocks] for j in range(4))
+    words = tuple(buf[j, :blocks] for j in range(4))
+    _call(_philox_at_k, *_seed_words(seed), _step_array(step), *words)
+    return words
 
 
-def _key(seed: int, step) -> tuple:
-    """The stream of (seed, step) as 4 uint64 words: seed mod 2^64 and step, low and high halves."""
-    seed, step = int(seed) & (2**64 - 1), _step_value(step)
-    return tuple(np.uint64(v) for v in (seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF, step >> 32))
+@njit(cache=True, error_model="numpy")
+def _philox_at_k(seed_lo, seed_hi, step, w0, w1, w2, w3):
+    """_philox_fill_k for the stream (seed, step[0]): the key is (seed lo, seed hi, step lo, step hi)."""
+    s = np.uint64(step[0])
+    _philox_fill_k((seed_lo, seed_hi, s & _MASK32, s >> _S32), w0, w1, w2, w3)
+
+
+def _seed_words(seed: int) -> tuple:
+    """A stream's seed as its key's two uint64 words: seed mod 2^64, low and high halves."""
+    seed = int(seed) & (2**64 - 1)
+    return np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
 
 
 def hash_uniform(seed: int, n: int, step=0) -> np.ndarray:
@@ -1033,7 +1036,7 @@ def gather_shifted(
         out = np.empty((idx.shape[0], src.shape[1]), dtype=src.dtype)
     if not (src.flags.c_contiguous and out.flags.c_contiguous):
         raise ValueError("gather_shifted: src and out must be C-contiguous")
-    _gather_shifted_k(src, idx, out, side, max_shift, *_stream(seed, step, idx.shape[0]))
+    _call(_gather_shifted_k, src, idx, out, side, max_shift, *_stream(seed, step, idx.shape[0]))
     return out
 
 
@@ -1084,9 +1087,9 @@ def elastic_field(
     if out.shape != shape or work.shape != shape or not (out.flags.c_contiguous and work.flags.c_contiguous):
         raise ValueError(f"elastic_field: out and work must be C-contiguous arrays of shape {shape}")
     rows = (n * 2 * side, side)
-    _signed_noise_k(*_stream(seed, step, n * 2 * side * side), out.reshape(-1))
-    _blur_k(taps, 1.0, out.reshape(rows), work.reshape(rows), False)
-    _blur_k(taps, float(alpha), work.reshape(rows), out.reshape(rows), True)
+    _call(_signed_noise_k, *_stream(seed, step, n * 2 * side * side), out.reshape(-1))
+    _call(_blur_k, taps, 1.0, out.reshape(rows), work.reshape(rows), False)
+    _call(_blur_k, taps, float(alpha), work.reshape(rows), out.reshape(rows), True)
     return out
 
 
@@ -1140,7 +1143,7 @@ def gather_warped(
     elif field.shape != (b, 2, side, side):
         raise ValueError(f"gather_warped: field must have shape {(b, 2, side, side)}, got {field.shape}")
     limits = np.array([math.radians(max_rotate), max_scale, max_shift], np.float64)
-    _gather_warped_k(src, idx, out, side, limits, field, *_stream(seed, step, 4 * b))
+    _call(_gather_warped_k, src, idx, out, side, limits, field, *_stream(seed, step, 4 * b))
     return out
 
 
@@ -1177,19 +1180,9 @@ def dropout_forward(
     if mask is None:
         mask = np.empty_like(x)
     scale = x.dtype.type(1.0 / (1.0 - p))  # the mask value, rounded once as the reference does
-    seed_lo, seed_hi = _key(seed, 0)[:2]
-    flats = (_flat(x, "x"), float(p), scale, _flat(out, "out"), _flat(mask, "mask"))
-    _call(_dropout_at_k, *flats, seed_lo, seed_hi, _step_array(step), *_scratch_words(x.size))
+    words = _stream(seed, step, x.size)
+    _call(_dropout_k, _flat(x, "x"), float(p), scale, _flat(out, "out"), _flat(mask, "mask"), *words)
     return out, mask
-
-
-@njit(cache=True, error_model="numpy")
-def _dropout_at_k(x, p, scale, out, mask, seed_lo, seed_hi, step, w0, w1, w2, w3):
-    """_dropout_k on the words of the stream (seed, step[0]), formed here: the step is read in
-    jitted code (a 1-element int64 array), so that a step graph replays it (numba_graph)."""
-    s = np.uint64(step[0])
-    _philox_fill_k((seed_lo, seed_hi, s & _MASK32, s >> _S32), w0, w1, w2, w3)
-    _dropout_k(x, p, scale, out, mask, w0, w1, w2, w3)
 
 
 @njit(cache=True, error_model="numpy")

@@ -17,11 +17,11 @@ on disk like the kernels (a new name per structure: a hash of the source).
 
 What cannot be replayed raises :class:`~gpumlp.kernels.common.StepNotCapturable` during the
 capture, and the step runs kernel by kernel instead: a kernel not in ``CAPTURABLE`` (one whose
-Python would read array contents; dropout, Adam and clipping read their step or norm in jitted
-code instead), or a branch of a capturable one that runs outside Numba (NumPy's tanh or exp on
-big arrays, ``np.matmul`` on operands BLAS cannot take). A kernel's Python may depend only on
-shapes, dtypes, flags and its scalar arguments: all are fixed for a graph, whose step re-records
-when the learning rate changes.
+Python would read array contents; the Philox streams of dropout and augmentation, Adam and
+clipping read their step or norm in jitted code instead), or a branch of a capturable one that
+runs outside Numba (NumPy's tanh or exp on big arrays, ``np.matmul`` on operands BLAS cannot
+take). A kernel's Python may depend only on shapes, dtypes, flags and its scalar arguments: all
+are fixed for a graph, whose step re-records when the learning rate changes.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ CAPTURABLE = frozenset({
     "mse", "correct_count", "sgd_step", "sgd_matmul_step", "momentum_step", "adagrad_step",
     "rmsprop_step", "adam_step", "adamw_step", "lion_step", "dropout_forward", "dropout_backward",
     "batchnorm_forward", "batchnorm_backward", "batchnorm_inference", "sum_squares", "clip_scale",
-    "clip_value",
+    "clip_value", "gather_shifted", "gather_warped", "elastic_field",
 })  # fmt: skip
 
 _RECORDING = threading.local()  # .tape: the list being recorded on this thread, else absent/None

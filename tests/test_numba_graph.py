@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("numba")
 
 from gpumlp import backend  # noqa: E402
+from gpumlp.augment import Augment  # noqa: E402
 from gpumlp.kernels import numba_cpu, numba_graph  # noqa: E402
 from gpumlp.kernels.common import StepNotCapturable  # noqa: E402
 from gpumlp.model import MLP  # noqa: E402
@@ -71,6 +72,11 @@ CASES = {
         "64-32-16-10", dict(batch_size=100, optimizer="adam", lr=1e-3), dict(act="relu", dropout=0.2)),
     "batch norm, momentum": (
         "64-32-10", dict(batch_size=100, optimizer="momentum", lr=0.02), dict(act="relu", batchnorm=True)),
+    "augmentation: shifts": (
+        "64-32-10", dict(batch_size=100, optimizer="sgd", lr=0.05, augment_shift=1), dict(act="relu")),
+    "augmentation: rotation, scaling, shifts, elastic fields": (
+        "64-32-10", dict(batch_size=100, optimizer="sgd", lr=0.05, augment=Augment(
+            shift=1.5, rotate=10, scale=0.1, elastic_alpha=3.0, elastic_sigma=1.0)), dict(act="relu")),
     "clipping by norm and by value, gradient norms logged": (
         "64-32-10", dict(batch_size=100, optimizer="sgd", lr=0.5, clip_norm=0.5, clip_value=0.05,
                          log_grad_norms=True), dict(act="sigmoid")),
@@ -91,16 +97,9 @@ def test_step_graphs_train_bit_for_bit_like_the_per_kernel_step(compiled, case, 
         np.testing.assert_array_equal(weights[name], plain[name], err_msg=name)
 
 
-@pytest.mark.parametrize(
-    "model_kw, fit_kw",
-    [
-        (dict(act="tanh"), {}),  # tanh on 32 x 100 elements is NumPy's
-        (dict(act="relu"), dict(augment_shift=1)),  # the shifts' Philox words are formed in Python
-    ],
-    ids=["tanh", "augmentation"],
-)
-def test_a_step_graphs_cannot_replay_runs_kernel_by_kernel(compiled, model_kw, fit_kw):
-    fit_kw = dict(batch_size=100, optimizer="sgd", lr=0.05, **fit_kw)
+def test_a_step_graphs_cannot_replay_runs_kernel_by_kernel(compiled):
+    """tanh on 32 x 100 elements runs NumPy's tanh, which a graph cannot replay."""
+    fit_kw, model_kw = dict(batch_size=100, optimizer="sgd", lr=0.05), dict(act="tanh")
     got = _train(True, "64-32-10", fit_kw, model_kw)
     assert compiled == []
     want = _train(False, "64-32-10", fit_kw, model_kw)
@@ -163,6 +162,13 @@ def _kernel_calls(rng, dtype):
         ("clip_scale", lambda: (f(20, 12), np.full((), 300.0, dtype)),
          lambda k, a: k.clip_scale(a[0], a[1], 2.0)),
         ("clip_value", lambda: (f(20, 12),), lambda k, a: k.clip_value(a[0], 0.5)),
+        ("gather_shifted", lambda: (f(50, 64), rng.integers(0, 50, 20), np.empty((20, 64), dtype)),
+         lambda k, a: k.gather_shifted(a[0], a[1], 2, 3, step=step, out=a[2])),
+        ("elastic_field", lambda: tuple(np.empty((20, 2, 8, 8), dtype) for _ in "ow"),
+         lambda k, a: k.elastic_field(3, 20, 8, 2.0, 1.0, step=step, out=a[0], work=a[1])),
+        ("gather_warped", lambda: (f(50, 64), rng.integers(0, 50, 20), np.empty((20, 64), dtype),
+                                   0.5 * f(20, 2, 8, 8)),
+         lambda k, a: k.gather_warped(a[0], a[1], 10.0, 0.1, 1.5, 3, step=step, field=a[3], out=a[2])),
     ]  # fmt: skip
 
 
@@ -186,12 +192,12 @@ def test_every_capturable_kernel_is_recorded_without_running_and_replays_what_it
 @pytest.mark.parametrize(
     "call",
     [
-        lambda k, x: k.gather_shifted(x, np.arange(4), 1, 0),  # not CAPTURABLE
+        lambda k, x: k.hash_uniform(0, 64, 3),  # not CAPTURABLE
         lambda k, x: k.bias_act(x, x[0], "tanh", out=x),  # NumPy's tanh from 256 elements
         lambda k, x: k.matmul(x[:, ::2], x[:32, :5]),  # strided columns: np.matmul
         lambda k, x: k.softmax_xent(x, np.zeros(64, np.int32)),  # no accumulator
     ],
-    ids=["augmentation", "tanh", "strided matmul", "loss without accumulator"],
+    ids=["hash_uniform", "tanh", "strided matmul", "loss without accumulator"],
 )
 def test_a_capture_refuses_what_it_cannot_replay_having_run_nothing(call):
     x = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
