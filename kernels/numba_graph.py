@@ -3,7 +3,7 @@ compiled function. The twin of the CUDA-graph step (``gpumlp.step.TrainStep``).
 
 Why: a step of a small MLP makes about fifteen kernel calls of a few microseconds each, and the
 Python around them (the wrappers' checks, Numba's dispatch of each call, the layers' code) costs
-about a tenth of the step (bench/results/fused_step.md). Replayed as one jitted function that
+about a seventh of the seed step (bench/results/step_graphs.md). Replayed as one jitted function that
 calls the same jitted kernel bodies with the same arguments, the step does the same arithmetic in
 the same order, so its results are the per-kernel step's bit for bit.
 
