@@ -25,8 +25,7 @@ graphs (cupy / cuda-emu) the first full-size step for each learning rate runs ea
 then captured; every later one copies its indices|labels row and step number into fixed device
 buffers and replays the graph: gather, forward, loss, backward, clipping and update in one launch.
 numba does the same by default with its step graphs (``gpumlp.kernels.numba_graph``: the step's
-kernel calls as one compiled function); a step with a kernel they cannot replay (NumPy's tanh on
-big layers) runs kernel by kernel.
+kernel calls as compiled functions); a step with a kernel they cannot replay runs kernel by kernel.
 """
 
 from __future__ import annotations

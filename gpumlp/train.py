@@ -197,9 +197,8 @@ class FitConfig:
     returned for it, so the file is read once).
     ``cuda_graphs`` (cupy/cuda-emu) replays each full-size step as one CUDA graph
     (any optimizer, dropout, batch norm and clipping included). numba replays its full-size
-    steps as step graphs without being asked (one compiled function per model structure, bit for
-    bit the kernel-by-kernel step; not with tanh layers of 256+ elements, which run NumPy's tanh;
-    ``GPUMLP_STEP_GRAPHS=0`` turns them off).
+    steps as step graphs without being asked (compiled once per model structure, bit for bit the
+    kernel-by-kernel step; ``GPUMLP_STEP_GRAPHS=0`` turns them off).
     ``log_grad_norms`` records each layer's RMS gradient norm per epoch (``grad_norms``
     in the records), accumulated on the device and read once per epoch.
     ``progress`` shows a progress bar, ``verbose`` one line per epoch (both on stderr).

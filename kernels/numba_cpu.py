@@ -82,6 +82,7 @@ from .common import updates_running_stats as _updates_running_stats
 from .images import image_side as _image_side
 from .numba_graph import CAPTURABLE as _CAPTURABLE
 from .numba_graph import call as _call
+from .numba_graph import call_host as _call_host
 from .numba_graph import call_into as _call_into
 from .numba_graph import refuse as _refuse
 from .numba_graph import refusing as _refusing
@@ -200,8 +201,11 @@ def matmul(
     if out is not None and _blas_ready(out, a, b, trans_a, trans_b):
         _call(_gemm, out, a, b, 1.0, 0.0, bool(trans_a), bool(trans_b))
         return out
-    _refuse("matmul: operands BLAS cannot take as they are go through np.matmul")
-    return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+    if out is None:
+        _refuse("matmul: operands BLAS cannot take, and no output array, go through np.matmul")
+        return np.matmul(a.T if trans_a else a, b.T if trans_b else b)
+    _call_host(np.matmul, a.T if trans_a else a, b.T if trans_b else b, out=out)
+    return out
 
 
 def _load_openblas():
@@ -355,13 +359,11 @@ def bias_act(
     pre = pre if keep else out  # not written unless kept
     n = z.size
     if code == 2 and n >= _NUMPY_TANH_MIN:
-        _refuse("bias_act: tanh on this many elements runs NumPy's tanh")
         _run(_bias_act_par, _bias_act_serial, n, z, b, out, pre, keep, 0)
-        np.tanh(out, out=out)
+        _call_host(np.tanh, out, out=out)
     elif code == 1 and z.dtype == np.float64 and n >= _SIMD_EXP_MIN:
-        _refuse("bias_act: float64 sigmoid on this many elements runs NumPy's exp")
         _run(_bias_act_par, _bias_act_serial, n, z, b, out, pre, keep, _NEGATE)
-        np.exp(out, out=out)
+        _call_host(np.exp, out, out=out)
         _run(_bias_act_par, _bias_act_serial, n, out, b, out, pre, False, _SIGMOID_FINISH)
     else:
         _run(_bias_act_par, _bias_act_serial, n, z, b, out, pre, keep, code)

@@ -13,14 +13,16 @@ running them (a capture runs nothing, as a CUDA graph capture launches nothing),
 public numba kernel is :func:`refusing`. The tape becomes the source of one function
 that calls the bodies in order on a tuple of the recorded arguments. Its source names only the
 bodies, so it is the same for every step of the same structure; it compiles once and is cached
-on disk like the kernels (a new name per structure: a hash of the source).
+on disk like the kernels (a new name per structure: a hash of the source). A NumPy call that a
+kernel makes in place (:func:`call_host`: NumPy's SIMD tanh, exp) splits the tape: the replay
+runs one compiled function, the NumPy call, the next compiled function.
 
 What cannot be replayed raises :class:`~gpumlp.kernels.common.StepNotCapturable` during the
 capture, and the step runs kernel by kernel instead: a kernel not in ``CAPTURABLE`` (one whose
 Python would read array contents; the Philox streams of dropout and augmentation, Adam and
-clipping read their step or norm in jitted code instead), or a branch of a capturable one that
-runs outside Numba (NumPy's tanh or exp on big arrays, ``np.matmul`` on operands BLAS cannot
-take). A kernel's Python may depend only on shapes, dtypes, flags and its scalar arguments: all
+clipping read their step or norm in jitted code instead), or a branch of a capturable one whose
+result would return to Python (a sum without an accumulator array, a matmul without an output
+array). A kernel's Python may depend only on shapes, dtypes, flags and its scalar arguments: all
 are fixed for a graph, whose step re-records when the learning rate changes.
 """
 
@@ -97,22 +99,46 @@ def refusing(kernel: Callable) -> Callable:
     return guarded
 
 
+def call_host(fn: Callable, *args, **kwargs) -> None:
+    """``fn(*args, **kwargs)``, a NumPy call between jitted kernels whose effect is on its ``out=``
+    array (NumPy's SIMD tanh and exp); while capturing, recorded instead: the replay makes the
+    same call between its compiled segments."""
+    tape = _tape()
+    if tape is None:
+        fn(*args, **kwargs)
+    else:
+        tape.append((None, (fn, args, kwargs), None))
+
+
 def capture(step: Callable[[], None]) -> Callable[[], None]:
     """Record the numba kernel calls of ``step()`` (on this thread) without running them and
-    return ``replay()``, which runs them as one compiled function. Raises StepNotCapturable
-    (having run no kernel) when the step calls a kernel that cannot be replayed."""
+    return ``replay()``, which runs them as one compiled function (one per run of kernels between
+    NumPy calls, with those calls between them). Raises StepNotCapturable (having run no kernel)
+    when the step calls a kernel that cannot be replayed."""
     tape = []
     _RECORDING.tape = tape
     try:
         step()
     finally:
         _RECORDING.tape = None
-    fn, args = _compile(tape)
-    return lambda: fn(args)
+    ops, segment = [], []
+    for entry in tape + [(None, None, None)]:
+        if entry[0] is not None:
+            segment.append(entry)
+            continue
+        if segment:
+            ops.append(_compile(segment))
+            segment = []
+        if entry[1] is not None:
+            fn, args, kwargs = entry[1]
+            ops.append(functools.partial(fn, *args, **kwargs))
+    if len(ops) == 1:
+        return ops[0]
+    return lambda: [op() for op in ops]
 
 
-def _compile(tape: list) -> tuple[Callable, tuple]:
-    """The tape as (one jitted function of a tuple, that tuple of the recorded arguments)."""
+def _compile(tape: list) -> Callable[[], None]:
+    """Kernel calls of the tape as one jitted function of a tuple of their arguments -> its call."""
     from . import numba_cpu as module  # the kernel bodies' module (it imports this one)
 
     names = {id(v): k for k, v in vars(module).items() if isinstance(v, numba.core.registry.CPUDispatcher)}
@@ -137,7 +163,7 @@ def _compile(tape: list) -> tuple[Callable, tuple]:
         else:
             into, op = ref(acc[0]), "+=" if acc[1] else "="
             lines.append(f"    {into}[0] {op} {into}.dtype.type({call_src})")
-    body_src = "\n".join(lines) or "    pass"
+    body_src = "\n".join(lines)
     name = "_step_graph_" + hashlib.sha1(body_src.encode()).hexdigest()[:16]
     fn = _COMPILED.get(name)
     if fn is None:
@@ -145,7 +171,7 @@ def _compile(tape: list) -> tuple[Callable, tuple]:
         # cached on disk under this file's name; numba keys the cache by the function's (unique) name
         exec(compile(f"def {name}(P):\n{body_src}\n", __file__, "exec"), namespace)
         fn = _COMPILED[name] = njit(cache=True, error_model="numpy")(namespace[name])
-    return fn, tuple(flat)
+    return functools.partial(fn, tuple(flat))
 
 
 def _view_key(a: np.ndarray) -> tuple:
