@@ -77,7 +77,6 @@ from .common import check_permutation_size as _check_permutation_size
 from .common import gaussian_taps as _gaussian_taps
 from .common import put as _put
 from .common import step_value as _step_value
-from .common import store_sum as _store_sum
 from .common import updates_running_stats as _updates_running_stats
 from .images import image_side as _image_side
 from .numba_graph import CAPTURABLE as _CAPTURABLE
@@ -570,13 +569,13 @@ def _row_loss(kernel, scores: _A, labels: _A, grad: _A | None, grad_scale, loss,
     return _summed(loss, scores.dtype, kernel, scores, labels, grad, float(grad_scale), *extra), grad
 
 
-def _summed(acc, dtype, body, *args):
-    """``body(*args)`` (a jitted kernel returning a sum) added into the 0-d accumulator ``acc``,
-    or into a new 0-d array of ``dtype`` when acc is None. -> acc."""
+def _summed(acc, dtype, body, *args, add: bool = True):
+    """``body(*args)`` (a jitted kernel returning a sum) added into the 0-d accumulator ``acc``
+    (written into it with add=False), or a new 0-d array of ``dtype`` when acc is None. -> acc."""
     if acc is None:
         _refuse("a summed kernel without an accumulator array returns its sum to Python")
         return _accumulate(None, body(*args), dtype)
-    return _call_into(acc, body, *args)
+    return _call_into(acc, body, *args, add=add)
 
 
 def softmax_xent(logits: _A, labels: _A, grad: _A | None = None, grad_scale=1.0, loss=None) -> tuple:
@@ -1335,10 +1334,7 @@ def _sum_squares_k(x):
 def sum_squares(x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
     """Sum of x**2 (float64 accumulation) as a 0-d array of x's dtype; written into
     ``out`` (0-d), or added to it with ``accumulate=True``."""
-    if out is None:
-        _refuse("sum_squares without an output array returns its sum to Python")
-        return _store_sum(None, _sum_squares_k(_flat(x, "x")), False, x.dtype)
-    return _call_into(out, _sum_squares_k, _flat(x, "x"), add=accumulate)
+    return _summed(out, x.dtype, _sum_squares_k, _flat(x, "x"), add=accumulate)
 
 
 @njit(cache=True, error_model="numpy")

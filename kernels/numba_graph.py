@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import threading
 from collections.abc import Callable
 
@@ -121,17 +122,12 @@ def capture(step: Callable[[], None]) -> Callable[[], None]:
         step()
     finally:
         _RECORDING.tape = None
-    ops, segment = [], []
-    for entry in tape + [(None, None, None)]:
-        if entry[0] is not None:
-            segment.append(entry)
-            continue
-        if segment:
-            ops.append(_compile(segment))
-            segment = []
-        if entry[1] is not None:
-            fn, args, kwargs = entry[1]
-            ops.append(functools.partial(fn, *args, **kwargs))
+    ops = []
+    for host, run in itertools.groupby(tape, key=lambda entry: entry[0] is None):
+        if host:  # (None, (fn, args, kwargs), None) from call_host
+            ops += [functools.partial(fn, *args, **kwargs) for _, (fn, args, kwargs), _ in run]
+        else:
+            ops.append(_compile(list(run)))
     if len(ops) == 1:
         return ops[0]
     return lambda: [op() for op in ops]
