@@ -8,9 +8,17 @@ and ``Pipeline`` work); ``fit`` returns self; any label values (ints such as
 (the messages its checks expect); without it, gpumlp still imports and the
 estimator works on NumPy arrays with a small stand-in for ``get_params``.
 
-Each ``fit``/``partial_fit`` call starts fresh optimizer state (Adam's moments,
-momentum) and learning-rate schedule; the weights carry over with ``warm_start``
-and ``partial_fit``.
+Optimizer state across calls, as scikit-learn's own MLPClassifier keeps its ``_optimizer``:
+consecutive ``partial_fit`` calls are consecutive epochs of one run. Each continues the optimizer
+state (Adam's moments, momentum, AdaGrad/RMSProp accumulators), the step count (Adam's bias
+correction, dropout's masks), the epoch (the shuffle order and the learning-rate schedule's
+position) and the shuffle seed of the call before, whether that was a ``partial_fit`` or a ``fit``
+(a :class:`gpumlp.train.Carry`, pickled with the estimator as host arrays). ``fit``, with or
+without ``warm_start``, starts fresh optimizer state and schedule (epoch 0, seeded by
+``random_state``'s seed + ``n_iter_``); ``warm_start`` keeps only the weights. A ``partial_fit``
+after ``set_params(optimizer=...)`` names another optimizer starts that one fresh, the same way;
+other hyper-parameters (``lr``, ``batch_size``...) apply to the continued state. ``partial_fit``
+never stops early: ``patience`` (and restoring the best weights) applies to ``fit`` only.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     lr, momentum, l1, l2, weight_decay, clip_norm, schedule, epochs, batch_size, tol, patience,
     shuffle: as :func:`gpumlp.train.fit`; validation_fraction: share of the rows held out
     (stratified at random) to compute ``validation_scores_`` and for
-    ``patience``; backend: ``numpy`` | ``numba`` | ``cupy`` | ``cuda-emu`` | None (auto);
+    ``patience`` (``fit`` only); backend: ``numpy`` | ``numba`` | ``cupy`` | ``cuda-emu`` | None (auto);
     dtype: float32 | float64; random_state: int, None or a RandomState (seeds
     init, dropout and shuffling); warm_start: ``fit`` continues from the current
     weights; verbose: one line per epoch on stderr.
@@ -139,11 +147,13 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         if not keep:
             self.classes_ = classes
             self._start(X.shape[1])
-        return self._train(X, y, self.epochs)
+        self._carry = _new_carry()  # fresh optimizer state and schedule, as scikit-learn's fit
+        return self._train(X, y, self.epochs, self.patience)
 
     def partial_fit(self, X, y, classes=None) -> MLPClassifier:
-        """One epoch over X, y. The first call needs ``classes`` (every label that will ever
-        occur) unless the estimator is already fitted; returns self."""
+        """One epoch over X, y, continuing the optimizer state, step count and schedule of the call
+        before (see the module docstring). The first call needs ``classes`` (every label that will
+        ever occur) unless the estimator is already fitted; returns self."""
         first = not self._fitted()
         X, y = self._validate(X, y, reset=first)
         if first:
@@ -155,7 +165,11 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"classes={classes!r} differs from the classes of the first call {self.classes_}"
             )
-        return self._train(X, y, 1)
+        carried = getattr(self, "_carry", None)  # None: fitted before estimators carried it
+        optimizer = getattr(self.optimizer, "name", self.optimizer)  # a name, or an Optimizer
+        if carried is None or carried.optimizer not in (None, optimizer):
+            self._carry = _new_carry()  # set_params(optimizer=...) since: start that one fresh
+        return self._train(X, y, 1, None)
 
     def _start(self, n_features: int) -> None:
         """A fresh model for ``n_features`` inputs and ``len(classes_)`` outputs."""
@@ -171,9 +185,11 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             batchnorm=self.batchnorm, dtype=self.dtype, backend=self.backend, seed=self._seed,
         )  # fmt: skip
         self.loss_curve_, self.validation_scores_, self.n_iter_ = [], None, 0
+        self._carry = _new_carry()
 
-    def _train(self, X, y, epochs: int) -> MLPClassifier:
-        """Run the training loop for ``epochs`` on validated X and raw labels y."""
+    def _train(self, X, y, epochs: int, patience: int | None) -> MLPClassifier:
+        """Run the training loop for ``epochs`` more on validated X and raw labels y, from and into
+        the carried optimizer state."""
         from gpumlp.train import fit
 
         idx = np.minimum(np.searchsorted(self.classes_, y), len(self.classes_) - 1)
@@ -189,7 +205,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             momentum=self.momentum, l1=self.l1, l2=self.l2, weight_decay=self.weight_decay,
             clip_norm=self.clip_norm,
             schedule=self.schedule, shuffle=self.shuffle, seed=self._seed + self.n_iter_,
-            tol=self.tol, patience=self.patience if valid is not None else None, verbose=self.verbose,
+            tol=self.tol, patience=patience if valid is not None else None, verbose=self.verbose,
+            carry=self._carry,
         )  # fmt: skip
         self.loss_curve_ = [*self.loss_curve_, *history["loss"]]
         if valid is not None:
@@ -291,6 +308,13 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.non_deterministic = self.backend == "cupy"  # atomics in the GPU kernels
         return tags
+
+
+def _new_carry():
+    """An empty :class:`gpumlp.train.Carry` (imported here: gpumlp.train loads on first training)."""
+    from gpumlp.train import Carry
+
+    return Carry()
 
 
 def _seed_from(random_state) -> int:

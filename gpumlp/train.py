@@ -7,6 +7,9 @@ then per epoch run :meth:`gpumlp.step.TrainStep.epoch` (shuffle, gather, forward
 loss+gradient, backward, clipping and one fused optimizer kernel per parameter, all on the device,
 read once per epoch), then the NaN/divergence check, validation, history, callbacks, early
 stopping and the atomic checkpoint. Finish: restore patience's best weights, name the stop reason.
+
+A run continues exactly from a checkpoint (``resume``) or, in memory, from where an earlier ``fit``
+left off (``carry``, a :class:`Carry`; the estimator's ``partial_fit`` calls are epochs of one run).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,30 +62,67 @@ def evaluate(model, Xd, yd, batch_size: int = 2000) -> tuple[float, float]:
     return float(be.to_host(loss_sum)) / n, int(be.to_host(correct)) / n
 
 
-def _save_checkpoint(path, run: _Run) -> None:
-    """The model, the optimizer state, the training state and the caller's ``checkpoint_extra``
-    (host arrays, JSON meta), atomically to ``path``."""
-    model, opt, opt_state, st = run.model, run.opt, run.opt_state, run.state
-    extra = run.cfg.checkpoint_extra
-    arrays = dict(extra[0])
-    for (name, *_), states in zip(model.param_groups(), opt_state):
+def _training_state(run: _Run) -> tuple[dict, dict]:
+    """What a checkpoint holds besides the weights and the caller's extras -> (host arrays: the
+    optimizer state ``opt/<group>/<j>`` and patience's best weights ``best/<key>``, JSON-able
+    training state: its ``train`` meta)."""
+    model, st = run.model, run.state
+    arrays = {}
+    for (name, *_), states in zip(model.param_groups(), run.opt_state):
         arrays.update({f"opt/{name}/{j}": model.be.to_host(a) for j, a in enumerate(states)})
     if st.best[2] is not None:  # patience's best weights, so a resumed run can still restore them
         arrays.update({f"best/{key}": a for key, a in st.best[2].items()})
-    meta = {
-        **extra[1],
-        "train": {
-            "epoch": st.epoch,
-            "step": st.step,
-            "seed": st.seed,
-            "history": st.history.to_dict(),
-            "optimizer": opt.to_dict(),
-            "best": list(st.best[:2]),
-            "initial_loss": st.initial_loss,
-            "n_train": run.data[0].shape[0],
-        },
+    train = {
+        "epoch": st.epoch,
+        "step": st.step,
+        "seed": st.seed,
+        "history": st.history.to_dict(),
+        "optimizer": run.opt.to_dict(),
+        "best": list(st.best[:2]),
+        "initial_loss": st.initial_loss,
+        "n_train": run.data[0].shape[0],
     }
-    model.save(path, extra_arrays=arrays, extra_meta=meta)
+    return arrays, train
+
+
+def _save_checkpoint(path, run: _Run) -> None:
+    """The model, the optimizer state, the training state and the caller's ``checkpoint_extra``
+    (host arrays, JSON meta), atomically to ``path``."""
+    arrays, train = _training_state(run)
+    extra_arrays, extra_meta = run.cfg.checkpoint_extra
+    run.model.save(path, extra_arrays={**extra_arrays, **arrays}, extra_meta={**extra_meta, "train": train})
+
+
+@dataclass
+class Carry:
+    """Where one :func:`fit` left off, for the next to continue as the following epochs of the same
+    run (``fit(..., carry=carry)`` reads it and leaves its own end in it). Empty: nothing to continue.
+
+    A checkpoint's training part, in memory: ``arrays`` are host arrays of the optimizer state
+    (``opt/<group>/<j>``) and of patience's best weights (``best/<key>``), ``meta`` is
+    ``{"model": config, "train": ...}`` (epoch, step, seed, optimizer, best, ...). Its history keeps
+    only the last epoch's record (what ``tol`` compares with), and ``initial_loss`` is the lowest loss
+    so far (the divergence reference), so it does not grow with the epochs. Plain host data: it pickles."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.meta)
+
+    @property
+    def optimizer(self) -> str | None:
+        """The name of the optimizer whose state it holds (None when empty)."""
+        return self.meta["train"]["optimizer"]["name"] if self.meta else None
+
+
+def _hand_over(run: _Run, carry: Carry) -> None:
+    """Leave where ``run`` ended (after :func:`_finish`) in ``carry``."""
+    arrays, train = _training_state(run)
+    st = run.state
+    train["history"] = {"records": st.history.records[-1:], "stop_reason": ""}
+    train["initial_loss"] = st.reference_loss()  # min(it, the last record): the run's lowest loss
+    carry.arrays, carry.meta = arrays, {"model": run.model.config(), "train": train}
 
 
 def check_resume(path, model, optimizer: str, n_train: int | None) -> tuple[dict, dict]:
@@ -91,6 +131,13 @@ def check_resume(path, model, optimizer: str, n_train: int | None) -> tuple[dict
     takes so the file is read once; any mismatch is a CheckpointError saying what differs.
     Nothing is loaded or written, so callers can check before touching a run directory."""
     arrays, meta = checkpoint.read(path)
+    _check_training_state(path, arrays, meta, model, optimizer, n_train)
+    return arrays, meta
+
+
+def _check_training_state(path, arrays: dict, meta: dict, model, optimizer: str, n_train: int | None) -> None:
+    """CheckpointError (naming ``path``, the file or "the carried state") unless (arrays, meta) hold
+    a training state of ``model`` with ``optimizer`` on ``n_train`` samples (None: any number)."""
     model_config = model.config()
     tr = meta.get("train")
     if not isinstance(tr, dict):
@@ -127,13 +174,38 @@ def check_resume(path, model, optimizer: str, n_train: int | None) -> tuple[dict
                 f"{path} holds {len(saved)} optimizer arrays for {name!r} ({', '.join(saved) or 'none'}); "
                 f"{optimizer} keeps {len(state)} ({', '.join(state) or 'none'})"
             )
-    return arrays, meta
 
 
 def _load_checkpoint(path, model, opt, opt_state: list, n_train: int, checked=None) -> TrainState:
     """Load the checkpoint into the model and the optimizer state; ``checked`` is what
     check_resume already returned for it (else it is read and checked here)."""
     arrays, meta = checked if checked is not None else check_resume(path, model, opt.name, n_train)
+    st, opt_arrays = _read_training_state(path, arrays, meta, model, opt_state)
+    for src, dst in model.verify_state_arrays(arrays, source=str(path)) + opt_arrays:
+        dst[...] = model.be.asarray(src, dtype=dst.dtype)  # everything verified: now load it all
+    return st
+
+
+def _continue(carry: Carry, model, opt, opt_state: list) -> TrainState:
+    """Load the carried optimizer state into ``opt_state`` -> the training state to go on from
+    (a history of its own, with no stop reason: a new call trains on)."""
+    if carry.optimizer != opt.name:
+        raise ValueError(
+            f"the carry holds the state of optimizer {carry.optimizer!r}, not {opt.name!r}; "
+            "pass a new Carry() to start that one afresh"
+        )
+    source = "the carried state"
+    _check_training_state(source, carry.arrays, carry.meta, model, opt.name, None)
+    st, opt_arrays = _read_training_state(source, carry.arrays, carry.meta, model, opt_state)
+    for src, dst in opt_arrays:
+        dst[...] = model.be.asarray(src, dtype=dst.dtype)
+    st.history = History(list(st.history.records))
+    return st
+
+
+def _read_training_state(path, arrays: dict, meta: dict, model, opt_state: list) -> tuple[TrainState, list]:
+    """The checked (arrays, meta)'s training state, verified -> (TrainState, [(host optimizer array,
+    its ``opt_state`` array)] to load)."""
     tr = meta["train"]
     opt_arrays = [
         (checkpoint.expect_array(path, arrays, f"opt/{name}/{j}", a.shape, "f"), a)
@@ -153,9 +225,7 @@ def _load_checkpoint(path, model, opt, opt_state: list, n_train: int, checked=No
         ) from None
     if best_weights is not None:
         model.verify_state_arrays(best_weights, source=f"{path} (best/)")
-    for src, dst in model.verify_state_arrays(arrays, source=str(path)) + opt_arrays:
-        dst[...] = model.be.asarray(src, dtype=dst.dtype)  # everything verified: now load it all
-    return st
+    return st, opt_arrays
 
 
 def _split_validation(X, y, X_valid, y_valid, valid_split: int):
@@ -194,7 +264,12 @@ class FitConfig:
     With ``checkpoint_path`` the state is saved atomically after each epoch, with
     ``checkpoint_extra`` = (host arrays, JSON meta) of the caller's (e.g. preprocessing);
     ``resume=True`` continues from it exactly (or pass the (arrays, meta) :func:`check_resume`
-    returned for it, so the file is read once).
+    returned for it, so the file is read once). ``carry`` (a :class:`Carry`) continues in memory
+    from where the fit that last used it left off, when it holds that (the same model and optimizer
+    name; other hyper-parameters may change), and is left holding this fit's end: optimizer state,
+    step count (Adam's bias correction, dropout, augmentation), epoch (the shuffle's and the
+    schedule's position), seed (``seed`` is then ignored), patience's best. Then ``epochs`` counts the
+    epochs of this call, and the history returned holds this call's records only.
     ``cuda_graphs`` (cupy/cuda-emu) replays each full-size step as one CUDA graph
     (any optimizer, dropout, batch norm and clipping included). numba replays its full-size
     steps as step graphs without being asked (compiled once per model structure, bit for bit the
@@ -233,6 +308,7 @@ class FitConfig:
     progress: bool = False
     verbose: bool = False
     callbacks: Sequence[Callable[[dict, object], bool | None]] = ()
+    carry: Carry | None = None
 
     @classmethod
     def of(cls, options: dict) -> FitConfig:
@@ -269,6 +345,8 @@ class FitConfig:
                 check_float(name, value, 0.0, math.inf, low_open=True, high_open=True)
         if self.augment is not None and self.augment_shift:
             raise ValueError("give the shift either as augment_shift or inside augment, not both")
+        if self.carry and self.resume:
+            raise ValueError("continue either from a checkpoint (resume) or from a carry, not both")
 
     def augmentation(self, n_features: int) -> Augment:
         """The Augment to apply (``augment``, or the plain ``augment_shift``), checked against
@@ -322,6 +400,7 @@ def fit(
     progress: bool = False,
     verbose: bool = False,
     callbacks: Sequence[Callable[[dict, object], bool | None]] = (),
+    carry: Carry | None = None,
 ) -> History:
     """Train ``model`` on host arrays X (n, n_features) and integer labels y (n,) -> History.
 
@@ -331,7 +410,7 @@ def fit(
     cfg = FitConfig.of(locals())  # every keyword but the validation data, one for one
     run = _prepare(model, X, y, X_valid, y_valid, cfg)
     bar = tqdm(
-        total=cfg.epochs, initial=run.state.epoch, disable=not cfg.progress, unit="epoch", file=sys.stderr
+        total=run.cfg.epochs, initial=run.state.epoch, disable=not cfg.progress, unit="epoch", file=sys.stderr
     )
     try:
         _loop(run, bar)
@@ -357,6 +436,7 @@ class _Run:
     valid: tuple | None  # host (X_valid (m, F), y_valid (m,)) checked validation data
     ckpt: Path | None
     change: ParamChange | None  # for stop_param_change
+    carried: int = 0  # history records carried in from an earlier fit (not returned again)
 
 
 def _prepare(model, X, y, X_valid, y_valid, cfg: FitConfig) -> _Run:
@@ -370,7 +450,10 @@ def _prepare(model, X, y, X_valid, y_valid, cfg: FitConfig) -> _Run:
     opt, sched = cfg.make_optimizer()
     opt_state = [opt.init_state(model.be, w) for _, w, _, _ in model.param_groups()]
     ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
-    if cfg.resume and ckpt and ckpt.exists():
+    if cfg.carry:
+        st = _continue(cfg.carry, model, opt, opt_state)
+        cfg = replace(cfg, epochs=st.epoch + cfg.epochs)  # the loop counts the run's epochs
+    elif cfg.resume and ckpt and ckpt.exists():
         checked = cfg.resume if isinstance(cfg.resume, tuple) else None
         st = _load_checkpoint(ckpt, model, opt, opt_state, X.shape[0], checked)
     else:
@@ -394,7 +477,8 @@ def _prepare(model, X, y, X_valid, y_valid, cfg: FitConfig) -> _Run:
     )
     step.configure(cfg.shuffle, augment, cfg.cuda_graphs)
     change = ParamChange(model) if cfg.stop_param_change else None
-    return _Run(model, cfg, opt, opt_state, sched, st, step, (X, y), valid, ckpt, change)
+    carried = len(st.history) if cfg.carry else 0
+    return _Run(model, cfg, opt, opt_state, sched, st, step, (X, y), valid, ckpt, change, carried)
 
 
 def _loop(run: _Run, bar) -> None:
@@ -451,11 +535,16 @@ def _end_epoch(run: _Run, rec: dict, bar) -> None:
 
 
 def _finish(run: _Run) -> History:
-    """Restore patience's best weights and name the stop reason -> the history."""
+    """Restore patience's best weights, name the stop reason and leave the end in the carry ->
+    the history (without the records carried in)."""
     st = run.state
     if run.cfg.patience and st.best[2] is not None:
         run.model.load_state_arrays(st.best[2])
     st.history.stop_reason = st.history.stop_reason or "epochs"
+    if run.cfg.carry is not None:
+        _hand_over(run, run.cfg.carry)
+    if run.carried:
+        return History(st.history.records[run.carried :], st.history.stop_reason)
     return st.history
 
 

@@ -195,3 +195,91 @@ print(*np.unique(clf.predict(X)), clf.n_features_in_)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["neg", "pos", "4"]
+
+
+# ------------------------------------------------ optimizer state across partial_fit / fit calls
+ADAM_EXP = {"optimizer": "adam", "schedule": "exp", "dropout": 0.1}  # moments, step, schedule, dropout
+
+
+def reference_run(X, y, *calls: dict) -> MLP:
+    """The model small(**ADAM_EXP) builds for X, trained by gpumlp.train.fit once per entry of
+    ``calls`` (the fit keywords that differ from the estimator's)."""
+    from gpumlp.train import fit
+
+    model = MLP([64, 32, 10], act="relu", dropout=0.1, backend="numpy", seed=0)
+    base = dict(batch_size=64, lr=1e-2, momentum=0.9, l2=1e-4, schedule="exp", shuffle=True)
+    for kw in calls:
+        fit(model, X.astype(np.float32), y, **{**base, **kw})
+    return model
+
+
+def weights(model: MLP) -> dict:
+    return model.state_arrays()
+
+
+def assert_same_weights(a: MLP, b: MLP) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        np.testing.assert_array_equal(wa[key], wb[key], err_msg=key)
+
+
+def test_partial_fit_calls_are_the_epochs_of_one_run(digits):
+    """Adam's moments and step count, the schedule's position, the shuffle's epoch and dropout's step
+    carry from one partial_fit call to the next: two calls give exactly the weights and losses of
+    one 2-epoch run (with fresh state per call, the second epoch would run at lr 1e-2 again)."""
+    X, y = digits[0][:300] / 16, digits[1][:300]
+    clf = small(**ADAM_EXP)
+    for _ in range(2):
+        clf.partial_fit(X, y, classes=np.arange(10))
+    ref = reference_run(X, y, {"epochs": 2, "optimizer": "adam", "seed": 0})
+    assert_same_weights(clf.model_, ref)
+    from gpumlp.train import fit
+
+    again = MLP([64, 32, 10], act="relu", dropout=0.1, backend="numpy", seed=0)
+    history = fit(again, X.astype(np.float32), y, epochs=2, batch_size=64, optimizer="adam", lr=1e-2,
+                  l2=1e-4, schedule="exp", seed=0)  # fmt: skip
+    assert clf.loss_curve_ == history["loss"] and clf.n_iter_ == 2
+
+
+def test_fit_restarts_the_optimizer_state_and_partial_fit_continues_fits(digits):
+    """fit (here with warm_start) starts fresh optimizer state and schedule from the current weights,
+    seeded by random_state + the epochs done; a partial_fit after it continues fit's run."""
+    X, y = digits[0][:300] / 16, digits[1][:300]
+    clf = small(**ADAM_EXP, epochs=2, warm_start=True)
+    clf.partial_fit(X, y, classes=np.arange(10))
+    clf.fit(X, y)
+    adam = {"optimizer": "adam"}
+    ref = reference_run(X, y, {**adam, "epochs": 1, "seed": 0}, {**adam, "epochs": 2, "seed": 1})
+    assert_same_weights(clf.model_, ref)
+    clf.partial_fit(X, y)  # the third epoch of fit's run
+    ref = reference_run(X, y, {**adam, "epochs": 1, "seed": 0}, {**adam, "epochs": 3, "seed": 1})
+    assert_same_weights(clf.model_, ref)
+    assert clf.n_iter_ == 4 and len(clf.loss_curve_) == 4
+
+
+def test_partial_fit_with_another_optimizer_starts_fresh_state(digits):
+    """set_params(optimizer=...) between partial_fit calls: the new optimizer starts fresh (its
+    own state, the schedule from its start), not an error about the other optimizer's state."""
+    X, y = digits[0][:300] / 16, digits[1][:300]
+    clf = small(**ADAM_EXP).partial_fit(X, y, classes=np.arange(10))
+    clf.set_params(optimizer="momentum").partial_fit(X, y)
+    ref = reference_run(X, y, {"optimizer": "adam", "epochs": 1, "seed": 0},
+                        {"optimizer": "momentum", "epochs": 1, "seed": 1})  # fmt: skip
+    assert_same_weights(clf.model_, ref)
+    clf.partial_fit(X, y)  # and then momentum's state carries on
+    ref = reference_run(X, y, {"optimizer": "adam", "epochs": 1, "seed": 0},
+                        {"optimizer": "momentum", "epochs": 2, "seed": 1})  # fmt: skip
+    assert_same_weights(clf.model_, ref)
+
+
+def test_pickled_estimator_keeps_the_optimizer_state(digits):
+    """The carried optimizer state pickles (as host arrays): a partial_fit after a pickle round trip
+    gives the same weights as one without."""
+    X, y = digits[0][:300] / 16, digits[1][:300]
+    clf = small(**ADAM_EXP).partial_fit(X, y, classes=np.arange(10))
+    again = pickle.loads(pickle.dumps(clf))
+    clf.partial_fit(X, y)
+    again.partial_fit(X, y)
+    assert_same_weights(again.model_, clf.model_)
+    assert_same_weights(clf.model_, reference_run(X, y, {"epochs": 2, "optimizer": "adam", "seed": 0}))

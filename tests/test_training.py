@@ -17,7 +17,7 @@ from gpumlp.data import load_mnist, make_circles, make_xor, scale_pixels, split_
 from gpumlp.model import MLP
 from gpumlp.optim import OPTIMIZERS, RULES
 from gpumlp.presets import PRESETS, Prep, fit_kwargs
-from gpumlp.train import DeviceOutOfMemory, TrainingDiverged
+from gpumlp.train import Carry, DeviceOutOfMemory, TrainingDiverged
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +144,29 @@ def test_resume_with_shuffle_and_shifts_continues_bit_for_bit(tmp_path):
         assert np.array_equal(a, b)
     other = MLP("25-12-3", backend=be, seed=1).fit(X, y, epochs=3, **{**fit_kw, "seed": 8})
     assert other["loss"][0] != h_straight["loss"][0]  # the seed does pick the shuffle
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_fits_sharing_a_carry_are_the_epochs_of_one_run(opt):
+    """fit(carry=) continues the optimizer state, step, epoch, seed and patience's best in memory:
+    1 + 2 epochs give the bits of one 3-epoch run; each call returns its own records, and the
+    carry keeps one record, not the whole history."""
+    X, y = make_circles(n=250, noise=0.1, seed=5)
+    kw = dict(act="relu", dropout=0.2, batchnorm=True, backend="numpy", seed=5)
+    fit_kw = dict(batch_size=32, optimizer=opt, lr=0.01, l2=1e-3, schedule="exp", valid_split=50, seed=9)
+    fit_kw.update(patience=5, tol=1e-12)
+    straight = MLP("2-16-16-2", **kw)
+    h_straight = straight.fit(X, y, epochs=3, **fit_kw)
+    carried, carry = MLP("2-16-16-2", **kw), Carry()
+    h1 = carried.fit(X, y, epochs=1, carry=carry, **fit_kw)
+    h2 = carried.fit(X, y, epochs=2, carry=carry, **{**fit_kw, "seed": 99})  # the carried seed goes on
+    assert [len(h1), len(h2)] == [1, 2] and h1["loss"] + h2["loss"] == h_straight["loss"]
+    assert [r["epoch"] for r in h2.records] == [2, 3] and h2["lr"] == h_straight["lr"][1:]
+    for a, b in zip(straight.state_arrays().values(), carried.state_arrays().values()):
+        assert np.array_equal(a, b)
+    assert carry.optimizer == opt and len(carry.meta["train"]["history"]["records"]) == 1
+    with pytest.raises(ValueError, match="not both"):
+        carried.fit(X, y, carry=carry, checkpoint_path="unused.npz", resume=True)
 
 
 @pytest.mark.parametrize("name, graphs", [("numpy", False), ("cuda-emu", True)])
