@@ -75,8 +75,8 @@ NONNEG_INT = _number(int, 0, False, "an integer >= 0")
 FRACTION = _number(float, 0.0, False, "a number in [0, 1)")
 
 
-def _dropout(text: str) -> float:
-    """A dropout rate in [0, 1)."""
+def _rate(text: str) -> float:
+    """A rate in [0, 1): dropout, a moment's decay."""
     value = FRACTION(text)
     if value >= 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1)")
@@ -171,23 +171,49 @@ def _add_model_args(m) -> None:
     m.add_argument("--act", choices=ACTIVATIONS, help="hidden activation")
     m.add_argument("--loss", choices=[*LOSSES, *ALIASES], help="cost")
     m.add_argument("--init", choices=INITS, help="weight init")
-    m.add_argument("--dropout", type=_dropout, help="dropout rate after each hidden layer")
+    m.add_argument("--dropout", type=_rate, help="dropout rate after each hidden layer")
     m.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None, help="batch norm")
     m.add_argument("--dtype", choices=["float32", "float64"])
 
 
+# Hyper-parameters that only some optimizers take (a flag each; an error for any other optimizer):
+# config key -> (argument type, what it is). None in a config: the optimizer's own default.
+OPTIMIZER_HYPERS = {
+    "rho": (_rate, "RMSProp's decay of the mean squared gradient, in [0, 1)"),
+    "beta1": (_rate, "decay of the first moment (Lion: the momentum's weight in the update), in [0, 1)"),
+    "beta2": (_rate, "decay of the second moment (Lion: of the momentum), in [0, 1)"),
+    "eps": (POS_FLOAT, "term added to the denominator for numerical stability, > 0"),
+}
+
+
+def _takers(key: str) -> list[str]:
+    """The optimizers that take hyper-parameter ``key`` (a field of gpumlp.optim.Optimizer)."""
+    from gpumlp.optim import OPTIMIZERS, RULES
+
+    return [n for n in OPTIMIZERS if key in RULES[n].hyper.values()]
+
+
+def _defaults(key: str) -> str:
+    """'adam 0.9, lion 0.9': the default of hyper-parameter ``key`` in each optimizer that takes it."""
+    from gpumlp.optim import Optimizer
+
+    return ", ".join(f"{n} {getattr(Optimizer(n), key):g}" for n in _takers(key))
+
+
 def _add_optimizer_args(f) -> None:
     """The update: optimizer, learning rate and its schedule, regularisation, clipping, minibatches."""
-    from gpumlp.optim import OPTIMIZERS, RULES, SCHEDULES, Optimizer
+    from gpumlp.optim import OPTIMIZERS, SCHEDULES
 
     f.add_argument("--optimizer", choices=OPTIMIZERS)
     f.add_argument("--lr", type=POS_FLOAT, help="learning rate")
     f.add_argument("--momentum", type=NONNEG_FLOAT)
     f.add_argument("--l1", type=NONNEG_FLOAT)
     f.add_argument("--l2", type=NONNEG_FLOAT)
-    takers = [n for n in OPTIMIZERS if "weight_decay" in RULES[n].hyper]
-    decoupled = ", ".join(f"{n} {Optimizer(n).weight_decay:g}" for n in takers)
-    f.add_argument("--weight-decay", type=NONNEG_FLOAT, help=f"decoupled weight decay ({decoupled})")
+    f.add_argument(
+        "--weight-decay", type=NONNEG_FLOAT, help=f"decoupled weight decay ({_defaults('weight_decay')})"
+    )
+    for key, (kind, what) in OPTIMIZER_HYPERS.items():
+        f.add_argument(f"--{key}", type=kind, help=f"{what} (default: {_defaults(key)})")
     f.add_argument("--clip-norm", type=POS_FLOAT, help="clip gradients to this global L2 norm")
     f.add_argument("--clip-value", type=POS_FLOAT, help="clip every gradient element to [-V, V]")
     f.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule")
@@ -355,7 +381,20 @@ def _train_config(args: argparse.Namespace, paths: dict) -> tuple[dict, dict | N
             raise UsageError(f"{paths['config']} is unreadable ({e}); start a new run") from None
         if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in MODEL_SECTIONS):
             raise UsageError(f"{paths['config']} lacks its model/fit/data sections; start a new run")
-    return resolve_config(args, copy.deepcopy(saved)), saved
+    config = resolve_config(args, copy.deepcopy(saved))
+    _check_optimizer_flags(args, config["fit"]["optimizer"])
+    return config, saved
+
+
+def _check_optimizer_flags(args: argparse.Namespace, optimizer: str) -> None:
+    """UsageError for a flag of OPTIMIZER_HYPERS given to an ``optimizer`` that does not take it."""
+    for key in OPTIMIZER_HYPERS:
+        takers = _takers(key)
+        if getattr(args, key, None) is not None and optimizer not in takers:
+            raise UsageError(
+                f"--{key} does not apply to optimizer {optimizer}; it is a hyper-parameter of "
+                f"{', '.join(takers)}"
+            )
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -155,9 +155,10 @@ def describe(config: dict) -> str:
     m, f, d = config["model"], config["fit"], config["data"]
     parts = [f"spec {m['spec']}", f"act {m['act']}", f"loss {m['loss']}", f"optimizer {f['optimizer']}"]
     parts.append(f"lr {f['lr']:g}")
-    opt = Optimizer(f["optimizer"], f["lr"], momentum=f.get("momentum"), weight_decay=f.get("weight_decay"))
-    taken = opt.rule.hyper.values()  # the optimizer's own hyper-parameters that a config holds
-    parts += [f"{key} {getattr(opt, key):g}" for key in ("momentum", "weight_decay") if key in taken]
+    own = ("momentum", "weight_decay", "rho", "beta1", "beta2", "eps")  # those a config may hold
+    opt = Optimizer(f["optimizer"], f["lr"], **{key: f.get(key) for key in own})
+    taken = opt.rule.hyper.values()  # the ones this optimizer takes
+    parts += [f"{key} {getattr(opt, key):g}" for key in own if key in taken]
     parts.append(
         f"schedule {f['schedule']}" + (f" (gamma {f['lr_gamma']:g})" if f["schedule"] != "constant" else "")
     )

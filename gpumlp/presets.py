@@ -29,6 +29,10 @@ _FIT_COMMON = {
     "momentum": 0.9,
     "l1": 0.0,
     "weight_decay": None,
+    "rho": None,  # None: the optimizer's own default (gpumlp.optim.Optimizer)
+    "beta1": None,
+    "beta2": None,
+    "eps": None,
     "clip_norm": None,
     "clip_value": None,
     "tol": None,

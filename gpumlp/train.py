@@ -247,9 +247,11 @@ class FitConfig:
 
     Minibatch SGD family (``batch_size=1`` is stochastic, ``batch_size>=n`` full
     batch); ``optimizer`` is a name of ``gpumlp.optim.OPTIMIZERS`` (or an Optimizer) with ``lr``,
-    ``momentum``, ``l1``, ``l2`` and ``weight_decay`` (decoupled, for the optimizers that take it;
-    None: the optimizer's default); ``reduction`` ``mean`` averages the gradient over a minibatch,
-    ``sum`` adds it up (the classic seed recipe). ``clip_value`` clamps every
+    ``momentum``, ``l1``, ``l2``, and for the optimizers that take them ``weight_decay`` (decoupled),
+    ``rho`` (RMSProp's decay), ``beta1``/``beta2`` (the moments' decays: Adam, AdamW, Lion) and
+    ``eps`` (None: the optimizer's default, see :class:`gpumlp.optim.Optimizer`); ``reduction``
+    ``mean`` averages the gradient over a minibatch, ``sum`` adds it up (the classic seed recipe).
+    ``clip_value`` clamps every
     gradient element to [-clip_value, clip_value], then ``clip_norm`` scales all
     gradients to at most that global L2 norm. Stops after ``epochs``, when
     the training loss changes by less than ``tol``, when every weight and bias changed
@@ -287,6 +289,10 @@ class FitConfig:
     l1: float = 0.0
     l2: float = 0.0
     weight_decay: float | None = None
+    rho: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
     clip_norm: float | None = None
     clip_value: float | None = None
     schedule: str | Schedule = "constant"
@@ -360,7 +366,8 @@ class FitConfig:
         opt = self.optimizer
         if not isinstance(opt, Optimizer):
             decay = {"l1": self.l1, "l2": self.l2, "weight_decay": self.weight_decay}
-            opt = Optimizer(opt, lr=self.lr, momentum=self.momentum, **decay)
+            rates = {"rho": self.rho, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
+            opt = Optimizer(opt, lr=self.lr, momentum=self.momentum, **decay, **rates)
         return opt, self.schedule if isinstance(self.schedule, Schedule) else Schedule(self.schedule)
 
 
@@ -377,6 +384,10 @@ def fit(
     l1: float = 0.0,
     l2: float = 0.0,
     weight_decay: float | None = None,
+    rho: float | None = None,
+    beta1: float | None = None,
+    beta2: float | None = None,
+    eps: float | None = None,
     clip_norm: float | None = None,
     clip_value: float | None = None,
     schedule: str | Schedule = "constant",

@@ -200,6 +200,74 @@ def test_cli_trains_with_the_new_optimizers(opt, lr, tmp_path):
     assert len(json.loads((out / "history.json").read_text())["records"]) == 3
 
 
+def _cli(*args) -> subprocess.CompletedProcess:
+    """``python -m gpumlp ARGS`` on the numpy backend."""
+    env = {**os.environ, "GPUMLP_BACKEND": "numpy"}
+    cmd = [sys.executable, "-m", "gpumlp", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def _takers(key: str) -> str:
+    return ", ".join(n for n in OPTIMIZERS if key in RULES[n].hyper.values())
+
+
+@pytest.mark.parametrize(
+    "opt, rates",
+    [
+        ("adam", {"beta1": 0.8, "beta2": 0.95, "eps": 1e-6}),
+        ("rmsprop", {"rho": 0.8, "eps": 1e-4}),
+        ("lion", {"beta1": 0.5, "beta2": 0.9}),
+    ],
+)
+def test_cli_rate_flags_reach_the_optimizer_and_the_run_records(opt, rates, tmp_path):
+    """``--rho/--beta1/--beta2/--eps``: in the hyper-parameters line and config.json, so a plain
+    --resume keeps them; the checkpoint's optimizer (the one fit built) has them, and they change
+    the training (the loss of the same run with the defaults differs)."""
+    flags = [arg for key, value in rates.items() for arg in (f"--{key}", value)]
+    run = ["train", "--limit", "1000", "--spec", "784-32-10", "--optimizer", opt, "--lr", "0.003"]
+    run += ["--epochs", "1", "--schedule", "constant", "--no-progress"]
+    out = tmp_path / "run"
+    proc = _cli(*run, *flags, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert ", ".join(f"{key} {value:g}" for key, value in rates.items()) in proc.stderr
+    config = json.loads((out / "config.json").read_text())["fit"]
+    assert {key: config[key] for key in rates} == rates
+    proc = _cli("train", "--out", out, "--resume", "--epochs", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    _, meta = checkpoint.read(out / "checkpoint.npz")
+    used = meta["train"]["optimizer"]
+    assert meta["train"]["epoch"] == 2 and {key: used[key] for key in rates} == rates
+    resumed = json.loads((out / "config.json").read_text())["fit"]
+    assert {key: resumed[key] for key in rates} == rates
+    default = _cli(*run, "--out", tmp_path / "default")
+    assert default.returncode == 0, default.stderr
+    history = [json.loads((d / "history.json").read_text()) for d in (out, tmp_path / "default")]
+    assert history[0]["records"][0]["loss"] != history[1]["records"][0]["loss"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--optimizer", "adam", "--beta1", "1"], "argument --beta1: '1' is not a number in [0, 1)"),
+        (["--optimizer", "lion", "--beta2", "-0.5"], "argument --beta2: '-0.5' is not a number in [0, 1)"),
+        (["--optimizer", "rmsprop", "--rho", "1.5"], "argument --rho: '1.5' is not a number in [0, 1)"),
+        (["--optimizer", "adam", "--eps", "0"], "argument --eps: '0' is not a number > 0"),
+        (["--optimizer", "sgd", "--beta2", "0.9"], f"--beta2 does not apply to optimizer sgd; it is a "
+                                                   f"hyper-parameter of {_takers('beta2')}"),
+        (["--optimizer", "lion", "--eps", "1e-6"], f"--eps does not apply to optimizer lion; it is a "
+                                                   f"hyper-parameter of {_takers('eps')}"),
+        (["--preset", "seed", "--rho", "0.9"], f"--rho does not apply to optimizer sgd; it is a "
+                                               f"hyper-parameter of {_takers('rho')}"),
+    ],
+)  # fmt: skip
+def test_cli_rate_flags_are_checked(flags, message, tmp_path):
+    """A rate outside [0, 1), eps <= 0, or a flag the run's optimizer does not take (from --optimizer
+    or the preset): one error line naming the optimizers that take it, exit 2, no run config written."""
+    proc = _cli("train", *flags, "--epochs", "1", "--out", tmp_path / "run")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert message in proc.stderr and not (tmp_path / "run" / "config.json").exists()
+
+
 def test_estimator_takes_every_optimizer_and_weight_decay():
     pytest.importorskip("sklearn")
     from sklearn.base import clone
