@@ -117,10 +117,13 @@ def test_quick_run_schema(quick_json):
         assert e["min"] <= e["median"] <= e["max"] and len(e["seconds"]) == e["repeats"]
         assert "vs_numpy" in e
         assert ("vs_torch" in e) == ("torch" in ran)
-        # the floor (the epoch's matmuls alone) is measured in the same run for every config
-        assert e["x_floor"] == pytest.approx(e["median"] / e["floor_seconds"])
-    floors = {(f["config"], f["device"]) for f in res["floors"]}
-    assert floors == {(e["config"], e["device"]) for e in res["epochs"]}
+    # the floor (the epoch's matmuls alone) is timed right before each backend's epochs, on its
+    # device with its repeats, and that backend's x_floor is against that floor
+    floors = [(f["config"], f["backend"], f["device"], len(f["seconds"])) for f in res["floors"]]
+    assert floors == [(e["config"], e["backend"], e["device"], e["repeats"]) for e in res["epochs"]]
+    for e, f in zip(res["epochs"], res["floors"]):
+        assert e["floor_seconds"] == f["median"]
+        assert e["x_floor"] == pytest.approx(e["median"] / f["median"])
     kernels = {r["kernel"] for r in res["kernels"]}
     assert {"matmul", "bias_act", "act_grad", "softmax_xent", "permutation"} <= kernels
     # every optimizer of the table is timed, each under its own name where kernels are shared
@@ -169,6 +172,56 @@ def test_quick_run_inference_section(quick_json):
     md = render(res, markdown=True)
     assert "| model | batch | op | " + " | ".join(f"{r} img/s" for r in ours + peers) in md
     assert all(f"{g} ×{'ORT' if p == 'onnxruntime' else p} |" in md for g in ours for p in peers)
+
+
+def test_each_backend_epochs_come_right_after_a_floor_of_their_own(monkeypatch):
+    """The planned run, with fake timings on a machine that slows down 10 % after every backend's
+    epochs: each backend's epochs follow a floor of their config on their device with the same
+    repeats, so every x_floor is the backend's own overhead however far the machine drifted."""
+    from gpumlp.bench import _plan, _run_tasks, build_parser
+    from gpumlp.bench import runner as R
+
+    overhead = {"numpy": 3.0, "numba": 1.2, "cupy+graphs": 2.0, "torch": 4.0}  # peers too
+    device = {"numpy": "cpu", "numba": "cpu", "cupy+graphs": "gpu", "torch": "gpu"}
+    speed, log = [1.0], []
+
+    def floor(d, c, samples, repeats, dtype, backend):
+        log.append(("floor", c, backend, d, samples, repeats))
+        return {"config": c, "device": d, "backend": backend, "median": speed[0]}
+
+    def epochs(b, c, X, y, repeats, dtype):
+        log.append(("epochs", c, b, device[b], len(X), repeats))
+        speed[0] *= 1.1
+        return {"config": c, "backend": b, "device": device[b], "median": overhead[b] * speed[0] / 1.1}
+
+    monkeypatch.setattr(R, "device_of", device.get)
+    monkeypatch.setattr(R, "time_floor", floor)
+    monkeypatch.setattr(R, "time_epochs", epochs)
+    monkeypatch.setattr(R, "jit_warmup", lambda b, dtype: None)
+    args = build_parser().parse_args(["--quick", "--no-kernels", "--no-inference", "--repeats", "3"])
+    X, y = np.zeros((100, 784), np.float32), np.zeros(100, np.int64)
+    tasks = _plan(args, list(overhead), ["seed", "deep1024"], (X, y, X, y), 60, 3)
+    order = [(c, b) for c in ("seed", "deep1024") for b in overhead]  # config-major
+    labels = [(f"floor {c} {device[b]} for {b}", f"{c} {b}") for c, b in order]
+    assert [t[0] for t in tasks if t[1] != "jit_seconds"] == [label for pair in labels for label in pair]
+    res = {"epochs": [], "jit_seconds": {}}
+    _run_tasks(tasks, res, no_progress=True)
+    assert log == [(kind, c, b, device[b], 60, 3) for c, b in order for kind in ("floor", "epochs")]
+    R.add_ratios(res["epochs"], {"cpu": {"gemm_gflops": 1.0}}, res["floors"])
+    x_floor = [(e["config"], e["backend"], e["x_floor"]) for e in res["epochs"]]
+    assert x_floor == [(c, b, pytest.approx(overhead[b])) for c, b in order]
+
+
+def test_floors_of_older_results_name_no_backend_and_match_by_device():
+    """Results written before floors were timed beside each backend: one floor per (config, device)."""
+    from gpumlp.bench.runner import add_ratios
+
+    runs = (("numpy", "cpu", 0.3), ("numba", "cpu", 0.2), ("cupy", "gpu", 0.05))
+    epochs = [{"config": "seed", "backend": b, "device": d, "median": m} for b, d, m in runs]
+    floors = [{"config": "seed", "device": d, "median": m} for d, m in (("cpu", 0.1), ("gpu", 0.01))]
+    add_ratios(epochs, {"cpu": {"gemm_gflops": 1.0}}, floors)
+    assert [e["x_floor"] for e in epochs] == pytest.approx([3.0, 2.0, 5.0])
+    assert [e["floor_seconds"] for e in epochs] == [0.1, 0.1, 0.01]
 
 
 def test_render_and_compare_roundtrip(quick_json):

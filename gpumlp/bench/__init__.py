@@ -204,11 +204,7 @@ def _plan(args: argparse.Namespace, backends: list[str], cfg_names: list[str], d
     tasks = [(f"JIT {b}", "jit_seconds", R.jit_warmup, (b, dt_)) for b in backends]
     if args.inference_only:
         return tasks + _inference_tasks(args, backends, Xt, repeats)
-    devices = sorted({R.device_of(b) for b in backends})
-    for c in cfg_names:  # config-major, so slow drifts in machine load hit every backend alike
-        tasks += [(f"floor {c} {d}", "floors", R.time_floor, (d, c, samples, repeats, dt_)) for d in devices]
-        tasks += [(f"{c} {b}", "epochs", R.time_epochs, (b, c, X[:samples], y[:samples], repeats, dt_))
-                  for b in backends]  # fmt: skip
+    tasks += _epoch_tasks(backends, cfg_names, X[:samples], y[:samples], repeats, dt_)
     if not args.no_kernels:
         for b in (b for b in backends if b not in R.PEERS and "+" not in b):  # variants: same kernels
             tasks.append((f"kernels {b}", "kernels", R.time_kernels, (b, dt_, quick)))
@@ -224,6 +220,23 @@ def _plan(args: argparse.Namespace, backends: list[str], cfg_names: list[str], d
         ]
     if not args.no_inference:
         tasks += _inference_tasks(args, backends, Xt, repeats)
+    return tasks
+
+
+def _epoch_tasks(backends: list[str], cfg_names: list[str], X, y, repeats: int, dtype: str) -> list[tuple]:
+    """The epoch timings, config-major so that slow drifts in machine load hit every backend alike;
+    each backend's epochs right after a floor of their own (its device, the same repeats), so its
+    × floor divides two timings taken back to back, not one taken before other backends' epochs."""
+    from gpumlp.bench import runner as R
+
+    tasks = []
+    for c in cfg_names:
+        for b in backends:
+            d = R.device_of(b)
+            tasks.append(
+                (f"floor {c} {d} for {b}", "floors", R.time_floor, (d, c, len(X), repeats, dtype, b))
+            )
+            tasks.append((f"{c} {b}", "epochs", R.time_epochs, (b, c, X, y, repeats, dtype)))
     return tasks
 
 

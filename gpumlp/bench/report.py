@@ -11,7 +11,9 @@ LEGEND = (
     "vs torch / vs numpy: ratio of epoch times (< 1 is faster). GFLOP/s: matmul FLOPs of the epoch / "
     "median time. × GEMM bound: median time / (matmul FLOPs / GEMM peak measured in this run). "
     "× floor: median time / median time of the same epoch's matmuls alone (real batch shapes, "
-    "preallocated outputs, nothing else), measured in this run: everything above 1.00 is overhead. "
+    "preallocated outputs, nothing else) on the backend's device, timed right before each backend's "
+    "epochs with the same repeats, so a slow drift of the machine over the run cannot skew it: "
+    "everything above 1.00 is overhead. "
     "JIT s: one-time compile (or cache load), not in the epoch times."
 )
 

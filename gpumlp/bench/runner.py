@@ -195,11 +195,14 @@ def _device_arrays(device: str) -> tuple:
     return np, lambda: None
 
 
-def time_floor(device: str, cfg_name: str, samples: int, repeats: int, dtype: str) -> dict:
+def time_floor(
+    device: str, cfg_name: str, samples: int, repeats: int, dtype: str, backend: str | None = None
+) -> dict:
     """The floor of one epoch of ``cfg_name`` on ``device``: only the steps' matmuls
     (:func:`~gpumlp.bench.flops.step_matmuls`), at the real batch shapes (full batches and the
     last partial one), into preallocated outputs, nothing else. Median of ``repeats``
-    epochs over ``samples`` rows, scaled to EPOCH_SAMPLES like :func:`time_epochs`."""
+    epochs over ``samples`` rows, scaled to EPOCH_SAMPLES like :func:`time_epochs`.
+    ``backend``: the backend whose epochs are timed right after it, whose × floor it is."""
     cfg = CONFIGS[cfg_name]
     xp, sync = _device_arrays(device)
     rng = np.random.default_rng(0)
@@ -230,14 +233,19 @@ def time_floor(device: str, cfg_name: str, samples: int, repeats: int, dtype: st
         sync()
         seconds.append((time.perf_counter() - t0) * EPOCH_SAMPLES / samples)
     out = {"config": cfg_name, "device": device, "dtype": dtype, "samples_timed": int(samples)}
+    if backend is not None:
+        out["backend"] = backend
     out.update(matmuls_per_step=len(plan[0][0]), seconds=seconds, median=statistics.median(seconds))
     return out
 
 
 def add_ratios(entries: list[dict], peaks: dict, floors: Sequence[dict] = ()) -> None:
-    """Fill vs_torch, vs_numpy, GFLOP/s, GEMM-bound and floor columns in place."""
+    """Fill vs_torch, vs_numpy, GFLOP/s, GEMM-bound and floor columns in place. Each entry's
+    floor is the one timed beside its backend; older results, whose floors name no backend,
+    had one floor per (config, device)."""
     by = {(e["config"], e["backend"]): e["median"] for e in entries}
-    floor = {(f["config"], f["device"]): f["median"] for f in floors}
+    beside = {(f["config"], f["backend"]): f["median"] for f in floors if "backend" in f}
+    per_device = {(f["config"], f["device"]): f["median"] for f in floors if "backend" not in f}
     for e in entries:
         cfg = CONFIGS[e["config"]]
         flops = epoch_flops(cfg.widths, EPOCH_SAMPLES)
@@ -247,9 +255,10 @@ def add_ratios(entries: list[dict], peaks: dict, floors: Sequence[dict] = ()) ->
         e["gemm_bound_seconds"] = flops / (peak * 1e9)
         e["x_gemm_bound"] = e["median"] / e["gemm_bound_seconds"]
         e["pct_gemm_peak"] = 100 * e["gflops"] / peak
-        if (e["config"], e["device"]) in floor:
-            e["floor_seconds"] = floor[(e["config"], e["device"])]
-            e["x_floor"] = e["median"] / e["floor_seconds"]
+        floor = beside.get((e["config"], e["backend"]), per_device.get((e["config"], e["device"])))
+        if floor is not None:
+            e["floor_seconds"] = floor
+            e["x_floor"] = e["median"] / floor
         for ref in ("torch", "numpy"):
             if (e["config"], ref) in by:
                 e[f"vs_{ref}"] = e["median"] / by[(e["config"], ref)]
