@@ -117,8 +117,8 @@ def test_quick_run_schema(quick_json):
         assert e["min"] <= e["median"] <= e["max"] and len(e["seconds"]) == e["repeats"]
         assert "vs_numpy" in e
         assert ("vs_torch" in e) == ("torch" in ran)
-    # the floor (the epoch's matmuls alone) is timed right before each backend's epochs, on its
-    # device with its repeats, and that backend's x_floor is against that floor
+    # the floor (the epoch's matmuls alone) is timed between each backend's epochs, on its device,
+    # one floor epoch per timed epoch, and that backend's x_floor is against that floor
     floors = [(f["config"], f["backend"], f["device"], len(f["seconds"])) for f in res["floors"]]
     assert floors == [(e["config"], e["backend"], e["device"], e["repeats"]) for e in res["epochs"]]
     for e, f in zip(res["epochs"], res["floors"]):
@@ -174,42 +174,60 @@ def test_quick_run_inference_section(quick_json):
     assert all(f"{g} ×{'ORT' if p == 'onnxruntime' else p} |" in md for g in ours for p in peers)
 
 
-def test_each_backend_epochs_come_right_after_a_floor_of_their_own(monkeypatch):
-    """The planned run, with fake timings on a machine that slows down 10 % after every backend's
-    epochs: each backend's epochs follow a floor of their config on their device with the same
-    repeats, so every x_floor is the backend's own overhead however far the machine drifted."""
+def test_floor_epochs_interleave_with_each_backends_epochs(monkeypatch):
+    """The planned run, with fake timings on a machine that slows down 10 % after every epoch of
+    anything: each backend's epochs alternate with floor epochs of their config on their device
+    (the first after the warm-up, untimed), so every x_floor is the backend's own overhead however
+    the machine drifts, also within one backend's epochs. A CPU peer (its own thread pool) gets a
+    pause around each floor epoch, outside both timings."""
     from gpumlp.bench import _plan, _run_tasks, build_parser
     from gpumlp.bench import runner as R
+    from gpumlp.bench.inference import POOL_SETTLE_S
 
     overhead = {"numpy": 3.0, "numba": 1.2, "cupy+graphs": 2.0, "torch": 4.0}  # peers too
-    device = {"numpy": "cpu", "numba": "cpu", "cupy+graphs": "gpu", "torch": "gpu"}
-    speed, log = [1.0], []
+    device = {"numpy": "cpu", "numba": "cpu", "cupy+graphs": "gpu", "torch": "cpu"}
+    speed, log, naps = [1.0], [], []
 
-    def floor(d, c, samples, repeats, dtype, backend):
-        log.append(("floor", c, backend, d, samples, repeats))
-        return {"config": c, "device": d, "backend": backend, "median": speed[0]}
+    def floor_epoch(d, c, samples, dtype):
+        def epoch():
+            log.append(("floor", c, d, samples))
+            speed[0] *= 1.1
+            return speed[0] / 1.1 * R.EPOCH_SAMPLES / samples  # scaled to an epoch, as the real one
 
-    def epochs(b, c, X, y, repeats, dtype):
-        log.append(("epochs", c, b, device[b], len(X), repeats))
-        speed[0] *= 1.1
-        return {"config": c, "backend": b, "device": device[b], "median": overhead[b] * speed[0] / 1.1}
+        return epoch, 5
+
+    def train(b, cfg, X, y, epochs, dtype, callbacks=()):
+        recs = []
+        for _ in range(epochs):
+            log.append(("epoch", b))
+            speed[0] *= 1.1
+            recs.append({"seconds": overhead[b] * speed[0] / 1.1, "loss": 0.5})
+            for cb in callbacks:
+                cb(recs[-1], None)
+        return recs, None
 
     monkeypatch.setattr(R, "device_of", device.get)
-    monkeypatch.setattr(R, "time_floor", floor)
-    monkeypatch.setattr(R, "time_epochs", epochs)
+    monkeypatch.setattr(R, "floor_epoch", floor_epoch)
+    monkeypatch.setattr(R, "train", train)
     monkeypatch.setattr(R, "jit_warmup", lambda b, dtype: None)
+    monkeypatch.setattr(R.time, "sleep", naps.append)
     args = build_parser().parse_args(["--quick", "--no-kernels", "--no-inference", "--repeats", "3"])
     X, y = np.zeros((100, 784), np.float32), np.zeros(100, np.int64)
     tasks = _plan(args, list(overhead), ["seed", "deep1024"], (X, y, X, y), 60, 3)
     order = [(c, b) for c in ("seed", "deep1024") for b in overhead]  # config-major
-    labels = [(f"floor {c} {device[b]} for {b}", f"{c} {b}") for c, b in order]
-    assert [t[0] for t in tasks if t[1] != "jit_seconds"] == [label for pair in labels for label in pair]
+    assert [t[0] for t in tasks if t[1] != "jit_seconds"] == [f"{c} {b} + floor" for c, b in order]
     res = {"epochs": [], "jit_seconds": {}}
     _run_tasks(tasks, res, no_progress=True)
-    assert log == [(kind, c, b, device[b], 60, 3) for c, b in order for kind in ("floor", "epochs")]
+    expected = []
+    for c, b in order:  # warm-up epoch, then each epoch followed by a floor epoch
+        expected += [("epoch", b), ("floor", c, device[b], 60)] * 4
+    assert log == expected
+    assert naps == [POOL_SETTLE_S] * 2 * 4 * 2  # torch only: around its 4 floor epochs, 2 configs
+    floors = [(f["config"], f["backend"], f["device"], len(f["seconds"])) for f in res["floors"]]
+    assert floors == [(c, b, device[b], 3) for c, b in order]
     R.add_ratios(res["epochs"], {"cpu": {"gemm_gflops": 1.0}}, res["floors"])
     x_floor = [(e["config"], e["backend"], e["x_floor"]) for e in res["epochs"]]
-    assert x_floor == [(c, b, pytest.approx(overhead[b])) for c, b in order]
+    assert x_floor == [(c, b, pytest.approx(overhead[b] / 1.1)) for c, b in order]  # each floor 10 % later
 
 
 def test_floors_of_older_results_name_no_backend_and_match_by_device():

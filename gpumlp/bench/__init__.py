@@ -162,13 +162,16 @@ def _run_tasks(tasks: list[tuple], res: dict, no_progress: bool) -> None:
     """Run the planned tasks in order, with a progress bar, adding each result under its key."""
     from tqdm.auto import tqdm
 
-    for key in {key for _, key, _, _ in tasks}:
+    for key in {key for _, key, _, _ in tasks} - {None}:
         res.setdefault(key, [])
     bar = tqdm(tasks, desc="bench", unit="task", file=sys.stderr, disable=no_progress or None)
     for label, key, fn, fn_args in bar:
         bar.set_postfix_str(label)
         out = fn(*fn_args)
-        if key == "jit_seconds":
+        if key is None:  # results under several keys: {key: [entries]}
+            for k, entries in out.items():
+                res.setdefault(k, []).extend(entries)
+        elif key == "jit_seconds":
             if out is not None:
                 res[key][fn_args[0]] = out
         else:
@@ -225,19 +228,12 @@ def _plan(args: argparse.Namespace, backends: list[str], cfg_names: list[str], d
 
 def _epoch_tasks(backends: list[str], cfg_names: list[str], X, y, repeats: int, dtype: str) -> list[tuple]:
     """The epoch timings, config-major so that slow drifts in machine load hit every backend alike;
-    each backend's epochs right after a floor of their own (its device, the same repeats), so its
-    × floor divides two timings taken back to back, not one taken before other backends' epochs."""
+    each backend's epochs interleaved with floor epochs on its device (``time_epochs_and_floor``),
+    so its × floor divides two timings of the same minutes."""
     from gpumlp.bench import runner as R
 
-    tasks = []
-    for c in cfg_names:
-        for b in backends:
-            d = R.device_of(b)
-            tasks.append(
-                (f"floor {c} {d} for {b}", "floors", R.time_floor, (d, c, len(X), repeats, dtype, b))
-            )
-            tasks.append((f"{c} {b}", "epochs", R.time_epochs, (b, c, X, y, repeats, dtype)))
-    return tasks
+    return [(f"{c} {b} + floor", None, R.time_epochs_and_floor, (b, c, X, y, repeats, dtype))
+            for c in cfg_names for b in backends]  # fmt: skip
 
 
 def _inference_peers(args: argparse.Namespace, backends: list[str], skipped: dict) -> dict:

@@ -11,8 +11,8 @@ LEGEND = (
     "vs torch / vs numpy: ratio of epoch times (< 1 is faster). GFLOP/s: matmul FLOPs of the epoch / "
     "median time. × GEMM bound: median time / (matmul FLOPs / GEMM peak measured in this run). "
     "× floor: median time / median time of the same epoch's matmuls alone (real batch shapes, "
-    "preallocated outputs, nothing else) on the backend's device, timed right before each backend's "
-    "epochs with the same repeats, so a slow drift of the machine over the run cannot skew it: "
+    "preallocated outputs, nothing else) on the backend's device, one floor epoch after each of the "
+    "backend's epochs, so that a machine whose speed drifts gives both the same slow minutes: "
     "everything above 1.00 is overhead. "
     "JIT s: one-time compile (or cache load), not in the epoch times."
 )

@@ -161,11 +161,12 @@ def jit_warmup(name: str, dtype: str) -> float | None:
     return float(warm(np.dtype(dtype))) if warm is not None else None
 
 
-def time_epochs(name: str, cfg_name: str, X, y, repeats: int, dtype: str) -> dict:
+def time_epochs(name: str, cfg_name: str, X, y, repeats: int, dtype: str, callbacks=()) -> dict:
     """Epoch seconds of one config on one backend: 1 warm-up epoch + ``repeats`` timed,
-    each scaled to EPOCH_SAMPLES when X is a fraction of the epoch."""
+    each scaled to EPOCH_SAMPLES when X is a fraction of the epoch. ``callbacks`` run after each
+    epoch, outside its timing."""
     cfg = CONFIGS[cfg_name]
-    recs, _ = train(name, cfg, X, y, repeats + 1, dtype)
+    recs, _ = train(name, cfg, X, y, repeats + 1, dtype, callbacks=callbacks)
     scale = EPOCH_SAMPLES / X.shape[0]
     raw = [r["seconds"] for r in recs]
     steady = statistics.median(raw[1:])
@@ -195,14 +196,12 @@ def _device_arrays(device: str) -> tuple:
     return np, lambda: None
 
 
-def time_floor(
-    device: str, cfg_name: str, samples: int, repeats: int, dtype: str, backend: str | None = None
-) -> dict:
+def floor_epoch(device: str, cfg_name: str, samples: int, dtype: str) -> tuple[Callable[[], float], int]:
     """The floor of one epoch of ``cfg_name`` on ``device``: only the steps' matmuls
     (:func:`~gpumlp.bench.flops.step_matmuls`), at the real batch shapes (full batches and the
-    last partial one), into preallocated outputs, nothing else. Median of ``repeats``
-    epochs over ``samples`` rows, scaled to EPOCH_SAMPLES like :func:`time_epochs`.
-    ``backend``: the backend whose epochs are timed right after it, whose × floor it is."""
+    last partial one), into preallocated outputs, nothing else. -> (a function timing one such
+    epoch over ``samples`` rows, in seconds scaled to EPOCH_SAMPLES like :func:`time_epochs`,
+    the matmuls per step)."""
     cfg = CONFIGS[cfg_name]
     xp, sync = _device_arrays(device)
     rng = np.random.default_rng(0)
@@ -218,30 +217,51 @@ def time_floor(
 
     plan = [(operands(cfg.batch_size), full)] + ([(operands(rest), 1)] if rest else [])
 
-    def epoch() -> None:
+    def epoch() -> float:
+        sync()
+        t0 = time.perf_counter()
         for ops, count in plan:
             for _ in range(count):
                 for a, b, out in ops:
                     xp.matmul(a, b, out=out)
-
-    epoch()  # warm-up: thread pools, page faults
-    sync()
-    seconds = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        epoch()
         sync()
-        seconds.append((time.perf_counter() - t0) * EPOCH_SAMPLES / samples)
-    out = {"config": cfg_name, "device": device, "dtype": dtype, "samples_timed": int(samples)}
-    if backend is not None:
-        out["backend"] = backend
-    out.update(matmuls_per_step=len(plan[0][0]), seconds=seconds, median=statistics.median(seconds))
-    return out
+        return (time.perf_counter() - t0) * EPOCH_SAMPLES / samples
+
+    return epoch, len(plan[0][0])
+
+
+def time_epochs_and_floor(name: str, cfg_name: str, X, y, repeats: int, dtype: str) -> dict:
+    """:func:`time_epochs`, with one floor epoch (:func:`floor_epoch`, the backend's device) after
+    each epoch, outside its timing: the floor and the epochs interleave, so that a machine whose
+    speed drifts (a shared VM) gives both the same share of its slow minutes. The floor epoch
+    after the warm-up epoch is the floor's warm-up. Around the floor epochs of a CPU peer (a thread
+    pool of its own) a pause of POOL_SETTLE_S, so that neither pool spins into the other's timing.
+    -> {"epochs": [the epochs entry], "floors": [the floor entry, naming the backend]}."""
+    from gpumlp.bench.inference import POOL_SETTLE_S
+
+    device = device_of(name)
+    epoch, per_step = floor_epoch(device, cfg_name, X.shape[0], dtype)
+    own_pool = name in PEERS and device == "cpu"
+    seconds: list[float] = []
+
+    def floor_after(rec, model) -> None:
+        if own_pool:
+            time.sleep(POOL_SETTLE_S)
+        seconds.append(epoch())
+        if own_pool:
+            time.sleep(POOL_SETTLE_S)
+
+    entry = time_epochs(name, cfg_name, X, y, repeats, dtype, callbacks=[floor_after])
+    timed = seconds[1:]
+    floor = {"config": cfg_name, "device": device, "backend": name, "dtype": dtype,
+             "samples_timed": int(X.shape[0]), "matmuls_per_step": per_step, "seconds": timed,
+             "median": statistics.median(timed)}  # fmt: skip
+    return {"epochs": [entry], "floors": [floor]}
 
 
 def add_ratios(entries: list[dict], peaks: dict, floors: Sequence[dict] = ()) -> None:
     """Fill vs_torch, vs_numpy, GFLOP/s, GEMM-bound and floor columns in place. Each entry's
-    floor is the one timed beside its backend; older results, whose floors name no backend,
+    floor is the one timed with its backend's epochs; older results, whose floors name no backend,
     had one floor per (config, device)."""
     by = {(e["config"], e["backend"]): e["median"] for e in entries}
     beside = {(f["config"], f["backend"]): f["median"] for f in floors if "backend" in f}
