@@ -206,11 +206,17 @@ def _add_optimizer_args(f) -> None:
 
     f.add_argument("--optimizer", choices=OPTIMIZERS)
     f.add_argument("--lr", type=POS_FLOAT, help="learning rate")
-    f.add_argument("--momentum", type=NONNEG_FLOAT)
+    f.add_argument(
+        "--momentum",
+        type=_rate,
+        help=f"momentum coefficient mu, in [0, 1) (default: {_defaults('momentum')})",
+    )
     f.add_argument("--l1", type=NONNEG_FLOAT)
     f.add_argument("--l2", type=NONNEG_FLOAT)
     f.add_argument(
-        "--weight-decay", type=NONNEG_FLOAT, help=f"decoupled weight decay ({_defaults('weight_decay')})"
+        "--weight-decay",
+        type=NONNEG_FLOAT,
+        help=f"decoupled weight decay (default: {_defaults('weight_decay')})",
     )
     for key, (kind, what) in OPTIMIZER_HYPERS.items():
         f.add_argument(f"--{key}", type=kind, help=f"{what} (default: {_defaults(key)})")
@@ -387,13 +393,15 @@ def _train_config(args: argparse.Namespace, paths: dict) -> tuple[dict, dict | N
 
 
 def _check_optimizer_flags(args: argparse.Namespace, optimizer: str) -> None:
-    """UsageError for a flag of OPTIMIZER_HYPERS given to an ``optimizer`` that does not take it."""
-    for key in OPTIMIZER_HYPERS:
+    """UsageError for a flag of OPTIMIZER_HYPERS, --momentum or --weight-decay given on the command
+    line to an ``optimizer`` that does not take it (a preset's or resumed config's value is no flag:
+    the flags' defaults are None)."""
+    for key in ("momentum", "weight_decay", *OPTIMIZER_HYPERS):
         takers = _takers(key)
         if getattr(args, key, None) is not None and optimizer not in takers:
             raise UsageError(
-                f"--{key} does not apply to optimizer {optimizer}; it is a hyper-parameter of "
-                f"{', '.join(takers)}"
+                f"--{key.replace('_', '-')} does not apply to optimizer {optimizer}; it is a "
+                f"hyper-parameter of {', '.join(takers)}"
             )
 
 

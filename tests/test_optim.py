@@ -217,6 +217,7 @@ def _takers(key: str) -> str:
         ("adam", {"beta1": 0.8, "beta2": 0.95, "eps": 1e-6}),
         ("rmsprop", {"rho": 0.8, "eps": 1e-4}),
         ("lion", {"beta1": 0.5, "beta2": 0.9}),
+        ("nesterov", {"momentum": 0.5}),
     ],
 )
 def test_cli_rate_flags_reach_the_optimizer_and_the_run_records(opt, rates, tmp_path):
@@ -245,6 +246,11 @@ def test_cli_rate_flags_reach_the_optimizer_and_the_run_records(opt, rates, tmp_
     assert history[0]["records"][0]["loss"] != history[1]["records"][0]["loss"]
 
 
+def _not_for(key: str, opt: str) -> str:
+    flag = "--" + key.replace("_", "-")
+    return f"{flag} does not apply to optimizer {opt}; it is a hyper-parameter of {_takers(key)}"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -258,11 +264,18 @@ def test_cli_rate_flags_reach_the_optimizer_and_the_run_records(opt, rates, tmp_
                                                    f"hyper-parameter of {_takers('eps')}"),
         (["--preset", "seed", "--rho", "0.9"], f"--rho does not apply to optimizer sgd; it is a "
                                                f"hyper-parameter of {_takers('rho')}"),
+        (["--optimizer", "momentum", "--momentum", "1"], "argument --momentum: '1' is not a number in "
+                                                         "[0, 1)"),
+        (["--optimizer", "adam", "--momentum", "0.5"], _not_for("momentum", "adam")),
+        (["--preset", "seed", "--momentum", "0.9"], _not_for("momentum", "sgd")),
+        (["--optimizer", "adam", "--weight-decay", "0.1"], _not_for("weight_decay", "adam")),
+        (["--optimizer", "momentum", "--weight-decay", "0"], _not_for("weight_decay", "momentum")),
     ],
 )  # fmt: skip
 def test_cli_rate_flags_are_checked(flags, message, tmp_path):
     """A rate outside [0, 1), eps <= 0, or a flag the run's optimizer does not take (from --optimizer
-    or the preset): one error line naming the optimizers that take it, exit 2, no run config written."""
+    or the preset; --momentum and --weight-decay too, which the presets set): one error line naming
+    the optimizers that take it, exit 2, no run config written."""
     proc = _cli("train", *flags, "--epochs", "1", "--out", tmp_path / "run")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert message in proc.stderr and not (tmp_path / "run" / "config.json").exists()
