@@ -25,10 +25,12 @@ SCHEDULES = ("constant", "step", "exp")
 
 @dataclass(frozen=True)
 class Hyper:
-    """A hyper-parameter's default and range: a decay rate in [0, 1) (``rate``) or a finite number >= 0."""
+    """A hyper-parameter's default and range: a decay rate in [0, 1) (``rate``), a finite number > 0
+    (``positive``) or a finite number >= 0."""
 
     default: float
     rate: bool = False
+    positive: bool = False
 
 
 # Every hyper-parameter an optimizer may take (a field of Optimizer each), and its default.
@@ -37,7 +39,7 @@ HYPERS = {
     "rho": Hyper(0.9, rate=True),
     "beta1": Hyper(0.9, rate=True),
     "beta2": Hyper(0.999, rate=True),
-    "eps": Hyper(1e-8),
+    "eps": Hyper(1e-8, positive=True),  # 0: 0/0 on an exactly-zero gradient (AdaGrad, RMSProp, Adam)
     "l1": Hyper(0.0),
     "l2": Hyper(0.0),
     "weight_decay": Hyper(0.0),
@@ -150,13 +152,24 @@ class Optimizer:
         for name in ("lr", *(n for n, h in HYPERS.items() if not h.rate)):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"optimizer {name} must be a finite number >= 0, got {value}")
+                raise ValueError(f"optimizer {name} must be a finite number {self._range(name)}, got {value}")
         if self.lr == 0:
             raise ValueError("learning rate must be > 0")
+        for name in (n for n, h in HYPERS.items() if h.positive and getattr(self, n) == 0):
+            default = rule.defaults.get(name, HYPERS[name].default)
+            raise ValueError(
+                f"optimizer {name} must be > 0 (it keeps a denominator off zero), got 0; "
+                f"leave it None for the default {default:g}"
+            )
         for name in (n for n, h in HYPERS.items() if h.rate):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 <= value < 1):
                 raise ValueError(f"optimizer {name} must be a finite number in [0, 1), got {value}")
+
+    @staticmethod
+    def _range(name: str) -> str:
+        """'> 0' or '>= 0': the range of non-rate hyper-parameter ``name`` (or ``lr``)."""
+        return "> 0" if name == "lr" or HYPERS[name].positive else ">= 0"
 
     @property
     def rule(self) -> Rule:

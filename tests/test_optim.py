@@ -69,6 +69,34 @@ def test_per_optimizer_defaults_and_clear_errors():
         Optimizer("lion", beta2=1)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"eps": 0}, r"optimizer eps must be > 0 \(it keeps a denominator off zero\), got 0; leave it None"),
+        ({"eps": -1e-8}, r"optimizer eps must be a finite number > 0, got -1e-08"),
+        ({"eps": float("nan")}, r"optimizer eps must be a finite number > 0, got nan"),
+        ({"eps": float("inf")}, r"optimizer eps must be a finite number > 0, got inf"),
+        ({"beta1": 1.0}, r"optimizer beta1 must be a finite number in \[0, 1\), got 1.0"),
+        ({"beta2": -0.1}, r"optimizer beta2 must be a finite number in \[0, 1\), got -0.1"),
+        ({"rho": float("nan")}, r"optimizer rho must be a finite number in \[0, 1\), got nan"),
+        ({"momentum": 1}, r"optimizer momentum must be a finite number in \[0, 1\), got 1"),
+    ],
+)
+@pytest.mark.parametrize("name", ["adagrad", "rmsprop", "adam", "adamw"])
+def test_eps_and_rates_out_of_range_fail_at_construction(name, kwargs, message):
+    """eps <= 0 (0/0 on an exactly-zero gradient), NaN or inf, and a decay rate outside [0, 1):
+    a ValueError when the optimizer is built, and fit fails before any step."""
+    with pytest.raises(ValueError, match=message):
+        Optimizer(name, **kwargs)
+    model = MLP("5-4-3", backend="numpy")
+    before = model.state_arrays()
+    with pytest.raises(ValueError, match=message):
+        model.fit(*_toy(n=20, f=5), epochs=1, optimizer=name, **kwargs)
+    for key, a in model.state_arrays().items():
+        np.testing.assert_array_equal(a, before[key])
+    assert Optimizer(name, eps=1e-30).eps == 1e-30  # tiny but positive is fine
+
+
 # ------------------------------------------------------------------ PyTorch oracles
 @pytest.mark.parametrize("name", TWINS)
 def test_torch_optim_twin_matches_the_reference(name):
