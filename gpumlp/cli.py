@@ -406,14 +406,23 @@ def _check_optimizer_flags(args: argparse.Namespace, optimizer: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``gpumlp train``: holds an exclusive lock on ``--out`` for the whole run."""
-    from contextlib import nullcontext
-
+    """``gpumlp train``: holds an exclusive lock on ``--out`` for the whole run. A run that fails
+    before writing anything there (a usage error found once the directory is locked: a flag the
+    optimizer does not take, --patience without validation data, a bad data file...) removes the
+    directory again if this invocation created it."""
     from gpumlp.rundir import RunLock
 
     missing = args.resume and args.out and not Path(args.out).is_dir()  # refused in _train; create nothing
-    with RunLock(args.out) if args.out and not missing else nullcontext():
+    if not args.out or missing:
         return _train(args)
+    lock = RunLock(args.out).acquire()
+    try:
+        status = _train(args)
+    except BaseException:
+        lock.release_and_discard()
+        raise
+    lock.release()
+    return status
 
 
 def _train(args: argparse.Namespace) -> int:

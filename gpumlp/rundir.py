@@ -33,10 +33,13 @@ class RunLock:
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self._fd: int | None = None
+        self._created: Path | None = None  # the outermost directory acquire() created, if any
 
     def acquire(self) -> RunLock:
         """Take the lock or raise RunDirBusy; then remove temp files left by dead writers."""
+        missing = [d for d in (self.directory, *self.directory.parents) if not d.exists()]
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._created = missing[-1] if missing else None
         fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -61,6 +64,25 @@ class RunLock:
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+    def release_and_discard(self) -> None:
+        """Release the lock, removing the directories acquire() created if they hold nothing but
+        the lock file (a run that failed before writing anything leaves no trace); a directory that
+        existed before, or holds anything else, is kept. The lock file goes while the lock is held,
+        so no other run can be inside the directory."""
+        created, self._created = self._created, None
+        try:
+            if self._fd is not None and created is not None:
+                if {p.name for p in self.directory.iterdir()} == {LOCK_NAME}:
+                    (self.directory / LOCK_NAME).unlink()
+                    for d in (self.directory, *self.directory.parents):
+                        d.rmdir()  # OSError when not empty: someone else wrote there, keep it
+                        if d == created:
+                            break
+        except OSError:
+            pass
+        finally:
+            self.release()
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -145,6 +145,32 @@ def test_two_concurrent_runs_into_one_out_directory(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["epochs"] == done + 1
 
 
+# ------------------------------------------------------------------ a refused run creates nothing
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--momentum", "0.5"], "--momentum does not apply to optimizer adam"),  # found before the data
+        (["--patience", "2"], "--patience needs a validation set"),  # found after the data is loaded
+    ],
+)
+def test_usage_error_after_the_lock_leaves_no_new_directory(tmp_path, flags, message):
+    """An error found once ``--out`` is locked removes the directories this run created (nested ones
+    too) when they hold only the lock file; one that existed before, empty or not, is kept as it was."""
+    parent = tmp_path / "new"
+    line = one_error_line(gpumlp("train", *TINY, "--epochs", "1", *flags, "--out", parent / "a" / "run"), 2)
+    assert message in line
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "kept"
+    (kept / "empty").mkdir(parents=True)
+    (kept / "full").mkdir()
+    (kept / "full" / "notes.txt").write_text("mine")
+    for out in (kept / "empty", kept / "full", kept / "empty" / "run"):
+        assert message in one_error_line(gpumlp("train", *TINY, "--epochs", "1", *flags, "--out", out), 2)
+    assert sorted(p.name for p in (kept / "empty").iterdir()) == [".lock"]  # existed: kept
+    assert sorted(p.name for p in (kept / "full").iterdir()) == [".lock", "notes.txt"]
+    assert (kept / "full" / "notes.txt").read_text() == "mine"
+
+
 def test_stale_temp_files_of_dead_writers_are_removed(run2, tmp_path):
     out = copy_run(run2, tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
