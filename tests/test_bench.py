@@ -180,7 +180,7 @@ def test_floor_epochs_interleave_with_each_backends_epochs(monkeypatch):
     (the first after the warm-up, untimed), so every x_floor is the backend's own overhead however
     the machine drifts, also within one backend's epochs. A CPU peer (its own thread pool) gets a
     pause around each floor epoch, outside both timings."""
-    from gpumlp.bench import _plan, _run_tasks, build_parser
+    from gpumlp.bench import build_parser, plan_tasks, run_tasks
     from gpumlp.bench import runner as R
     from gpumlp.bench.inference import POOL_SETTLE_S
 
@@ -213,11 +213,11 @@ def test_floor_epochs_interleave_with_each_backends_epochs(monkeypatch):
     monkeypatch.setattr(R.time, "sleep", naps.append)
     args = build_parser().parse_args(["--quick", "--no-kernels", "--no-inference", "--repeats", "3"])
     X, y = np.zeros((100, 784), np.float32), np.zeros(100, np.int64)
-    tasks = _plan(args, list(overhead), ["seed", "deep1024"], (X, y, X, y), 60, 3)
+    tasks = plan_tasks(args, list(overhead), ["seed", "deep1024"], (X, y, X, y), 60, 3)
     order = [(c, b) for c in ("seed", "deep1024") for b in overhead]  # config-major
     assert [t[0] for t in tasks if t[1] != "jit_seconds"] == [f"{c} {b} + floor" for c, b in order]
     res = {"epochs": [], "jit_seconds": {}}
-    _run_tasks(tasks, res, no_progress=True)
+    run_tasks(tasks, res, no_progress=True)
     expected = []
     for c, b in order:  # warm-up epoch, then each epoch followed by a floor epoch
         expected += [("epoch", b), ("floor", c, device[b], 60)] * 4

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     if any(R.device_of(b) == "gpu" for b in backends):
         res["peaks"]["gpu"] = _gpu_peaks(args.dtype, args.quick)
     X, y, Xt, yt = _load_data(args.dtype)
-    _run_tasks(_plan(args, backends, cfg_names, (X, y, Xt, yt), samples, repeats), res, args.no_progress)
+    run_tasks(plan_tasks(args, backends, cfg_names, (X, y, Xt, yt), samples, repeats), res, args.no_progress)
     _summarise(args, res, backends)
     return res
 
@@ -158,8 +158,9 @@ def _header(args: argparse.Namespace, repeats: int, samples: int, backends: list
     }
 
 
-def _run_tasks(tasks: list[tuple], res: dict, no_progress: bool) -> None:
-    """Run the planned tasks in order, with a progress bar, adding each result under its key."""
+def run_tasks(tasks: list[tuple], res: dict, no_progress: bool) -> None:
+    """Run the planned tasks in order, with a progress bar, adding each result under its key (key
+    None: under each key of the {key: [entries]} the task returns)."""
     from tqdm.auto import tqdm
 
     for key in {key for _, key, _, _ in tasks} - {None}:
@@ -197,9 +198,10 @@ def _summarise(args: argparse.Namespace, res: dict, backends: list[str]) -> None
         res["machine"]["loadavg"]["end"] = os.getloadavg()[0]
 
 
-def _plan(args: argparse.Namespace, backends: list[str], cfg_names: list[str], data: tuple, samples: int,
-          repeats: int) -> list[tuple[str, str, object, tuple]]:  # fmt: skip
-    """The run as (progress label, results key, function, arguments) tasks, in order."""
+def plan_tasks(args: argparse.Namespace, backends: list[str], cfg_names: list[str], data: tuple, samples: int,
+               repeats: int) -> list[tuple[str, str | None, object, tuple]]:  # fmt: skip
+    """The run as (progress label, results key, function, arguments) tasks, in order; key None: the
+    function returns {key: [entries]}."""
     from gpumlp.bench import runner as R
 
     X, y, Xt, yt = data
