@@ -71,7 +71,12 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     hidden_layer_sizes: widths of the hidden layers; activation, loss, init,
     dropout, batchnorm: as :class:`gpumlp.MLP`; optimizer (one of ``gpumlp.optim.OPTIMIZERS``),
     lr, momentum, l1, l2, weight_decay, clip_norm, schedule, epochs, batch_size, tol, patience,
-    shuffle: as :func:`gpumlp.train.fit`; validation_fraction: share of the rows held out
+    shuffle: as :func:`gpumlp.train.fit`; beta_1, beta_2, epsilon (scikit-learn's names): the
+    moments' decays in [0, 1) and the denominator's term > 0, ``fit``'s beta1, beta2, eps; None takes
+    the optimizer's default (Adam, AdamW: 0.9, 0.999, 1e-8, scikit-learn's values; Lion's beta2 is
+    0.99). An optimizer that does not take one ignores it, as scikit-learn's sgd solver ignores
+    beta_1 (epsilon: AdaGrad, RMSProp, Adam, AdamW; the betas: Adam, AdamW, Lion); a value out of
+    range is an error whatever the optimizer; validation_fraction: share of the rows held out
     (stratified at random) to compute ``validation_scores_`` and for
     ``patience`` (``fit`` only); backend: ``numpy`` | ``numba`` | ``cupy`` | ``cuda-emu`` | None (auto);
     dtype: float32 | float64; random_state: int, None or a RandomState (seeds
@@ -96,6 +101,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         l1: float = 0.0,
         l2: float = 1e-4,
         weight_decay: float | None = None,
+        beta_1: float | None = None,
+        beta_2: float | None = None,
+        epsilon: float | None = None,
         clip_norm: float | None = None,
         schedule: str = "constant",
         epochs: int = 200,
@@ -122,6 +130,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         self.l1 = l1
         self.l2 = l2
         self.weight_decay = weight_decay
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
         self.clip_norm = clip_norm
         self.schedule = schedule
         self.epochs = epochs
@@ -203,7 +214,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             X_valid=None if valid is None else X[valid], y_valid=None if valid is None else idx[valid],
             epochs=epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
             momentum=self.momentum, l1=self.l1, l2=self.l2, weight_decay=self.weight_decay,
-            clip_norm=self.clip_norm,
+            beta1=self.beta_1, beta2=self.beta_2, eps=self.epsilon, clip_norm=self.clip_norm,
             schedule=self.schedule, shuffle=self.shuffle, seed=self._seed + self.n_iter_,
             tol=self.tol, patience=patience if valid is not None else None, verbose=self.verbose,
             carry=self._carry,

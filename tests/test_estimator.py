@@ -115,6 +115,32 @@ def test_clone_keeps_params_not_fit(digits):
     assert (twin.lr, twin.epochs, clf.lr) == (0.5, 3, 0.01)
 
 
+def test_adam_hyper_parameters_under_scikit_learn_names(digits):
+    """beta_1, beta_2, epsilon: None is the optimizer's default (for Adam scikit-learn's 0.9, 0.999,
+    1e-8); a value changes the training; an optimizer that does not take one ignores it; a value out of
+    range is a ValueError naming it; clone/set_params carry them."""
+    X, y = digits[0][:300], digits[1][:300]
+    base = small(epochs=2).fit(X, y).loss_curve_
+    assert small(epochs=2, beta_1=0.9, beta_2=0.999, epsilon=1e-8).fit(X, y).loss_curve_ == base
+    for changed in ({"beta_1": 0.5}, {"beta_2": 0.9}, {"epsilon": 1e-1}):
+        assert small(epochs=2, **changed).fit(X, y).loss_curve_ != base, changed
+    sgd = small(epochs=2, optimizer="sgd").fit(X, y).loss_curve_
+    ignored = small(epochs=2, optimizer="sgd", beta_1=0.5, beta_2=0.5, epsilon=0.1).fit(X, y).loss_curve_
+    assert ignored == sgd
+    clf = small(beta_1=0.8, beta_2=0.95, epsilon=1e-6)
+    assert {k: clone(clf).get_params()[k] for k in ("beta_1", "beta_2", "epsilon")} == {
+        "beta_1": 0.8, "beta_2": 0.95, "epsilon": 1e-6,
+    }  # fmt: skip
+    assert clf.set_params(beta_2=0.9).beta_2 == 0.9
+    for bad, message in (
+        ({"beta_1": 1.0}, r"beta1 must be a finite number in \[0, 1\), got 1.0"),
+        ({"beta_2": -0.1, "optimizer": "sgd"}, r"beta2 must be a finite number in \[0, 1\), got -0.1"),
+        ({"epsilon": 0.0}, r"eps must be > 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            small(epochs=1, **bad).fit(X, y)
+
+
 def test_pipeline_with_standard_scaler(digits):
     X, y = digits
     pipe = make_pipeline(StandardScaler(), small()).fit(X[:1200], y[:1200])
