@@ -393,10 +393,12 @@ def _train_config(args: argparse.Namespace, paths: dict) -> tuple[dict, dict | N
 
 
 def _check_optimizer_flags(args: argparse.Namespace, optimizer: str) -> None:
-    """UsageError for a flag of OPTIMIZER_HYPERS, --momentum or --weight-decay given on the command
-    line to an ``optimizer`` that does not take it (a preset's or resumed config's value is no flag:
-    the flags' defaults are None)."""
-    for key in ("momentum", "weight_decay", *OPTIMIZER_HYPERS):
+    """UsageError for a flag of an optimizer's own hyper-parameter (``SPECIFIC_HYPERS``) given on the
+    command line to an ``optimizer`` that does not take it (a preset's or resumed config's value is
+    no flag: the flags' defaults are None)."""
+    from gpumlp.optim import SPECIFIC_HYPERS
+
+    for key in SPECIFIC_HYPERS:
         takers = _takers(key)
         if getattr(args, key, None) is not None and optimizer not in takers:
             raise UsageError(

@@ -19,7 +19,7 @@ from gpumlp.data.datasets import (
     load_known,
     load_path,
 )
-from gpumlp.optim import RULES, Optimizer
+from gpumlp.optim import RULES, SPECIFIC_HYPERS, Optimizer
 
 
 class DataUsageError(ValueError):
@@ -155,10 +155,9 @@ def describe(config: dict) -> str:
     m, f, d = config["model"], config["fit"], config["data"]
     parts = [f"spec {m['spec']}", f"act {m['act']}", f"loss {m['loss']}", f"optimizer {f['optimizer']}"]
     parts.append(f"lr {f['lr']:g}")
-    own = ("momentum", "weight_decay", "rho", "beta1", "beta2", "eps")  # those a config may hold
-    opt = Optimizer(f["optimizer"], f["lr"], **{key: f.get(key) for key in own})
+    opt = Optimizer(f["optimizer"], f["lr"], **{key: f.get(key) for key in SPECIFIC_HYPERS})
     taken = opt.rule.hyper.values()  # the ones this optimizer takes
-    parts += [f"{key} {getattr(opt, key):g}" for key in own if key in taken]
+    parts += [f"{key} {getattr(opt, key):g}" for key in SPECIFIC_HYPERS if key in taken]
     parts.append(
         f"schedule {f['schedule']}" + (f" (gamma {f['lr_gamma']:g})" if f["schedule"] != "constant" else "")
     )

@@ -120,6 +120,9 @@ RULES: dict[str, Rule] = {
 }
 # fmt: on
 OPTIMIZERS = tuple(RULES)
+# The hyper-parameters only some optimizers take (each some rule's ``hyper`` value): the run
+# configs' and the CLI flags' own keys, in the order a run's description lists them.
+SPECIFIC_HYPERS = ("momentum", "weight_decay", "rho", "beta1", "beta2", "eps")
 
 
 @dataclass

@@ -43,6 +43,16 @@ def test_every_rule_names_a_kernel_every_backend_has_with_its_arguments(be):
         assert set(rule.hyper.values()) <= set(HYPERS), name
 
 
+def test_specific_hypers_are_exactly_those_some_rule_takes():
+    """The CLI's flags and a run config's keys for optimizer hyper-parameters (SPECIFIC_HYPERS) are
+    every hyper-parameter some optimizer takes, and nothing every optimizer takes (lr, l1, l2)."""
+    from gpumlp.optim import HYPERS, RULES, SPECIFIC_HYPERS
+
+    taken = {h for rule in RULES.values() for h in rule.hyper.values()}
+    assert sorted(SPECIFIC_HYPERS) == sorted(taken) and taken <= set(HYPERS)
+    assert len(set(SPECIFIC_HYPERS)) == len(SPECIFIC_HYPERS)
+
+
 def test_decays_apply_to_decayed_parameters_only():
     for name in OPTIMIZERS:
         opt = Optimizer(name, l1=1e-3, l2=1e-2, weight_decay=0.1)
