@@ -6,13 +6,12 @@ measured here: the GEMM alone, yes, where ``b`` fits a core's L2; inside a train
 ``predict`` it loses most of that, and beside OpenBLAS's thread pool it collapses, so the kernels
 keep OpenBLAS (see the issue-15 note and ``bench/results/tiled_gemm.md``).
 
-The kernel: ``c = alpha * a @ b + beta * c`` with ``a`` read in place (each of MR rows a broadcast
-stream, any strides, so ``x.T`` needs no copy) and ``b`` row by row; each MR x NV*W tile (W = 16
-float32 / 8 float64 lanes with AVX-512, half that without) keeps its accumulators in vector
-registers over the whole K loop. The tile is LLVM IR built through a Numba intrinsic (explicit
-``llvm.fma`` on vectors, masked loads and stores for the last vector of a row, so N needs no
-padding); the loops around it are plain jitted code, and threads (``prange``) split the rows.
-Every element is one FMA chain over k in order, so results do not depend on the thread split.
+The GEMM: ``c = alpha * a @ b + beta * c`` through the register tiles of
+``gpumlp.kernels.numba_tiles`` (which the numba backend's fused inference kernel, ``dense_chain``,
+now uses), threads (``prange``) splitting the rows. Every element is one FMA chain over k in
+order, so results do not depend on the thread split. The results committed in
+``bench/results/tiled_gemm.md`` were measured with the tile inlined into its caller; it is a
+``noinline`` function now (same code inside).
 
     python bench/tiled_gemm.py [--rounds 3] [--out bench/results/tiled_gemm.md]
 
@@ -26,183 +25,21 @@ from __future__ import annotations
 
 import functools
 
-import llvmlite.binding as llvm_binding
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import prange
 
 from gpumlp.kernels._jit import njit
+from gpumlp.kernels.numba_tiles import MR, tile_rows
 
-
-def _targets_avx512() -> bool:
-    """Whether Numba compiles for a CPU with AVX-512: the host's features, unless NUMBA_CPU_NAME /
-    NUMBA_CPU_FEATURES name another target (e.g. a portable ``haswell`` build)."""
-    name, features = numba.config.CPU_NAME, numba.config.CPU_FEATURES
-    if features:
-        return "+avx512f" in features.split(",")
-    if name not in (None, "host"):
-        return False  # a named CPU without named features: assume the portable AVX2 layout
-    return "+avx512f" in llvm_binding.get_host_cpu_features().flatten().split(",")
-
-
-AVX512 = _targets_avx512()
-MR = 6  # rows per tile: MR * NV accumulators + NV vectors of b + a broadcast fit 32 (16) registers
-NV = 4 if AVX512 else 2  # vectors per row of a tile
 ROWS_PER_CHUNK = 96  # rows a thread takes at a time: a chunk of a (96 x K) stays in L2 across panels
 PARALLEL_MIN_FLOPS = 4_000_000  # below: one thread (a parallel region costs a few microseconds)
 MIXED_MAX_B_BYTES = 1 << 20  # engine "mixed": tiled where b fits a core's L2, else OpenBLAS
 
 
-_I1, _I32, _I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
-
-
-def lanes(dtype: np.dtype) -> int:
-    """SIMD lanes per vector for ``dtype`` (float32/float64) on this CPU."""
-    return (64 if AVX512 else 32) // np.dtype(dtype).itemsize
-
-
-def _splat(builder: ir.IRBuilder, value: ir.Value, vec: ir.VectorType) -> ir.Value:
-    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(_I32, 0))
-    lane0 = ir.Constant(ir.VectorType(_I32, vec.count), [0] * vec.count)
-    return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), lane0)
-
-
-def _name(vec: ir.VectorType) -> str:
-    """LLVM's overload suffix of a float vector type, e.g. v16f32."""
-    return f"v{vec.count}f{'32' if isinstance(vec.element, ir.FloatType) else '64'}"
-
-
-def _masked(builder: ir.IRBuilder, vec: ir.VectorType, store: bool) -> ir.Function:
-    ptr, mask = vec.as_pointer(), ir.VectorType(_I1, vec.count)
-    opaque = llvm_binding.llvm_version_info >= (15,)  # pointers in intrinsic names: "p0", typed "p0v16f32"
-    suffix = f"{_name(vec)}.p0" + ("" if opaque else _name(vec))
-    if store:
-        fnty = ir.FunctionType(ir.VoidType(), [vec, ptr, _I32, mask])
-        return cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.store.{suffix}")
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [ptr, _I32, mask, vec]),
-                                          f"llvm.masked.load.{suffix}")  # fmt: skip
-
-
-def _make_tile(nv: int):
-    """The tile intrinsic, ``nv`` vectors a row: c[tile] = alpha * a[rows] @ b[:, cols] + beta * c[tile]."""
-
-    @intrinsic
-    def tile(typingctx, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta):
-        sig = types.void(a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta)
-
-        def codegen(context, builder, signature, args):
-            a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta = args
-            real = context.get_value_type(signature.args[0].dtype)
-            w = lanes(np.dtype(str(signature.args[0].dtype)))
-            vec, vptr = ir.VectorType(real, w), ir.VectorType(real, w).as_pointer()
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
-                                                 f"llvm.fma.{_name(vec)}")  # fmt: skip
-            load, store = _masked(builder, vec, False), _masked(builder, vec, True)
-            itemsize = np.dtype(str(signature.args[0].dtype)).itemsize
-            align, zero = ir.Constant(_I32, itemsize), ir.Constant(vec, [0.0] * w)
-
-            def data(i, value, offset):
-                ptr = context.make_array(signature.args[i])(context, builder, value).data
-                return builder.gep(ptr, [offset])
-
-            pa, pb, pc = data(0, a, a0), data(4, b, b0), data(7, c, c0)
-            i64 = lambda n: ir.Constant(_I64, n)  # noqa: E731
-            last_row = builder.sub(nrows, i64(1))
-            rows = []  # rows past nrows read the last valid row (their results are not stored)
-            for r in range(MR):
-                row = builder.select(builder.icmp_signed("<", i64(r), nrows), i64(r), last_row)
-                rows.append(builder.gep(pa, [builder.mul(row, rs)]))
-            lanes_i64 = ir.VectorType(_I64, w)
-            lane_ids, valid = ir.Constant(lanes_i64, list(range(w))), _splat(builder, ncols, lanes_i64)
-            # lane j of vector v is written where column v*w + j < ncols
-            firsts = [_splat(builder, i64(v * w), lanes_i64) for v in range(nv)]
-            masks = [builder.icmp_signed("<", builder.add(lane_ids, first), valid) for first in firsts]
-
-            entry = builder.block
-            loop, done = builder.append_basic_block("tile.k"), builder.append_basic_block("tile.out")
-            builder.cbranch(builder.icmp_signed(">", k, i64(0)), loop, done)
-            builder.position_at_end(loop)
-            kk = builder.phi(_I64)
-            acc = [builder.phi(vec) for _ in range(MR * nv)]
-            brow = builder.gep(pb, [builder.mul(kk, ldb)])
-            bptrs = [builder.bitcast(builder.gep(brow, [i64(v * w)]), vptr) for v in range(nv)]
-            bv = [builder.call(load, [p, align, mask, zero]) for p, mask in zip(bptrs, masks)]
-            koff = builder.mul(kk, ks)
-            new = []
-            for r in range(MR):
-                x = _splat(builder, builder.load(builder.gep(rows[r], [koff])), vec)
-                new += [builder.call(fma, [x, bv[v], acc[r * nv + v]]) for v in range(nv)]
-            k_next = builder.add(kk, i64(1))
-            kk.add_incoming(i64(0), entry)
-            kk.add_incoming(k_next, loop)
-            for p, n in zip(acc, new):
-                p.add_incoming(zero, entry)
-                p.add_incoming(n, loop)
-            builder.cbranch(builder.icmp_signed("<", k_next, k), loop, done)
-
-            builder.position_at_end(done)
-            out = []
-            for n in new:
-                p = builder.phi(vec)
-                p.add_incoming(zero, entry)
-                p.add_incoming(n, loop)
-                out.append(p)
-            dt = signature.args[0].dtype
-            alpha = context.cast(builder, alpha, signature.args[13], dt)
-            beta = context.cast(builder, beta, signature.args[14], dt)
-            va, vb = _splat(builder, alpha, vec), _splat(builder, beta, vec)
-            keep_c = builder.fcmp_ordered("!=", beta, ir.Constant(real, 0.0))  # beta 0: c is not read (NaN?)
-            for r in range(MR):
-                with builder.if_then(builder.icmp_signed("<", i64(r), nrows)):
-                    crow = builder.gep(pc, [builder.mul(i64(r), ldc)])
-                    for v in range(nv):
-                        ptr = builder.bitcast(builder.gep(crow, [i64(v * w)]), vptr)
-                        res = builder.fmul(va, out[r * nv + v])
-                        with builder.if_else(keep_c) as (then, otherwise):
-                            with then:
-                                old = builder.call(load, [ptr, align, masks[v], zero])
-                                upd, from_then = builder.call(fma, [vb, old, res]), builder.block
-                            with otherwise:
-                                from_else = builder.block
-                        value = builder.phi(vec)
-                        value.add_incoming(upd, from_then)
-                        value.add_incoming(res, from_else)
-                        builder.call(store, [value, ptr, align, masks[v]])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return tile
-
-
-_VEC_BYTES = 64 if AVX512 else 32
-_TILE_1, _TILE_2, _TILE_3, _TILE_4 = (_make_tile(min(nv, NV)) for nv in range(1, 5))
-
-
 @njit(cache=True, error_model="numpy")
 def _rows(c, a, b, alpha, beta, i0, i1):
-    # rows i0..i1 of c: panel by panel (NV vectors wide), MR rows at a time
-    m, n = c.shape
-    k = a.shape[1]
-    rs, ks = a.strides[0] // a.itemsize, a.strides[1] // a.itemsize
-    ldb, ldc = b.strides[0] // b.itemsize, c.strides[0] // c.itemsize
-    w = _VEC_BYTES // c.itemsize
-    for j0 in range(0, n, NV * w):
-        ncols = min(NV * w, n - j0)
-        nv = (ncols + w - 1) // w
-        for i in range(i0, i1, MR):
-            nrows = min(MR, i1 - i)
-            if nv == 4:
-                _TILE_4(a, i * rs, rs, ks, b, j0, ldb, c, i * ldc + j0, ldc, k, nrows, ncols, alpha, beta)
-            elif nv == 3:
-                _TILE_3(a, i * rs, rs, ks, b, j0, ldb, c, i * ldc + j0, ldc, k, nrows, ncols, alpha, beta)
-            elif nv == 2:
-                _TILE_2(a, i * rs, rs, ks, b, j0, ldb, c, i * ldc + j0, ldc, k, nrows, ncols, alpha, beta)
-            else:
-                _TILE_1(a, i * rs, rs, ks, b, j0, ldb, c, i * ldc + j0, ldc, k, nrows, ncols, alpha, beta)
+    tile_rows(c, i0, a, i0, i1 - i0, b, alpha, beta)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)

@@ -28,13 +28,20 @@ class Loss:
         with ``loss`` (0-d, scores' dtype) the batch sum is added into it on the device."""
         return getattr(be.k, self.kernel)(scores, labels, grad=grad, grad_scale=grad_scale, loss=loss)
 
+    @property
+    def proba_act(self) -> str | None:
+        """The elementwise activation that turns scores into probabilities (identity: the outputs
+        are the probabilities, as for MSE), or None where that is not elementwise (softmax)."""
+        return {"softmax_xent": None, "sigmoid_bce": "sigmoid"}.get(self.kernel, "identity")
+
     def probabilities(self, be: Backend, scores, out=None):
         """(B,K) scores -> (B,K) class probabilities (or outputs, for MSE), into ``out`` when
         given (``out=scores`` works in place)."""
         if self.kernel == "softmax_xent":
             return be.k.softmax(scores, out=out)
-        if self.kernel == "sigmoid_bce":
-            return be.k.bias_act(scores, be.xp.zeros(scores.shape[1], dtype=scores.dtype), "sigmoid", out=out)
+        act = self.proba_act
+        if act != "identity":
+            return be.k.bias_act(scores, be.xp.zeros(scores.shape[1], dtype=scores.dtype), act, out=out)
         if out is not None and out is not scores:
             out[...] = scores
             return out

@@ -17,6 +17,7 @@ from gpumlp.validate import (
     check_batch_size,
     check_bool,
     check_features,
+    check_finite,
     check_float,
     check_int,
     check_labels,
@@ -207,13 +208,51 @@ class MLP:
 
         return fit(self, X, y, **kwargs)
 
-    def _eval_chunks(self, X: np.ndarray, batch_size: int):
+    @property
+    def inference_path(self) -> str:
+        """How ``predict`` / ``predict_proba`` / ``decision_function`` run on this backend now:
+        "dense_chain" (the backend's fused eval forward of the whole stack, see :meth:`_chain`) or
+        "layers" (layer by layer, as ``forward``)."""
+        return "layers" if self._chain() is None else "dense_chain"
+
+    def _chain(self) -> tuple[list, list, list] | None:
+        """(weights, biases, activations) when the backend runs this model's eval forward as one
+        fused ``dense_chain`` (every layer Dense, or Dropout: the identity in eval mode; every
+        weight matrix within the backend's ``CHAIN_MAX_WEIGHT_BYTES``), else None."""
+        limit = self.be.k.CHAIN_MAX_WEIGHT_BYTES
+        dense = [la for la in self.layers if isinstance(la, Dense)]
+        if not limit or len(dense) + sum(isinstance(la, Dropout) for la in self.layers) < len(self.layers):
+            return None
+        if any(la.params["W"].nbytes > limit for la in dense):
+            return None
+        return [la.params["W"] for la in dense], [la.params["b"] for la in dense], [la.act for la in dense]
+
+    def _checked_features(self, X, chain) -> np.ndarray:
+        """X checked for inference; with a chain, NaN/inf are left to the chain's flag (see
+        _eval_chunks): no pass over X just for them."""
+        return check_features(X, self.n_features, dtype=self.dtype, finite=chain is None)
+
+    def _eval_chunks(self, X: np.ndarray, batch_size: int, chain=None, out=None):
         """Eval-mode forward over checked host X in chunks of ``batch_size`` rows; yields
         (start, stop, device scores (stop - start, n_classes)). The scores live in the layers'
-        eval workspaces: read them before the next chunk."""
+        eval workspaces (or the chain's buffer): read them before the next chunk. With ``chain``
+        (:meth:`_chain`), each chunk is one ``dense_chain`` call, straight into the rows of the
+        host array ``out`` when given, and a chunk whose first product is not finite gets the
+        exact NaN/inf check of its rows."""
         for s in range(0, X.shape[0], batch_size):
             xb = X[s : s + batch_size]
-            yield s, s + xb.shape[0], self.forward(self._device_input(xb), train=False)
+            e = s + xb.shape[0]
+            if chain is None:
+                yield s, e, self.forward(self._device_input(xb), train=False)
+                continue
+            if out is None:
+                rows = grown_rows(self._input_buffers, "scores", (e - s, self.n_classes), np, self.dtype)
+            else:
+                rows = out[s:e]
+            scores, nonfinite = self.be.k.dense_chain(self._device_input(xb), *chain, out=rows)
+            if nonfinite:
+                check_finite(xb, first_row=s)
+            yield s, e, scores
 
     def _device_input(self, xb: np.ndarray):
         """Host chunk (B, n_features) -> C-contiguous device array of the model's dtype. On a host
@@ -229,16 +268,27 @@ class MLP:
 
     def decision_function(self, X, batch_size: int = 4096) -> np.ndarray:
         """Host (n, n_features) -> host (n, n_classes) raw scores, evaluated in chunks."""
+        return self._host_outputs(X, batch_size, self._chain())
+
+    def _host_outputs(self, X, batch_size, chain) -> np.ndarray:
+        """The last layer's outputs (n, n_classes) on the host, by ``chain`` (:meth:`_chain`, its
+        last activation possibly replaced) or, when None, by the layers."""
         batch_size = check_batch_size(batch_size)
-        X = check_features(X, self.n_features, dtype=self.dtype)
+        X = self._checked_features(X, chain)
         out = np.empty((X.shape[0], self.n_classes), dtype=self.dtype)
-        for s, e, scores in self._eval_chunks(X, batch_size):
-            out[s:e] = self.be.to_host(scores)
+        for s, e, scores in self._eval_chunks(X, batch_size, chain, out=out):
+            if chain is None:
+                out[s:e] = self.be.to_host(scores)
         return out
 
     def predict_proba(self, X, batch_size: int = 4096) -> np.ndarray:
         """Host (n, n_features) -> (n, n_classes) class probabilities (outputs for MSE)."""
-        scores = self.decision_function(X, batch_size)
+        chain, act = self._chain(), self.loss.proba_act
+        if chain is not None and act is not None and "identity" in (act, chain[2][-1]):
+            if act != "identity":  # the probabilities fold into the last layer: act(z + b)
+                chain[2][-1] = act
+            return self._host_outputs(X, batch_size, chain)
+        scores = self._host_outputs(X, batch_size, chain)
         if self.be.xp is np:  # a host backend turns the scores into probabilities in place
             return self.loss.probabilities(self.be, scores, out=scores)
         return self.be.to_host(self.loss.probabilities(self.be, self.be.asarray(scores)))
@@ -246,10 +296,10 @@ class MLP:
     def predict(self, X, batch_size: int = 4096) -> np.ndarray:
         """Host (n, n_features) -> (n,) int64 predicted classes (arg-max of the scores, chunk by
         chunk: no (n, n_classes) array)."""
-        batch_size = check_batch_size(batch_size)
-        X = check_features(X, self.n_features, dtype=self.dtype)
+        batch_size, chain = check_batch_size(batch_size), self._chain()
+        X = self._checked_features(X, chain)
         labels = np.empty(X.shape[0], dtype=np.intp)
-        for s, e, scores in self._eval_chunks(X, batch_size):
+        for s, e, scores in self._eval_chunks(X, batch_size, chain):
             np.argmax(self.be.to_host(scores), axis=1, out=labels[s:e])
         return labels
 

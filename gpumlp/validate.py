@@ -43,9 +43,11 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def check_features(X, n_features: int, what: str = "X", dtype=None) -> np.ndarray:
+def check_features(X, n_features: int, what: str = "X", dtype=None, finite: bool = True) -> np.ndarray:
     """Host array-like -> (n, n_features) real array; rejects wrong rank/width, empty, complex,
-    NaN/inf, and values that overflow ``dtype`` (the model's, e.g. float32) on conversion."""
+    NaN/inf, and values that overflow ``dtype`` (the model's, e.g. float32) on conversion.
+    ``finite=False`` leaves NaN/inf to the caller (:func:`check_finite` when a cheaper sign,
+    such as a non-finite product, points at them)."""
     X = np.asarray(X)
     if X.dtype.kind == "c":
         raise TypeError(
@@ -69,14 +71,21 @@ def check_features(X, n_features: int, what: str = "X", dtype=None) -> np.ndarra
             f"{what} has {X.shape[1]} features per sample but the model's input layer expects "
             f"{n_features}; reshape the data or build the model with input width {X.shape[1]}"
         )
-    if np.issubdtype(X.dtype, np.floating) and not _all_finite(X):
-        bad = np.argwhere(~np.isfinite(X))[0]
-        raise ValueError(
-            f"{what} contains NaN or inf (first at row {bad[0]}, column {bad[1]}); "
-            "clean or impute the data first"
-        )
+    if finite and np.issubdtype(X.dtype, np.floating) and not _all_finite(X):
+        check_finite(X, what)
     _check_range(X, dtype, what)
     return X
+
+
+def check_finite(X: np.ndarray, what: str = "X", first_row: int = 0) -> None:
+    """ValueError naming the first NaN or inf of the 2-D array X (its rows numbered from
+    ``first_row``, for a chunk of a bigger array); nothing when X is finite."""
+    if np.issubdtype(X.dtype, np.floating) and not np.isfinite(X).all():
+        bad = np.argwhere(~np.isfinite(X))[0]
+        raise ValueError(
+            f"{what} contains NaN or inf (first at row {first_row + bad[0]}, column {bad[1]}); "
+            "clean or impute the data first"
+        )
 
 
 def _check_range(X: np.ndarray, dtype, what: str) -> None:
@@ -86,6 +95,7 @@ def _check_range(X: np.ndarray, dtype, what: str) -> None:
     limit = float(np.finfo(dtype).max)
     peak = max(abs(float(X.max(initial=0))), abs(float(X.min(initial=0))))  # no |X| temporary
     if peak > limit:
+        check_finite(X, what)  # an inf is a NaN/inf error (check_features(finite=False) left it)
         raise ValueError(
             f"{what} has values up to {peak:g}, beyond the {np.dtype(dtype).name} range (±{limit:g}); "
             "scale the data (e.g. divide by its maximum) or use a float64 model"

@@ -45,6 +45,37 @@ def store_sum(out, value: float, accumulate: bool, dtype):
     return out
 
 
+def check_chain(x, weights, biases, acts) -> None:
+    """ValueError unless ``dense_chain``'s arguments chain: x (B, K0), weights[l] (K_l, N_l) with
+    K_{l+1} = N_l, biases[l] (N_l,), one activation name per layer, at least one layer."""
+    if not (len(weights) == len(biases) == len(acts) >= 1):
+        raise ValueError(
+            f"dense_chain: {len(weights)} weights, {len(biases)} biases and {len(acts)} activations; "
+            "give one of each per layer (at least one layer)"
+        )
+    width = x.shape[1] if x.ndim == 2 else None
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if w.ndim != 2 or w.shape[0] != width or b.shape != (w.shape[1],):
+            raise ValueError(
+                f"dense_chain: layer {i} has weights {w.shape} and bias {b.shape} after an input of "
+                f"width {width}; expected ({width}, N) and (N,)"
+            )
+        width = w.shape[1]
+
+
+def chain_layers(matmul, bias_act, x, weights, biases, acts):
+    """``dense_chain`` through a kernel module's ``matmul`` and ``bias_act``, layer by layer (any
+    array module: the finiteness test is plain arithmetic). -> (last activations, x_nonfinite)."""
+    check_chain(x, weights, biases, acts)
+    a, nonfinite = x, False
+    for i, (w, b, act) in enumerate(zip(weights, biases, acts)):
+        z = matmul(a, w)
+        if i == 0:
+            nonfinite = not bool((abs(z) < float("inf")).all())  # False for NaN and inf
+        a = bias_act(z, b, act)
+    return a, nonfinite
+
+
 def put(out, value):
     """Write ``value`` into ``out`` if given, else return ``value`` as is."""
     if out is None:

@@ -30,6 +30,7 @@ import numpy as np
 
 from .activations import activation as _activation
 from .activations import grad_spec as _grad_spec
+from .common import chain_layers as _chain_layers
 from .common import check_permutation_size as _check_permutation_size
 from .common import gaussian_taps as _gaussian_taps
 from .common import updates_running_stats as _updates_running_stats
@@ -122,6 +123,7 @@ class CudaKernels:
     LEAKY_SLOPE = LEAKY_SLOPE
     LOG_EPS = LOG_EPS
     SGD_IN_GEMM = False  # sgd_matmul_step forms the product, then steps (see the reference)
+    CHAIN_MAX_WEIGHT_BYTES = 0  # dense_chain is the layers one by one (see the reference)
 
     def __init__(self, xp: _Any, *, gemm: str = "cublas", validate_labels: bool = True) -> None:
         if gemm not in GEMMS:
@@ -322,6 +324,15 @@ class CudaKernels:
                 "float32 or eager steps"
             )
         return drop
+
+    def dense_chain(self, x, weights, biases, acts, out=None):
+        """Eval forward of a stack of dense layers, layer by layer (one device->host read: the
+        flag). -> (a (B, N_last), x_nonfinite), as the reference."""
+        a, nonfinite = _chain_layers(self.matmul, self.bias_act, self._dev(x, "x"), weights, biases, acts)
+        if out is not None:
+            self._out(out, "out", a.shape, a.dtype)[...] = a
+            a = out
+        return a, nonfinite
 
     def bias_act(self, z, b, act, out=None, pre=None):
         """``act(z + b)`` in one pass, also storing z + b into ``pre`` when given.

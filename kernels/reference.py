@@ -44,6 +44,7 @@ from .activations import grad_spec as _grad_spec
 from .common import PHILOX_M as _PHILOX_M
 from .common import PHILOX_W as _PHILOX_W
 from .common import accumulate as _accumulate
+from .common import chain_layers as _chain_layers
 from .common import check_permutation_size as _check_permutation_size
 from .common import gaussian_taps as _gaussian_taps
 from .common import put as _put
@@ -58,6 +59,10 @@ LOG_EPS = 1e-12
 # True when sgd_matmul_step is one GEMM (alpha/beta), never forming the gradient; here and on the
 # GPU it forms the product, then steps: one update per weight matrix instead of one per flat buffer.
 SGD_IN_GEMM = False
+# The largest weight matrix (bytes) up to which ``dense_chain`` is the backend's fastest eval
+# forward of a stack of dense layers, so the framework uses it instead of its layers one by one;
+# 0: never (here dense_chain is the definition, no faster than the layers).
+CHAIN_MAX_WEIGHT_BYTES = 0
 _M32 = 0xFFFFFFFF
 
 
@@ -80,6 +85,16 @@ def bias_act(z, b, act, out=None, pre=None):
     if pre is not None:
         pre[...] = s
     return _put(out, spec.forward(s).astype(z.dtype, copy=False))
+
+
+def dense_chain(x, weights, biases, acts, out=None):
+    """Eval forward of a stack of dense layers: a = x, then ``a = act_l(a @ weights[l] + biases[l])``
+    for each layer l (``acts[l]``: activation name). -> (a, x_nonfinite): x_nonfinite is True when
+    ``x @ weights[0]`` holds a NaN or inf, as any NaN or inf in x makes it (weights finite), and
+    a finite x can by overflow. x: (B, K0), weights[l]: (K_l, N_l), biases[l]: (N_l,), one float
+    dtype -> a: (B, N_last)."""
+    a, nonfinite = _chain_layers(matmul, bias_act, x, weights, biases, acts)
+    return _put(out, a), nonfinite
 
 
 def act_grad(grad_out, y, act, out=None, pre=None):

@@ -32,7 +32,8 @@ def _params(fn) -> list[tuple[str, object, object]]:
 
 
 REF_API = _public_api(reference)
-CAPABILITIES = {"SGD_IN_GEMM"}  # constants whose value is the backend's own (the rest must be equal)
+# constants whose value is the backend's own (the rest must be equal)
+CAPABILITIES = {"SGD_IN_GEMM", "CHAIN_MAX_WEIGHT_BYTES"}
 
 
 def _load(name: str) -> backend.Backend:

@@ -1,0 +1,223 @@
+"""A register-tiled SIMD matrix product for Numba code: ``c = alpha * a @ b + beta * c``, row block
+by row block, so that a fused kernel can multiply the rows it owns without leaving its thread.
+
+Each tile is MR rows x NV vectors (W = 16 float32 / 8 float64 lanes with AVX-512, half that
+without) of ``c``, whose accumulators stay in vector registers over the whole K loop: every step
+loads NV vectors of a row of ``b`` and broadcasts one element of each of the MR rows of ``a``
+(read in place with any strides, so ``x.T`` needs no copy). The tile is an LLVM function of its
+own, built once per (NV, dtype) by an intrinsic, with explicit ``llvm.fma`` on vectors and masked
+loads and stores for the last vector of a row (N needs no padding). It is marked ``noinline``:
+inlined into a bigger kernel, LLVM's register allocation of the K loop degraded (measured: a fused
+predict at 2.56 ms per 4096 rows instead of 1.62 ms).
+
+Every element of ``c`` is one FMA chain over k in order, so a result does not depend on how rows
+are split between threads. Where it pays (measured, ``bench/tiled_gemm.py``): ``b`` that fits a
+core's L2 (the tile is at the FMA peak there); rows of a 1024-wide ``b`` lie 4 KiB apart and
+alias in the caches, where OpenBLAS's packed GEMM wins.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import llvmlite.binding as llvm_binding
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._jit import njit  # numba.njit, without the disk cache where none can be written
+
+__all__ = ["AVX512", "MR", "NV", "SIMD_TILES", "lanes", "tile_rows"]
+
+
+def _targets(feature: str) -> bool:
+    """Whether Numba compiles for a CPU with ``feature`` (e.g. "avx512f"): the host's features,
+    unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name another target (e.g. a portable ``haswell``
+    build: a named CPU without named features is taken as AVX2 and FMA without AVX-512)."""
+    name, features = numba.config.CPU_NAME, numba.config.CPU_FEATURES
+    if features:
+        return f"+{feature}" in features.split(",")
+    if name not in (None, "host"):
+        return feature in ("avx2", "fma")
+    return f"+{feature}" in llvm_binding.get_host_cpu_features().flatten().split(",")
+
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+AVX512 = _X86 and _targets("avx512f")
+# Whether the tiles compile to the vector code they were measured as (AVX2 or AVX-512 FMA); elsewhere
+# they are correct but unmeasured, and the numba backend keeps BLAS.
+SIMD_TILES = _X86 and _targets("avx2") and _targets("fma")
+MR = 6  # rows per tile: MR * NV accumulators + NV vectors of b + a broadcast fit 32 (16) registers
+NV = 4 if AVX512 else 2  # vectors per row of a tile
+_VEC_BYTES = 64 if AVX512 else 32
+_I1, _I32, _I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
+
+
+def lanes(dtype) -> int:
+    """SIMD lanes per vector for ``dtype`` (float32/float64) on this CPU."""
+    return _VEC_BYTES // np.dtype(dtype).itemsize
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value, vec: ir.VectorType) -> ir.Value:
+    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(_I32, 0))
+    lane0 = ir.Constant(ir.VectorType(_I32, vec.count), [0] * vec.count)
+    return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), lane0)
+
+
+def _name(vec: ir.VectorType) -> str:
+    """LLVM's overload suffix of a float vector type, e.g. v16f32."""
+    return f"v{vec.count}f{'32' if isinstance(vec.element, ir.FloatType) else '64'}"
+
+
+def _masked(module: ir.Module, vec: ir.VectorType, store: bool) -> ir.Function:
+    ptr, mask = vec.as_pointer(), ir.VectorType(_I1, vec.count)
+    opaque = llvm_binding.llvm_version_info >= (15,)  # pointers in intrinsic names: "p0", typed "p0v16f32"
+    suffix = f"{_name(vec)}.p0" + ("" if opaque else _name(vec))
+    if store:
+        fnty = ir.FunctionType(ir.VoidType(), [vec, ptr, _I32, mask])
+        return cgutils.get_or_insert_function(module, fnty, f"llvm.masked.store.{suffix}")
+    return cgutils.get_or_insert_function(module, ir.FunctionType(vec, [ptr, _I32, mask, vec]),
+                                          f"llvm.masked.load.{suffix}")  # fmt: skip
+
+
+def _tile_function(module: ir.Module, real: ir.Type, itemsize: int, nv: int) -> ir.Function:
+    """The tile as a noinline LLVM function of ``module``: void(a*, rs, ks, b*, ldb, c*, ldc, k,
+    nrows, ncols, alpha, beta) computes c[r, j] = alpha * sum_k a[r*rs + k*ks] b[k*ldb + j]
+    + beta * c[r*ldc + j] for r < nrows <= MR, j < ncols <= nv * W (beta 0: c is not read)."""
+    w = _VEC_BYTES // itemsize
+    fptr = real.as_pointer()
+    args = [fptr, _I64, _I64, fptr, _I64, fptr, _I64, _I64, _I64, _I64, real, real]
+    name = f"gpumlp_tile_{nv}x{w}_f{itemsize * 8}"
+    fn = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), args), name)
+    if not fn.is_declaration:
+        return fn
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    pa, rs, ks, pb, ldb, pc, ldc, k, nrows, ncols, alpha, beta = fn.args
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    vec, vptr = ir.VectorType(real, w), ir.VectorType(real, w).as_pointer()
+    fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.{_name(vec)}")
+    load, store = _masked(module, vec, False), _masked(module, vec, True)
+    align, zero = ir.Constant(_I32, itemsize), ir.Constant(vec, [0.0] * w)
+    i64 = lambda n: ir.Constant(_I64, n)  # noqa: E731
+    last_row = builder.sub(nrows, i64(1))
+    rows = []  # rows past nrows read the last valid row (their results are not stored)
+    for r in range(MR):
+        row = builder.select(builder.icmp_signed("<", i64(r), nrows), i64(r), last_row)
+        rows.append(builder.gep(pa, [builder.mul(row, rs)]))
+    lanes_i64 = ir.VectorType(_I64, w)
+    lane_ids, valid = ir.Constant(lanes_i64, list(range(w))), _splat(builder, ncols, lanes_i64)
+    # lane j of vector v is loaded and stored where column v*w + j < ncols
+    firsts = [_splat(builder, i64(v * w), lanes_i64) for v in range(nv)]
+    masks = [builder.icmp_signed("<", builder.add(lane_ids, first), valid) for first in firsts]
+
+    entry = builder.block
+    loop, done = builder.append_basic_block("k"), builder.append_basic_block("store")
+    builder.cbranch(builder.icmp_signed(">", k, i64(0)), loop, done)
+    builder.position_at_end(loop)
+    kk = builder.phi(_I64)
+    acc = [builder.phi(vec) for _ in range(MR * nv)]
+    brow = builder.gep(pb, [builder.mul(kk, ldb)])
+    bv = [builder.call(load, [builder.bitcast(builder.gep(brow, [i64(v * w)]), vptr), align, masks[v], zero])
+          for v in range(nv)]  # fmt: skip
+    koff = builder.mul(kk, ks)
+    new = []
+    for r in range(MR):
+        x = _splat(builder, builder.load(builder.gep(rows[r], [koff])), vec)
+        new += [builder.call(fma, [x, bv[v], acc[r * nv + v]]) for v in range(nv)]
+    k_next = builder.add(kk, i64(1))
+    kk.add_incoming(i64(0), entry)
+    kk.add_incoming(k_next, loop)
+    for p, n in zip(acc, new):
+        p.add_incoming(zero, entry)
+        p.add_incoming(n, loop)
+    builder.cbranch(builder.icmp_signed("<", k_next, k), loop, done)
+
+    builder.position_at_end(done)
+    out = []
+    for n in new:
+        p = builder.phi(vec)
+        p.add_incoming(zero, entry)
+        p.add_incoming(n, loop)
+        out.append(p)
+    va, vb = _splat(builder, alpha, vec), _splat(builder, beta, vec)
+    keep_c = builder.fcmp_ordered("!=", beta, ir.Constant(real, 0.0))  # beta 0: c is not read (NaN?)
+    for r in range(MR):
+        with builder.if_then(builder.icmp_signed("<", i64(r), nrows)):
+            crow = builder.gep(pc, [builder.mul(i64(r), ldc)])
+            for v in range(nv):
+                ptr = builder.bitcast(builder.gep(crow, [i64(v * w)]), vptr)
+                res = builder.fmul(va, out[r * nv + v])
+                with builder.if_else(keep_c) as (then, otherwise):
+                    with then:
+                        old = builder.call(load, [ptr, align, masks[v], zero])
+                        upd, from_then = builder.call(fma, [vb, old, res]), builder.block
+                    with otherwise:
+                        from_else = builder.block
+                value = builder.phi(vec)
+                value.add_incoming(upd, from_then)
+                value.add_incoming(res, from_else)
+                builder.call(store, [value, ptr, align, masks[v]])
+    builder.ret_void()
+    return fn
+
+
+def _make_tile(nv: int):
+    """An intrinsic ``tile(a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta)``
+    calling the tile function of ``nv`` vectors a row on the arrays' data from element offsets a0,
+    b0, c0 (strides in elements)."""
+
+    @intrinsic
+    def tile(typingctx, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta):
+        sig = types.void(a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta)
+
+        def codegen(context, builder, signature, args):
+            a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta = args
+            dt = signature.args[0].dtype
+            real = context.get_value_type(dt)
+            fn = _tile_function(builder.module, real, np.dtype(str(dt)).itemsize, nv)
+
+            def data(i, value, offset):
+                ptr = context.make_array(signature.args[i])(context, builder, value).data
+                return builder.gep(ptr, [offset])
+
+            alpha = context.cast(builder, alpha, signature.args[13], dt)
+            beta = context.cast(builder, beta, signature.args[14], dt)
+            pa, pb, pc = data(0, a, a0), data(4, b, b0), data(7, c, c0)
+            builder.call(fn, [pa, rs, ks, pb, ldb, pc, ldc, k, nrows, ncols, alpha, beta])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_TILE_1, _TILE_2, _TILE_3, _TILE_4 = (_make_tile(min(nv, NV)) for nv in range(1, 5))
+
+
+@njit(cache=True, error_model="numpy")
+def tile_rows(c, c0, a, a0, m, b, alpha, beta):
+    """c[c0 + r] = alpha * a[a0 + r] @ b + beta * c[c0 + r] for r < m, panel by panel (NV vectors
+    of b's columns), MR rows at a time. a: (>= a0 + m, K), any strides; b: (K, N) and c: (>= c0 + m,
+    N), unit column stride; one float dtype; m, N, K > 0 (the caller checks). beta 0: c is only
+    written."""
+    n, k = c.shape[1], a.shape[1]
+    rs, ks = a.strides[0] // a.itemsize, a.strides[1] // a.itemsize
+    ldb, ldc = b.strides[0] // b.itemsize, c.strides[0] // c.itemsize
+    w = _VEC_BYTES // c.itemsize
+    for j0 in range(0, n, NV * w):
+        ncols = min(NV * w, n - j0)
+        nv = (ncols + w - 1) // w
+        for r in range(0, m, MR):
+            nrows, ao, co = min(MR, m - r), (a0 + r) * rs, (c0 + r) * ldc + j0
+            if nv == 4:
+                _TILE_4(a, ao, rs, ks, b, j0, ldb, c, co, ldc, k, nrows, ncols, alpha, beta)
+            elif nv == 3:
+                _TILE_3(a, ao, rs, ks, b, j0, ldb, c, co, ldc, k, nrows, ncols, alpha, beta)
+            elif nv == 2:
+                _TILE_2(a, ao, rs, ks, b, j0, ldb, c, co, ldc, k, nrows, ncols, alpha, beta)
+            else:
+                _TILE_1(a, ao, rs, ks, b, j0, ldb, c, co, ldc, k, nrows, ncols, alpha, beta)
