@@ -171,3 +171,23 @@ def test_interleaved_best_times_each_fn_after_a_warm_up_in_every_round():
     best = I.interleaved_best(fns, repeats=3, inner=2, pool=lambda key: "blas")
     assert calls == (["a"] * 3 + ["b"] * 3) * 3  # per round: warm-up + 2 timed calls each, a then b
     assert set(best) == {"a", "b"} and all(0 < t < 1 for t in best.values())
+
+
+def test_bench_gives_a_fused_predict_numbas_pool_and_names_its_path():
+    """The numba backend's fused predict runs on Numba's threads, not BLAS's: the bench pauses
+    between it and the floor's matmuls (as between any two pools) and says which path each model
+    took; a layer-by-layer predict stays with BLAS."""
+    from gpumlp.bench import inference as I
+    from gpumlp.bench.report import inference_legend, inference_table
+    from gpumlp.kernels import numba_cpu
+
+    if not numba_cpu.CHAIN_MAX_WEIGHT_BYTES:
+        pytest.skip("no fused inference on this CPU (CHAIN_MAX_WEIGHT_BYTES = 0)")
+    runners = I.build_runners("784-100-10", "sigmoid", "logistic", ["numpy", "numba"], [], "float32")
+    pools = I.runner_pools("784-100-10", "sigmoid", "logistic", runners, "float32")
+    assert pools == {"numpy": ("blas", "layers"), "numba": ("numba", "dense_chain"), I.FLOOR: ("blas", None)}
+    X = np.random.default_rng(0).random((64, 784), dtype=np.float32)
+    rows = I.time_inference("seed", X, ["numba"], [], "float32", repeats=1, batches=(64,))
+    assert {r.get("inference_path") for r in rows} == {"dense_chain", None}  # None: the floor's row
+    text = inference_table({"inference": rows}, markdown=True) + inference_legend({"inference": rows})
+    assert "gpumlp inference paths: numba: dense_chain on seed" in text

@@ -8,6 +8,8 @@ the machine's load hit all of them alike) and the best round counts; the warm-up
 A ``matmul floor`` runner times the model's matmuls alone at the batch shape (``numpy.matmul``
 into preallocated outputs, the BLAS the CPU backends use): a runner's time over the floor is what
 it spends beyond those GEMMs, and ONNX Runtime's shows how its own GEMM compares with that BLAS.
+Where the numba backend's predict is one fused ``dense_chain`` (its own register-tiled products on
+Numba's threads, no BLAS: the row's ``inference_path``), it can go below that floor.
 
 Peers, given the threads a fair peer gets: ONNX Runtime (``CPUExecutionProvider``,
 ``intra_op_num_threads`` = the core count, default graph optimisations) runs the ONNX export;
@@ -35,7 +37,7 @@ QUICK_MODELS = ("seed",)
 BATCHES = (1, 64, 4096)
 OPS = ("predict", "predict_proba")
 ORT, TORCH, FLOOR = "onnxruntime", "torch", "matmul floor"
-POOLS = {ORT: ORT, TORCH: TORCH, "cupy": "cupy"}  # worker threads of each runner; the rest: BLAS's
+POOLS = {ORT: ORT, TORCH: TORCH, "cupy": "cupy"}  # worker threads of each peer (gpumlp's: runner_pools)
 PROBA_ATOL = 1e-4  # float32 GEMMs of different libraries sum in different orders
 MIN_LABEL_AGREEMENT = 0.999  # near-ties may flip between libraries, nothing more
 EMULATED = ("cuda-emu",)  # an emulated device: correct, but its speed means nothing
@@ -150,6 +152,20 @@ def build_runners(spec: str, act: str, loss: str, backends: Sequence[str], peers
     return runners
 
 
+def runner_pools(spec: str, act: str, loss: str, runners: dict, dtype: str) -> dict[str, tuple]:
+    """runner name -> (the worker threads its calls run on, its ``inference_path`` for a gpumlp
+    backend, else None): a peer's own pool; Numba's for a backend whose predict is one fused
+    ``dense_chain``; BLAS's for the rest (the floor's matmuls, layer-by-layer predicts)."""
+    out = {}
+    for name in runners:
+        if name in POOLS or name == FLOOR:
+            out[name] = (POOLS.get(name, "blas"), None)
+            continue
+        path = MLP(spec, act=act, loss=loss, dtype=dtype, backend=name, seed=0).inference_path
+        out[name] = ("numba" if path == "dense_chain" else "blas", path)
+    return out
+
+
 def check_runners(runners: dict, ref: MLP, X: np.ndarray) -> dict[str, dict]:
     """Each runner's labels and probabilities against the numpy backend's on X; -> per runner
     {max_abs_diff, label_agreement}. Raises before anything is timed when one is wrong."""
@@ -201,6 +217,7 @@ def time_inference(model_name: str, X: np.ndarray, backends: Sequence[str], peer
     them."""
     spec, act, loss = MODELS[model_name]
     runners = build_runners(spec, act, loss, backends, peers, dtype)
+    pools = runner_pools(spec, act, loss, runners, dtype)
     X = np.ascontiguousarray(X, dtype=dtype)
     checks = check_runners(runners, MLP(spec, act=act, loss=loss, dtype=dtype, backend="numpy", seed=0),
                            X[: max(batches)])  # fmt: skip
@@ -210,13 +227,15 @@ def time_inference(model_name: str, X: np.ndarray, backends: Sequence[str], peer
         fns = {(name, op): (lambda fn=fn, xb=xb: fn(xb)) for name, ops in runners.items()
                for op, fn in ops.items()}  # fmt: skip
         inner = max(1, 512 // batch)  # a timing of a few ms at least, for the timer and the scheduler
-        best = interleaved_best(fns, repeats, inner, pool=lambda key: POOLS.get(key[0], "blas"))
+        best = interleaved_best(fns, repeats, inner, pool=lambda key: pools[key[0]][0])
         floor = best[(FLOOR, "matmuls")]
         for (name, op), seconds in best.items():
             row = {"model": model_name, "spec": spec, "act": act, "loss": loss, "dtype": dtype,
                    "batch": batch, "op": op, "runner": name, "seconds": seconds,
                    "images_per_s": batch / seconds, "x_floor": seconds / floor, "repeats": repeats,
                    "inner": inner, **checks.get(name, {})}  # fmt: skip
+            if pools[name][1] is not None:
+                row["inference_path"] = pools[name][1]
             for peer in (ORT, TORCH):
                 if (peer, op) in best:
                     row[f"vs_{peer}"] = best[(peer, op)] / seconds  # throughput ratio: > 1 is faster

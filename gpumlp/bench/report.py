@@ -207,11 +207,18 @@ def inference_table(res: dict, markdown: bool = False) -> str:
     return table(headers, table_rows, markdown)
 
 
-def _inference_setup(res: dict) -> str:
+def inference_legend(res: dict) -> str:
+    """What the inference table's columns mean, the peers' setup and the gpumlp backends' paths."""
     peers = res.get("inference_peers", {})
     parts = [f"{name} {p['version']} " + ", ".join(f"{k}={v}" for k, v in p.items() if k != "version")
              for name, p in peers.items()]  # fmt: skip
-    return "peers: " + ("; ".join(parts) if parts else "none")
+    paths = {}
+    for r in res.get("inference", []):
+        if "inference_path" in r:
+            paths.setdefault((r["runner"], r["inference_path"]), {})[r["model"]] = None
+    used = [f"{runner}: {path} on {', '.join(models)}" for (runner, path), models in paths.items()]
+    tail = ". gpumlp inference paths: " + "; ".join(used) if used else ""
+    return INFERENCE_LEGEND + " peers: " + ("; ".join(parts) if parts else "none") + tail
 
 
 def render(res: dict, markdown: bool = False) -> str:
@@ -245,7 +252,7 @@ def render(res: dict, markdown: bool = False) -> str:
         parts += [
             f"{h}Inference throughput (MNIST test images; predict: class ids, predict_proba: probabilities)",
             inference_table(res, markdown),
-            INFERENCE_LEGEND + " " + _inference_setup(res),
+            inference_legend(res),
         ]
     return "\n\n".join(parts) + "\n"
 
