@@ -379,14 +379,14 @@ def _env_chain_max() -> int | None:
     if not raw:
         return None
     try:
-        value = int(float(raw))
+        value = float(raw)
     except ValueError:
-        value = -1
-    if value < 0:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
         raise ValueError(
             f"GPUMLP_CHAIN_MAX_WEIGHT_BYTES must be a number of bytes >= 0 (0: never fuse), got {raw!r}"
         )
-    return value
+    return int(value)
 
 
 # dense_chain's register tiles beat OpenBLAS where a weight matrix fits a core's L2 (measured up to

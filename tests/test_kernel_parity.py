@@ -110,6 +110,197 @@ def test_numba_sgd_matmul_step_never_forms_the_gradient():
     assert np.isnan(work).all() and np.isfinite(w).all()
 
 
+# ============================================================ dense chain
+# (batch, widths): one to three layers, tile edges (1, 5, 7 rows; widths 1, 63, 65, 129) and more
+# rows than one block of the numba kernel (48)
+CHAINS = [(1, (3, 7)), (5, (784, 100, 10)), (7, (20, 65, 17, 1)), (97, (129, 64, 63, 10)),
+          (300, (33, 16, 129, 5))]  # fmt: skip
+
+
+def _chain_args(widths, dtype, seed=0):
+    """Weights scaled by 1/sqrt(fan_in), so every layer's pre-activations stay O(1), and biases."""
+    rng = np.random.default_rng(seed)
+    ws = [(rng.standard_normal((k, n)) / math.sqrt(k)).astype(dtype) for k, n in zip(widths[:-1], widths[1:])]
+    bs = [(0.1 * rng.standard_normal(n)).astype(dtype) for n in widths[1:]]
+    return ws, bs
+
+
+def _chain_acts(case: int, n_layers: int) -> list[str]:
+    """The activations of chain ``case``: ref.ACTIVATIONS in turn across CHAINS' layers, so that
+    every activation runs in some chain (first, middle or last layer)."""
+    first = sum(len(w) - 1 for _, w in CHAINS[:case])
+    return [ref.ACTIVATIONS[(first + i) % len(ref.ACTIVATIONS)] for i in range(n_layers)]
+
+
+def test_chains_cover_every_activation():
+    used = {a for i, (_, w) in enumerate(CHAINS) for a in _chain_acts(i, len(w) - 1)}
+    assert used == set(ref.ACTIVATIONS)
+
+
+def _dense_chain(be, x, ws, bs, acts, out=None):
+    """be.k.dense_chain on device copies -> (host activations, flag), the flag checked a Python bool."""
+    ws, bs = [be.asarray(w) for w in ws], [be.asarray(b) for b in bs]
+    got, flag = be.k.dense_chain(be.asarray(x), ws, bs, acts, out=out)
+    assert type(flag) is bool, type(flag)
+    return got, flag
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(CHAINS)), ids=[f"{b}x{'-'.join(map(str, w))}" for b, w in CHAINS])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_dense_chain(be, dtype, case, with_out):
+    batch, widths = CHAINS[case]
+    x, (ws, bs) = _data((batch, widths[0]), dtype, case), _chain_args(widths, dtype, case)
+    acts = _chain_acts(case, len(ws))
+    expected, expected_flag = ref.dense_chain(x, ws, bs, acts)
+    out = _empty(be, (batch, widths[-1]), dtype) if with_out else None
+    got, flag = _dense_chain(be, x, ws, bs, acts, out=out)
+    if with_out:
+        assert got is out
+    assert expected_flag is False and flag is False
+    assert_close(expected, be.to_host(got), *MM_TOL[dtype], what=f"dense_chain {widths} {acts}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_chain_flags_nonfinite_products(be, dtype):
+    """The flag: x @ weights[0] holds a NaN or inf, from a NaN/inf in x or from a finite x whose
+    product overflows; a later layer's overflow is no sign of a bad x and does not set it."""
+    widths = (20, 65, 17, 3)
+    ws, bs = _chain_args(widths, dtype, 1)
+    ws[0][4] = 2.0  # x[:, 4] * 2 overflows for x[:, 4] beyond half the dtype's range
+    ws[0][7] = 0.0  # an input no unit reads: inf * 0 is still NaN
+    ws[1][0] = 4.0  # unit 0 of layer 0 at a quarter of the range or more overflows layer 1
+    acts = ["relu", "tanh", "identity"]
+    big = float(np.finfo(dtype).max)
+    cases = {  # (row, column, value of x there, expected flag)
+        "ordinary": (0, 0, 1.0, False),
+        "nan": (33, 5, np.nan, True),
+        "+inf": (0, 19, np.inf, True),
+        "-inf": (99, 0, -np.inf, True),
+        "inf times 0": (10, 7, np.inf, True),
+        "finite, first product overflows": (50, 4, 0.9 * big, True),
+        "finite, second product overflows": (50, 4, 0.2 * big, False),
+    }
+    for name, (row, col, value, want) in cases.items():
+        x = _data((100, widths[0]), dtype, 2)
+        x[row, col] = value
+        with np.errstate(all="ignore"):  # NumPy's matmul and activations of inf and NaN
+            expected_flag = ref.dense_chain(x, ws, bs, acts)[1]
+            _, flag = _dense_chain(be, x, ws, bs, acts)
+        assert flag is expected_flag is want, name
+        if name.startswith("finite"):  # the cases are what they say: x finite, and which product is not
+            with np.errstate(all="ignore"):
+                z0 = x[row] @ ws[0]
+                z1 = np.maximum(z0 + bs[0], 0) @ ws[1]
+            assert np.isfinite(x).all() and np.isfinite(z0).all() != want and not np.isfinite(z1).all()
+
+
+def test_dense_chain_empty_batch(be):
+    x, (ws, bs) = np.empty((0, 8), np.float32), _chain_args((8, 6, 3), np.float32)
+    got, flag = _dense_chain(be, x, ws, bs, ["tanh", "identity"])
+    assert be.to_host(got).shape == (0, 3) and flag is False
+
+
+def _mismatched_chain(case: str):
+    """dense_chain's arguments (x, weights, biases, acts) with one thing that does not chain."""
+    x, (ws, bs) = _data((5, 8), np.float32, 1), _chain_args((8, 6, 3), np.float32)
+    acts = ["relu", "identity"]
+    return {
+        "one weight too many": (x, ws + [ws[1]], bs, acts),
+        "one bias too few": (x, ws, bs[:1], acts),
+        "one activation too few": (x, ws, bs, acts[:1]),
+        "no layer": (x, [], [], []),
+        "rows not the previous width": (x, [ws[0], _chain_args((5, 3), np.float32)[0][0]], bs, acts),
+        "rows not x's width": (x, [_chain_args((7, 6), np.float32)[0][0], ws[1]], bs, acts),
+        "bias of the wrong width": (x, ws, [bs[0], bs[0]], acts),
+        "2-d bias": (x, ws, [bs[0][None, :], bs[1]], acts),
+    }[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["one weight too many", "one bias too few", "one activation too few", "no layer",
+     "rows not the previous width", "rows not x's width", "bias of the wrong width", "2-d bias"],
+)  # fmt: skip
+def test_dense_chain_rejects_mismatched_layers(be, case):
+    x, ws, bs, acts = _mismatched_chain(case)
+    with pytest.raises(ValueError, match="dense_chain: "):
+        _dense_chain(be, x, ws, bs, acts)
+
+
+def _numba_kernels():
+    try:
+        return backend.get_backend("numba").k
+    except backend.BackendUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numba_dense_chain_rows_do_not_depend_on_the_batch(dtype):
+    """Every element is one FMA chain over k in order (numba_tiles), and the activations run
+    along a row, whatever the tile, block or thread the row falls in: 4096 rows (split between
+    threads) equal, bit for bit, the same rows run as a one-row batch (one thread), then rows
+    1-99 (every tile shifted by a row) and the rest (split between threads elsewhere)."""
+    k = _numba_kernels()
+    widths = (784, 100, 63, 10)
+    x, (ws, bs) = _data((4096, widths[0]), dtype, 3), _chain_args(widths, dtype, 3)
+    acts = ["tanh", "gelu_tanh", "sigmoid"]  # the polynomial activations, whose loops vectorise
+    whole, flag = k.dense_chain(x, ws, bs, acts)
+    parts = [k.dense_chain(x[s], ws, bs, acts)[0] for s in (slice(0, 1), slice(1, 100), slice(100, 4096))]
+    assert not flag
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+@pytest.mark.parametrize("row", [0, 2047, 3000, 4095])
+def test_numba_dense_chain_flags_a_nonfinite_row_in_any_thread(row):
+    """A NaN in any thread's slice of a parallel batch sets the flag, and stays in its row; the
+    next clean call (same scratch) is not flagged."""
+    k = _numba_kernels()
+    widths = (784, 100, 10)
+    x, (ws, bs) = _data((4096, widths[0]), np.float32, 4), _chain_args(widths, np.float32, 4)
+    acts = ["tanh", "identity"]  # NaN through (numba's relu maps it to 0)
+    clean, clean_flag = k.dense_chain(x, ws, bs, acts)
+    x[row, 123] = np.nan
+    got, flag = k.dense_chain(x, ws, bs, acts)
+    assert flag is True and not clean_flag
+    assert np.isnan(got[row]).all()
+    np.testing.assert_array_equal(np.delete(got, row, axis=0), np.delete(clean, row, axis=0))
+    x[row, 123] = 0.5
+    assert k.dense_chain(x, ws, bs, acts)[1] is False
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["Fortran-ordered x", "strided x", "float64 x", "float16 throughout", "a float64 weight",
+     "a float64 bias", "a Fortran-ordered weight", "a transposed out"],
+)  # fmt: skip
+def test_numba_dense_chain_rejects_layouts_and_dtypes_it_cannot_tile(case):
+    """The tiles read x and the weights by rows of one float dtype: anything else is a ValueError,
+    not a silent copy (the model hands it C-contiguous arrays of its dtype)."""
+    k = _numba_kernels()
+    x, (ws, bs) = _data((10, 8), np.float32, 1), _chain_args((8, 6, 3), np.float32)
+    out = None
+    if case == "Fortran-ordered x":
+        x = np.asfortranarray(x)
+    elif case == "strided x":
+        x = _data((10, 16), np.float32, 1)[:, ::2]
+    elif case == "float64 x":
+        x = x.astype(np.float64)
+    elif case == "float16 throughout":
+        f16 = np.float16
+        x, ws, bs = x.astype(f16), [w.astype(f16) for w in ws], [b.astype(f16) for b in bs]
+    elif case == "a float64 weight":
+        ws[1] = ws[1].astype(np.float64)
+    elif case == "a float64 bias":
+        bs[1] = bs[1].astype(np.float64)
+    elif case == "a Fortran-ordered weight":
+        ws[0] = np.asfortranarray(ws[0])
+    else:
+        out = np.empty((3, 10), np.float32).T
+    with pytest.raises(ValueError, match="dense_chain: "):
+        k.dense_chain(x, ws, bs, ["relu", "identity"], out=out)
+
+
 # ============================================================ activations
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ref.ACTIVATIONS)
