@@ -233,6 +233,7 @@ def _load_openblas():
 
 
 _CBLAS_GEMMS = {numba.float32: "scipy_cblas_sgemm64_", numba.float64: "scipy_cblas_dgemm64_"}
+_CBLAS_GEMVS = {numba.float32: "scipy_cblas_sgemv64_", numba.float64: "scipy_cblas_dgemv64_"}
 _BLAS_THREADS = _load_openblas()
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
@@ -255,12 +256,44 @@ def _cblas_typed(c, a, b, alpha, beta, ta, tb, m, n, k, lda, ldb):
     return impl
 
 
+def _cblas_gemv(y, incy, mat, rows, cols, ld, trans, x, incx, alpha, beta):
+    """cblas_?gemv, row-major: y = alpha * op(mat) @ x + beta * y (jitted code only)."""
+    raise NotImplementedError("called from jitted code only")
+
+
+@overload(_cblas_gemv)
+def _cblas_gemv_typed(y, incy, mat, rows, cols, ld, trans, x, incx, alpha, beta):
+    i32, i64, ptr, real = numba.int32, numba.int64, numba.types.voidptr, y.dtype
+    sig = numba.void(i32, i32, i64, i64, real, ptr, i64, ptr, i64, real, ptr, i64)
+    gemv, cast = numba.types.ExternalFunction(_CBLAS_GEMVS[real], sig), np.dtype(str(real)).type
+
+    def impl(y, incy, mat, rows, cols, ld, trans, x, incx, alpha, beta):
+        op, a, b = _TRANS if trans else _NO_TRANS, cast(alpha), cast(beta)
+        gemv(_ROW_MAJOR, op, rows, cols, a, mat.ctypes, ld, x.ctypes, incx, b, y.ctypes, incy)
+
+    return impl
+
+
 @njit(cache=True, error_model="numpy")
 def _gemm(c, a, b, alpha, beta, ta, tb):
-    """c = alpha * op(a) @ op(b) + beta * c through OpenBLAS (operands checked by _blas_ready)."""
+    """c = alpha * op(a) @ op(b) + beta * c through OpenBLAS (operands checked by _blas_ready). A
+    single row or column of c is one gemv: OpenBLAS's gemm took 3-8x longer for a 1x1024 @
+    1024x1024 (a batch of 1: predict, and every GEMM of a training step but the weight gradient)."""
     m, n = c.shape
     k = a.shape[0] if ta else a.shape[1]
-    _cblas(c, a, b, alpha, beta, ta, tb, m, n, k, a.strides[0] // a.itemsize, b.strides[0] // b.itemsize)
+    lda, ldb = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize
+    if m == 1 and n > 1:  # c[0] = op(b)ᵀ op(a)[0]; op(a)[0, j] is a[j, 0] (stride lda) when ta
+        if tb:
+            _cblas_gemv(c, 1, b, n, k, ldb, False, a, lda if ta else 1, alpha, beta)
+        else:
+            _cblas_gemv(c, 1, b, k, n, ldb, True, a, lda if ta else 1, alpha, beta)
+    elif n == 1 and m > 1:  # c[:, 0] = op(a) op(b)[:, 0]; op(b)[j, 0] is b[0, j] (stride 1) when tb
+        if ta:
+            _cblas_gemv(c, 1, a, k, m, lda, True, b, 1 if tb else ldb, alpha, beta)
+        else:
+            _cblas_gemv(c, 1, a, m, k, lda, False, b, 1 if tb else ldb, alpha, beta)
+    else:
+        _cblas(c, a, b, alpha, beta, ta, tb, m, n, k, lda, ldb)
 
 
 SGD_IN_GEMM = _BLAS_THREADS is not None  # sgd_matmul_step is one cblas GEMM (else: product, then step)
@@ -395,7 +428,9 @@ def _env_chain_max() -> int | None:
 _CHAIN_ENV = _env_chain_max()
 CHAIN_MAX_WEIGHT_BYTES = _CHAIN_ENV if _CHAIN_ENV is not None else (1 << 20 if _SIMD_TILES else 0)
 _CHAIN_BLOCK = 8 * _MR  # rows a thread carries through every layer at a time (its slice of x stays in L2)
-_CHAIN_PAR_MIN_FLOPS = 4_000_000  # below: one thread (a parallel region costs a few microseconds)
+# Below: the calling thread alone. A parallel region costs a few microseconds, and right after
+# BLAS calls (a training step) it waited 80 us for a batch of 1 whose work takes 6 us.
+_CHAIN_PAR_MIN_FLOPS = 4_000_000
 
 
 @njit(error_model="numpy")
@@ -430,11 +465,14 @@ def _chain_rows(x, weights, biases, codes, out, work, r0, r1):
     return nonfinite
 
 
+@njit(cache=True, error_model="numpy")
+def _chain_serial(x, weights, biases, codes, out, work, flags):
+    return _chain_rows(x, weights, biases, codes, out, work[0], 0, x.shape[0])
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def _chain_par(x, weights, biases, codes, out, work, flags):
-    # one slice of rows per thread (flags.size of them), whole tiles each: results do not depend on
-    # it. One entry point for every batch size (one slice below _CHAIN_PAR_MIN_FLOPS: ~1 us more
-    # than a serial variant, which would compile separately on a process's first small batch)
+    # one slice of rows per thread (flags.size of them), whole tiles each: results do not depend on it
     nt, m = flags.size, x.shape[0]
     share = (m + nt - 1) // nt
     step = (share + _MR - 1) // _MR * _MR
@@ -444,6 +482,7 @@ def _chain_par(x, weights, biases, codes, out, work, flags):
     return flags.any()
 
 
+_CHAIN_COMPILED: set = set()  # (layers, dtype char) whose serial and parallel variants are compiled
 _CHAIN_SCRATCH = threading.local()  # per calling thread: (work, flags), grown to the largest need
 
 
@@ -483,7 +522,12 @@ def dense_chain(x, weights, biases, acts, out=None):
     nt = numba.get_num_threads() if flops >= _CHAIN_PAR_MIN_FLOPS else 1
     nt = max(1, min(nt, -(-m // _MR)))
     work, flags = _chain_scratch(dt, nt, max(w.shape[1] for w in weights))
-    return out, bool(_chain_par(x, weights, biases, codes, out, work, flags))
+    kernel, other = (_chain_par, _chain_serial) if nt > 1 else (_chain_serial, _chain_par)
+    key = (len(weights), dt.char)
+    if key not in _CHAIN_COMPILED:  # both variants at once: no compile (cache load) on a later batch size
+        other(x[:0], weights, biases, codes, out[:0], work, flags)
+        _CHAIN_COMPILED.add(key)
+    return out, bool(kernel(x, weights, biases, codes, out, work, flags))
 
 
 @njit(cache=True, error_model="numpy")

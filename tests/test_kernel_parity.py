@@ -50,7 +50,9 @@ def _pre(act: str, s):
 
 # ================================================================== dense
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mkn", [(1, 1, 1), (3, 5, 7), (100, 784, 100), (257, 33, 1030)])
+@pytest.mark.parametrize(  # one row or column of the result: numba's is a gemv
+    "mkn", [(1, 1, 1), (3, 5, 7), (100, 784, 100), (257, 33, 1030), (1, 784, 100), (100, 784, 1)]
+)
 @pytest.mark.parametrize("trans", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("with_out", [False, True])
 def test_matmul(be, dtype, mkn, trans, with_out):
@@ -67,7 +69,9 @@ def test_matmul(be, dtype, mkn, trans, with_out):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mkn", [(1, 1, 1), (3, 5, 7), (784, 100, 100), (33, 257, 65)])
+@pytest.mark.parametrize(
+    "mkn", [(1, 1, 1), (3, 5, 7), (784, 100, 100), (33, 257, 65), (1, 300, 50), (50, 300, 1)]
+)
 @pytest.mark.parametrize("trans", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("l2", [0.0, 1e-2])
 def test_sgd_matmul_step(be, dtype, mkn, trans, l2):
