@@ -232,13 +232,13 @@ class MLP:
         _eval_chunks): no pass over X just for them."""
         return check_features(X, self.n_features, dtype=self.dtype, finite=chain is None)
 
-    def _eval_chunks(self, X: np.ndarray, batch_size: int, chain=None, out=None):
+    def _eval_chunks(self, X: np.ndarray, batch_size: int, chain=None, out=None, labels=None):
         """Eval-mode forward over checked host X in chunks of ``batch_size`` rows; yields
         (start, stop, device scores (stop - start, n_classes)). The scores live in the layers'
         eval workspaces (or the chain's buffer): read them before the next chunk. With ``chain``
         (:meth:`_chain`), each chunk is one ``dense_chain`` call, straight into the rows of the
-        host array ``out`` when given, and a chunk whose first product is not finite gets the
-        exact NaN/inf check of its rows."""
+        host array ``out`` when given (and of ``labels``, the arg-max, when given), and a chunk
+        whose first product is not finite gets the exact NaN/inf check of its rows."""
         for s in range(0, X.shape[0], batch_size):
             xb = X[s : s + batch_size]
             e = s + xb.shape[0]
@@ -249,7 +249,8 @@ class MLP:
                 rows = grown_rows(self._input_buffers, "scores", (e - s, self.n_classes), np, self.dtype)
             else:
                 rows = out[s:e]
-            scores, nonfinite = self.be.k.dense_chain(self._device_input(xb), *chain, out=rows)
+            picks = None if labels is None else labels[s:e]
+            scores, nonfinite = self.be.k.dense_chain(self._device_input(xb), *chain, out=rows, labels=picks)
             if nonfinite:
                 check_finite(xb, first_row=s)
             yield s, e, scores
@@ -298,9 +299,10 @@ class MLP:
         chunk: no (n, n_classes) array)."""
         batch_size, chain = check_batch_size(batch_size), self._chain()
         X = self._checked_features(X, chain)
-        labels = np.empty(X.shape[0], dtype=np.intp)
-        for s, e, scores in self._eval_chunks(X, batch_size, chain):
-            np.argmax(self.be.to_host(scores), axis=1, out=labels[s:e])
+        labels = np.empty(X.shape[0], dtype=np.int64)
+        for s, e, scores in self._eval_chunks(X, batch_size, chain, labels=labels):
+            if chain is None:
+                np.argmax(self.be.to_host(scores), axis=1, out=labels[s:e])
         return labels
 
     def score(self, X, y) -> float:

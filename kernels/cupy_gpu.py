@@ -325,10 +325,12 @@ class CudaKernels:
             )
         return drop
 
-    def dense_chain(self, x, weights, biases, acts, out=None):
+    def dense_chain(self, x, weights, biases, acts, out=None, labels=None):
         """Eval forward of a stack of dense layers, layer by layer (one device->host read: the
-        flag). -> (a (B, N_last), x_nonfinite), as the reference."""
+        flag). -> (a (B, N_last), x_nonfinite), and the arg-max into ``labels``, as the reference."""
         a, nonfinite = _chain_layers(self.matmul, self.bias_act, self._dev(x, "x"), weights, biases, acts)
+        if labels is not None:
+            self._dev(labels, "labels")[...] = self._xp.argmax(a, axis=1)
         if out is not None:
             self._out(out, "out", a.shape, a.dtype)[...] = a
             a = out

@@ -406,6 +406,22 @@ def bias_act(
     return out
 
 
+@njit(cache=True, error_model="numpy")
+def _argmax_row(scores, i):
+    # np.argmax(scores[i]): the first maximum, or the first NaN
+    best = 0
+    m = scores[i, 0]
+    if m == m:
+        for j in range(1, scores.shape[1]):
+            v = scores[i, j]
+            if v != v:
+                return j
+            if v > m:
+                m = v
+                best = j
+    return best
+
+
 # ================================================================ dense chain
 def _env_chain_max() -> int | None:
     raw = os.environ.get("GPUMLP_CHAIN_MAX_WEIGHT_BYTES", "").strip()
@@ -443,10 +459,11 @@ def _any_nonfinite(z):
 
 
 @njit(cache=True, error_model="numpy")
-def _chain_rows(x, weights, biases, codes, out, work, r0, r1):
+def _chain_rows(x, weights, biases, codes, out, labels, work, r0, r1):
     # rows [r0, r1) through every layer, _CHAIN_BLOCK rows at a time, in one thread's work (2, >= block
     # * widest): the tiles' product in work[0], the activations in work[1] (or out, for the last
-    # layer): separate arrays, so that bias_act's loop vectorises. -> x @ weights[0] not finite.
+    # layer): separate arrays, so that bias_act's loop vectorises; labels (unless empty): the rows'
+    # arg-max, taken while they are in cache. -> x @ weights[0] not finite.
     nonfinite = False
     last = len(weights) - 1
     for i0 in range(r0, r1, _CHAIN_BLOCK):
@@ -462,26 +479,30 @@ def _chain_rows(x, weights, biases, codes, out, work, r0, r1):
             dst = out[i0 : i0 + m] if layer == last else work[1, : m * n].reshape((m, n))
             _bias_act_rows(z, biases[layer], dst, dst, False, codes[layer], 0, m)
             src, s0 = dst, 0
+        if labels.size:
+            for r in range(m):
+                labels[i0 + r] = _argmax_row(src, r)
     return nonfinite
 
 
 @njit(cache=True, error_model="numpy")
-def _chain_serial(x, weights, biases, codes, out, work, flags):
-    return _chain_rows(x, weights, biases, codes, out, work[0], 0, x.shape[0])
+def _chain_serial(x, weights, biases, codes, out, labels, work, flags):
+    return _chain_rows(x, weights, biases, codes, out, labels, work[0], 0, x.shape[0])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _chain_par(x, weights, biases, codes, out, work, flags):
+def _chain_par(x, weights, biases, codes, out, labels, work, flags):
     # one slice of rows per thread (flags.size of them), whole tiles each: results do not depend on it
     nt, m = flags.size, x.shape[0]
     share = (m + nt - 1) // nt
     step = (share + _MR - 1) // _MR * _MR
     for t in numba.prange(nt):
         lo, hi = min(m, t * step), min(m, (t + 1) * step)
-        flags[t] = _chain_rows(x, weights, biases, codes, out, work[t], lo, hi)
+        flags[t] = _chain_rows(x, weights, biases, codes, out, labels, work[t], lo, hi)
     return flags.any()
 
 
+_NO_LABELS = np.empty(0, np.int64)  # dense_chain without labels: the kernels skip an empty array
 _CHAIN_COMPILED: set = set()  # (layers, dtype char) whose serial and parallel variants are compiled
 _CHAIN_SCRATCH = threading.local()  # per calling thread: (work, flags), grown to the largest need
 
@@ -497,11 +518,12 @@ def _chain_scratch(dtype: np.dtype, nt: int, widest: int) -> tuple:
     return work, flags[:nt]
 
 
-def dense_chain(x, weights, biases, acts, out=None):
+def dense_chain(x, weights, biases, acts, out=None, labels=None):
     """Eval forward of a stack of dense layers, fused: each thread carries a block of rows through
     every layer (register-tiled products, ``numba_tiles``; bias and activation on the block while
-    it is in cache), no OpenBLAS call. -> (a (B, N_last), x_nonfinite) as the reference; x: (B, K0)
-    C-contiguous, weights (K_l, N_l) C-contiguous, biases (N_l,), one float dtype."""
+    it is in cache; the arg-max too, into ``labels``), no OpenBLAS call. -> (a (B, N_last),
+    x_nonfinite) as the reference; x: (B, K0) C-contiguous, weights (K_l, N_l) C-contiguous,
+    biases (N_l,), one float dtype; labels: (B,) int64."""
     _check_chain(x, weights, biases, acts)
     dt = x.dtype
     weights, biases = tuple(weights), tuple(biases)
@@ -515,6 +537,10 @@ def dense_chain(x, weights, biases, acts, out=None):
         out = np.empty((m, n_out), dt)
     elif out.shape != (m, n_out) or out.dtype != dt or not out.flags.c_contiguous:
         raise ValueError(f"dense_chain: out must be a C-contiguous {dt} array of shape {(m, n_out)}")
+    if labels is None:
+        labels = _NO_LABELS
+    elif labels.shape != (m,) or labels.dtype != np.int64 or not labels.flags.c_contiguous:
+        raise ValueError(f"dense_chain: labels must be a contiguous int64 array of shape {(m,)}")
     if m == 0:
         return out, False
     codes = np.array([activation(a).code for a in acts], np.int64)
@@ -525,9 +551,9 @@ def dense_chain(x, weights, biases, acts, out=None):
     kernel, other = (_chain_par, _chain_serial) if nt > 1 else (_chain_serial, _chain_par)
     key = (len(weights), dt.char)
     if key not in _CHAIN_COMPILED:  # both variants at once: no compile (cache load) on a later batch size
-        other(x[:0], weights, biases, codes, out[:0], work, flags)
+        other(x[:0], weights, biases, codes, out[:0], labels[:0], work, flags)
         _CHAIN_COMPILED.add(key)
-    return out, bool(kernel(x, weights, biases, codes, out, work, flags))
+    return out, bool(kernel(x, weights, biases, codes, out, labels, work, flags))
 
 
 @njit(cache=True, error_model="numpy")
@@ -827,17 +853,7 @@ def mse(pred: _A, labels: _A, grad: _A | None = None, grad_scale=1.0, loss=None)
 def _correct_k(scores, labels):
     hits = 0
     for i in range(scores.shape[0]):
-        best = 0
-        m = scores[i, 0]
-        if m == m:  # NaN wins, as in np.argmax
-            for j in range(1, scores.shape[1]):
-                v = scores[i, j]
-                if v != v:
-                    best = j
-                    break
-                if v > m:
-                    m = v
-                    best = j
+        best = _argmax_row(scores, i)
         if best == labels[i]:
             hits += 1
     return hits

@@ -87,13 +87,15 @@ def bias_act(z, b, act, out=None, pre=None):
     return _put(out, spec.forward(s).astype(z.dtype, copy=False))
 
 
-def dense_chain(x, weights, biases, acts, out=None):
+def dense_chain(x, weights, biases, acts, out=None, labels=None):
     """Eval forward of a stack of dense layers: a = x, then ``a = act_l(a @ weights[l] + biases[l])``
     for each layer l (``acts[l]``: activation name). -> (a, x_nonfinite): x_nonfinite is True when
     ``x @ weights[0]`` holds a NaN or inf, as any NaN or inf in x makes it (weights finite), and
     a finite x can by overflow. x: (B, K0), weights[l]: (K_l, N_l), biases[l]: (N_l,), one float
-    dtype -> a: (B, N_last)."""
+    dtype -> a: (B, N_last). ``labels`` (B,) int64, when given, receives ``np.argmax(a, axis=1)``."""
     a, nonfinite = _chain_layers(matmul, bias_act, x, weights, biases, acts)
+    if labels is not None:
+        labels[...] = np.argmax(a, axis=1)
     return _put(out, a), nonfinite
 
 

@@ -141,10 +141,10 @@ def test_chains_cover_every_activation():
     assert used == set(ref.ACTIVATIONS)
 
 
-def _dense_chain(be, x, ws, bs, acts, out=None):
+def _dense_chain(be, x, ws, bs, acts, out=None, labels=None):
     """be.k.dense_chain on device copies -> (host activations, flag), the flag checked a Python bool."""
     ws, bs = [be.asarray(w) for w in ws], [be.asarray(b) for b in bs]
-    got, flag = be.k.dense_chain(be.asarray(x), ws, bs, acts, out=out)
+    got, flag = be.k.dense_chain(be.asarray(x), ws, bs, acts, out=out, labels=labels)
     assert type(flag) is bool, type(flag)
     return got, flag
 
@@ -163,6 +163,21 @@ def test_dense_chain(be, dtype, case, with_out):
         assert got is out
     assert expected_flag is False and flag is False
     assert_close(expected, be.to_host(got), *MM_TOL[dtype], what=f"dense_chain {widths} {acts}")
+    labels = be.xp.full(batch, -1, dtype=np.int64)  # and the arg-max, in the same call
+    got, _ = _dense_chain(be, x, ws, bs, acts, out=out, labels=labels)
+    np.testing.assert_array_equal(be.to_host(labels), be.to_host(got).argmax(axis=1))
+
+
+def test_dense_chain_labels_take_the_first_maximum_or_the_first_nan(be):
+    """labels follow np.argmax: ties go to the first column, a NaN wins. The NaN of row 1 is an
+    overflow (3e38 * 2 = inf) plus a bias of -inf, in column 1 only."""
+    x = be.asarray(np.array([[1, 0, 0], [3e38, 0, 0], [0, 1, 0], [0, 0, 0]], np.float32))
+    w = be.asarray(np.array([[0, 2, 1], [5, 5, 0], [0, 0, 0]], np.float32))
+    b = be.asarray(np.array([0, -np.inf, 0], np.float32))
+    labels = be.xp.full(4, -1, dtype=np.int64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        be.k.dense_chain(x, [w], [b], ["identity"], labels=labels)
+    np.testing.assert_array_equal(be.to_host(labels), [2, 1, 0, 0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
