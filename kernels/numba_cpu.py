@@ -6,10 +6,13 @@ and ``hash_uniform`` bit for bit (tests/test_kernel_parity.py).
 
 How the work is split
 ---------------------
-* Dense ``matmul`` is BLAS: nothing we could jit beats it. It and ``sgd_matmul_step`` call
-  the OpenBLAS that NumPy ships (``cblas_?gemm`` by symbol, from jitted code, transposes as
-  flags; ``np.matmul`` where BLAS cannot take the operands), so that plain SGD rides on the
-  weight-gradient GEMM (beta) and a step graph can replay every GEMM.
+* Dense ``matmul`` is BLAS. It and ``sgd_matmul_step`` call the OpenBLAS that NumPy ships
+  (``cblas_?gemm`` by symbol, from jitted code, transposes as flags, ``cblas_?gemv`` for a single
+  row or column; ``np.matmul`` where BLAS cannot take the operands), so that plain SGD rides on
+  the weight-gradient GEMM (beta) and a step graph can replay every GEMM. Inside a training step
+  our own products lost to OpenBLAS (``bench/tiled_gemm.py``), but a whole eval forward whose
+  weights fit a core's L2 is faster as one kernel: ``dense_chain`` (register tiles of
+  ``numba_tiles``, each thread carrying a block of rows through every layer, no BLAS call).
 * Wrappers call their jitted bodies through ``numba_graph.call`` (``_call``), which a step
   graph's capture records instead of running (see ``kernels/numba_graph.py``).
 * Every other kernel is a Python wrapper that validates only what is cheap
