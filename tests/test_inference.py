@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import itertools
+import time
 import tracemalloc
 import warnings
 import weakref
@@ -166,10 +168,13 @@ def test_bench_checks_every_runner_before_timing_it():
 def test_interleaved_best_times_each_fn_after_a_warm_up_in_every_round():
     from gpumlp.bench import inference as I
 
-    calls: list[str] = []
-    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    calls: list[tuple[str, float]] = []
+    fns = {k: (lambda k=k: calls.append((k, time.perf_counter()))) for k in "ab"}
     best = I.interleaved_best(fns, repeats=3, inner=2, pool=lambda key: "blas")
-    assert calls == (["a"] * 3 + ["b"] * 3) * 3  # per round: warm-up + 2 timed calls each, a then b
+    runs = [list(g) for _, g in itertools.groupby(calls, key=lambda c: c[0])]
+    assert [r[0][0] for r in runs] == ["a", "b"] * 3  # per round: a's calls, then b's
+    for run in runs:  # warm-up calls for WARM_UP_S (at least one), then the 2 timed ones
+        assert len(run) >= 3 and run[-2][1] - run[0][1] >= I.WARM_UP_S
     assert set(best) == {"a", "b"} and all(0 < t < 1 for t in best.values())
 
 

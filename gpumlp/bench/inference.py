@@ -42,6 +42,7 @@ PROBA_ATOL = 1e-4  # float32 GEMMs of different libraries sum in different order
 MIN_LABEL_AGREEMENT = 0.999  # near-ties may flip between libraries, nothing more
 EMULATED = ("cuda-emu",)  # an emulated device: correct, but its speed means nothing
 POOL_SETTLE_S = 0.25  # > the longest spin-wait of the pools here (Intel OpenMP's default blocktime: 0.2 s)
+WARM_UP_S = 0.02  # untimed calls before each fn's timing in a round (see interleaved_best)
 
 
 def ort_unavailable(dtype: str) -> str | None:
@@ -190,11 +191,15 @@ def check_runners(runners: dict, ref: MLP, X: np.ndarray) -> dict[str, dict]:
 def interleaved_best(fns: dict[str, Callable[[], object]], repeats: int, inner: int,
                      pool: Callable[[str], str] = str) -> dict[str, float]:  # fmt: skip
     """Best seconds per call of each fn over ``repeats`` rounds; one round times ``inner`` calls of
-    every fn in turn, each right after an untimed warm-up call. Where ``pool(key)`` (the worker
-    thread pool a fn runs on) changes, first a pause of POOL_SETTLE_S: the last pool's threads
-    spin-wait for work a while after their last task, and on a small machine they would take the
-    cores from the next pool's threads (measured: numba's predict at batch 64, 0.08 ms alone, took
-    25-65 ms per call right after a PyTorch call on 2 cores)."""
+    every fn in turn, each right after untimed warm-up calls (WARM_UP_S of them, at least one).
+    Where ``pool(key)`` (the worker thread pool a fn runs on) changes, first a pause of
+    POOL_SETTLE_S: the last pool's threads spin-wait for work a while after their last task, and on
+    a small machine they would take the cores from the next pool's threads (measured: numba's
+    predict at batch 64, 0.08 ms alone, took 25-65 ms per call right after a PyTorch call on 2
+    cores). After the pause the cores need a few ms to come back to speed, hence the warm-up by
+    time: one call was not enough (numba's seed predict at batch 4096, the calls after a pause:
+    2.37, 1.97, 1.90, 1.86, 1.81, 1.74 ms, medians of 12 pauses), and whichever fn came first after
+    a pause was timed slow."""
     best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
         last = None
@@ -202,7 +207,10 @@ def interleaved_best(fns: dict[str, Callable[[], object]], repeats: int, inner: 
             if pool(key) != last:
                 time.sleep(POOL_SETTLE_S)
                 last = pool(key)
+            warm_until = time.perf_counter() + WARM_UP_S
             fn()
+            while time.perf_counter() < warm_until:
+                fn()
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
