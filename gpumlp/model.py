@@ -114,6 +114,11 @@ class MLP:
         n = self.widths[0]
         for layer in self.layers:
             n = layer.build(self.be, n, self.dtype, rng)
+        dense = [la for la in self.layers if isinstance(la, Dense)]
+        # the layers of a dense_chain eval forward (Dropout is the identity in eval mode), if any
+        chained = all(isinstance(la, (Dense, Dropout)) for la in self.layers)
+        self._chain_layers = dense if chained else None
+        self._chain_bytes = max(la.params["W"].nbytes for la in dense)
         self._groups = self._pack_parameters()
 
     def _pack_parameters(self) -> list[tuple[str, object, object, bool]]:
@@ -219,11 +224,8 @@ class MLP:
         """(weights, biases, activations) when the backend runs this model's eval forward as one
         fused ``dense_chain`` (every layer Dense, or Dropout: the identity in eval mode; every
         weight matrix within the backend's ``CHAIN_MAX_WEIGHT_BYTES``), else None."""
-        limit = self.be.k.CHAIN_MAX_WEIGHT_BYTES
-        dense = [la for la in self.layers if isinstance(la, Dense)]
-        if not limit or len(dense) + sum(isinstance(la, Dropout) for la in self.layers) < len(self.layers):
-            return None
-        if any(la.params["W"].nbytes > limit for la in dense):
+        dense = self._chain_layers
+        if dense is None or not 0 < self._chain_bytes <= self.be.k.CHAIN_MAX_WEIGHT_BYTES:
             return None
         return [la.params["W"] for la in dense], [la.params["b"] for la in dense], [la.act for la in dense]
 

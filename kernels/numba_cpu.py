@@ -505,6 +505,7 @@ def _chain_par(x, weights, biases, codes, out, labels, work, flags):
     return flags.any()
 
 
+_CHAIN_CODES: dict = {}  # activation names -> their codes (int64 arrays, never written), per chain seen
 _NO_LABELS = np.empty(0, np.int64)  # dense_chain without labels: the kernels skip an empty array
 _CHAIN_COMPILED: set = set()  # (layers, dtype char) whose serial and parallel variants are compiled
 _CHAIN_SCRATCH = threading.local()  # per calling thread: (work, flags), grown to the largest need
@@ -546,7 +547,9 @@ def dense_chain(x, weights, biases, acts, out=None, labels=None):
         raise ValueError(f"dense_chain: labels must be a contiguous int64 array of shape {(m,)}")
     if m == 0:
         return out, False
-    codes = np.array([activation(a).code for a in acts], np.int64)
+    codes = _CHAIN_CODES.get(tuple(acts))
+    if codes is None:
+        codes = _CHAIN_CODES[tuple(acts)] = np.array([activation(a).code for a in acts], np.int64)
     flops = 2 * m * sum(w.size for w in weights)
     nt = numba.get_num_threads() if flops >= _CHAIN_PAR_MIN_FLOPS else 1
     nt = max(1, min(nt, -(-m // _MR)))
