@@ -173,8 +173,8 @@ def test_interleaved_best_times_each_fn_after_a_warm_up_in_every_round():
     best = I.interleaved_best(fns, repeats=3, inner=2, pool=lambda key: "blas")
     runs = [list(g) for _, g in itertools.groupby(calls, key=lambda c: c[0])]
     assert [r[0][0] for r in runs] == ["a", "b"] * 3  # per round: a's calls, then b's
-    for run in runs:  # warm-up calls for WARM_UP_S (at least one), then the 2 timed ones
-        assert len(run) >= 3 and run[-2][1] - run[0][1] >= I.WARM_UP_S
+    for run in runs:  # warm-up calls for about WARM_UP_S (at least one), then the 2 timed ones
+        assert len(run) >= 3 and run[-2][1] - run[0][1] >= 0.9 * I.WARM_UP_S
     assert set(best) == {"a", "b"} and all(0 < t < 1 for t in best.values())
 
 
