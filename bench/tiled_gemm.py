@@ -3,15 +3,16 @@
 Question: can the numba backend beat the GEMM floor (OpenBLAS through ``np.matmul``) at the MLP
 shapes, and so ONNX Runtime's seed inference at batch 4096, with a GEMM of its own? Answer
 measured here: the GEMM alone, yes, where ``b`` fits a core's L2; inside a training step or a
-``predict`` it loses most of that, and beside OpenBLAS's thread pool it collapses, so the kernels
-keep OpenBLAS (see the issue-15 note and ``bench/results/tiled_gemm.md``).
+layer-by-layer ``predict`` it loses most of that, and beside OpenBLAS's thread pool it collapses, so
+the training kernels keep OpenBLAS (see ``bench/results/tiled_gemm.md``). A whole predict as one
+fused kernel on these tiles does pay: ``dense_chain`` (``gpumlp bench``'s inference section).
 
 The GEMM: ``c = alpha * a @ b + beta * c`` through the register tiles of
 ``gpumlp.kernels.numba_tiles`` (which the numba backend's fused inference kernel, ``dense_chain``,
 now uses), threads (``prange``) splitting the rows. Every element is one FMA chain over k in
-order, so results do not depend on the thread split. The results committed in
-``bench/results/tiled_gemm.md`` were measured with the tile inlined into its caller; it is a
-``noinline`` function now (same code inside).
+order, so results do not depend on the thread split. The ``predict`` rows run the layer-by-layer
+predict in every engine (``GPUMLP_CHAIN_MAX_WEIGHT_BYTES=0``): the fused one, ``dense_chain``,
+calls no GEMM that an engine could replace.
 
     python bench/tiled_gemm.py [--rounds 3] [--out bench/results/tiled_gemm.md]
 
@@ -192,7 +193,8 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for engine in engines:
                 own_cache = dict(os.environ, NUMBA_CACHE_DIR=os.path.join(cache, engine))
-                env = None if engine == "openblas" else own_cache
+                env = dict(os.environ) if engine == "openblas" else own_cache
+                env["GPUMLP_CHAIN_MAX_WEIGHT_BYTES"] = "0"  # predict layer by layer, on the engine's GEMM
                 cmd = [sys.executable, __file__, "--worker", engine, "--samples", str(args.samples)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
                 runs[engine].append(json.loads(proc.stdout.strip().splitlines()[-1]))
