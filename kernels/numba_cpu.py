@@ -344,7 +344,7 @@ def _bias_act_rows(z, b, out, pre, keep, code, r0, r1):
         for i in range(r0, r1):
             for j in range(n):
                 s = z[i, j] + b[j]
-                out[i, j] = s if s > 0 else 0
+                out[i, j] = 0 if s <= 0 else s  # NaN stays NaN, as np.maximum: a diverged step must show
     elif code == 4:
         slope = z.dtype.type(LEAKY_SLOPE)
         for i in range(r0, r1):

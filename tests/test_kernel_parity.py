@@ -371,6 +371,21 @@ def test_host_act_grad_of_the_arithmetic_derivatives_is_the_references_bit_for_b
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ref.ACTIVATIONS)
+def test_bias_act_of_nan_inf_and_signed_zeros_is_the_references(be, dtype, act):
+    """NaN in, NaN out for every activation (a diverged step must reach the loss), and the
+    reference's values at +-inf and +-0."""
+    z = np.array([[np.nan, np.inf, -np.inf, -0.0, 0.0, 1.5, -1.5]], dtype)
+    b = np.zeros(z.shape[1], dtype)
+    with np.errstate(all="ignore"):
+        expected = ref.bias_act(z, b, act)
+        got = be.to_host(be.k.bias_act(be.asarray(z), be.asarray(b), act))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), err_msg=act)
+    finite = ~np.isnan(expected)
+    assert_close(expected[finite], got[finite], *TOL[dtype], what=act)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ref.ACTIVATIONS)
 def test_bias_act_keeps_the_pre_activation(be, dtype, act):
     # pre receives z + b: one rounding of one add on every backend, so bit for bit
     z, b = _data((33, 65), dtype, 1, 3.0), _data((65,), dtype, 2)

@@ -305,6 +305,22 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
     assert meta["train"]["epoch"] == 2 and all(np.isfinite(a).all() for a in arrays.values())
 
 
+@pytest.mark.parametrize("name", loadable_backends())
+def test_a_nan_weight_behind_relu_stops_training(name):
+    """A NaN weight makes its unit's pre-activation NaN; ReLU must pass it on (as np.maximum does),
+    so that the loss shows it. Taking NaN to 0, the numba and CUDA ReLU had hidden it: the loss
+    stayed finite and the NaN stayed in the weights, into every checkpoint."""
+    rng = np.random.default_rng(0)
+    X, y = rng.random((256, 30), dtype=np.float32), rng.integers(0, 3, 256)
+    model = MLP("30-16-3", act="relu", backend=name, seed=0)
+    w = model.layers[0].params["W"]
+    host = model.be.to_host(w).copy()
+    host[3, 5] = np.nan
+    w[...] = model.be.asarray(host)
+    with np.errstate(invalid="ignore"), pytest.raises(TrainingDiverged, match="loss became nan"):
+        model.fit(X, y, epochs=2, batch_size=64, seed=1)
+
+
 @pytest.mark.parametrize(
     "X, y, message",
     [

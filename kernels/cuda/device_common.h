@@ -98,7 +98,7 @@ __device__ __forceinline__ T activate(T s, int act, T slope) {
         case ACT_IDENTITY: return s;
         case ACT_SIGMOID: return T(1) / (T(1) + dev_exp(-s));
         case ACT_TANH: return dev_tanh(s);
-        case ACT_RELU: return s > T(0) ? s : T(0);
+        case ACT_RELU: return s <= T(0) ? T(0) : s;  // NaN stays NaN, as the reference's np.maximum
         case ACT_LEAKY_RELU: return s > T(0) ? s : s * slope;
         case ACT_GELU: return T(0.5) * s * dev_erfc(-s * T(GELU_INV_SQRT2));
         case ACT_GELU_TANH: return s * gelu_tanh_p(s);
