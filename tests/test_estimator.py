@@ -30,12 +30,21 @@ from gpumlp import MLP, MLPClassifier  # noqa: E402
 ROW_ORDER = (
     "float32 GEMMs (OpenBLAS sgemm, under both CPU backends) sum the rows in the tail of their "
     "blocking in another order, so permuting the rows changes a 16->8 layer's outputs by ~5e-7 "
-    "relative, above the check's rtol of 1e-7 (the default (100,) layer happens to pass)"
+    "relative, above the check's rtol of 1e-7 (the default (100,) layer happens to pass). Where "
+    "numba predicts through the fused dense_chain, each row is computed alone and the check passes"
 )
 
 
+def _numba_fuses() -> bool:
+    try:
+        from gpumlp.kernels import numba_cpu
+    except ImportError:
+        return False
+    return numba_cpu.CHAIN_MAX_WEIGHT_BYTES > 0
+
+
 def expected_failed_checks(est: MLPClassifier) -> dict[str, str]:
-    if tuple(est.hidden_layer_sizes) == (16, 8):
+    if tuple(est.hidden_layer_sizes) == (16, 8) and not _numba_fuses():
         return {"check_methods_sample_order_invariance": ROW_ORDER}
     return {}
 
