@@ -158,11 +158,21 @@ def _blas_pool_idle() -> bool:
     return _BLAS_THREADS is not None and _BLAS_THREADS() == 1
 
 
+# One parallel region of these kernels at a time in the process. Numba's workqueue threading layer
+# (its fallback without OpenMP or TBB) aborts the process when two threads launch parallel regions
+# at once (measured: predict from 3 threads), and concurrent callers would only oversubscribe the
+# cores: a caller that finds the lock taken runs the serial variant on its own thread.
+_PARALLEL = threading.Lock()
+
+
 def _run(par, serial, n: int, *args) -> None:
     """Call the parallel variant (with the thread count) for big n, else the serial one."""
     if n >= (_PAR_MIN_FLOOR if _PAR_MIN is None else _PAR_MIN) and (nt := numba.get_num_threads()) > 1:
-        if n >= _par_min(nt) and (_PAR_MIN is not None or _blas_pool_idle()):
-            _call(par, *args, nt)
+        if n >= _par_min(nt) and (_PAR_MIN is not None or _blas_pool_idle()) and _PARALLEL.acquire(False):
+            try:
+                _call(par, *args, nt)
+            finally:
+                _PARALLEL.release()
             return
     _call(serial, *args)
 
@@ -555,12 +565,20 @@ def dense_chain(x, weights, biases, acts, out=None, labels=None):
     nt = numba.get_num_threads() if flops >= _CHAIN_PAR_MIN_FLOPS else 1
     nt = max(1, min(nt, -(-m // _MR)))
     work, flags = _chain_scratch(dt, nt, max(w.shape[1] for w in weights))
-    kernel, other = (_chain_par, _chain_serial) if nt > 1 else (_chain_serial, _chain_par)
     key = (len(weights), dt.char)
     if key not in _CHAIN_COMPILED:  # both variants at once: no compile (cache load) on a later batch size
-        other(x[:0], weights, biases, codes, out[:0], labels[:0], work, flags)
+        with _PARALLEL:
+            _chain_par(x[:0], weights, biases, codes, out[:0], labels[:0], work, flags)
+        _chain_serial(x[:0], weights, biases, codes, out[:0], labels[:0], work, flags)
         _CHAIN_COMPILED.add(key)
-    return out, bool(kernel(x, weights, biases, codes, out, labels, work, flags))
+    if nt > 1 and _PARALLEL.acquire(False):
+        try:
+            nonfinite = _chain_par(x, weights, biases, codes, out, labels, work, flags)
+        finally:
+            _PARALLEL.release()
+    else:
+        nonfinite = _chain_serial(x, weights, biases, codes, out, labels, work, flags)
+    return out, bool(nonfinite)
 
 
 @njit(cache=True, error_model="numpy")

@@ -274,3 +274,33 @@ def test_env_bad_weight_limit_fails_the_import_naming_it(value):
     out = _run_with_limit(value, "import gpumlp.kernels.numba_cpu")
     assert out.returncode != 0
     assert "ValueError" in out.stderr and "GPUMLP_CHAIN_MAX_WEIGHT_BYTES" in out.stderr, out.stderr[-2000:]
+
+
+# ============================================================ threads
+def test_predict_from_several_threads_under_the_workqueue_layer():
+    """Numba's workqueue threading layer (its fallback without OpenMP or TBB) aborts the process
+    when two threads launch parallel regions at once; predicting from three threads used to do
+    that. One parallel region at a time: the other callers run serially, with the same results."""
+    if not _numba_limit():
+        pytest.skip("no fused inference on this CPU (CHAIN_MAX_WEIGHT_BYTES = 0)")
+    code = (
+        "import threading, numpy as np, numba\n"
+        "from gpumlp.model import MLP\n"
+        "m = MLP('784-100-10', act='sigmoid', loss='logistic', backend='numba', seed=0)\n"
+        "x = np.random.default_rng(0).random((4096, 784), dtype=np.float32)\n"
+        "want, errors = m.predict(x), []\n"
+        "assert m.inference_path == 'dense_chain' and numba.threading_layer() == 'workqueue'\n"
+        "def work():\n"
+        "    try:\n"
+        "        for _ in range(20):\n"
+        "            assert (m.predict(x) == want).all() and np.isfinite(m.predict_proba(x)).all()\n"
+        "    except Exception as e:\n"
+        "        errors.append(repr(e))\n"
+        "threads = [threading.Thread(target=work) for _ in range(3)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print('errors', errors)\n"
+    )
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "errors []", out.stdout
