@@ -84,6 +84,7 @@ from .common import step_value as _step_value
 from .common import updates_running_stats as _updates_running_stats
 from .images import image_side as _image_side
 from .numba_graph import CAPTURABLE as _CAPTURABLE
+from .numba_graph import PARALLEL_REGION as _PARALLEL
 from .numba_graph import call as _call
 from .numba_graph import call_host as _call_host
 from .numba_graph import call_into as _call_into
@@ -158,11 +159,8 @@ def _blas_pool_idle() -> bool:
     return _BLAS_THREADS is not None and _BLAS_THREADS() == 1
 
 
-# One parallel region of these kernels at a time in the process. Numba's workqueue threading layer
-# (its fallback without OpenMP or TBB) aborts the process when two threads launch parallel regions
-# at once (measured: predict from 3 threads), and concurrent callers would only oversubscribe the
-# cores: a caller that finds the lock taken runs the serial variant on its own thread.
-_PARALLEL = threading.Lock()
+# One parallel region of these kernels at a time in the process (numba_graph.PARALLEL_REGION): a
+# caller that finds it taken runs the serial variant on its own thread.
 
 
 def _run(par, serial, n: int, *args) -> None:

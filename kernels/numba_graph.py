@@ -49,6 +49,12 @@ CAPTURABLE = frozenset({
     "clip_value", "gather_shifted", "gather_warped", "elastic_field",
 })  # fmt: skip
 
+# One parallel region of the numba kernels at a time in the process. Numba's workqueue threading
+# layer (its fallback without OpenMP or TBB) aborts the process when two threads launch parallel
+# regions at once (measured: predict, and training with step graphs, from 3 threads), and concurrent
+# callers would only oversubscribe the cores. The kernels try it and run serially when it is taken;
+# a step graph that recorded a parallel variant holds it while it replays.
+PARALLEL_REGION = threading.Lock()
 _RECORDING = threading.local()  # .tape: the list being recorded on this thread, else absent/None
 _COMPILED: dict[str, Callable] = {}  # graph source -> its jitted function, for this process
 
@@ -167,7 +173,15 @@ def _compile(tape: list) -> Callable[[], None]:
         # cached on disk under this file's name; numba keys the cache by the function's (unique) name
         exec(compile(f"def {name}(P):\n{body_src}\n", __file__, "exec"), namespace)
         fn = _COMPILED[name] = njit(cache=True, error_model="numpy")(namespace[name])
-    return functools.partial(fn, tuple(flat))
+    replay = functools.partial(fn, tuple(flat))
+    if not any(body.targetoptions.get("parallel") for body, _, _ in tape):
+        return replay
+
+    def replay_in_the_parallel_region():
+        with PARALLEL_REGION:
+            replay()
+
+    return replay_in_the_parallel_region
 
 
 def _view_key(a: np.ndarray) -> tuple:

@@ -5,6 +5,7 @@ replayed runs kernel by kernel."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -263,3 +264,44 @@ def test_a_step_graph_compiles_once_and_loads_from_the_disk_cache_after():
         assert r.returncode == 0, r.stderr[-2000:]
     hits, misses = map(int, runs[1].stdout.split())
     assert (hits, misses) == (1, 0)
+
+
+_THREADS_TRAINING = """
+import threading, numba, numpy as np
+from gpumlp.kernels import numba_graph
+from gpumlp.model import MLP
+rng = np.random.default_rng(0)
+X, y = rng.random((600, 784), dtype=np.float32), rng.integers(0, 10, 600)
+def train():
+    m = MLP("784-64-10", act="relu", backend="numba", seed=0)
+    m.fit(X, y, epochs=2, batch_size=100, optimizer="adam", lr=1e-3, seed=1)
+    return m.state_arrays()
+recorded, compile_tape = [], numba_graph._compile
+def spy(tape):  # whether the step graph holds a parallel variant
+    recorded.append(any(body.targetoptions.get("parallel") for body, _, _ in tape))
+    return compile_tape(tape)
+numba_graph._compile = spy
+want, got, errors = train(), [], []
+assert numba.threading_layer() == "workqueue" and any(recorded)
+def work():
+    try:
+        got.append(train())
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=work) for _ in range(3)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(errors, len(got), all(all(np.array_equal(g[k], want[k]) for k in want) for g in got))
+"""
+
+
+def test_step_graphs_with_parallel_kernels_train_from_several_threads_under_the_workqueue_layer():
+    """A step graph that recorded parallel variants (single-threaded BLAS, a low GPUMLP_PAR_MIN)
+    replays them inside numba_graph.PARALLEL_REGION: three threads training at once used to abort
+    the process under Numba's workqueue layer (its fallback without OpenMP or TBB). Each trains
+    exactly as alone (parallel and serial variants agree bit for bit)."""
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", OPENBLAS_NUM_THREADS="1", GPUMLP_PAR_MIN="1000",
+               NUMBA_NUM_THREADS="2")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", _THREADS_TRAINING], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[] 3 True", out.stdout
