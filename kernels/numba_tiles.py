@@ -4,8 +4,10 @@ by row block, so that a fused kernel can multiply the rows it owns without leavi
 Each tile is MR rows x NV vectors (W = 16 float32 / 8 float64 lanes with AVX-512, half that
 without) of ``c``, whose accumulators stay in vector registers over the whole K loop: every step
 loads NV vectors of a row of ``b`` and broadcasts one element of each of the MR rows of ``a``
-(read in place with any strides, so ``x.T`` needs no copy). The tile is an LLVM function of its
-own, built once per (NV, dtype) by an intrinsic, with explicit ``llvm.fma`` on vectors and masked
+(read in place with any strides, so ``x.T`` needs no copy). 1-3 rows (a batch of 1, the end of
+a slice) take a tile of that many rows (``TILE_ROWS``), whose K loop is 2-3x shorter than an
+MR-row tile's. Each tile is an LLVM function of its own, built once per (rows, vectors, dtype)
+by an intrinsic, with explicit ``llvm.fma`` on vectors and masked
 loads and stores for the last vector of a row (N needs no padding). It is marked ``noinline``:
 inlined into a bigger kernel, LLVM's register allocation of the K loop degraded (measured: a fused
 predict at 2.56 ms per 4096 rows instead of 1.62 ms).
@@ -30,7 +32,7 @@ from numba.extending import intrinsic
 
 from ._jit import njit  # numba.njit, without the disk cache where none can be written
 
-__all__ = ["AVX512", "MR", "NV", "SIMD_TILES", "lanes", "tile_rows"]
+__all__ = ["AVX512", "MR", "NV", "SIMD_TILES", "TILE_ROWS", "lanes", "tile_rows"]
 
 
 def _targets(feature: str) -> bool:
@@ -83,14 +85,14 @@ def _masked(module: ir.Module, vec: ir.VectorType, store: bool) -> ir.Function:
                                           f"llvm.masked.load.{suffix}")  # fmt: skip
 
 
-def _tile_function(module: ir.Module, real: ir.Type, itemsize: int, nv: int) -> ir.Function:
+def _tile_function(module: ir.Module, real: ir.Type, itemsize: int, nv: int, mr: int) -> ir.Function:
     """The tile as a noinline LLVM function of ``module``: void(a*, rs, ks, b*, ldb, c*, ldc, k,
     nrows, ncols, alpha, beta) computes c[r, j] = alpha * sum_k a[r*rs + k*ks] b[k*ldb + j]
-    + beta * c[r*ldc + j] for r < nrows <= MR, j < ncols <= nv * W (beta 0: c is not read)."""
+    + beta * c[r*ldc + j] for r < nrows <= mr, j < ncols <= nv * W (beta 0: c is not read)."""
     w = _VEC_BYTES // itemsize
     fptr = real.as_pointer()
     args = [fptr, _I64, _I64, fptr, _I64, fptr, _I64, _I64, _I64, _I64, real, real]
-    name = f"gpumlp_tile_{nv}x{w}_f{itemsize * 8}"
+    name = f"gpumlp_tile_{mr}x{nv}x{w}_f{itemsize * 8}"
     fn = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), args), name)
     if not fn.is_declaration:
         return fn
@@ -105,7 +107,7 @@ def _tile_function(module: ir.Module, real: ir.Type, itemsize: int, nv: int) -> 
     i64 = lambda n: ir.Constant(_I64, n)  # noqa: E731
     last_row = builder.sub(nrows, i64(1))
     rows = []  # rows past nrows read the last valid row (their results are not stored)
-    for r in range(MR):
+    for r in range(mr):
         row = builder.select(builder.icmp_signed("<", i64(r), nrows), i64(r), last_row)
         rows.append(builder.gep(pa, [builder.mul(row, rs)]))
     lanes_i64 = ir.VectorType(_I64, w)
@@ -119,13 +121,13 @@ def _tile_function(module: ir.Module, real: ir.Type, itemsize: int, nv: int) -> 
     builder.cbranch(builder.icmp_signed(">", k, i64(0)), loop, done)
     builder.position_at_end(loop)
     kk = builder.phi(_I64)
-    acc = [builder.phi(vec) for _ in range(MR * nv)]
+    acc = [builder.phi(vec) for _ in range(mr * nv)]
     brow = builder.gep(pb, [builder.mul(kk, ldb)])
     bv = [builder.call(load, [builder.bitcast(builder.gep(brow, [i64(v * w)]), vptr), align, masks[v], zero])
           for v in range(nv)]  # fmt: skip
     koff = builder.mul(kk, ks)
     new = []
-    for r in range(MR):
+    for r in range(mr):
         x = _splat(builder, builder.load(builder.gep(rows[r], [koff])), vec)
         new += [builder.call(fma, [x, bv[v], acc[r * nv + v]]) for v in range(nv)]
     k_next = builder.add(kk, i64(1))
@@ -145,7 +147,7 @@ def _tile_function(module: ir.Module, real: ir.Type, itemsize: int, nv: int) -> 
         out.append(p)
     va, vb = _splat(builder, alpha, vec), _splat(builder, beta, vec)
     keep_c = builder.fcmp_ordered("!=", beta, ir.Constant(real, 0.0))  # beta 0: c is not read (NaN?)
-    for r in range(MR):
+    for r in range(mr):
         with builder.if_then(builder.icmp_signed("<", i64(r), nrows)):
             crow = builder.gep(pc, [builder.mul(i64(r), ldc)])
             for v in range(nv):
@@ -165,45 +167,53 @@ def _tile_function(module: ir.Module, real: ir.Type, itemsize: int, nv: int) -> 
     return fn
 
 
-def _make_tile(nv: int):
-    """An intrinsic ``tile(a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta)``
-    calling the tile function of ``nv`` vectors a row on the arrays' data from element offsets a0,
-    b0, c0 (strides in elements)."""
-
-    @intrinsic
-    def tile(typingctx, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta):
-        sig = types.void(a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta)
-
-        def codegen(context, builder, signature, args):
-            a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta = args
-            dt = signature.args[0].dtype
-            real = context.get_value_type(dt)
-            fn = _tile_function(builder.module, real, np.dtype(str(dt)).itemsize, nv)
-
-            def data(i, value, offset):
-                ptr = context.make_array(signature.args[i])(context, builder, value).data
-                return builder.gep(ptr, [offset])
-
-            alpha = context.cast(builder, alpha, signature.args[13], dt)
-            beta = context.cast(builder, beta, signature.args[14], dt)
-            pa, pb, pc = data(0, a, a0), data(4, b, b0), data(7, c, c0)
-            builder.call(fn, [pa, rs, ks, pb, ldb, pc, ldc, k, nrows, ncols, alpha, beta])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return tile
+SMALL_ROWS_MAX = 3  # up to this many rows take a tile of exactly as many rows (see tile_rows)
+TILE_ROWS = (*range(1, SMALL_ROWS_MAX + 1), MR)  # the row counts of the tiles built
 
 
-_TILE_1, _TILE_2, _TILE_3, _TILE_4 = (_make_tile(min(nv, NV)) for nv in range(1, 5))
+@intrinsic
+def _tile(typingctx, mr, nv, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta):
+    """``_tile(mr, nv, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta)``: the
+    tile function of mr (one of TILE_ROWS) rows by nv (1..NV) vectors on the arrays' data from
+    element offsets a0, b0, c0 (strides in elements), chosen by a switch on (mr, nv)."""
+    sig = types.void(mr, nv, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta)
+
+    def codegen(context, builder, signature, args):
+        mr, nv, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta = args
+        dt = signature.args[2].dtype
+        real, itemsize = context.get_value_type(dt), np.dtype(str(dt)).itemsize
+
+        def data(i, value, offset):
+            ptr = context.make_array(signature.args[i])(context, builder, value).data
+            return builder.gep(ptr, [offset])
+
+        alpha = context.cast(builder, alpha, signature.args[15], dt)
+        beta = context.cast(builder, beta, signature.args[16], dt)
+        operands = [data(2, a, a0), rs, ks, data(6, b, b0), ldb, data(9, c, c0), ldc, k, nrows, ncols, alpha,
+                    beta]  # fmt: skip
+        mr = context.cast(builder, mr, signature.args[0], types.int64)
+        nv = context.cast(builder, nv, signature.args[1], types.int64)
+        done = builder.append_basic_block("tile_done")
+        switch = builder.switch(builder.add(builder.mul(mr, ir.Constant(_I64, 8)), nv), done)
+        for rows in TILE_ROWS:
+            for vectors in range(1, NV + 1):
+                block = builder.append_basic_block(f"tile_{rows}x{vectors}")
+                switch.add_case(ir.Constant(_I64, rows * 8 + vectors), block)
+                with builder.goto_block(block):
+                    builder.call(_tile_function(builder.module, real, itemsize, vectors, rows), operands)
+                    builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True, error_model="numpy")
 def tile_rows(c, c0, a, a0, m, b, alpha, beta):
     """c[c0 + r] = alpha * a[a0 + r] @ b + beta * c[c0 + r] for r < m, panel by panel (NV vectors
-    of b's columns), MR rows at a time. a: (>= a0 + m, K), any strides; b: (K, N) and c: (>= c0 + m,
-    N), unit column stride; one float dtype; m, N, K > 0 (the caller checks). beta 0: c is only
-    written."""
+    of b's columns), MR rows at a time (1-3 rows left: a smaller tile). a: (>= a0 + m, K), any
+    strides; b: (K, N) and c: (>= c0 + m, N), unit column stride; one float dtype; m, N, K > 0 (the
+    caller checks). beta 0: c is only written."""
     n, k = c.shape[1], a.shape[1]
     rs, ks = a.strides[0] // a.itemsize, a.strides[1] // a.itemsize
     ldb, ldc = b.strides[0] // b.itemsize, c.strides[0] // c.itemsize
@@ -212,12 +222,10 @@ def tile_rows(c, c0, a, a0, m, b, alpha, beta):
         ncols = min(NV * w, n - j0)
         nv = (ncols + w - 1) // w
         for r in range(0, m, MR):
-            nrows, ao, co = min(MR, m - r), (a0 + r) * rs, (c0 + r) * ldc + j0
-            if nv == 4:
-                _TILE_4(a, ao, rs, ks, b, j0, ldb, c, co, ldc, k, nrows, ncols, alpha, beta)
-            elif nv == 3:
-                _TILE_3(a, ao, rs, ks, b, j0, ldb, c, co, ldc, k, nrows, ncols, alpha, beta)
-            elif nv == 2:
-                _TILE_2(a, ao, rs, ks, b, j0, ldb, c, co, ldc, k, nrows, ncols, alpha, beta)
-            else:
-                _TILE_1(a, ao, rs, ks, b, j0, ldb, c, co, ldc, k, nrows, ncols, alpha, beta)
+            # 1-3 rows left: a tile of that many. An MR-row tile costs the same for 1 row as for MR (its
+            # missing rows repeat the last one); for 4-5 rows it beat two smaller tiles (measured).
+            # Every element is the same FMA chain over k in every tile: results do not depend on it.
+            nrows = min(MR, m - r)
+            tile = nrows if nrows <= SMALL_ROWS_MAX else MR
+            ao, co = (a0 + r) * rs, (c0 + r) * ldc + j0
+            _tile(tile, nv, a, ao, rs, ks, b, j0, ldb, c, co, ldc, k, nrows, ncols, alpha, beta)

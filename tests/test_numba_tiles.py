@@ -36,7 +36,7 @@ def tile(c, a, b, alpha=1.0, beta=0.0):
     numba_tiles.tile_rows(c, 0, a, 0, a.shape[0], b, alpha, beta)
 
 
-EDGES_M = (1, 5, 6, 7, 13, 100)
+EDGES_M = (1, 2, 3, 5, 6, 7, 8, 13, 100)  # 1-row tiles for up to SINGLE_ROWS_MAX rows left
 EDGES_N = (1, 15, 16, 17, 63, 64, 65, 100, 129)
 
 
@@ -50,6 +50,20 @@ def test_every_tile_edge_matches_numpy(dtype, m):
             c = np.full((m, n), np.nan, dtype)  # beta 0: c is only written, its NaNs never read
             tile(c, a, b)
             check_product(c, a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_rows_result_does_not_depend_on_its_neighbours(dtype):
+    """Each row comes out bit for bit the same whether it runs alone (a 1-row tile), beside one
+    other row, or in a full or partial MR-row tile: every element is the same FMA chain over k."""
+    rng = np.random.default_rng(3)
+    a, b = operands(rng, 13, 784, 100, dtype)
+    whole = np.empty((13, 100), dtype)
+    tile(whole, a, b)
+    for m in range(1, 2 * numba_tiles.MR + 2):
+        part = np.empty((m, 100), dtype)
+        tile(part, a[13 - m :], b)
+        assert np.array_equal(part, whole[13 - m :]), m
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
