@@ -189,7 +189,7 @@ def test_bench_gives_a_fused_predict_numbas_pool_and_names_its_path():
     if not numba_cpu.CHAIN_MAX_WEIGHT_BYTES:
         pytest.skip("no fused inference on this CPU (CHAIN_MAX_WEIGHT_BYTES = 0)")
     runners = I.build_runners("784-100-10", "sigmoid", "logistic", ["numpy", "numba"], [], "float32")
-    pools = I.runner_pools("784-100-10", "sigmoid", "logistic", runners, "float32")
+    pools = I.runner_pools(runners)
     assert pools == {"numpy": ("blas", "layers"), "numba": ("numba", "dense_chain"), I.FLOOR: ("blas", None)}
     X = np.random.default_rng(0).random((64, 784), dtype=np.float32)
     rows = I.time_inference("seed", X, ["numba"], [], "float32", repeats=1, batches=(64,))

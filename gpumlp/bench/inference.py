@@ -153,16 +153,17 @@ def build_runners(spec: str, act: str, loss: str, backends: Sequence[str], peers
     return runners
 
 
-def runner_pools(spec: str, act: str, loss: str, runners: dict, dtype: str) -> dict[str, tuple]:
+def runner_pools(runners: dict) -> dict[str, tuple]:
     """runner name -> (the worker threads its calls run on, its ``inference_path`` for a gpumlp
     backend, else None): a peer's own pool; Numba's for a backend whose predict is one fused
-    ``dense_chain``; BLAS's for the rest (the floor's matmuls, layer-by-layer predicts)."""
+    ``dense_chain``; BLAS's for the rest (the floor's matmuls, layer-by-layer predicts). A gpumlp
+    runner's ``predict`` is its model's bound method (:func:`build_runners`)."""
     out = {}
-    for name in runners:
+    for name, ops in runners.items():
         if name in POOLS or name == FLOOR:
             out[name] = (POOLS.get(name, "blas"), None)
             continue
-        path = MLP(spec, act=act, loss=loss, dtype=dtype, backend=name, seed=0).inference_path
+        path = ops["predict"].__self__.inference_path
         out[name] = ("numba" if path == "dense_chain" else "blas", path)
     return out
 
@@ -225,7 +226,7 @@ def time_inference(model_name: str, X: np.ndarray, backends: Sequence[str], peer
     them."""
     spec, act, loss = MODELS[model_name]
     runners = build_runners(spec, act, loss, backends, peers, dtype)
-    pools = runner_pools(spec, act, loss, runners, dtype)
+    pools = runner_pools(runners)
     X = np.ascontiguousarray(X, dtype=dtype)
     checks = check_runners(runners, MLP(spec, act=act, loss=loss, dtype=dtype, backend="numpy", seed=0),
                            X[: max(batches)])  # fmt: skip
