@@ -49,8 +49,9 @@ def adam_cases(rounds: int) -> list[tuple]:
     a, b = rng.random((128, 784), dtype=np.float32), rng.random((784, 256), dtype=np.float32)
     nt, n, step = k.numba.get_num_threads(), w.size, np.array([3], np.int64)
     rows = []
-    dtype_fns = {"float64 scalars": lambda: k._adam_range(w, g, m, v, *f64, 0, n),
-                 "weights' dtype": lambda: k._adam_range(w, g, m, v, *own, 0, n)}  # fmt: skip
+    lo, hi = np.uint64(0), np.uint64(n)  # unsigned, as the parallel variants pass them: SIMD loops
+    dtype_fns = {"float64 scalars": lambda: k._adam_range(w, g, m, v, *f64, lo, hi),
+                 "weights' dtype": lambda: k._adam_range(w, g, m, v, *own, lo, hi)}  # fmt: skip
     t = best_us(dtype_fns, rounds, 50)
     rows.append(("Adam 203k, arithmetic", t["float64 scalars"], t["weights' dtype"]))
     hyper = (1e-3, 0.9, 0.999, 1e-8, 1.0, 0.0, 0.0)  # lr, beta1, beta2, eps, keep, l2, l1

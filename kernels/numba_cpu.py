@@ -31,15 +31,17 @@ Threads (why BLAS and Numba don't fight over cores)
 BLAS owns the cores. Kernels run one after the other, never concurrently
 with a GEMM, but both OpenBLAS and Numba's OpenMP layer spin-wait after a
 parallel region, so an alternating GEMM / kernel loop makes the two thread
-teams starve each other. At MLP shapes an elementwise kernel touches at most a
-few MB and takes tens of microseconds single-threaded; on the 2-core dev box
-the ``prange`` variants lost at every MLP shape measured (784x1024 Adam:
-1.8 ms serial vs 10 ms parallel, noisy shared machine). So on 2 threads every kernel is
-single-threaded below 4M elements, i.e. beyond the MLP shapes we target. With more threads the
-threshold scales by 2/threads (see ``_par_min``: 512k elements on 16), as one core cannot use
-a big CPU's memory bandwidth; ``GPUMLP_PAR_MIN`` sets it by hand. The
-parallel variants run the very same jitted chunk body as the serial ones, so
-both give identical results. ``NUMBA_NUM_THREADS=1`` makes every kernel serial.
+teams starve each other (Adam on the 203k floats of 784-256-10 right after a
+GEMM: 57 us serial, 3.6 ms parallel). So the ``prange`` variants run only
+beside a single-threaded BLAS (or with an explicit ``GPUMLP_PAR_MIN``), and
+there from 128k elements on 2 threads (measured after a one-thread GEMM: the
+1-D kernels gain from 64k, bias+ReLU from 128k; at 32k all lose), scaled by
+2/threads down to 64k (see ``_par_min``). ``GPUMLP_PAR_MIN`` sets it by hand.
+The parallel variants run the very same jitted chunk body as the serial ones,
+so both give identical results; their chunk bounds are unsigned, or LLVM
+cannot rule out a negative (wrapped-around) index and leaves the loop scalar
+(measured: parallel Adam 5x slower than serial, alone). ``NUMBA_NUM_THREADS=1``
+makes every kernel serial.
 
 Vectorisation notes: kernels use ``error_model="numpy"`` (division by zero
 gives inf/nan like NumPy instead of a Python check, which also blocked SIMD
@@ -103,8 +105,8 @@ from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS
 _NEGATE, _SIGMOID_FINISH = _CODE_LIMIT, _CODE_LIMIT + 1
 _INV_SQRT_2, _INV_SQRT_2PI = 1.0 / math.sqrt(2.0), 1.0 / math.sqrt(2.0 * math.pi)
 # Elements from which a kernel uses its parallel variant (see the module docstring and _par_min).
-_PAR_MIN_2_THREADS = 1 << 22  # measured on the 2-core dev box
-_PAR_MIN_FLOOR = 1 << 17
+_PAR_MIN_2_THREADS = 1 << 17  # measured on the 2-core dev box, beside a single-threaded BLAS
+_PAR_MIN_FLOOR = 1 << 16
 # Sizes from which float64 sigmoid (3 passes around NumPy's SIMD exp) and tanh (2 passes around
 # np.tanh) beat the fused numba_math loop (bench/bench_kernels.py, test_bias_act_variants).
 _SIMD_EXP_MIN = 1 << 12
@@ -144,7 +146,7 @@ _PAR_MIN = _env_par_min()  # None: adapt to the thread count
 
 def _par_min(nt: int) -> int:
     """Elements from which the parallel variants run on nt threads: GPUMLP_PAR_MIN when set,
-    else the 2-thread measurement scaled by 2/nt (never below 128k elements)."""
+    else the 2-thread measurement scaled by 2/nt (never below 64k elements)."""
     if _PAR_MIN is not None:
         return _PAR_MIN
     return max(_PAR_MIN_FLOOR, _PAR_MIN_2_THREADS * 2 // max(nt, 1))
@@ -180,7 +182,9 @@ def _split(body, rows: bool = False) -> tuple:
     whose last two parameters bound the elements, or the rows with ``rows``, it handles), for _run:
     ``serial(*args)`` runs [0, n); ``par(*args, nt)`` cuts it into nt chunks run under ``numba.prange``.
     n is the first argument's size (row count with ``rows``). Both call the very same body, so
-    they agree bit for bit. Use: ``_foo_serial, _foo_par = _split(_foo_range)``.
+    they agree bit for bit. Use: ``_foo_serial, _foo_par = _split(_foo_range)``. The parallel
+    chunks' bounds are unsigned: a signed one may be negative as far as LLVM knows, so every index
+    might wrap around, and the loop stayed scalar (the serial variant's constant 0 is known).
 
     The two are written out as source compiled at the caller's line, not closures: Numba keys a
     closure's disk cache on its pickled cell contents, and a pickled dispatcher carries a fresh
@@ -195,7 +199,7 @@ def _split(body, rows: bool = False) -> tuple:
         f"def {name}_par({args}, nt):\n"
         f"    step = ({n} + nt - 1) // nt\n"
         f"    for c in numba.prange(nt):\n"
-        f"        {body.__name__}({args}, c * step, min({n}, (c + 1) * step))\n"
+        f"        {body.__name__}({args}, np.uint64(c * step), np.uint64(min({n}, (c + 1) * step)))\n"
     )
     line = sys._getframe(1).f_lineno  # tracebacks and cache file names point at (or just below) the call
     made: dict = {}
