@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -179,18 +180,18 @@ def test_floor_epochs_interleave_with_each_backends_epochs(monkeypatch):
     anything: each backend's epochs alternate with floor epochs of their config on their device
     (the first after the warm-up, untimed), so every x_floor is the backend's own overhead however
     the machine drifts, also within one backend's epochs. A CPU peer (its own thread pool) gets a
-    pause around each floor epoch, outside both timings."""
+    pause around each floor epoch, outside both timings, and untimed floor steps after the first."""
     from gpumlp.bench import build_parser, plan_tasks, run_tasks
     from gpumlp.bench import runner as R
-    from gpumlp.bench.inference import POOL_SETTLE_S
+    from gpumlp.bench.inference import POOL_SETTLE_S, WARM_UP_S
 
     overhead = {"numpy": 3.0, "numba": 1.2, "cupy+graphs": 2.0, "torch": 4.0}  # peers too
     device = {"numpy": "cpu", "numba": "cpu", "cupy+graphs": "gpu", "torch": "cpu"}
     speed, log, naps = [1.0], [], []
 
     def floor_epoch(d, c, samples, dtype):
-        def epoch():
-            log.append(("floor", c, d, samples))
+        def epoch(warm_up_s=0.0):
+            log.append(("floor", c, d, samples, warm_up_s))
             speed[0] *= 1.1
             return speed[0] / 1.1 * R.EPOCH_SAMPLES / samples  # scaled to an epoch, as the real one
 
@@ -220,7 +221,7 @@ def test_floor_epochs_interleave_with_each_backends_epochs(monkeypatch):
     run_tasks(tasks, res, no_progress=True)
     expected = []
     for c, b in order:  # warm-up epoch, then each epoch followed by a floor epoch
-        expected += [("epoch", b), ("floor", c, device[b], 60)] * 4
+        expected += [("epoch", b), ("floor", c, device[b], 60, WARM_UP_S if b == "torch" else 0.0)] * 4
     assert log == expected
     assert naps == [POOL_SETTLE_S] * 2 * 4 * 2  # torch only: around its 4 floor epochs, 2 configs
     floors = [(f["config"], f["backend"], f["device"], len(f["seconds"])) for f in res["floors"]]
@@ -382,3 +383,17 @@ def test_torch_peer_decays_the_learning_rate_per_epoch_like_gpumlp():
     X, y = rng.standard_normal((8, 4)).astype(np.float32), rng.integers(0, 2, 8)
     peer.fit(X, y, 3, 4, callbacks=[lambda rec, p: seen.append(p.opt.param_groups[0]["lr"])])
     assert seen == pytest.approx([Schedule("exp", gamma=0.5).lr(0.01, e) for e in range(3)])
+
+
+def test_floor_epoch_warm_up_runs_untimed_steps_first():
+    """``epoch(warm_up_s)`` runs the floor's steps for that long before the timed epoch, and the
+    time it returns is the epoch's alone (here 2 steps scaled to an epoch: far below the warm-up
+    scaled the same way)."""
+    from gpumlp.bench import runner as R
+
+    epoch, per_step = R.floor_epoch("cpu", "seed", 200, "float32")
+    assert per_step == 5
+    t0 = time.perf_counter()
+    seconds = epoch(0.05)
+    assert time.perf_counter() - t0 >= 0.05
+    assert 0 < seconds < 0.05 * R.EPOCH_SAMPLES / 200 / 10

@@ -196,12 +196,12 @@ def _device_arrays(device: str) -> tuple:
     return np, lambda: None
 
 
-def floor_epoch(device: str, cfg_name: str, samples: int, dtype: str) -> tuple[Callable[[], float], int]:
+def floor_epoch(device: str, cfg_name: str, samples: int, dtype: str) -> tuple[Callable[..., float], int]:
     """The floor of one epoch of ``cfg_name`` on ``device``: only the steps' matmuls
     (:func:`~gpumlp.bench.flops.step_matmuls`), at the real batch shapes (full batches and the
     last partial one), into preallocated outputs, nothing else. -> (a function timing one such
     epoch over ``samples`` rows, in seconds scaled to EPOCH_SAMPLES like :func:`time_epochs`,
-    the matmuls per step)."""
+    after ``warm_up_s`` seconds of untimed steps when given; the matmuls per step)."""
     cfg = CONFIGS[cfg_name]
     xp, sync = _device_arrays(device)
     rng = np.random.default_rng(0)
@@ -217,7 +217,11 @@ def floor_epoch(device: str, cfg_name: str, samples: int, dtype: str) -> tuple[C
 
     plan = [(operands(cfg.batch_size), full)] + ([(operands(rest), 1)] if rest else [])
 
-    def epoch() -> float:
+    def epoch(warm_up_s: float = 0.0) -> float:
+        warm_until = time.perf_counter() + warm_up_s
+        while time.perf_counter() < warm_until:
+            for a, b, out in plan[0][0]:
+                xp.matmul(a, b, out=out)
         sync()
         t0 = time.perf_counter()
         for ops, count in plan:
@@ -235,9 +239,11 @@ def time_epochs_and_floor(name: str, cfg_name: str, X, y, repeats: int, dtype: s
     each epoch, outside its timing: the floor and the epochs interleave, so that a machine whose
     speed drifts (a shared VM) gives both the same share of its slow minutes. The floor epoch
     after the warm-up epoch is the floor's warm-up. Around the floor epochs of a CPU peer (a thread
-    pool of its own) a pause of POOL_SETTLE_S, so that neither pool spins into the other's timing.
+    pool of its own) a pause of POOL_SETTLE_S, so that neither pool spins into the other's timing,
+    and WARM_UP_S of untimed floor steps after the first: the cores take a few ms to come back to
+    speed after a pause (a floor epoch timed right after one read 7-8 % slower).
     -> {"epochs": [the epochs entry], "floors": [the floor entry, naming the backend]}."""
-    from gpumlp.bench.inference import POOL_SETTLE_S
+    from gpumlp.bench.inference import POOL_SETTLE_S, WARM_UP_S
 
     device = device_of(name)
     epoch, per_step = floor_epoch(device, cfg_name, X.shape[0], dtype)
@@ -247,7 +253,7 @@ def time_epochs_and_floor(name: str, cfg_name: str, X, y, repeats: int, dtype: s
     def floor_after(rec, model) -> None:
         if own_pool:
             time.sleep(POOL_SETTLE_S)
-        seconds.append(epoch())
+        seconds.append(epoch(WARM_UP_S if own_pool else 0.0))
         if own_pool:
             time.sleep(POOL_SETTLE_S)
 
