@@ -32,7 +32,7 @@ BLAS owns the cores. Kernels run one after the other, never concurrently
 with a GEMM, but both OpenBLAS and Numba's OpenMP layer spin-wait after a
 parallel region, so an alternating GEMM / kernel loop makes the two thread
 teams starve each other (Adam on the 203k floats of 784-256-10 right after a
-GEMM: 57 us serial, 3.6 ms parallel). So the ``prange`` variants run only
+GEMM: 50 us serial, 4.1 ms parallel). So the ``prange`` variants run only
 beside a single-threaded BLAS (or with an explicit ``GPUMLP_PAR_MIN``), and
 there from 128k elements on 2 threads (measured after a one-thread GEMM: the
 1-D kernels gain from 64k, bias+ReLU from 128k; at 32k all lose), scaled by
