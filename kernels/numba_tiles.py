@@ -32,7 +32,7 @@ from numba.extending import intrinsic
 
 from ._jit import njit  # numba.njit, without the disk cache where none can be written
 
-__all__ = ["AVX512", "MR", "NV", "SIMD_TILES", "TILE_ROWS", "lanes", "tile_rows"]
+__all__ = ["AVX512", "MR", "NV", "SIMD_TILES", "SMALL_ROWS_MAX", "TILE_ROWS", "lanes", "tile_rows"]
 
 
 def _targets(feature: str) -> bool:

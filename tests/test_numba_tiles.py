@@ -36,7 +36,7 @@ def tile(c, a, b, alpha=1.0, beta=0.0):
     numba_tiles.tile_rows(c, 0, a, 0, a.shape[0], b, alpha, beta)
 
 
-EDGES_M = (1, 2, 3, 5, 6, 7, 8, 13, 100)  # 1-row tiles for up to SINGLE_ROWS_MAX rows left
+EDGES_M = (1, 2, 3, 5, 6, 7, 8, 13, 100)  # every row count left over: 1-3 rows take a tile of that size
 EDGES_N = (1, 15, 16, 17, 63, 64, 65, 100, 129)
 
 
