@@ -96,6 +96,7 @@ from .numba_math import exp as _exp
 from .numba_math import log1p as _log1p
 from .numba_math import sigmoid as _sigmoid
 from .numba_math import tanh as _tanh
+from .numba_prefetch import prefetch_gather as _prefetch_gather
 from .numba_tiles import MR as _MR
 from .numba_tiles import SIMD_TILES as _SIMD_TILES
 from .numba_tiles import tile_rows as _tile_rows
@@ -679,6 +680,7 @@ def _source_row(idx, r, n):
 @njit(cache=True, error_model="numpy")
 def _gather_k(src, idx, out):
     for r in range(idx.shape[0]):
+        _prefetch_gather(src, idx, r)  # random rows come from DRAM: keep more of them in flight
         k = _source_row(idx, r, src.shape[0])
         for j in range(src.shape[1]):
             out[r, j] = src[k, j]
@@ -1212,6 +1214,7 @@ def permutation(seed: int, n: int, epoch: int = 0, out: np.ndarray | None = None
 def _gather_shifted_k(src, idx, out, side, max_shift, w0, w1, w2, w3):
     span = 2 * max_shift + 1
     for r in range(idx.shape[0]):
+        _prefetch_gather(src, idx, r)
         k = _source_row(idx, r, src.shape[0])
         h = _word(w0, w1, w2, w3, r)
         dy = np.int64(h & _MASK16) % span - max_shift
