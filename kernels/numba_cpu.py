@@ -218,7 +218,8 @@ def matmul(
     if out is None and a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype:
         out = np.empty((a.shape[trans_a], b.shape[not trans_b]), dtype=a.dtype)
     if out is not None and _blas_ready(out, a, b, trans_a, trans_b):
-        _call(_gemm, out, a, b, 1.0, 0.0, bool(trans_a), bool(trans_b))
+        k = a.shape[0] if trans_a else a.shape[1]
+        _call(_gemm, out, a, b, 1.0, 0.0, bool(trans_a), bool(trans_b), _split_k(out, k))
         return out
     if out is None:
         _refuse("matmul: operands BLAS cannot take, and no output array, go through np.matmul")
@@ -244,12 +245,30 @@ def _load_openblas():
         except (OSError, AttributeError):
             continue
         llvm_binding.load_library_permanently(path)
+        _alias_batched_gemms(lib)
         return threads
     return None
 
 
+def _alias_batched_gemms(lib: ctypes.CDLL) -> None:
+    """Make ``lib``'s strided batched GEMMs callable from jitted code as _CBLAS_BATCHED's names.
+    The scipy-openblas wheels export them without their prefix (``cblas_sgemm_batch_strided``),
+    a name another BLAS in the process (an LP64 one) may export too: an alias of this library's
+    own address cannot resolve to theirs."""
+    for real, alias in _CBLAS_BATCHED.items():
+        for name in (f"scipy_{alias.removeprefix('gpumlp_')}64_", alias.removeprefix("gpumlp_")):
+            if hasattr(lib, name):
+                llvm_binding.add_symbol(alias, ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
+                _SPLIT_K_DTYPES.add(np.dtype(str(real)))
+                break
+
+
 _CBLAS_GEMMS = {numba.float32: "scipy_cblas_sgemm64_", numba.float64: "scipy_cblas_dgemm64_"}
 _CBLAS_GEMVS = {numba.float32: "scipy_cblas_sgemv64_", numba.float64: "scipy_cblas_dgemv64_"}
+_CBLAS_BATCHED = {
+    numba.float32: "gpumlp_cblas_sgemm_batch_strided", numba.float64: "gpumlp_cblas_dgemm_batch_strided"
+}  # fmt: skip
+_SPLIT_K_DTYPES: set = set()  # the dtypes whose batched GEMM was found: only they split K
 _BLAS_THREADS = _load_openblas()
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
@@ -268,6 +287,32 @@ def _cblas_typed(c, a, b, alpha, beta, ta, tb, m, n, k, lda, ldb):
     def impl(c, a, b, alpha, beta, ta, tb, m, n, k, lda, ldb):
         gemm(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS, m, n, k, cast(alpha),
              a.ctypes, lda, b.ctypes, ldb, cast(beta), c.ctypes, n)  # fmt: skip
+
+    return impl
+
+
+def _cblas_split_k(parts, a, b, ta, tb, m, n, k, lda, ldb):
+    """parts[p] = op(a)[:, p*h:(p+1)*h] @ op(b)[p*h:(p+1)*h, :], h = k // len(parts), as one
+    strided batched cblas_?gemm: OpenBLAS runs each part on a thread of its pool (jitted code
+    only). parts: (P, m, n) C-contiguous."""
+    raise NotImplementedError("called from jitted code only")
+
+
+@overload(_cblas_split_k)
+def _cblas_split_k_typed(parts, a, b, ta, tb, m, n, k, lda, ldb):
+    i32, i64, ptr, real = numba.int32, numba.int64, numba.types.voidptr, parts.dtype
+    operand = (ptr, i64, i64)  # data, leading dimension, stride between parts
+    sig = numba.void(i32, i32, i32, i64, i64, i64, real, *operand, *operand, real, *operand, i64)
+    batched, cast = numba.types.ExternalFunction(_CBLAS_BATCHED[real], sig), np.dtype(str(real)).type
+
+    def impl(parts, a, b, ta, tb, m, n, k, lda, ldb):
+        count = parts.shape[0]
+        h = k // count
+        # a part's first K column of op(a) / K row of op(b), in elements from the operand's start
+        step_a, step_b = h * lda if ta else h, h if tb else h * ldb
+        op_a, op_b = _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS
+        batched(_ROW_MAJOR, op_a, op_b, m, n, h, cast(1.0), a.ctypes, lda, step_a, b.ctypes, ldb, step_b,
+                cast(0.0), parts.ctypes, n, m * n, count)  # fmt: skip
 
     return impl
 
@@ -291,14 +336,25 @@ def _cblas_gemv_typed(y, incy, mat, rows, cols, ld, trans, x, incx, alpha, beta)
 
 
 @njit(cache=True, error_model="numpy")
-def _gemm(c, a, b, alpha, beta, ta, tb):
+def _gemm(c, a, b, alpha, beta, ta, tb, split_k):
     """c = alpha * op(a) @ op(b) + beta * c through OpenBLAS (operands checked by _blas_ready). A
     single row or column of c is one gemv: OpenBLAS's gemm took 3-8x longer for a 1x1024 @
-    1024x1024 (a batch of 1: predict, and every GEMM of a training step but the weight gradient)."""
+    1024x1024 (a batch of 1: predict, and every GEMM of a training step but the weight gradient).
+    split_k > 1 (alpha 1, beta 0, K a multiple of it; see _split_k): c is the sum of split_k
+    partial products over K, one per thread of OpenBLAS's pool."""
     m, n = c.shape
     k = a.shape[0] if ta else a.shape[1]
     lda, ldb = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize
-    if m == 1 and n > 1:  # c[0] = op(b)ᵀ op(a)[0]; op(a)[0, j] is a[j, 0] (stride lda) when ta
+    if split_k > 1:
+        parts = np.empty((split_k, m, n), c.dtype)
+        _cblas_split_k(parts, a, b, ta, tb, m, n, k, lda, ldb)
+        for i in range(m):
+            for j in range(n):
+                total = parts[0, i, j]
+                for p in range(1, split_k):
+                    total += parts[p, i, j]
+                c[i, j] = total
+    elif m == 1 and n > 1:  # c[0] = op(b)ᵀ op(a)[0]; op(a)[0, j] is a[j, 0] (stride lda) when ta
         if tb:
             _cblas_gemv(c, 1, b, n, k, ldb, False, a, lda if ta else 1, alpha, beta)
         else:
@@ -314,6 +370,29 @@ def _gemm(c, a, b, alpha, beta, ta, tb):
 
 SGD_IN_GEMM = _BLAS_THREADS is not None  # sgd_matmul_step is one cblas GEMM (else: product, then step)
 _GEMM_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float64)})
+
+
+def _split_k(c: np.ndarray, k: int) -> int:
+    """Into how many partial products over K ``matmul`` cuts c (m, n) = op(a) @ op(b): 2 for a
+    product whose K is at least SPLIT_K_RATIO x max(m, n) and even, on a 2-thread OpenBLAS pool,
+    else 1. OpenBLAS splits a GEMM's M and N between its threads, so a small output over a long K
+    kept them waiting on each other: the seed config's first layer, 100x784 @ 784x100, took
+    60 us; as two batched halves of K plus their sum, 44 us (2 threads, float32; over a grid of
+    m, n 16-512 and K 256-2048, the ratio K / max(m, n) >= 4 gained 0-53 %, below it the split lost
+    as often as it won). Each half must exceed OpenBLAS's small-matrix path (m n K/2 > 10^6), whose
+    batched form crashes in DYNAMIC_ARCH builds up to OpenBLAS 0.3.31 (fixed upstream in PR 5980):
+    the split asks for twice that. More threads: unmeasured, so no split."""
+    m, n = c.shape
+    if (
+        k % 2 or k < SPLIT_K_RATIO * max(m, n) or m * n * (k // 2) < _SPLIT_K_MIN_MNK
+        or c.dtype not in _SPLIT_K_DTYPES or _BLAS_THREADS() != 2
+    ):  # fmt: skip
+        return 1
+    return 2
+
+
+SPLIT_K_RATIO = 4
+_SPLIT_K_MIN_MNK = 2_000_000
 
 
 def _blas_ready(w, a, b, trans_a: bool, trans_b: bool) -> bool:
@@ -929,7 +1008,7 @@ def sgd_matmul_step(
     NumPy's bundled OpenBLAS, or with operands BLAS cannot take as they are: matmul into
     ``work``, then sgd_step. a: (M,K) ((K,M) with trans_a), b: (K,N) ((N,K) with trans_b), w: (M,N)."""
     if _blas_ready(w, a, b, trans_a, trans_b):
-        _call(_gemm, w, a, b, -float(lr), 1.0 - float(lr) * float(l2), bool(trans_a), bool(trans_b))
+        _call(_gemm, w, a, b, -float(lr), 1.0 - float(lr) * float(l2), bool(trans_a), bool(trans_b), 1)
     else:
         sgd_step(w, matmul(a, b, out=work, trans_a=trans_a, trans_b=trans_b), lr, l2)
 
