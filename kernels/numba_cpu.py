@@ -9,8 +9,10 @@ How the work is split
 * Dense ``matmul`` is BLAS. It and ``sgd_matmul_step`` call the OpenBLAS that NumPy ships
   (``cblas_?gemm`` by symbol, from jitted code, transposes as flags, ``cblas_?gemv`` for a single
   row or column; ``np.matmul`` where BLAS cannot take the operands), so that plain SGD rides on
-  the weight-gradient GEMM (beta) and a step graph can replay every GEMM. Inside a training step
-  our own products lost to OpenBLAS (``bench/tiled_gemm.py``), but a whole eval forward whose
+  the weight-gradient GEMM (beta) and a step graph can replay every GEMM. A product with a long
+  K and a small result runs as two batched halves of K on a 2-thread pool (``_split_k``). Inside
+  a training step our own products lost to OpenBLAS (``bench/tiled_gemm.py``), but a whole eval
+  forward whose
   weights fit a core's L2 is faster as one kernel: ``dense_chain`` (register tiles of
   ``numba_tiles``, each thread carrying a block of rows through every layer, no BLAS call).
 * Wrappers call their jitted bodies through ``numba_graph.call`` (``_call``), which a step
