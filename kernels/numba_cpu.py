@@ -12,9 +12,8 @@ How the work is split
   the weight-gradient GEMM (beta) and a step graph can replay every GEMM. A product with a long
   K and a small result runs as two batched halves of K on a 2-thread pool (``_split_k``). Inside
   a training step our own products lost to OpenBLAS (``bench/tiled_gemm.py``), but a whole eval
-  forward whose
-  weights fit a core's L2 is faster as one kernel: ``dense_chain`` (register tiles of
-  ``numba_tiles``, each thread carrying a block of rows through every layer, no BLAS call).
+  forward whose weights fit a core's L2 is faster as one kernel: ``dense_chain`` (register tiles
+  of ``numba_tiles``, each thread carrying a block of rows through every layer, no BLAS call).
 * Wrappers call their jitted bodies through ``numba_graph.call`` (``_call``), which a step
   graph's capture records instead of running (see ``kernels/numba_graph.py``).
 * Every other kernel is a Python wrapper that validates only what is cheap
