@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,10 @@ pytest.importorskip("numba")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str) -> str:
+def _run(script: str, *args: str, env: dict | None = None) -> str:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), *args],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
@@ -67,3 +68,18 @@ def test_parallel_after_gemm_measures_every_case(tmp_path):
         "predict 784-1024-1024-10, batch 4096",
     ]  # fmt: skip
     assert all(float(row.split("|")[2]) > 0 and float(row.split("|")[3]) > 0 for row in rows)
+
+
+def test_split_k_times_both_ways_and_classifies_by_the_rule(tmp_path):
+    """The script behind ``numba_cpu._split_k``'s rule times each shape as one GEMM and as two
+    halves of K through ``matmul`` (it asserts which one ran), and sorts them by the rule: the
+    seed's first layer is picked, adam256's is not."""
+    out = tmp_path / "split_k.md"
+    text = _run("split_k.py", "--quick", "--rounds", "1", "--out", str(out),
+                env=dict(os.environ, OPENBLAS_NUM_THREADS="2"))  # fmt: skip
+    assert out.read_text().strip() == text.strip()
+    cells = [line.split("|")[1:-1] for line in text.splitlines() if line[:3] == "| 1"]
+    times = {tuple(int(c) for c in row[:3]): (float(row[4]), float(row[5])) for row in cells}
+    assert set(times) == {(100, 784, 100), (128, 784, 256)}
+    assert all(one > 0 and split > 0 for one, split in times.values())
+    assert "Shapes picked by the rule: 1," in text and "Shapes left to one GEMM: 1," in text

@@ -33,7 +33,8 @@ def two_blas_threads(monkeypatch):
         (100, 784, 100, np.float32, 2, 2),  # the seed config's first layer
         (100, 784, 100, np.float64, 2, 2),
         (64, 1024, 100, np.float32, 2, 2),
-        (128, 784, 256, np.float32, 2, 1),  # K < 4 max(m, n): measured no gain
+        (128, 784, 256, np.float32, 2, 1),  # K < 5 max(m, n): measured no gain
+        (256, 2048, 64, np.float32, 2, 1),  # more than 128 rows: OpenBLAS's own row split holds up
         (100, 785, 100, np.float32, 2, 1),  # odd K: the halves of a strided batch are equal
         (32, 784, 64, np.float32, 2, 1),  # each half below 2e6 multiply-adds (OpenBLAS's small path)
         (100, 784, 100, np.float32, 1, 1),  # one BLAS thread: nothing to split for
