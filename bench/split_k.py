@@ -1,5 +1,5 @@
 """When numba's ``matmul`` should cut a product in two over K: the measurements behind
-``numba_cpu._split_k`` and its ``SPLIT_K_RATIO`` and ``SPLIT_K_MAX_ROWS``.
+``numba_cpu._split_k`` and its ``_SPLIT_K_RATIO`` and ``_SPLIT_K_MAX_ROWS``.
 
 OpenBLAS splits a GEMM's rows and columns between its threads; for a small result over a long K
 its two threads wait on each other over the whole K. Cut in two over K, the halves run as one
@@ -50,16 +50,16 @@ def measure(m: int, kk: int, n: int, dtype, rounds: int) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((m, kk)).astype(dtype), rng.standard_normal((kk, n)).astype(dtype)
     out = np.empty((m, n), dtype)
-    rule = k.SPLIT_K_RATIO, k.SPLIT_K_MAX_ROWS
+    rule = k._SPLIT_K_RATIO, k._SPLIT_K_MAX_ROWS
     best = {True: float("inf"), False: float("inf")}
     try:
         for _ in range(rounds):
             for split in (False, True):
-                k.SPLIT_K_RATIO, k.SPLIT_K_MAX_ROWS = (0, 1 << 30) if split else (1 << 30, 0)
+                k._SPLIT_K_RATIO, k._SPLIT_K_MAX_ROWS = (0, 1 << 30) if split else (1 << 30, 0)
                 assert k._split_k(out, kk) == (2 if split else 1)
                 best[split] = min(best[split], timed_us(lambda: k.matmul(a, b, out=out), 1))
     finally:
-        k.SPLIT_K_RATIO, k.SPLIT_K_MAX_ROWS = rule
+        k._SPLIT_K_RATIO, k._SPLIT_K_MAX_ROWS = rule
     return best[False], best[True]
 
 
@@ -80,7 +80,7 @@ def main() -> None:
     rows, gains = [], {True: [], False: []}
     for m, kk, n in shapes:
         one, split = measure(m, kk, n, dtype, args.rounds)
-        picked = kk >= k.SPLIT_K_RATIO * max(m, n) and m <= k.SPLIT_K_MAX_ROWS
+        picked = kk >= k._SPLIT_K_RATIO * max(m, n) and m <= k._SPLIT_K_MAX_ROWS
         gains[picked].append(one / split)
         ratio = f"{kk / max(m, n):.2f}"
         rows.append(f"| {m} | {kk} | {n} | {ratio} | {one:.1f} | {split:.1f} | {one / split:.2f} |")
@@ -88,8 +88,8 @@ def main() -> None:
         f"## matmul: one GEMM or two batched halves of K ({args.dtype}, {cpu_model()}, 2 OpenBLAS threads)",
         "",
         f"`python bench/split_k.py --rounds {args.rounds} --dtype {args.dtype}`: best of the interleaved "
-        f"rounds, through `numba_cpu.matmul`. The rule splits for K / max(m, n) >= {k.SPLIT_K_RATIO} "
-        f"and m <= {k.SPLIT_K_MAX_ROWS}.",
+        f"rounds, through `numba_cpu.matmul`. The rule splits for K / max(m, n) >= {k._SPLIT_K_RATIO} "
+        f"and m <= {k._SPLIT_K_MAX_ROWS}.",
         "",
         "| m | K | n | K / max(m, n) | one GEMM µs | split µs | speed-up |",
         "|---|---|---|---|---|---|---|",

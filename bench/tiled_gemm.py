@@ -88,15 +88,16 @@ def _chunk(m, n, k):
 
 
 def _engine_gemm(mixed: bool):
-    """A stand-in for numba_cpu's OpenBLAS call ``_gemm(c, a, b, alpha, beta, ta, tb)``."""
+    """A stand-in for numba_cpu's OpenBLAS call ``_gemm(c, a, b, alpha, beta, ta, tb, split_k)``
+    (products it does not tile keep numba_cpu's split over K)."""
     from gpumlp.kernels import numba_cpu
 
     blas, limit = numba_cpu._gemm, MIXED_MAX_B_BYTES if mixed else 1 << 62
 
     @njit(error_model="numpy")
-    def tiled(c, a, b, alpha, beta, ta, tb):
+    def tiled(c, a, b, alpha, beta, ta, tb, split_k):
         if b.size * b.itemsize > limit:
-            blas(c, a, b, alpha, beta, ta, tb)
+            blas(c, a, b, alpha, beta, ta, tb, split_k)
             return
         op_a = a.T if ta else a
         chunk = _chunk(c.shape[0], c.shape[1], op_a.shape[1])

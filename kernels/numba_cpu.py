@@ -375,26 +375,27 @@ _GEMM_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float64)})
 
 def _split_k(c: np.ndarray, k: int) -> int:
     """Into how many partial products over K ``matmul`` cuts c (m, n) = op(a) @ op(b): 2 on a
-    2-thread OpenBLAS pool for at most SPLIT_K_MAX_ROWS rows and an even K of at least
-    SPLIT_K_RATIO x max(m, n), else 1. OpenBLAS splits a GEMM's M and N between its threads, so
+    2-thread OpenBLAS pool for at most _SPLIT_K_MAX_ROWS rows and an even K of at least
+    _SPLIT_K_RATIO x max(m, n), else 1. OpenBLAS splits a GEMM's M and N between its threads, so
     a small output over a long K kept them waiting on each other: the seed config's first layer,
     100x784 @ 784x100, took 60 us; as two batched halves of K plus their sum, 44 us (2 threads,
     float32). Over a grid of m 16-512, n 32-1024, K 256-2048 (``bench/split_k.py``) the 29 shapes
     this rule picks gained 0-41 % (median 13-14 %, two runs); with m > 128 or a shorter K the
-    split lost more often than it won. Each half must exceed OpenBLAS's small-matrix path (m n K/2 > 10^6),
-    whose batched form crashes in DYNAMIC_ARCH builds up to OpenBLAS 0.3.31 (fixed upstream in
-    PR 5980): the split asks for twice that. More threads: unmeasured, so no split."""
+    split lost more often than it won. Each half must exceed OpenBLAS's small-matrix path
+    (m n K/2 > 10^6), whose batched form crashes in DYNAMIC_ARCH builds up to OpenBLAS 0.3.31
+    (fixed upstream in PR 5980): the split asks for twice that. More threads: unmeasured, so no
+    split."""
     m, n = c.shape
     if (
-        k % 2 or m > SPLIT_K_MAX_ROWS or k < SPLIT_K_RATIO * max(m, n) or m * n * (k // 2) < _SPLIT_K_MIN_MNK
-        or c.dtype not in _SPLIT_K_DTYPES or _BLAS_THREADS() != 2
+        k % 2 or m > _SPLIT_K_MAX_ROWS or k < _SPLIT_K_RATIO * max(m, n)
+        or m * n * (k // 2) < _SPLIT_K_MIN_MNK or c.dtype not in _SPLIT_K_DTYPES or _BLAS_THREADS() != 2
     ):  # fmt: skip
         return 1
     return 2
 
 
-SPLIT_K_RATIO = 5
-SPLIT_K_MAX_ROWS = 128
+_SPLIT_K_RATIO = 5
+_SPLIT_K_MAX_ROWS = 128
 _SPLIT_K_MIN_MNK = 2_000_000
 
 

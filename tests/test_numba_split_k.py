@@ -4,6 +4,9 @@ the two batched halves is the product, and that a step graph replays it bit for 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -85,3 +88,38 @@ def test_a_step_graph_replays_the_split_bit_for_bit(two_blas_threads, monkeypatc
     assert graph_loss == plain_loss
     for name in plain_weights:
         np.testing.assert_array_equal(graph_weights[name], plain_weights[name], err_msg=name)
+
+
+_THREADS_TRAINING = """
+import threading, numpy as np
+from gpumlp.kernels import numba_cpu
+from gpumlp.model import MLP
+assert numba_cpu._split_k(np.empty((100, 64), np.float32), 784) == 2
+rng = np.random.default_rng(0)
+X, y = rng.uniform(-1, 1, (700, 784)).astype(np.float32), rng.integers(0, 10, 700)
+def train():
+    m = MLP("784-64-10", act="relu", backend="numba", seed=0)
+    m.fit(X, y, epochs=2, batch_size=100, optimizer="adam", lr=1e-3, seed=1)
+    return m.state_arrays()
+want, got, errors = train(), [], []
+def work():
+    try:
+        got.append(train())
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=work) for _ in range(3)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(errors, len(got), all(all(np.array_equal(g[k], want[k]) for k in want) for g in got))
+"""
+
+
+def test_split_products_train_from_several_threads_at_once():
+    """Three threads train a model whose first-layer forward is split, each calling OpenBLAS's
+    batched GEMM while the others do: every thread's weights equal a lone run's bit for bit."""
+    if not numba_cpu._SPLIT_K_DTYPES:
+        pytest.skip("NumPy's bundled OpenBLAS with a batched GEMM is not loaded")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", _THREADS_TRAINING], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[] 3 True", out.stdout

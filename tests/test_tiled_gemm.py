@@ -52,5 +52,5 @@ def test_engine_stand_in_takes_numba_cpus_gemm_arguments(mixed):
                 b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
                 c0 = rng.standard_normal((m, n)).astype(np.float32)
                 c = c0.copy()
-                engine(c, a, b, 0.5, -1.0, ta, tb)
+                engine(c, a, b, 0.5, -1.0, ta, tb, 1)
                 check_product(c, a.T if ta else a, b.T if tb else b, 0.5, -1.0, c0)
