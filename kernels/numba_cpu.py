@@ -251,17 +251,24 @@ def _load_openblas():
     return None
 
 
-def _alias_batched_gemms(lib: ctypes.CDLL) -> None:
-    """Make ``lib``'s strided batched GEMMs callable from jitted code as _CBLAS_BATCHED's names.
-    The scipy-openblas wheels export them without their prefix (``cblas_sgemm_batch_strided``),
-    a name another BLAS in the process (an LP64 one) may export too: an alias of this library's
-    own address cannot resolve to theirs."""
+def _alias_batched_gemms(lib) -> None:
+    """Make ``lib``'s strided batched GEMMs callable from jitted code as _CBLAS_BATCHED's names, and
+    record their dtypes in _SPLIT_K_DTYPES. The scipy-openblas wheels export them without their
+    prefix (``cblas_sgemm_batch_strided``), a name another BLAS in the process (an LP64 one) may
+    export too: an alias of this library's own address cannot resolve to theirs. An OpenBLAS
+    without them (an older build) gets the aliases all the same, bound to a function that is never
+    called (_split_k then never splits): jitted code that names an unresolved symbol crashes the
+    process when it is compiled, even in a branch never taken."""
     for real, alias in _CBLAS_BATCHED.items():
-        for name in (f"scipy_{alias.removeprefix('gpumlp_')}64_", alias.removeprefix("gpumlp_")):
-            if hasattr(lib, name):
-                llvm_binding.add_symbol(alias, ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
-                _SPLIT_K_DTYPES.add(np.dtype(str(real)))
-                break
+        names = (f"scipy_{alias.removeprefix('gpumlp_')}64_", alias.removeprefix("gpumlp_"))
+        found = [getattr(lib, name) for name in names if hasattr(lib, name)]
+        if found:
+            _SPLIT_K_DTYPES.add(np.dtype(str(real)))
+        function = found[0] if found else _NEVER_CALLED
+        llvm_binding.add_symbol(alias, ctypes.cast(function, ctypes.c_void_p).value)
+
+
+_NEVER_CALLED = ctypes.CFUNCTYPE(None)(lambda: None)  # kept alive: its address is a symbol's
 
 
 _CBLAS_GEMMS = {numba.float32: "scipy_cblas_sgemm64_", numba.float64: "scipy_cblas_dgemm64_"}

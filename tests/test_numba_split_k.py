@@ -123,3 +123,36 @@ def test_split_products_train_from_several_threads_at_once():
                          timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[] 3 True", out.stdout
+
+
+_WITHOUT_BATCHED_GEMMS = """
+import ctypes
+lookup = ctypes.CDLL.__getattr__
+def without_batched(lib, name):  # an OpenBLAS built without the batched GEMMs
+    if "gemm_batch" in name:
+        raise AttributeError(name)
+    return lookup(lib, name)
+ctypes.CDLL.__getattr__ = without_batched
+import numpy as np
+from gpumlp.kernels import numba_cpu
+assert numba_cpu._BLAS_THREADS is not None and not numba_cpu._SPLIT_K_DTYPES
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((100, 784)).astype(np.float32), rng.standard_normal((784, 100)).astype(np.float32)
+out = np.empty((100, 100), np.float32)
+assert numba_cpu._split_k(out, 784) == 1
+numba_cpu.matmul(a, b, out=out)
+print(np.allclose(out, a @ b, rtol=1e-4, atol=1e-3))
+"""
+
+
+def test_an_openblas_without_batched_gemms_keeps_one_gemm(tmp_path):
+    """Jitted code naming a symbol that resolves to nothing crashes the process when it compiles,
+    even where the call is never reached: without the batched GEMMs the alias is still bound
+    (to a function never called), ``matmul`` compiles afresh and computes one GEMM."""
+    if not numba_cpu._SPLIT_K_DTYPES:
+        pytest.skip("NumPy's bundled OpenBLAS with a batched GEMM is not loaded")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))  # compiled here, not loaded from a cache
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_BATCHED_GEMMS], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True", out.stdout
