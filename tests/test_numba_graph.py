@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("numba")
 
+from threaded_training import three_threads_training  # noqa: E402
+
 from gpumlp import backend  # noqa: E402
 from gpumlp.augment import Augment  # noqa: E402
 from gpumlp.kernels import numba_cpu, numba_graph  # noqa: E402
@@ -266,32 +268,15 @@ def test_a_step_graph_compiles_once_and_loads_from_the_disk_cache_after():
     assert (hits, misses) == (1, 0)
 
 
-_THREADS_TRAINING = """
-import threading, numba, numpy as np
-from gpumlp.kernels import numba_graph
-from gpumlp.model import MLP
-rng = np.random.default_rng(0)
-X, y = rng.random((600, 784), dtype=np.float32), rng.integers(0, 10, 600)
-def train():
-    m = MLP("784-64-10", act="relu", backend="numba", seed=0)
-    m.fit(X, y, epochs=2, batch_size=100, optimizer="adam", lr=1e-3, seed=1)
-    return m.state_arrays()
+_THREADS_TRAINING = three_threads_training(
+    setup="""
 recorded, compile_tape = [], numba_graph._compile
 def spy(tape):  # whether the step graph holds a parallel variant
     recorded.append(any(body.targetoptions.get("parallel") for body, _, _ in tape))
     return compile_tape(tape)
-numba_graph._compile = spy
-want, got, errors = train(), [], []
-assert numba.threading_layer() == "workqueue" and any(recorded)
-def work():
-    try:
-        got.append(train())
-    except Exception as e:
-        errors.append(repr(e))
-threads = [threading.Thread(target=work) for _ in range(3)]
-[t.start() for t in threads]; [t.join() for t in threads]
-print(errors, len(got), all(all(np.array_equal(g[k], want[k]) for k in want) for g in got))
-"""
+numba_graph._compile = spy""",
+    check_first='assert numba.threading_layer() == "workqueue" and any(recorded)',
+)
 
 
 def test_step_graphs_with_parallel_kernels_train_from_several_threads_under_the_workqueue_layer():

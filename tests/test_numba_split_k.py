@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("numba")
 
+from threaded_training import three_threads_training  # noqa: E402
+
 from gpumlp import backend  # noqa: E402
 from gpumlp.kernels import numba_cpu, numba_graph  # noqa: E402
 from gpumlp.model import MLP  # noqa: E402
@@ -90,27 +92,9 @@ def test_a_step_graph_replays_the_split_bit_for_bit(two_blas_threads, monkeypatc
         np.testing.assert_array_equal(graph_weights[name], plain_weights[name], err_msg=name)
 
 
-_THREADS_TRAINING = """
-import threading, numpy as np
-from gpumlp.kernels import numba_cpu
-from gpumlp.model import MLP
-assert numba_cpu._split_k(np.empty((100, 64), np.float32), 784) == 2
-rng = np.random.default_rng(0)
-X, y = rng.uniform(-1, 1, (700, 784)).astype(np.float32), rng.integers(0, 10, 700)
-def train():
-    m = MLP("784-64-10", act="relu", backend="numba", seed=0)
-    m.fit(X, y, epochs=2, batch_size=100, optimizer="adam", lr=1e-3, seed=1)
-    return m.state_arrays()
-want, got, errors = train(), [], []
-def work():
-    try:
-        got.append(train())
-    except Exception as e:
-        errors.append(repr(e))
-threads = [threading.Thread(target=work) for _ in range(3)]
-[t.start() for t in threads]; [t.join() for t in threads]
-print(errors, len(got), all(all(np.array_equal(g[k], want[k]) for k in want) for g in got))
-"""
+_THREADS_TRAINING = three_threads_training(
+    setup="assert numba_cpu._split_k(np.empty((100, 64), np.float32), 784) == 2"
+)
 
 
 def test_split_products_train_from_several_threads_at_once():
