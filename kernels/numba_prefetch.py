@@ -4,7 +4,8 @@ A minibatch gather reads rows of the training set in random order, so every row 
 and the hardware prefetchers cannot guess the next one. Asking for row ``r + ahead`` while row
 ``r`` is copied keeps more cache misses in flight. Measured on one core, 128 rows of 784 float32
 from a 55,000-row set: ``gather_rows`` 25 us without the hint, 17-19 us with it (a contiguous copy
-of the same size: 18 us); ``gather_shifted`` by up to 2 px, 87-97 us without, 48-51 us with.
+of the same size: 18 us); ``gather_shifted`` by up to 2 px, 87-97 us without, 45-51 us with
+(``bench/prefetch.py``).
 
 A gather calls ``prefetch_gather(src, idx, r)`` before it copies row ``r``: the hint for the row
 ``AHEAD`` places later (and, at r = 0, for the first ``AHEAD``). 1 to 6 rows ahead measured the same.

@@ -83,3 +83,14 @@ def test_split_k_times_both_ways_and_classifies_by_the_rule(tmp_path):
     assert set(times) == {(100, 784, 100), (128, 784, 256)}
     assert all(one > 0 and split > 0 for one, split in times.values())
     assert "Shapes picked by the rule: 1," in text and "Shapes left to one GEMM: 1," in text
+
+
+def test_prefetch_times_each_gather_with_and_without_its_hint(tmp_path):
+    """The script behind the gathers' prefetch numbers compiles each gather body afresh with the
+    hint a no-op (a renamed or re-signed body fails here) and times both."""
+    out = tmp_path / "prefetch.md"
+    text = _run("prefetch.py", "--rounds", "1", "--rows", "3000", "--out", str(out))
+    assert out.read_text().strip() == text.strip()
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| gather")]
+    assert [row[0].strip() for row in rows] == ["gather_rows", "gather_shifted ±2 px"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
