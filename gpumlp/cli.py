@@ -471,7 +471,7 @@ def _fit(args: argparse.Namespace, model, prep: Prep, split, fit_kw: dict, confi
     try:  # overflow on the way to a NaN loss is reported once, as TrainingDiverged, not as warnings
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return model.fit(
-                prep.apply(x_tr, model.dtype), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
+                prep.training_input(x_tr, model.dtype), y_tr, **fit_kw, X_valid=X_valid, y_valid=y_va,
                 checkpoint_path=paths.get("checkpoint"),
                 divergence_factor=args.divergence_factor or None,
                 checkpoint_extra=(prep.to_arrays(), {"prep": prep.to_meta()}),

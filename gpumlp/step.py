@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpumlp.augment import Augment
+from gpumlp.data import Pixels
 from gpumlp.kernels.common import StepNotCapturable
 from gpumlp.optim import Optimizer, clip_grad_norm
 
@@ -216,6 +217,8 @@ class TrainStep:
             return k.gather_warped(Xd, idx, *limits, seed ^ AUGMENT_SALT, step=t, field=field, out=out)
         if aug.shift:
             return k.gather_shifted(Xd, idx, int(aug.shift), seed ^ AUGMENT_SALT, step=t, out=out)
+        if isinstance(Xd, Pixels):
+            return k.gather_pixels(Xd.codes, idx, Xd.divisor, Xd.offset, out.dtype, out=out)
         return k.gather_rows(Xd, idx, out=out)
 
     def _replay(self, Xd, batch, t, lr: float, seed: int) -> None:

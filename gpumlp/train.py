@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from gpumlp import checkpoint
 from gpumlp.augment import Augment
-from gpumlp.data import split_train_valid
+from gpumlp.data import Pixels, split_train_valid
 from gpumlp.monitor import GradNorms, ParamChange
 from gpumlp.optim import RULES, Optimizer, Schedule
 from gpumlp.step import History, TrainState, TrainStep
@@ -453,11 +453,16 @@ class _Run:
 def _prepare(model, X, y, X_valid, y_valid, cfg: FitConfig) -> _Run:
     """Check the data and options; build the optimizer, its state, the training state (new or
     resumed from the checkpoint) and the step with its buffers. Nothing is uploaded yet."""
-    X = check_features(X, model.n_features, dtype=model.dtype)
+    if isinstance(X, Pixels):  # kept as codes: each minibatch is decoded in its gather
+        check_features(X.codes, model.n_features, dtype=model.dtype)
+    else:
+        X = check_features(X, model.n_features, dtype=model.dtype)
     y = check_labels(y, X.shape[0], model.n_classes)
     X, y, X_valid, y_valid = _split_validation(X, y, X_valid, y_valid, cfg.valid_split)
     cfg.check(model, X.shape[0], X_valid is not None)
     augment = cfg.augmentation(X.shape[1])
+    if isinstance(X, Pixels) and augment.active:  # the augmenting gathers read floats
+        X = X.decode(model.dtype)
     opt, sched = cfg.make_optimizer()
     opt_state = [opt.init_state(model.be, w) for _, w, _, _ in model.param_groups()]
     ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
@@ -471,6 +476,8 @@ def _prepare(model, X, y, X_valid, y_valid, cfg: FitConfig) -> _Run:
         st = TrainState(epoch=0, step=0, seed=int(cfg.seed), history=History())
     valid = None
     if X_valid is not None:
+        if isinstance(X_valid, Pixels):  # decoded in the model's dtype, not float32 first
+            X_valid = X_valid.decode(model.dtype)
         Xv = check_features(X_valid, model.n_features, "X_valid", dtype=model.dtype)
         valid = (Xv, check_labels(y_valid, Xv.shape[0], model.n_classes, "y_valid"))
     norms = GradNorms(model) if cfg.log_grad_norms else None
@@ -497,10 +504,18 @@ def _loop(run: _Run, bar) -> None:
     epoch by epoch until the last epoch or a stop reason."""
     model, be, st, cfg = run.model, run.model.be, run.state, run.cfg
     X, y = run.data
-    Xd, yd = be.asarray(X, dtype=model.dtype), be.asarray(y.astype(np.int32, copy=False))
+    if isinstance(X, Pixels):
+        Xd = Pixels(be.asarray(X.codes), X.mode)
+    else:
+        Xd = be.asarray(X, dtype=model.dtype)
+    yd = be.asarray(y.astype(np.int32, copy=False))
     valid = run.valid and (be.asarray(run.valid[0], dtype=model.dtype), be.asarray(run.valid[1]))
     if st.initial_loss is None and st.epoch == 0 and cfg.divergence_factor is not None:
-        st.initial_loss = evaluate(model, Xd[:_REFERENCE_ROWS], yd[:_REFERENCE_ROWS])[0]
+        head = Xd[:_REFERENCE_ROWS]
+        if isinstance(head, Pixels):
+            rows = be.xp.arange(len(head), dtype=np.int32)
+            head = be.k.gather_pixels(head.codes, rows, head.divisor, head.offset, model.dtype)
+        st.initial_loss = evaluate(model, head, yd[:_REFERENCE_ROWS])[0]
     while st.epoch < cfg.epochs and not st.history.stop_reason:
         rec = _train_epoch(run, Xd, yd, valid)
         _end_epoch(run, rec, bar)

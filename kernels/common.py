@@ -106,3 +106,12 @@ def check_permutation_size(n: int) -> None:
     """Permutations are int32: n must be in [0, 2^31)."""
     if not 0 <= n < 2**31:
         raise ValueError(f"permutation: n must be in [0, 2^31), got {n}")
+
+
+def check_pixel_codes(codes) -> None:
+    """ValueError unless ``codes`` (NumPy or device array) is gather_pixels' 2-D uint8 C-contiguous source."""
+    if codes.dtype != np.uint8 or codes.ndim != 2 or not codes.flags.c_contiguous:
+        raise ValueError(
+            f"gather_pixels: codes must be a C-contiguous 2-D uint8 array (N, F), got {codes.dtype} "
+            f"{tuple(codes.shape)}; pass gpumlp.data.Pixels(...).codes"
+        )

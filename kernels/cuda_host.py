@@ -82,6 +82,7 @@ _SCALARS: dict[str, tuple[Any, np.dtype, tuple[type, ...]]] = {
     "float": (ctypes.c_float, np.dtype(np.float32), (np.float32,)),
     "double": (ctypes.c_double, np.dtype(np.float64), (float, np.float64)),
     "int": (ctypes.c_int, np.dtype(np.int32), (np.int32,)),
+    "unsigned char": (ctypes.c_ubyte, np.dtype(np.uint8), (np.uint8,)),
     "unsigned int": (ctypes.c_uint, np.dtype(np.uint32), (np.uint32,)),
     "long long": (ctypes.c_longlong, np.dtype(np.int64), (int, np.int64)),
     "unsigned long long": (ctypes.c_ulonglong, np.dtype(np.uint64), (np.uint64,)),

@@ -32,6 +32,7 @@ from .activations import activation as _activation
 from .activations import grad_spec as _grad_spec
 from .common import chain_layers as _chain_layers
 from .common import check_permutation_size as _check_permutation_size
+from .common import check_pixel_codes as _check_pixel_codes
 from .common import gaussian_taps as _gaussian_taps
 from .common import updates_running_stats as _updates_running_stats
 from .cuda_host import parse_kernels as _parse_kernels
@@ -56,7 +57,8 @@ _TC_DROP = {"tf32": 13, "bf16": 16}  # mantissa bits our tensor-core GEMM rounds
 # kernel name -> the .cu file that defines it
 _FILES = {
     **dict.fromkeys(
-        ("bias_act", "act_grad", "bias_grad", "gather_rows", "gather_shifted", "perm_keys", "perm_index"),
+        ("bias_act", "act_grad", "bias_grad", "gather_rows", "gather_pixels", "gather_shifted", "perm_keys",
+         "perm_index"),
         "elementwise",
     ),
     **dict.fromkeys(("softmax", "softmax_xent", "sigmoid_bce", "mse", "correct_count"), "losses"),
@@ -388,6 +390,20 @@ class CudaKernels:
             name = "gather_rows"
             fn = self._kernel(name, f"{_sfx(src, name)}_{'i32' if idx.dtype == np.int32 else 'i64'}")
             fn((self._grid(n),), (_BLOCK,), (src, idx, out, np.int64(n), np.int64(width)))
+        return out
+
+    def gather_pixels(self, codes, idx, divisor, offset, dtype=np.float32, out=None):
+        """Minibatch gather of 8-bit codes decoded on the device, ``codes[idx] / divisor + offset`` in
+        ``dtype``, in one launch. codes: (N, F) uint8, idx: (B,) int -> (B, F) dtype."""
+        codes, idx = self._dev(codes, "codes"), self._dev(idx, "idx")
+        _check_pixel_codes(codes)
+        if idx.dtype != np.int32:
+            idx = idx.astype(np.int32)
+        dt = np.dtype(dtype)
+        out = self._out(out, "out", (idx.shape[0], codes.shape[1]), dt)
+        scalars = (dt.type(divisor), dt.type(offset))
+        width = np.int64(codes.shape[1])
+        self._elementwise("gather_pixels", out, codes, idx, out, np.int64(out.size), width, *scalars)
         return out
 
     def gather_shifted(self, src, idx, max_shift, seed, step=0, out=None):

@@ -81,6 +81,7 @@ from .common import PHILOX_W as _PHILOX_W
 from .common import accumulate as _accumulate  # the same 0-d accumulator glue as the reference
 from .common import check_chain as _check_chain
 from .common import check_permutation_size as _check_permutation_size
+from .common import check_pixel_codes as _check_pixel_codes
 from .common import gaussian_taps as _gaussian_taps
 from .common import put as _put
 from .common import step_value as _step_value
@@ -784,6 +785,36 @@ def gather_rows(src: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None)
     if not (src.flags.c_contiguous and out.flags.c_contiguous):
         raise ValueError("gather_rows: src and out must be C-contiguous")
     _call(_gather_k, src.reshape(src.shape[0], -1), idx, out.reshape(nb, -1))
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _gather_pixels_k(codes, idx, divisor, offset, out):
+    # divisor and offset come in out's dtype: the decode is scale_pixels' float arithmetic, bit for bit
+    for r in range(idx.shape[0]):
+        _prefetch_gather(codes, idx, r)
+        k = _source_row(idx, r, codes.shape[0])
+        for j in range(codes.shape[1]):
+            out[r, j] = out.dtype.type(codes[k, j]) / divisor + offset
+
+
+def gather_pixels(
+    codes: np.ndarray,
+    idx: np.ndarray,
+    divisor: float,
+    offset: float,
+    dtype=np.float32,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Minibatch gather of 8-bit codes, decoded: ``codes[idx] / divisor + offset`` in ``dtype``.
+    codes: (N, F) uint8 C-contiguous, idx: (B,) int -> (B, F) dtype."""
+    _check_pixel_codes(codes)
+    dt, shape = np.dtype(dtype), (idx.shape[0], codes.shape[1])
+    if out is None:
+        out = np.empty(shape, dt)
+    elif out.dtype != dt or out.shape != shape or not out.flags.c_contiguous:
+        raise ValueError(f"gather_pixels: out must be a C-contiguous {dt} array of shape {shape}")
+    _call(_gather_pixels_k, codes, idx, dt.type(divisor), dt.type(offset), out)
     return out
 
 
@@ -1694,6 +1725,7 @@ def _warmup(dtype=np.float32) -> float:
         _act_grad_par(z.ravel(), z.ravel(), z.ravel(), np.empty(z.size, dt), code, *nt)
     bias_grad(z)
     gather_rows(z, lab[[0, 2]])
+    gather_pixels(np.zeros((3, 4), np.uint8), lab[[0, 2]], 127.5, -1.0, dt)
     softmax(z)
     for loss in (softmax_xent, sigmoid_bce, mse):
         loss(z, lab, grad_scale=1.0 / 3)

@@ -46,7 +46,7 @@ CAPTURABLE = frozenset({
     "mse", "correct_count", "sgd_step", "sgd_matmul_step", "momentum_step", "adagrad_step",
     "rmsprop_step", "adam_step", "adamw_step", "lion_step", "dropout_forward", "dropout_backward",
     "batchnorm_forward", "batchnorm_backward", "batchnorm_inference", "sum_squares", "clip_scale",
-    "clip_value", "gather_shifted", "gather_warped", "elastic_field",
+    "clip_value", "gather_shifted", "gather_warped", "elastic_field", "gather_pixels",
 })  # fmt: skip
 
 # One parallel region of the numba kernels at a time in the process. Numba's workqueue threading

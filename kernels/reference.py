@@ -46,6 +46,7 @@ from .common import PHILOX_W as _PHILOX_W
 from .common import accumulate as _accumulate
 from .common import chain_layers as _chain_layers
 from .common import check_permutation_size as _check_permutation_size
+from .common import check_pixel_codes as _check_pixel_codes
 from .common import gaussian_taps as _gaussian_taps
 from .common import put as _put
 from .common import step_value as _step_value
@@ -115,6 +116,18 @@ def bias_grad(grad_z, out=None):
 def gather_rows(src, idx, out=None):
     """Minibatch gather ``src[idx]``. src: (N,...), idx: (B,) int -> (B,...)."""
     return _put(out, src[idx])
+
+
+def gather_pixels(codes, idx, divisor, offset, dtype=np.float32, out=None):
+    """Minibatch gather of 8-bit codes, decoded: ``codes[idx]`` as ``dtype``, divided by ``divisor``,
+    plus ``offset`` (both rounded to ``dtype``; the arithmetic of
+    ``gpumlp.data.scale_pixels``). codes: (N, F) uint8, idx: (B,) int -> (B, F) dtype (float32/64)."""
+    _check_pixel_codes(codes)
+    dt = np.dtype(dtype)
+    x = codes[idx].astype(dt)
+    x /= dt.type(divisor)
+    x += dt.type(offset)
+    return _put(out, x)
 
 
 def gather_shifted(src, idx, max_shift, seed, step=0, out=None):

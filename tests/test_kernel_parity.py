@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpumlp import backend
+from gpumlp.data import scale_pixels
 from gpumlp.kernels import activations
 from gpumlp.kernels import reference as ref
 from gpumlp.optim import OPTIMIZERS, RULES, Optimizer
@@ -447,6 +448,31 @@ def test_gather_rows(be, src_shape, src_dtype, with_out):
     if with_out:
         assert got is out
     np.testing.assert_array_equal(be.to_host(got), expected)  # a copy: exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [(127.5, -1.0), (255.0, 0.0)])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_gather_pixels(be, dtype, scale, with_out):
+    codes = np.random.default_rng(4).integers(0, 256, (300, 49), dtype=np.uint8)
+    codes[:2] = [[0], [255]]  # both ends of the code range
+    idx = np.random.default_rng(5).integers(0, 300, 257).astype(np.int32)  # > one block, repeats
+    idx[:2] = [0, 1]
+    expected = ref.gather_pixels(codes, idx, *scale, dtype)
+    decoded = scale_pixels(codes, "-1,1" if scale[1] else "0,1", dtype)
+    np.testing.assert_array_equal(expected, decoded[idx])  # the reference is scale_pixels, bit for bit
+    out = _empty(be, expected.shape, dtype) if with_out else None
+    got = be.k.gather_pixels(be.asarray(codes), be.asarray(idx), *scale, dtype, out=out)
+    if with_out:
+        assert got is out
+    assert be.to_host(got).dtype == dtype
+    np.testing.assert_array_equal(be.to_host(got), expected)  # one rounded division and add: exact
+
+
+@pytest.mark.parametrize("codes", [np.zeros((4, 3), np.float32), np.zeros((4, 3, 1), np.uint8)])
+def test_gather_pixels_rejects_codes_that_are_not_2d_uint8(be, codes):
+    with pytest.raises(ValueError, match="codes must be a C-contiguous 2-D uint8 array"):
+        be.k.gather_pixels(be.asarray(codes), be.asarray(np.zeros(2, np.int32)), 255.0, 0.0)
 
 
 def _edge_shift(img: np.ndarray, dy: int, dx: int) -> np.ndarray:

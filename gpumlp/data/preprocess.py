@@ -7,6 +7,8 @@ import numpy as np
 from gpumlp.data.idx import DataError
 
 SCALE_MODES = ("0,1", "-1,1")
+# mode -> (divisor, offset): a pixel p becomes p / divisor + offset, each step rounded to the float dtype
+PIXEL_SCALES = {"0,1": (255.0, 0.0), "-1,1": (127.5, -1.0)}  # (p/255 - 0.5) * 2 == p/127.5 - 1
 STD_FLOOR = 1e-8
 
 
@@ -38,11 +40,10 @@ def scale_pixels(x_uint8: np.ndarray, mode: str = "-1,1", dtype=np.float32) -> n
     if x.dtype.kind not in "uif":
         raise DataError(f"scale_pixels: expected numeric pixels 0..255 (uint8), got dtype {x.dtype}")
     out = x.astype(dtype)  # always a copy
-    if mode == "0,1":
-        out /= 255.0
-    else:  # (x/255 - 0.5) * 2 == x/127.5 - 1, exact at 0 and 255
-        out /= 127.5
-        out -= 1.0
+    divisor, offset = PIXEL_SCALES[mode]
+    out /= divisor
+    if offset:
+        out += offset
     return out
 
 

@@ -1,7 +1,7 @@
 // Dense-layer tail kernels: bias + activation, activation backward, bias
-// gradient (column sums); the on-device minibatch gather, with or without shift
+// gradient (column sums); the on-device minibatch gather (of floats, or of 8-bit codes decoded), with or without shift
 // augmentation, and the on-device shuffle.
-// Contract: kernels/reference.py (bias_act, act_grad, bias_grad, gather_rows, gather_shifted,
+// Contract: kernels/reference.py (bias_act, act_grad, bias_grad, gather_rows, gather_pixels, gather_shifted,
 // permutation).
 #include "device_common.h"
 
@@ -51,6 +51,18 @@ __device__ void gather_rows_impl(const T* __restrict__ src, const I* __restrict_
     }
 }
 
+// out[b, :] = codes[idx[b], :] as T, / divisor + offset: scale_pixels' arithmetic (an IEEE division, as
+// without fast math, and no multiply-add to contract); rows of `width` uint8 codes; n = B * width.
+template <typename T>
+__device__ void gather_pixels_impl(const unsigned char* __restrict__ codes, const int* __restrict__ idx,
+                                   T* __restrict__ out, long long n, long long width, T divisor, T offset) {
+    GRID_STRIDE(i, n) {
+        const long long row = i / width;
+        const T value = (T)codes[(long long)idx[row] * width + (i - row * width)];
+        out[i] = value / divisor + offset;
+    }
+}
+
 // Row r of out = the side x side image src[idx[r]] shifted by (dy, dx) drawn from
 // h = philox_word(seed, *step, r), edge pixels repeated; n = B * side * side.
 template <typename T>
@@ -84,6 +96,10 @@ GPUMLP_F32_F64_SUFFIX(gather_rows, _i32, (const T* __restrict__ src, const int* 
                                           T* __restrict__ out, long long n, long long width), (src, idx, out, n, width))
 GPUMLP_F32_F64_SUFFIX(gather_rows, _i64, (const T* __restrict__ src, const long long* __restrict__ idx,
                                           T* __restrict__ out, long long n, long long width), (src, idx, out, n, width))
+
+GPUMLP_F32_F64(gather_pixels, (const unsigned char* __restrict__ codes, const int* __restrict__ idx,
+                              T* __restrict__ out, long long n, long long width, T divisor, T offset),
+               (codes, idx, out, n, width, divisor, offset))
 
 GPUMLP_F32_F64(gather_shifted, (const T* __restrict__ src, const int* __restrict__ idx, T* __restrict__ out,
                                long long n, int side, int max_shift, unsigned long long seed,
