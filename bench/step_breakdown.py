@@ -15,7 +15,8 @@ call it. Numbers are per step in µs (median over the instrumented epochs of eac
 per step); the floor column of ``gpumlp bench`` is the sum of the matmul rows at best.
 
 Usage: ``python bench/step_breakdown.py [--configs seed,adam256] [--backend numba]
-[--epochs 5] [--samples 11000] [--dtype float32] [--out bench/results/step_breakdown.md]``
+[--epochs 5] [--samples 11000] [--dtype float32] [--inputs pixels|floats]
+[--out bench/results/step_breakdown.md]``
 """
 
 from __future__ import annotations
@@ -187,13 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=5, help="instrumented (and as many plain) epochs")
     ap.add_argument("--samples", type=int, default=11000, help="MNIST training rows per epoch")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument(
+        "--inputs", choices=("pixels", "floats"), default="pixels",
+        help="train on the images as 8-bit codes (gpumlp.data.Pixels, as `gpumlp train` does) or as floats",
+    )  # fmt: skip
     ap.add_argument("--note", default="", help="a line printed under the title (e.g. the machine's load)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    from gpumlp.data import load_mnist, scale_pixels
+    from gpumlp.data import Pixels, load_mnist, scale_pixels
 
     m = load_mnist()
-    X, y = scale_pixels(m.x_train[: args.samples]), m.y_train[: args.samples]
+    codes, y = m.x_train[: args.samples], m.y_train[: args.samples]
+    X = Pixels(codes) if args.inputs == "pixels" else scale_pixels(codes, dtype=args.dtype)
     results = [breakdown(args.backend, c, X, y, args.epochs, args.dtype) for c in args.configs.split(",")]
     header = (
         f"## One training step, kernel by kernel ({args.dtype}, {args.samples} samples/epoch, median of "

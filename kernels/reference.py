@@ -124,10 +124,9 @@ def gather_pixels(codes, idx, divisor, offset, dtype=np.float32, out=None):
     ``gpumlp.data.scale_pixels``). codes: (N, F) uint8, idx: (B,) int -> (B, F) dtype (float32/64)."""
     _check_pixel_codes(codes)
     dt = np.dtype(dtype)
-    x = codes[idx].astype(dt)
-    x /= dt.type(divisor)
+    x = np.divide(codes[idx], dt.type(divisor), dtype=dt, out=out)  # each code as dtype, then divided
     x += dt.type(offset)
-    return _put(out, x)
+    return x
 
 
 def gather_shifted(src, idx, max_shift, seed, step=0, out=None):

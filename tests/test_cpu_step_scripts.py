@@ -33,7 +33,7 @@ def test_step_breakdown_times_every_kernel_of_the_seed_step(tmp_path):
     for row in (
         "matmul x·W 100x784x100", "matmul x·W 100x100x10", "matmul dz·Wᵀ 100x10x100",
         "sgd_matmul_step W -= lr·xᵀ·dz 784x100x100", "sgd_matmul_step W -= lr·xᵀ·dz 100x100x10",
-        "bias_act sigmoid 100x100", "act_grad sigmoid 100x100", "sigmoid_bce 100x10", "gather_rows 600x784",
+        "bias_act sigmoid 100x100", "act_grad sigmoid 100x100", "sigmoid_bce 100x10", "gather_pixels 600x784",
         "sgd_step 110", "**Python + glue**", "**step total**",
     ):  # fmt: skip
         assert f"| {row}" in text, row
@@ -94,3 +94,14 @@ def test_prefetch_times_each_gather_with_and_without_its_hint(tmp_path):
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| gather")]
     assert [row[0].strip() for row in rows] == ["gather_rows", "gather_shifted ±2 px"]
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+
+
+def test_pixel_gather_times_float_rows_against_codes_on_each_cpu_backend(tmp_path):
+    """The script behind the Pixels numbers: both gathers at three batch sizes per backend."""
+    out = tmp_path / "pixel_gather.md"
+    text = _run("pixel_gather.py", "--rounds", "1", "--rows", "3000", "--out", str(out))
+    assert out.read_text().strip() == text.strip()
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith(("| numba", "| numpy"))]
+    expected = [(b, n) for b in ("numba", "numpy") for n in (100, 128, 256)]
+    assert [(r[0].strip(), int(r[1])) for r in rows] == expected
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)

@@ -66,7 +66,8 @@ def test_a_numba_step_graph_replays_the_pixel_gather(mnist):
     x, y = mnist
     model = MLP("784-16-10", backend="numba", seed=3)
     be, opt = model.be, Optimizer("adam", lr=1e-3)
-    step = TrainStep(model, opt, [opt.init_state(be, w) for _, w, _, _ in model.param_groups()], 100, 600, "mean")
+    opt_state = [opt.init_state(be, w) for _, w, _, _ in model.param_groups()]
+    step = TrainStep(model, opt, opt_state, 100, 600, "mean")
     step.configure(True, Augment(), False)
     loss, _ = step.epoch(Pixels(x), y.astype(np.int32), opt.lr, TrainState(epoch=0, step=0, seed=1))
     assert step.graph is not None and step.use_graphs  # captured, not fallen back to kernel by kernel

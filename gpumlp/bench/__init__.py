@@ -67,17 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument(
         "--inference-only", action="store_true", help="only predict throughput (no epochs, floors, kernels)"
     )
+    p.add_argument(
+        "--inputs",
+        choices=("pixels", "floats"),
+        default="pixels",
+        help="gpumlp trains on the MNIST images as 8-bit codes decoded per minibatch, as `gpumlp train` does "
+        "(pixels, default), or on their float copy (floats); the peers always get the floats",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
 
-def _load_data(dtype: str) -> tuple:
-    """MNIST: the 55k training split and the 10k test set, pixels scaled to [0, 1]."""
+def _load_data(dtype: str, inputs: str = "pixels") -> tuple:
+    """MNIST: the 55k training split (as :class:`~gpumlp.data.Pixels` or floats) and the 10k test
+    set, pixels scaled to [0, 1]."""
     from gpumlp.bench.runner import EPOCH_SAMPLES
-    from gpumlp.data import load_mnist, scale_pixels
+    from gpumlp.data import Pixels, load_mnist, scale_pixels
 
     m = load_mnist()
-    X = scale_pixels(m.x_train[:EPOCH_SAMPLES], "0,1", dtype=dtype)
+    codes = m.x_train[:EPOCH_SAMPLES]
+    X = Pixels(codes, "0,1") if inputs == "pixels" else scale_pixels(codes, "0,1", dtype=dtype)
     Xt = scale_pixels(m.x_test, "0,1", dtype=dtype)
     return X, m.y_train[:EPOCH_SAMPLES], Xt, m.y_test
 
@@ -95,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
     res["peaks"]["cpu"] = measure_peaks(args.dtype, args.quick)
     if any(R.device_of(b) == "gpu" for b in backends):
         res["peaks"]["gpu"] = _gpu_peaks(args.dtype, args.quick)
-    X, y, Xt, yt = _load_data(args.dtype)
+    X, y, Xt, yt = _load_data(args.dtype, args.inputs)
     run_tasks(plan_tasks(args, backends, cfg_names, (X, y, Xt, yt), samples, repeats), res, args.no_progress)
     _summarise(args, res, backends)
     return res

@@ -132,9 +132,10 @@ def train_gpumlp(name: str, cfg: Config, X, y, epochs: int, dtype: str, seed: in
 
 
 def train_peer(name: str, cfg: Config, X, y, epochs: int, dtype: str, seed: int = 0, callbacks=()):
-    """The PyTorch peer with the same recipe; -> per-epoch records."""
+    """The PyTorch peer with the same recipe, on the float inputs (Pixels decoded); -> per-epoch records."""
     from gpumlp.bench.peers import TorchRecipe
 
+    X = np.asarray(X, dtype=dtype)
     peer = TorchRecipe(cfg.widths, cfg.act, cfg.loss, cfg.optimizer, cfg.lr, dtype, seed, name, cfg.lr_gamma)
     recs = peer.fit(X, y, epochs, cfg.batch_size, cfg.reduction, seed, callbacks)
     return recs, peer
@@ -303,6 +304,7 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
     logits, grad = arr(256, 10), arr(256, 10)
     labels = asa(rng.integers(0, 10, 256).astype(np.int32))
     Xall, idx = arr(8192, 784), asa(rng.permutation(8192)[:256].astype(np.int32))
+    codes = asa(rng.integers(0, 256, (8192, 784), dtype=np.uint8))
     xb = arr(256, 784)
     a1, w1, c1 = arr(256, 784), arr(784, 1024), arr(256, 1024)
     a2, w2, c2 = arr(256, 1024), arr(1024, 1024), arr(256, 1024)
@@ -338,6 +340,7 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
         ),
         ("sigmoid_bce", "", (256, 10), lambda: k.sigmoid_bce(logits, labels, grad=grad)),
         ("gather_rows", "", (256, 784), lambda: k.gather_rows(Xall, idx, out=xb)),
+        ("gather_pixels", "uint8", (256, 784), lambda: k.gather_pixels(codes, idx, 255.0, 0.0, dtype, xb)),
         ("gather_shifted", "±2 px", (256, 784), lambda: k.gather_shifted(Xall, idx, 2, 0, t, out=xb)),
         ("elastic_field", "α 34 σ 4", (256, 784), lambda: k.elastic_field(0, 256, 28, 34.0, 4.0, t, fd, fw)),
         (
