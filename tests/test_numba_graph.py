@@ -143,6 +143,9 @@ def _kernel_calls(rng, dtype):
     return [
         ("gather_rows", lambda: (f(50, 9), rng.integers(-50, 50, 20), np.empty((20, 9), dtype)),
          lambda k, a: k.gather_rows(a[0], a[1], out=a[2])),
+        ("gather_pixels", lambda: (rng.integers(0, 256, (50, 9), dtype=np.uint8), rng.integers(-50, 50, 20),
+                                   np.empty((20, 9), dtype)),
+         lambda k, a: k.gather_pixels(a[0], a[1], 127.5, -1.0, a[2].dtype, out=a[2])),
         ("matmul", lambda: (f(20, 9), f(7, 9), np.empty((20, 7), dtype)),
          lambda k, a: k.matmul(a[0], a[1], out=a[2], trans_b=True)),
         ("bias_act", lambda: (f(20, 12), f(12), np.empty((20, 12), dtype), np.empty((20, 12), dtype)),
