@@ -50,7 +50,9 @@ CXXFLAGS = ("-std=c++20", "-fopenmp", "-O2", "-shared", "-fPIC", "-Wall", "-fno-
 # What `empty` leaves in every element under initcheck, by element size: a signalling NaN for
 # floats (arithmetic never produces one, so a computed value never matches) and an unlikely
 # integer; bools get 0xA5, which is neither False nor True. The checked build gets them as
-# -DCUDA_EMU_POISON<bytes>, so they are written only here.
+# -DCUDA_EMU_POISON<bytes>, so they are written only here. Every byte is a valid uint8 (0xA5 is
+# pixel 165, and MNIST holds 15,288 of them), so a 1-byte buffer is checked only while no byte of it
+# has been written (:func:`_pattern_marks`): a read from it is then a read of uninitialised memory.
 POISON = {1: 0xA5, 2: 0x7DA5, 4: 0x7FA5A5A5, 8: 0x7FF5A5A5A5A5A5A5}
 # The checked flavour (memcheck, initcheck): g++ calls the header's __asan_* hooks before every
 # load and store, outside the stack and globals; no vector or merged accesses, whose alignment
@@ -158,6 +160,15 @@ def _parse_sanitizers(text: str) -> frozenset[str]:
             f"use a comma-separated subset of {', '.join(SANITIZERS)}"
         )
     return names
+
+
+def _pattern_marks(a: np.ndarray) -> bool:
+    """Does :data:`POISON` tell the uninitialised elements of buffer ``a`` from data? Yes for
+    elements of 2 bytes and more; for 1-byte elements only while every byte still holds it
+    (as ``empty`` left it), since a written byte may hold it as data. Else the buffer's loads are
+    not checked for it (the checked build compares an element against the pattern only when its
+    region's element size, 0 here, is the load's size)."""
+    return a.itemsize > 1 or not a.size or bool((a.view(np.uint8) == POISON[1]).all())
 
 
 def poison(a: np.ndarray) -> np.ndarray:
@@ -410,7 +421,7 @@ class HostKernel:
         """One launch in the schedule ``seed`` (0 in order, 1 reversed, else seeded random), each
         block's shared memory starting as bytes ``fill`` (unless < 0)."""
         regions = (_Region * max(1, len(pointers)))(
-            *[_Region(a.ctypes.data, a.nbytes, a.itemsize, 0) for _, a in pointers]
+            *[_Region(a.ctypes.data, a.nbytes, a.itemsize * _pattern_marks(a), 0) for _, a in pointers]
         )
         checks = ("memcheck" in self.sanitize) | ("initcheck" in self.sanitize) << 1
         info = _LaunchInfo(seed=seed, regions=regions, nregions=len(pointers), checks=checks)

@@ -49,6 +49,10 @@ extern "C" __global__ void gather(const int* idx, const float* x, float* y, int 
     const int i = threadIdx.x;
     if (i < n) y[i] = x[idx[i]];
 }
+extern "C" __global__ void gather_bytes(const int* idx, const unsigned char* x, unsigned char* y, int n) {
+    const int i = threadIdx.x;
+    if (i < n) y[i] = x[idx[i]];
+}
 """
 
 
@@ -158,6 +162,18 @@ def test_initcheck_reports_a_read_of_an_uninitialised_float_buffer(checked, sani
         cuda_host.SanitizerError, match=r"initcheck: kernel gather.*`float\* x` \(float32\[4\]"
     ):
         checked.get_function("gather")((1,), (32,), (idx, x, y, np.int32(4)))
+
+
+def test_initcheck_reports_a_read_of_a_byte_buffer_only_while_no_byte_of_it_is_written(checked, sanitize):
+    """0xA5 is a valid uint8 (pixel 165): a written byte buffer that holds it is data, not poison."""
+    idx, y = _dev(np.arange(8, dtype=np.int32)), cuda_emu.zeros(8, np.uint8)
+    x = cuda_emu.empty(8, np.uint8)
+    msg = _finding(checked, "gather_bytes", 1, 32, idx, x, y, np.int32(8))
+    assert "read of 1 bytes of uninitialised memory" in msg and "`unsigned char* x` (uint8[8]" in msg
+    pixels = np.array([165, 165, 165, 165, 165, 165, 165, 3], np.uint8)  # a run of 165s, as MNIST has
+    x = _dev(pixels)
+    checked.get_function("gather_bytes")((1,), (32,), (idx, x, y, np.int32(8)))
+    np.testing.assert_array_equal(y.get(), pixels)
 
 
 def test_empty_buffers_hold_the_poison_pattern_under_initcheck(monkeypatch):

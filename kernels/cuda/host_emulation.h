@@ -103,7 +103,7 @@ inline unsigned int block_threads() { return blockDim.x * blockDim.y * blockDim.
 struct Region {                 // a pointer argument of the kernel
     unsigned long long start;   // its address
     unsigned long long bytes;   // its extent
-    unsigned int elem;          // its element size
+    unsigned int elem;          // its element size (0: its loads are not checked for the poison pattern)
     unsigned int pad;
 };
 enum Fault : unsigned int { no_fault, out_of_bounds, misaligned, uninitialised, trapped };
