@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,13 @@ def test_pixel_gather_times_float_rows_against_codes_on_each_cpu_backend(tmp_pat
     expected = [(b, n) for b in ("numba", "numpy") for n in (100, 128, 256)]
     assert [(r[0].strip(), int(r[1])) for r in rows] == expected
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+def test_cross_core_samples_adam_alone_and_after_a_two_thread_gemm(tmp_path):
+    """The script behind the slow-phase diagnosis: each sample times the three, with the steal ticks."""
+    out = tmp_path / "cross_core.md"
+    _run("cross_core.py", "--seconds", "0.5", "--every", "0.1", "--out", str(out))
+    samples = [line for line in out.read_text().splitlines() if re.match(r"\| \d\d:\d\d:\d\d \|", line)]
+    rows = [[float(c) for c in line.split("|")[2:6]] for line in samples]
+    assert rows and all(alone > 0 and after > 0 and forward > 0 for alone, after, _, forward in rows)
+    assert all(abs(ratio - after / alone) < 0.01 for alone, after, ratio, _ in rows)
