@@ -243,7 +243,7 @@ def trial_data(args: argparse.Namespace):
 
         base["lr"] = usual_lr(args.optimizer, base["reduction"], base["batch_size"])
     base["backend"] = args.backend
-    arrays = (prep.apply(x_tr), y_tr, prep.apply(x_va), y_va)
+    arrays = (prep.training_input(x_tr), y_tr, prep.apply(x_va), y_va)  # codes: a quarter of the bytes
     return arrays, base, data
 
 

@@ -3,6 +3,8 @@ the floats they stand for, on every backend; the type's checks; the CLI's use of
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from conftest import loadable_backends
@@ -87,6 +89,11 @@ def test_pixels_decode_to_scale_pixels_and_keep_their_rows(mnist, mode, dtype):
     assert np.asarray(p).dtype == np.float32
     lo, hi = (-1.0, 1.0) if mode == "-1,1" else (0.0, 1.0)
     assert Pixels(np.array([[0, 255]], np.uint8), mode).decode(dtype).tolist() == [[lo, hi]]
+
+
+def test_pixels_pickle_for_search_workers(mnist):
+    p = pickle.loads(pickle.dumps(Pixels(mnist[0][:5], "0,1")))
+    assert p.mode == "0,1" and np.array_equal(p.codes, mnist[0][:5].reshape(5, -1))
 
 
 def test_pixels_refuse_what_they_cannot_stand_for():
