@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gpumlp.data import Pixels
 from gpumlp.model import MLP
 from gpumlp.validate import check_features
 
@@ -207,7 +208,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         if np.any(self.classes_[idx] != y):
             unknown = np.setdiff1d(y, self.classes_)
             raise ValueError(f"y has labels {unknown.tolist()} not in classes_ {self.classes_.tolist()}")
-        X = X.astype(self.model_.dtype, copy=False)
+        if not isinstance(X, Pixels):  # codes are decoded in the model's dtype by fit
+            X = X.astype(self.model_.dtype, copy=False)
         train, valid = self._split(idx)
         history = fit(
             self.model_, X[train], idx[train],
@@ -274,13 +276,19 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         elif not self._fitted():
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit first")
 
-    def _validate(self, X, y="no_validation", reset: bool = True):
+    def _validate(self, X, y="no_validation", reset: bool = True, dtype=(np.float64, np.float32)):
         """scikit-learn's input checks (messages its estimator checks expect) or a NumPy fallback;
-        X alone unless y is given (y=None is an error, as in scikit-learn)."""
+        X alone unless y is given (y=None is an error, as in scikit-learn). Training images as
+        :class:`~gpumlp.data.Pixels` stay codes (their codes checked); to predict, they are decoded."""
+        if isinstance(X, Pixels):
+            if isinstance(y, str) and y == "no_validation":
+                return self._validate(X.decode(self.model_.dtype), y, reset)
+            codes, y = self._validate(X.codes, y, reset, dtype=None)  # kept uint8
+            return Pixels(codes, X.mode), y
         if HAVE_SKLEARN:
             if isinstance(y, str) and y == "no_validation":
-                return validate_data(self, X, reset=reset, dtype=(np.float64, np.float32))
-            X, y = validate_data(self, X, y, reset=reset, dtype=(np.float64, np.float32))
+                return validate_data(self, X, reset=reset, dtype=dtype)
+            X, y = validate_data(self, X, y, reset=reset, dtype=dtype)
             check_classification_targets(y)
             return X, y
         X = np.asarray(X)

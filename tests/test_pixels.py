@@ -127,3 +127,24 @@ def test_the_cli_trains_on_codes_under_a_pixel_scale(mnist, scale):
     np.testing.assert_array_equal(np.asarray(given), prep.apply(x))
     floats = x.astype(np.float64)  # values 0..255 that are not uint8 stay floats
     assert isinstance(prep.training_input(floats), np.ndarray)
+
+
+@pytest.mark.parametrize("name", [n for n in ("numpy", "numba") if n in loadable_backends()])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_estimator_trains_on_pixels_as_on_their_floats(mnist, name, dtype):
+    """float64: the codes are decoded in float64, not to float32 first (as np.asarray would)."""
+    from gpumlp import MLPClassifier
+
+    x, y = mnist
+    floats, test = (scale_pixels(a.reshape(len(a), -1), dtype=dtype) for a in (x, x[:100]))
+    kw = dict(hidden_layer_sizes=(16,), epochs=2, random_state=0, backend=name, validation_fraction=0.1)
+    on_floats = MLPClassifier(**kw, dtype=dtype).fit(floats, y)
+    on_codes = MLPClassifier(**kw, dtype=dtype).fit(Pixels(x), y)
+    on_floats.partial_fit(floats, y)
+    on_codes.partial_fit(Pixels(x), y)
+    assert on_codes.n_features_in_ == 784
+    assert on_codes.loss_curve_ == on_floats.loss_curve_
+    assert on_codes.validation_scores_ == on_floats.validation_scores_
+    a, b = on_floats.model_.state_arrays(), on_codes.model_.state_arrays()
+    assert all(np.array_equal(a[key], b[key]) for key in a)
+    np.testing.assert_array_equal(on_codes.predict_proba(Pixels(x[:100])), on_floats.predict_proba(test))
