@@ -87,6 +87,8 @@ def test_pixels_decode_to_scale_pixels_and_keep_their_rows(mnist, mode, dtype):
     np.testing.assert_array_equal(p[5:9].decode(dtype), expected[5:9])
     np.testing.assert_array_equal(p[np.array([3, 0, 3])].decode(dtype), expected[[3, 0, 3]])
     assert np.asarray(p).dtype == np.float32
+    with pytest.raises(ValueError, match="new array"):
+        np.asarray(p, copy=False)
     lo, hi = (-1.0, 1.0) if mode == "-1,1" else (0.0, 1.0)
     assert Pixels(np.array([[0, 255]], np.uint8), mode).decode(dtype).tolist() == [[lo, hi]]
 

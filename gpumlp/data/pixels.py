@@ -81,6 +81,8 @@ class Pixels:
         return scale_pixels(self.codes, self.mode, dtype)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:  # NumPy 2's protocol: decoding always makes a new array
+            raise ValueError("Pixels decode into a new array: np.asarray(pixels, copy=False) cannot be met")
         return self.decode(np.float32 if dtype is None else dtype)
 
     def __repr__(self) -> str:

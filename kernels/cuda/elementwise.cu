@@ -1,8 +1,8 @@
 // Dense-layer tail kernels: bias + activation, activation backward, bias
-// gradient (column sums); the on-device minibatch gather (of floats, or of 8-bit codes decoded), with or without shift
-// augmentation, and the on-device shuffle.
-// Contract: kernels/reference.py (bias_act, act_grad, bias_grad, gather_rows, gather_pixels, gather_shifted,
-// permutation).
+// gradient (column sums); the on-device minibatch gather (of floats, or of 8-bit codes
+// decoded), with or without shift augmentation, and the on-device shuffle.
+// Contract: kernels/reference.py (bias_act, act_grad, bias_grad, gather_rows, gather_pixels,
+// gather_shifted, permutation).
 #include "device_common.h"
 
 // y = act(z + b), and pre = z + b when keep. z, out, pre: (B, N) as n = B*N elements; b: (N,).
