@@ -1,6 +1,7 @@
 """What keeping the training images as 8-bit codes (``gpumlp.data.Pixels``) buys the minibatch
 gather: ``gather_rows`` of float32 rows against ``gather_pixels`` of uint8 codes decoded to float32,
-per CPU backend, interleaved in one process.
+and ``gather_shifted`` against ``gather_shifted_pixels`` (shifts of up to 2 px), per CPU backend,
+interleaved in one process.
 
     python bench/pixel_gather.py [--rounds 7] [--rows 55000] [--out bench/results/pixel_gather.md]
 
@@ -24,11 +25,17 @@ from gpumlp.bench.machine import cpu_model
 FEATURES, BATCHES, INNER = 784, (100, 128, 256), 50
 
 
-def _gathers(k, codes, floats, batch: int, rng) -> dict:
-    """The two gathers of ``batch`` rows on kernel module ``k``, each call with the next of 400
-    random index arrays."""
+def _gathers(k, codes, floats, batch: int, shift: int, rng) -> dict:
+    """The two gathers of ``batch`` rows (shifted by up to ``shift`` px when > 0) on kernel module
+    ``k``, each call with the next of 400 random index arrays."""
     batches = itertools.cycle([rng.integers(0, len(codes), batch).astype(np.int32) for _ in range(400)])
     out = np.empty((batch, FEATURES), np.float32)
+    if shift:
+        scale = (127.5, -1.0)
+        return {
+            "float32 rows": lambda: k.gather_shifted(floats, next(batches), shift, 1, out=out),
+            "uint8 codes": lambda: k.gather_shifted_pixels(codes, next(batches), shift, 1, *scale, out=out),
+        }
     return {
         "float32 rows": lambda: k.gather_rows(floats, next(batches), out=out),
         "uint8 codes": lambda: k.gather_pixels(codes, next(batches), 127.5, -1.0, np.float32, out),
@@ -47,11 +54,12 @@ def main() -> None:
     floats = codes.astype(np.float32)  # the same images as float rows: what a float training set reads
     rows = []
     for name in args.backends.split(","):
-        for batch in BATCHES:
-            fns = _gathers(get_backend(name).k, codes, floats, batch, rng)
+        for shift, batch in [(0, b) for b in BATCHES] + [(2, 128)]:
+            fns = _gathers(get_backend(name).k, codes, floats, batch, shift, rng)
             best = interleaved_best(fns, args.rounds, INNER)
             f32, u8 = best["float32 rows"] * 1e6, best["uint8 codes"] * 1e6
-            rows.append(f"| {name} | {batch} | {f32:.1f} | {u8:.1f} | {f32 / u8:.2f} |")
+            kind = f"shifted ±{shift} px" if shift else "rows"
+            rows.append(f"| {name} | {kind} | {batch} | {f32:.1f} | {u8:.1f} | {f32 / u8:.2f} |")
     mb = args.rows * FEATURES / 1e6
     text = "\n".join([
         f"## Minibatch gather: float32 rows against 8-bit codes decoded ({cpu_model()}, one thread)",
@@ -60,8 +68,8 @@ def main() -> None:
         f"{args.rows} x {FEATURES} set ({4 * mb:.0f} MB as float32, {mb:.0f} MB as codes), fresh indices "
         f"per call; best of {args.rounds} rounds of {INNER} calls, interleaved.",
         "",
-        "| backend | batch | float32 rows µs | uint8 codes µs | speed-up |",
-        "|---|---|---|---|---|",
+        "| backend | gather | batch | float32 rows µs | uint8 codes µs | speed-up |",
+        "|---|---|---|---|---|---|",
         *rows,
         "",
     ])  # fmt: skip

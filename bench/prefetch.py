@@ -46,9 +46,10 @@ def main() -> None:
     src = rng.random((args.rows, FEATURES), dtype=np.float32)
     out = np.empty((BATCH, FEATURES), np.float32)
     words = k._stream(0, 0, BATCH)
+    shift_args = (28, 2, np.float32(1), np.float32(0), *words)  # float images: copied as they are
     cases = {
         "gather_rows": (k._gather_k, lambda fn, idx: fn(src, idx, out)),
-        "gather_shifted ±2 px": (k._gather_shifted_k, lambda fn, idx: fn(src, idx, out, 28, 2, *words)),
+        "gather_shifted ±2 px": (k._gather_shifted_k, lambda fn, idx: fn(src, idx, out, *shift_args)),
     }
     rows = []
     for name, (kernel, call) in cases.items():

@@ -215,6 +215,9 @@ class TrainStep:
                 k.elastic_field(seed ^ ELASTIC_SALT, idx.shape[0], side, *args, step=t, out=field, work=work)
             limits = (aug.rotate, aug.scale, aug.shift)
             return k.gather_warped(Xd, idx, *limits, seed ^ AUGMENT_SALT, step=t, field=field, out=out)
+        if isinstance(Xd, Pixels) and aug.shift:
+            args = (int(aug.shift), seed ^ AUGMENT_SALT, Xd.divisor, Xd.offset, out.dtype)
+            return k.gather_shifted_pixels(Xd.codes, idx, *args, step=t, out=out)
         if aug.shift:
             return k.gather_shifted(Xd, idx, int(aug.shift), seed ^ AUGMENT_SALT, step=t, out=out)
         if isinstance(Xd, Pixels):

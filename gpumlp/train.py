@@ -461,7 +461,7 @@ def _prepare(model, X, y, X_valid, y_valid, cfg: FitConfig) -> _Run:
     X, y, X_valid, y_valid = _split_validation(X, y, X_valid, y_valid, cfg.valid_split)
     cfg.check(model, X.shape[0], X_valid is not None)
     augment = cfg.augmentation(X.shape[1])
-    if isinstance(X, Pixels) and augment.active:  # the augmenting gathers read floats
+    if isinstance(X, Pixels) and augment.warps:  # the warping gather reads floats (shifts decode codes)
         X = X.decode(model.dtype)
     opt, sched = cfg.make_optimizer()
     opt_state = [opt.init_state(model.be, w) for _, w, _, _ in model.param_groups()]

@@ -57,8 +57,8 @@ _TC_DROP = {"tf32": 13, "bf16": 16}  # mantissa bits our tensor-core GEMM rounds
 # kernel name -> the .cu file that defines it
 _FILES = {
     **dict.fromkeys(
-        ("bias_act", "act_grad", "bias_grad", "gather_rows", "gather_pixels", "gather_shifted", "perm_keys",
-         "perm_index"),
+        ("bias_act", "act_grad", "bias_grad", "gather_rows", "gather_pixels", "gather_shifted",
+         "gather_shifted_pixels", "perm_keys", "perm_index"),
         "elementwise",
     ),
     **dict.fromkeys(("softmax", "softmax_xent", "sigmoid_bce", "mse", "correct_count"), "losses"),
@@ -409,14 +409,26 @@ class CudaKernels:
     def gather_shifted(self, src, idx, max_shift, seed, step=0, out=None):
         """Minibatch gather with the reference's Philox-drawn, edge-repeating shifts, in one
         launch; ``step`` read on the device. src: (N, side*side) float, idx: (B,) int -> (B, side*side)."""
+        return self._shifted("gather_shifted", src, idx, max_shift, seed, step, out, src.dtype, ())
+
+    def gather_shifted_pixels(self, codes, idx, max_shift, seed, divisor, offset, dtype=np.float32, step=0,
+                              out=None):  # fmt: skip
+        """``gather_shifted`` of 8-bit codes decoded on the way (``code / divisor + offset`` in
+        dtype), in one launch. codes: (N, side*side) uint8, idx: (B,) int -> (B, side*side) dtype."""
+        _check_pixel_codes(self._dev(codes, "codes"))
+        dt = np.dtype(dtype)
+        scale = (dt.type(divisor), dt.type(offset))
+        return self._shifted("gather_shifted_pixels", codes, idx, max_shift, seed, step, out, dt, scale)
+
+    def _shifted(self, name: str, src, idx, max_shift: int, seed: int, step, out, dtype, extra: tuple):
+        """One launch of a shifting gather kernel ``name`` (its trailing scalars ``extra``)."""
         src, idx = self._dev(src, "src"), self._dev(idx, "idx")
         side = _image_side(src.shape[1], max_shift)
         if idx.dtype != np.int32:
             idx = idx.astype(np.int32)
-        out = self._out(out, "out", (idx.shape[0], src.shape[1]), src.dtype)
-        seed64, step_d = _seed64(seed), self._step(step, "step")
-        args = (src, idx, out, np.int64(out.size), np.int32(side), np.int32(max_shift), seed64, step_d)
-        self._elementwise("gather_shifted", out, *args)
+        out = self._out(out, "out", (idx.shape[0], src.shape[1]), dtype)
+        shift = (np.int32(side), np.int32(max_shift), _seed64(seed), self._step(step, "step"))
+        self._elementwise(name, out, src, idx, out, np.int64(out.size), *shift, *extra)
         return out
 
     def elastic_field(self, seed, n, side, alpha, sigma, step=0, out=None, work=None):

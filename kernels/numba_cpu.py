@@ -809,12 +809,18 @@ def gather_pixels(
     """Minibatch gather of 8-bit codes, decoded: ``codes[idx] / divisor + offset`` in ``dtype``.
     codes: (N, F) uint8 C-contiguous, idx: (B,) int -> (B, F) dtype."""
     _check_pixel_codes(codes)
-    dt, shape = np.dtype(dtype), (idx.shape[0], codes.shape[1])
+    out = _pixel_rows(out, idx.shape[0], codes.shape[1], dtype, "gather_pixels")
+    _call(_gather_pixels_k, codes, idx, out.dtype.type(divisor), out.dtype.type(offset), out)
+    return out
+
+
+def _pixel_rows(out, rows: int, width: int, dtype, name: str) -> np.ndarray:
+    """The (rows, width) float output of a pixel gather: out, checked, or a new array."""
+    dt = np.dtype(dtype)
     if out is None:
-        out = np.empty(shape, dt)
-    elif out.dtype != dt or out.shape != shape or not out.flags.c_contiguous:
-        raise ValueError(f"gather_pixels: out must be a C-contiguous {dt} array of shape {shape}")
-    _call(_gather_pixels_k, codes, idx, dt.type(divisor), dt.type(offset), out)
+        return np.empty((rows, width), dt)
+    if out.dtype != dt or out.shape != (rows, width) or not out.flags.c_contiguous:
+        raise ValueError(f"{name}: out must be a C-contiguous {dt} array of shape {(rows, width)}")
     return out
 
 
@@ -1331,8 +1337,23 @@ def permutation(seed: int, n: int, epoch: int = 0, out: np.ndarray | None = None
     return _put(out, (keys & _MASK32).astype(np.int32))
 
 
+def _decoded(value, divisor, offset):
+    """A pixel as the gathers write it (jitted code only): a float as it is; an 8-bit code as
+    ``value / divisor + offset`` in the float type of divisor (gather_pixels' arithmetic)."""
+    raise NotImplementedError("called from jitted code only")
+
+
+@overload(_decoded, inline="always")
+def _decoded_typed(value, divisor, offset):
+    if isinstance(value, numba.types.Float):
+        return lambda value, divisor, offset: value
+    cast = np.dtype(str(divisor)).type
+    return lambda value, divisor, offset: cast(value) / divisor + offset
+
+
 @njit(cache=True, error_model="numpy")
-def _gather_shifted_k(src, idx, out, side, max_shift, w0, w1, w2, w3):
+def _gather_shifted_k(src, idx, out, side, max_shift, divisor, offset, w0, w1, w2, w3):
+    # src: float images, or uint8 codes decoded on the way (divisor, offset in out's dtype)
     span = 2 * max_shift + 1
     for r in range(idx.shape[0]):
         _prefetch_gather(src, idx, r)
@@ -1345,14 +1366,14 @@ def _gather_shifted_k(src, idx, out, side, max_shift, w0, w1, w2, w3):
             s = min(max(i - dy, 0), side - 1) * side
             dst, row = out[r, i * side : (i + 1) * side], src[k, s : s + side]
             for j in range(lo):
-                dst[j] = row[0]
+                dst[j] = _decoded(row[0], divisor, offset)
             # the inside run as two aligned views indexed from 0: with row[j - dx] numba's
             # negative-index wraparound check stays in the loop and blocks vectorisation (3.5x)
             body, inside = dst[lo:hi], row[lo - dx : hi - dx]
             for j in range(hi - lo):
-                body[j] = inside[j]
+                body[j] = _decoded(inside[j], divisor, offset)
             for j in range(hi, side):
-                dst[j] = row[side - 1]
+                dst[j] = _decoded(row[side - 1], divisor, offset)
 
 
 def gather_shifted(
@@ -1365,7 +1386,29 @@ def gather_shifted(
         out = np.empty((idx.shape[0], src.shape[1]), dtype=src.dtype)
     if not (src.flags.c_contiguous and out.flags.c_contiguous):
         raise ValueError("gather_shifted: src and out must be C-contiguous")
-    _call(_gather_shifted_k, src, idx, out, side, max_shift, *_stream(seed, step, idx.shape[0]))
+    one, zero = out.dtype.type(1), out.dtype.type(0)  # unused: floats are copied as they are
+    _call(_gather_shifted_k, src, idx, out, side, max_shift, one, zero, *_stream(seed, step, idx.shape[0]))
+    return out
+
+
+def gather_shifted_pixels(
+    codes: np.ndarray,
+    idx: np.ndarray,
+    max_shift: int,
+    seed: int,
+    divisor: float,
+    offset: float,
+    dtype=np.float32,
+    step=0,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``gather_shifted`` of 8-bit codes decoded on the way (``code / divisor + offset`` in dtype),
+    in one pass. codes: (N, side*side) uint8, idx: (B,) int -> (B, side*side) dtype."""
+    _check_pixel_codes(codes)
+    side = _image_side(codes.shape[1], max_shift)
+    out = _pixel_rows(out, idx.shape[0], codes.shape[1], dtype, "gather_shifted_pixels")
+    scale = out.dtype.type(divisor), out.dtype.type(offset)
+    _call(_gather_shifted_k, codes, idx, out, side, max_shift, *scale, *_stream(seed, step, idx.shape[0]))
     return out
 
 
@@ -1749,6 +1792,7 @@ def _warmup(dtype=np.float32) -> float:
     hash_uniform(1, 4)
     permutation(1, 4)
     gather_shifted(np.ones((2, 9), dt), lab[[0, 1]] % 2, 1, 1)
+    gather_shifted_pixels(np.zeros((2, 9), np.uint8), lab[[0, 1]] % 2, 1, 1, 127.5, -1.0, dt)
     _, mk = dropout_forward(z, 0.5, 1)
     dropout_backward(z, mk)
     y, xh, mean, var = batchnorm_forward(z, b + 1, b, running_mean=b + 0, running_var=b + 1)

@@ -47,6 +47,7 @@ CAPTURABLE = frozenset({
     "rmsprop_step", "adam_step", "adamw_step", "lion_step", "dropout_forward", "dropout_backward",
     "batchnorm_forward", "batchnorm_backward", "batchnorm_inference", "sum_squares", "clip_scale",
     "clip_value", "gather_shifted", "gather_warped", "elastic_field", "gather_pixels",
+    "gather_shifted_pixels",
 })  # fmt: skip
 
 # One parallel region of the numba kernels at a time in the process. Numba's workqueue threading

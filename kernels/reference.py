@@ -148,6 +148,14 @@ def gather_shifted(src, idx, max_shift, seed, step=0, out=None):
     return _put(out, images[np.arange(b)[:, None, None], rows, cols].reshape(b, side * side))
 
 
+def gather_shifted_pixels(codes, idx, max_shift, seed, divisor, offset, dtype=np.float32, step=0, out=None):
+    """``gather_shifted`` of the decoded minibatch ``gather_pixels(codes, idx, divisor, offset,
+    dtype)``: the same shifts (drawn by row position, from seed, B and step), the same edge
+    pixels. codes: (N, side*side) uint8, idx: (B,) int -> (B, side*side) dtype."""
+    rows = gather_pixels(codes, idx, divisor, offset, dtype)
+    return gather_shifted(rows, np.arange(idx.shape[0]), max_shift, seed, step, out)
+
+
 def elastic_field(seed, n, side, alpha, sigma, step=0, out=None, work=None):
     """Random elastic displacement fields (Simard et al. 2003): noise u_i = 2 * uniform_i - 1
     (element i of hash_uniform(seed, n*2*side*side, step), laid out (n, 2, side, side)),

@@ -98,14 +98,16 @@ def test_prefetch_times_each_gather_with_and_without_its_hint(tmp_path):
 
 
 def test_pixel_gather_times_float_rows_against_codes_on_each_cpu_backend(tmp_path):
-    """The script behind the Pixels numbers: both gathers at three batch sizes per backend."""
+    """The script behind the Pixels numbers: both gathers at three batch sizes per backend, and
+    both shifting gathers."""
     out = tmp_path / "pixel_gather.md"
     text = _run("pixel_gather.py", "--rounds", "1", "--rows", "3000", "--out", str(out))
     assert out.read_text().strip() == text.strip()
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith(("| numba", "| numpy"))]
-    expected = [(b, n) for b in ("numba", "numpy") for n in (100, 128, 256)]
-    assert [(r[0].strip(), int(r[1])) for r in rows] == expected
-    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    kinds = [("rows", 100), ("rows", 128), ("rows", 256), ("shifted ±2 px", 128)]
+    expected = [(b, kind, n) for b in ("numba", "numpy") for kind, n in kinds]
+    assert [(r[0].strip(), r[1].strip(), int(r[2])) for r in rows] == expected
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
 
 
 def test_cross_core_samples_adam_alone_and_after_a_two_thread_gemm(tmp_path):

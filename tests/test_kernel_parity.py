@@ -475,6 +475,24 @@ def test_gather_pixels_rejects_codes_that_are_not_2d_uint8(be, codes):
         be.k.gather_pixels(be.asarray(codes), be.asarray(np.zeros(2, np.int32)), 255.0, 0.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("max_shift", [0, 2])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_gather_shifted_pixels(be, dtype, max_shift, with_out):
+    codes = np.random.default_rng(6).integers(0, 256, (50, 49), dtype=np.uint8)  # 7x7 images
+    idx = np.random.default_rng(7).integers(0, 50, 257).astype(np.int32)  # > one block, repeats
+    expected = ref.gather_shifted_pixels(codes, idx, max_shift, 3, 127.5, -1.0, dtype, step=11)
+    decoded = scale_pixels(codes, "-1,1", dtype)
+    np.testing.assert_array_equal(expected, ref.gather_shifted(decoded, idx, max_shift, seed=3, step=11))
+    out = _empty(be, expected.shape, dtype) if with_out else None
+    t = _device_step(be, 11)
+    got = be.k.gather_shifted_pixels(be.asarray(codes), be.asarray(idx), max_shift, 3, 127.5, -1.0, dtype,
+                                     step=t, out=out)  # fmt: skip
+    if with_out:
+        assert got is out
+    np.testing.assert_array_equal(be.to_host(got), expected)
+
+
 def _edge_shift(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """A square image translated by (dy, dx), uncovered pixels repeating the edge (by padding)."""
     s = max(abs(dy), abs(dx))

@@ -137,15 +137,17 @@ def _kernel_calls(rng, dtype):
     lab = rng.integers(0, 10, 20).astype(np.int32)
     acc = lambda: np.zeros((), dtype)  # noqa: E731
     step = np.array([4], np.int64)
+    codes = lambda *shape: rng.integers(0, 256, shape, dtype=np.uint8)  # noqa: E731
     opt = lambda name, *state, **kw: (  # noqa: E731
         name, lambda: (f(30, 7), f(30, 7), *[np.abs(f(30, 7)) for _ in state]),
         lambda k, a: getattr(k, name)(*a, 1e-2, **kw))
     return [
         ("gather_rows", lambda: (f(50, 9), rng.integers(-50, 50, 20), np.empty((20, 9), dtype)),
          lambda k, a: k.gather_rows(a[0], a[1], out=a[2])),
-        ("gather_pixels", lambda: (rng.integers(0, 256, (50, 9), dtype=np.uint8), rng.integers(-50, 50, 20),
-                                   np.empty((20, 9), dtype)),
+        ("gather_pixels", lambda: (codes(50, 9), rng.integers(-50, 50, 20), np.empty((20, 9), dtype)),
          lambda k, a: k.gather_pixels(a[0], a[1], 127.5, -1.0, a[2].dtype, out=a[2])),
+        ("gather_shifted_pixels", lambda: (codes(50, 64), rng.integers(0, 50, 20), np.empty((20, 64), dtype)),
+         lambda k, a: k.gather_shifted_pixels(a[0], a[1], 2, 3, 255.0, 0.0, a[2].dtype, step=step, out=a[2])),
         ("matmul", lambda: (f(20, 9), f(7, 9), np.empty((20, 7), dtype)),
          lambda k, a: k.matmul(a[0], a[1], out=a[2], trans_b=True)),
         ("bias_act", lambda: (f(20, 12), f(12), np.empty((20, 12), dtype), np.empty((20, 12), dtype)),

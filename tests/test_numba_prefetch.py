@@ -32,7 +32,7 @@ def test_the_gathers_compile_the_prefetch_hint():
     words = numba_cpu._stream(0, 0, 9)
     for kernel, args in (
         (numba_cpu._gather_k, (src, idx, out)),
-        (numba_cpu._gather_shifted_k, (src, idx, out, 28, 2, *words)),
+        (numba_cpu._gather_shifted_k, (src, idx, out, 28, 2, np.float32(1), np.float32(0), *words)),
     ):
         ir, asm = fresh_code(kernel, *args)
         assert re.search(r"call void @llvm\.prefetch", ir), f"{kernel.__name__}: no prefetch in its IR"

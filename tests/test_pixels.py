@@ -51,18 +51,22 @@ def test_fit_on_pixels_is_fit_on_their_floats_bit_for_bit(mnist, name, dtype, mo
         assert a.dtype == np.dtype(dtype) and np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", [n for n in ("numba", "cuda-emu") if n in loadable_backends()])
+@pytest.mark.parametrize("name", loadable_backends())
 def test_fit_on_pixels_with_augmentation_or_graphs_is_fit_on_their_floats(mnist, name):
-    """Augmenting gathers read floats: fit decodes the codes once. CUDA graphs replay gather_pixels."""
+    """Shifts gather codes (gather_shifted_pixels); rotations decode them once first. CUDA graphs
+    replay both pixel gathers."""
     x, y = mnist[0][:250], mnist[1][:250]
-    options = [{"augment_shift": 1}] + ([{"cuda_graphs": True}] if name == "cuda-emu" else [])
+    options = [{"augment_shift": 2}, {"augment": Augment(shift=1, rotate=5.0)}]
+    if name == "cuda-emu":
+        options += [{"augment_shift": 1, "cuda_graphs": True}, {"cuda_graphs": True}]
     for kw in options:
         (h_float, w_float), (h_codes, w_codes) = _fit_both(name, x, y, "float32", "-1,1", **kw)
         assert h_codes["loss"] == h_float["loss"], kw
         assert all(np.array_equal(a, b) for a, b in zip(w_codes, w_float)), kw
 
 
-def test_a_numba_step_graph_replays_the_pixel_gather(mnist):
+@pytest.mark.parametrize("shift", [0, 2])
+def test_a_numba_step_graph_replays_the_pixel_gathers(mnist, shift):
     if "numba" not in loadable_backends():
         pytest.skip("numba is not installed")
     x, y = mnist
@@ -70,7 +74,7 @@ def test_a_numba_step_graph_replays_the_pixel_gather(mnist):
     be, opt = model.be, Optimizer("adam", lr=1e-3)
     opt_state = [opt.init_state(be, w) for _, w, _, _ in model.param_groups()]
     step = TrainStep(model, opt, opt_state, 100, 600, "mean")
-    step.configure(True, Augment(), False)
+    step.configure(True, Augment(shift=shift), False)
     loss, _ = step.epoch(Pixels(x), y.astype(np.int32), opt.lr, TrainState(epoch=0, step=0, seed=1))
     assert step.graph is not None and step.use_graphs  # captured, not fallen back to kernel by kernel
     assert np.isfinite(loss)

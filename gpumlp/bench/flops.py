@@ -56,7 +56,7 @@ def kernel_bytes(kernel: str, shape: Sequence[int], itemsize: int, label_itemsiz
     bias_act (B,N): reads z and b, writes y. act_grad (B,N): reads grad and y, writes out.
     bias_grad (B,N): reads grad, writes (N,). softmax_xent (B,K): reads logits and labels,
     writes grad. gather_rows / gather_shifted (B,F): read B rows and B indices, write B rows;
-    gather_pixels reads its B rows as uint8.
+    gather_pixels / gather_shifted_pixels read their B rows as uint8.
     permutation (n,): writes n int32 indices.
     An optimizer step (P,) (gpumlp.optim.RULES): reads w, g and its state, writes w and the state."""
     if kernel in ("bias_act", "act_grad"):
@@ -71,7 +71,7 @@ def kernel_bytes(kernel: str, shape: Sequence[int], itemsize: int, label_itemsiz
     if kernel in ("gather_rows", "gather_shifted", "gather_warped"):
         b, f = shape
         return 2 * b * f * itemsize + b * label_itemsize
-    if kernel == "gather_pixels":
+    if kernel in ("gather_pixels", "gather_shifted_pixels"):
         b, f = shape
         return b * f * (1 + itemsize) + b * label_itemsize
     if kernel == "elastic_field":  # writes the (B, 2, side, side) field

@@ -72,7 +72,8 @@ CONFIGS = {
 QUICK_CONFIGS = ("seed", "adam256")
 TTA_CONFIG = Config.of_preset("fastest")
 TTA_TARGETS = (0.975, 0.98)
-AUGMENT_KERNELS = ("gather_shifted", "elastic_field", "gather_warped")  # also reported in images/s
+# also reported in images/s
+AUGMENT_KERNELS = ("gather_shifted", "gather_shifted_pixels", "elastic_field", "gather_warped")
 
 
 # ------------------------------------------------------------------- runners
@@ -342,6 +343,8 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
         ("gather_rows", "", (256, 784), lambda: k.gather_rows(Xall, idx, out=xb)),
         ("gather_pixels", "uint8", (256, 784), lambda: k.gather_pixels(codes, idx, 255.0, 0.0, dtype, xb)),
         ("gather_shifted", "±2 px", (256, 784), lambda: k.gather_shifted(Xall, idx, 2, 0, t, out=xb)),
+        ("gather_shifted_pixels", "uint8 ±2 px", (256, 784),
+         lambda: k.gather_shifted_pixels(codes, idx, 2, 0, 255.0, 0.0, dtype, t, xb)),
         ("elastic_field", "α 34 σ 4", (256, 784), lambda: k.elastic_field(0, 256, 28, 34.0, 4.0, t, fd, fw)),
         (
             "gather_warped",

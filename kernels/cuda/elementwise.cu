@@ -51,24 +51,30 @@ __device__ void gather_rows_impl(const T* __restrict__ src, const I* __restrict_
     }
 }
 
-// out[b, :] = codes[idx[b], :] as T, / divisor + offset: scale_pixels' arithmetic (an IEEE division, as
-// without fast math, and no multiply-add to contract); rows of `width` uint8 codes; n = B * width.
+// A pixel as the gathers write it: a float as it is; an 8-bit code as code / divisor + offset,
+// scale_pixels' arithmetic (an IEEE division, as without fast math, and no multiply-add to contract).
+template <typename T>
+__device__ inline T decoded(T value, T, T) { return value; }
+template <typename T>
+__device__ inline T decoded(unsigned char code, T divisor, T offset) { return (T)code / divisor + offset; }
+
+// out[b, :] = the codes of row idx[b], decoded; rows of `width` uint8 codes; n = B * width.
 template <typename T>
 __device__ void gather_pixels_impl(const unsigned char* __restrict__ codes, const int* __restrict__ idx,
                                    T* __restrict__ out, long long n, long long width, T divisor, T offset) {
     GRID_STRIDE(i, n) {
         const long long row = i / width;
-        const T value = (T)codes[(long long)idx[row] * width + (i - row * width)];
-        out[i] = value / divisor + offset;
+        out[i] = decoded(codes[(long long)idx[row] * width + (i - row * width)], divisor, offset);
     }
 }
 
 // Row r of out = the side x side image src[idx[r]] shifted by (dy, dx) drawn from
-// h = philox_word(seed, *step, r), edge pixels repeated; n = B * side * side.
-template <typename T>
-__device__ void gather_shifted_impl(const T* __restrict__ src, const int* __restrict__ idx,
-                                    T* __restrict__ out, long long n, int side, int max_shift,
-                                    unsigned long long seed, const long long* __restrict__ step) {
+// h = philox_word(seed, *step, r), edge pixels repeated; n = B * side * side. src: float images
+// (S = T), or 8-bit codes (S = unsigned char) decoded with divisor and offset.
+template <typename T, typename S>
+__device__ void shifted_rows(const S* __restrict__ src, const int* __restrict__ idx, T* __restrict__ out,
+                             long long n, int side, int max_shift, unsigned long long seed,
+                             const long long* __restrict__ step, T divisor, T offset) {
     const long long t = *step;
     const unsigned int span = 2 * max_shift + 1;
     const long long width = (long long)side * side;
@@ -78,8 +84,23 @@ __device__ void gather_shifted_impl(const T* __restrict__ src, const int* __rest
         const unsigned int h = philox_word(seed, t, row);
         const int dy = (int)((h & 0xffffu) % span) - max_shift, dx = (int)((h >> 16) % span) - max_shift;
         const int sy = min(max(y - dy, 0), side - 1), sx = min(max(x - dx, 0), side - 1);
-        out[i] = src[(long long)idx[row] * width + sy * side + sx];
+        out[i] = decoded(src[(long long)idx[row] * width + sy * side + sx], divisor, offset);
     }
+}
+
+template <typename T>
+__device__ void gather_shifted_impl(const T* __restrict__ src, const int* __restrict__ idx,
+                                    T* __restrict__ out, long long n, int side, int max_shift,
+                                    unsigned long long seed, const long long* __restrict__ step) {
+    shifted_rows<T, T>(src, idx, out, n, side, max_shift, seed, step, T(1), T(0));
+}
+
+template <typename T>
+__device__ void gather_shifted_pixels_impl(const unsigned char* __restrict__ codes, const int* __restrict__ idx,
+                                           T* __restrict__ out, long long n, int side, int max_shift,
+                                           unsigned long long seed, const long long* __restrict__ step,
+                                           T divisor, T offset) {
+    shifted_rows<T, unsigned char>(codes, idx, out, n, side, max_shift, seed, step, divisor, offset);
 }
 
 GPUMLP_F32_F64(bias_act, (const T* __restrict__ z, const T* __restrict__ b, T* __restrict__ out,
@@ -104,6 +125,12 @@ GPUMLP_F32_F64(gather_pixels, (const unsigned char* __restrict__ codes, const in
 GPUMLP_F32_F64(gather_shifted, (const T* __restrict__ src, const int* __restrict__ idx, T* __restrict__ out,
                                long long n, int side, int max_shift, unsigned long long seed,
                                const long long* __restrict__ step), (src, idx, out, n, side, max_shift, seed, step))
+
+GPUMLP_F32_F64(gather_shifted_pixels,
+               (const unsigned char* __restrict__ codes, const int* __restrict__ idx, T* __restrict__ out,
+                long long n, int side, int max_shift, unsigned long long seed, const long long* __restrict__ step,
+                T divisor, T offset),
+               (codes, idx, out, n, side, max_shift, seed, step, divisor, offset))
 
 // permutation(): keys[i] = word(i) << 32 | i. They are distinct, so sorting them gives the
 // reference's stable argsort of the words whatever the sort.
