@@ -304,9 +304,6 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
     zs, bs = arr(100, 100), arr(100)
     logits, grad = arr(256, 10), arr(256, 10)
     labels = asa(rng.integers(0, 10, 256).astype(np.int32))
-    Xall, idx = arr(8192, 784), asa(rng.permutation(8192)[:256].astype(np.int32))
-    codes = asa(rng.integers(0, 256, (8192, 784), dtype=np.uint8))
-    xb = arr(256, 784)
     a1, w1, c1 = arr(256, 784), arr(784, 1024), arr(256, 1024)
     a2, w2, c2 = arr(256, 1024), arr(1024, 1024), arr(256, 1024)
     dw, dx = arr(784, 1024), arr(256, 784)  # separate outputs: no value feeds back and overflows
@@ -314,8 +311,6 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
     W, G = arr(1024, 1024), arr(1024, 1024)
     W = W * 0.01  # keep weights bounded over many in-place steps
     t = asa(np.array([10], np.int64))  # Adam's step on the device, as the training step passes it
-    fd, fw = (be.xp.empty((256, 2, 28, 28), dtype=dtype) for _ in "fw")  # elastic field and scratch
-    order = be.xp.empty(55000, dtype=np.int32)  # an epoch's shuffle of the MNIST training split
     return [
         ("matmul", "x·W", (256, 784, 1024), lambda: k.matmul(a1, w1, out=c1)),
         ("matmul", "x·W", (256, 1024, 1024), lambda: k.matmul(a2, w2, out=c2)),
@@ -340,6 +335,19 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
             lambda: k.softmax_xent(logits, labels, grad=grad, grad_scale=1 / 256),
         ),
         ("sigmoid_bce", "", (256, 10), lambda: k.sigmoid_bce(logits, labels, grad=grad)),
+    ] + _data_cases(be, dtype, rng, t) + _optimizer_cases(be, W, G, t)
+
+
+def _data_cases(be, dtype: np.dtype, rng: np.random.Generator, t) -> list[tuple[str, str, tuple, Callable]]:
+    """The minibatch gathers (plain, from 8-bit codes, augmenting) and the epoch's shuffle: 256
+    MNIST-sized rows from 8192; ``t`` the training step on the device."""
+    k, asa = be.k, be.asarray
+    Xall, xb = (asa(rng.standard_normal(shape).astype(dtype)) for shape in ((8192, 784), (256, 784)))
+    idx = asa(rng.permutation(8192)[:256].astype(np.int32))
+    codes = asa(rng.integers(0, 256, (8192, 784), dtype=np.uint8))
+    fd, fw = (be.xp.empty((256, 2, 28, 28), dtype=dtype) for _ in "fw")  # elastic field and scratch
+    order = be.xp.empty(55000, dtype=np.int32)  # an epoch's shuffle of the MNIST training split
+    return [
         ("gather_rows", "", (256, 784), lambda: k.gather_rows(Xall, idx, out=xb)),
         ("gather_pixels", "uint8", (256, 784), lambda: k.gather_pixels(codes, idx, 255.0, 0.0, dtype, xb)),
         ("gather_shifted", "±2 px", (256, 784), lambda: k.gather_shifted(Xall, idx, 2, 0, t, out=xb)),
@@ -353,7 +361,7 @@ def _kernel_cases(be, dtype: np.dtype, rng: np.random.Generator) -> list[tuple[s
             lambda: k.gather_warped(Xall, idx, 10.0, 0.1, 2.0, 0, t, field=fd, out=xb),
         ),
         ("permutation", "", (55000,), lambda: k.permutation(0, 55000, 1, out=order)),
-    ] + _optimizer_cases(be, W, G, t)
+    ]
 
 
 def _optimizer_cases(be, W, G, t) -> list[tuple[str, str, tuple, Callable]]:
