@@ -7,7 +7,8 @@ model and the optimizer state that an exact resume needs (epoch, step, seed, his
 One step, for a minibatch of B rows (B = ``batch``, or the last partial batch):
 
 1. gather rows ``idx`` (B,) int32 of the device training set Xd (n, F) into a
-   preallocated x (B, F), shifted / warped when augmenting (Philox keyed by the step);
+   preallocated x (B, F), shifted / warped when augmenting (Philox keyed by the step); Xd may
+   be :class:`~gpumlp.data.Pixels`, 8-bit codes decoded by the gather (plain or shifted);
 2. forward x -> scores (B, C); the fused loss kernel adds the batch loss into a 0-d
    device accumulator and writes d loss / d scores (B, C), scaled by 1/B for ``mean``;
    the accuracy kernel adds the correct count into another;
