@@ -415,7 +415,8 @@ class CudaKernels:
                               out=None):  # fmt: skip
         """``gather_shifted`` of 8-bit codes decoded on the way (``code / divisor + offset`` in
         dtype), in one launch. codes: (N, side*side) uint8, idx: (B,) int -> (B, side*side) dtype."""
-        _check_pixel_codes(self._dev(codes, "codes"))
+        codes = self._dev(codes, "codes")  # C-contiguous now: _shifted's own _dev keeps it as it is
+        _check_pixel_codes(codes)
         dt = np.dtype(dtype)
         scale = (dt.type(divisor), dt.type(offset))
         return self._shifted("gather_shifted_pixels", codes, idx, max_shift, seed, step, out, dt, scale)

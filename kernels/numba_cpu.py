@@ -788,6 +788,20 @@ def gather_rows(src: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None)
     return out
 
 
+def _decoded(value, divisor, offset):
+    """A pixel as the gathers write it (jitted code only): a float as it is; an 8-bit code as
+    ``value / divisor + offset`` in the float type of divisor (gather_pixels' arithmetic)."""
+    raise NotImplementedError("called from jitted code only")
+
+
+@overload(_decoded, inline="always")
+def _decoded_typed(value, divisor, offset):
+    if isinstance(value, numba.types.Float):
+        return lambda value, divisor, offset: value
+    cast = np.dtype(str(divisor)).type
+    return lambda value, divisor, offset: cast(value) / divisor + offset
+
+
 @njit(cache=True, error_model="numpy")
 def _gather_pixels_k(codes, idx, divisor, offset, out):
     # divisor and offset come in out's dtype: the decode is scale_pixels' float arithmetic, bit for bit
@@ -795,7 +809,7 @@ def _gather_pixels_k(codes, idx, divisor, offset, out):
         _prefetch_gather(codes, idx, r)
         k = _source_row(idx, r, codes.shape[0])
         for j in range(codes.shape[1]):
-            out[r, j] = out.dtype.type(codes[k, j]) / divisor + offset
+            out[r, j] = _decoded(codes[k, j], divisor, offset)
 
 
 def gather_pixels(
@@ -1335,20 +1349,6 @@ def permutation(seed: int, n: int, epoch: int = 0, out: np.ndarray | None = None
     _permutation_keys_k(*_stream(seed, epoch, n), keys)
     keys.sort()
     return _put(out, (keys & _MASK32).astype(np.int32))
-
-
-def _decoded(value, divisor, offset):
-    """A pixel as the gathers write it (jitted code only): a float as it is; an 8-bit code as
-    ``value / divisor + offset`` in the float type of divisor (gather_pixels' arithmetic)."""
-    raise NotImplementedError("called from jitted code only")
-
-
-@overload(_decoded, inline="always")
-def _decoded_typed(value, divisor, offset):
-    if isinstance(value, numba.types.Float):
-        return lambda value, divisor, offset: value
-    cast = np.dtype(str(divisor)).type
-    return lambda value, divisor, offset: cast(value) / divisor + offset
 
 
 @njit(cache=True, error_model="numpy")
