@@ -42,9 +42,12 @@ class Backend:
     current stream into a graph, without running them, and return ``replay()``,
     which launches the graph on the stream current when it is called.
     numba's ``capture`` records the step's kernel calls and replays them as one compiled
-    function (``gpumlp.kernels.numba_graph``); ``replays_steps``: the training step uses
-    ``capture`` for its full-size steps without being asked (numba: its replay matches the
-    per-kernel step bit for bit; ``GPUMLP_STEP_GRAPHS=0`` turns it off).
+    function (``gpumlp.kernels.numba_graph``), split over two cores where there are two
+    (``gpumlp.kernels.numba_pair``); ``replays_steps``: the training step uses ``capture`` for
+    its full-size steps without being asked (numba: its replay matches the per-kernel step bit
+    for bit; ``GPUMLP_STEP_GRAPHS=0`` turns it off, ``=1`` keeps it on one core);
+    ``steps()`` is the context of an epoch's steps (numba: their replays may take a second core,
+    released on exit).
     ``set_precision`` (CUDA backends) switches the float32 GEMM compute type;
     ``warmup(dtype) -> seconds`` (JIT backends) compiles every kernel ahead of use."""
 
@@ -56,6 +59,7 @@ class Backend:
     stream: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None
     replays_steps: bool = False
+    steps: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     set_precision: Callable[[str], None] | None = None
     warmup: Callable[[Any], float] | None = None
 
@@ -107,12 +111,13 @@ def _load_numba() -> Backend:
         raise BackendUnavailable(
             f"backend 'numba' needs the numba package ({e}); install it with: pip install numba"
         ) from None
-    from gpumlp.kernels import numba_cpu, numba_graph
+    from gpumlp.kernels import numba_cpu, numba_graph, numba_pair
 
-    graphs = os.environ.get("GPUMLP_STEP_GRAPHS", "1").strip()
-    if graphs not in ("0", "1"):
+    graphs = os.environ.get("GPUMLP_STEP_GRAPHS", "2").strip()
+    if graphs not in ("0", "1", "2"):
         raise ValueError(
-            f"GPUMLP_STEP_GRAPHS must be 0 (steps kernel by kernel) or 1 (step graphs), got {graphs!r}"
+            "GPUMLP_STEP_GRAPHS must be 0 (steps kernel by kernel), 1 (step graphs on one core) or 2 "
+            f"(step graphs on two cores where there are two, the default), got {graphs!r}"
         )
     return Backend(
         "numba",
@@ -121,7 +126,8 @@ def _load_numba() -> Backend:
         "Numba-jitted fused CPU kernels, BLAS matmul",
         capture=numba_graph.capture,
         warmup=numba_cpu._warmup,  # the one place that binds numba's JIT warm-up
-        replays_steps=graphs == "1",
+        replays_steps=graphs != "0",
+        steps=numba_pair.session,
     )
 
 

@@ -169,12 +169,13 @@ class TrainStep:
             self.correct[...] = 0
             if self.grad_norms:
                 self.grad_norms.reset()
-            for i, s in enumerate(range(0, n, B)):
-                b = min(B, n - s)
-                if self.use_graphs and b == B:
-                    self._replay(Xd, table[i], t_d[i : i + 1], lr, state.seed)
-                else:
-                    self._run(Xd, order[s : s + b], labels[s : s + b], lr, t_d[i : i + 1], state.seed)
+            with be.steps():
+                for i, s in enumerate(range(0, n, B)):
+                    b = min(B, n - s)
+                    if self.use_graphs and b == B:
+                        self._replay(Xd, table[i], t_d[i : i + 1], lr, state.seed)
+                    else:
+                        self._run(Xd, order[s : s + b], labels[s : s + b], lr, t_d[i : i + 1], state.seed)
             state.step += steps
             be.synchronize()
         return float(be.to_host(self.loss_sum)) / n, int(be.to_host(self.correct)) / n

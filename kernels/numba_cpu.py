@@ -92,12 +92,14 @@ from .numba_graph import PARALLEL_REGION as _PARALLEL
 from .numba_graph import call as _call
 from .numba_graph import call_host as _call_host
 from .numba_graph import call_into as _call_into
+from .numba_graph import call_split as _call_split
 from .numba_graph import refuse as _refuse
 from .numba_graph import refusing as _refusing
 from .numba_math import exp as _exp
 from .numba_math import log1p as _log1p
 from .numba_math import sigmoid as _sigmoid
 from .numba_math import tanh as _tanh
+from .numba_pair import PAIR as _PAIR
 from .numba_prefetch import prefetch_gather as _prefetch_gather
 from .numba_tiles import MR as _MR
 from .numba_tiles import SIMD_TILES as _SIMD_TILES
@@ -160,8 +162,9 @@ def _blas_pool_idle() -> bool:
     their cores for a while after every GEMM, and a parallel region competing with them lost
     badly here (Adam on 203k floats: 0.12 ms serial, 6.4 ms parallel after a GEMM; 4M-element
     bias+ReLU: 1.0 vs 1.9 ms), so the parallel variants wait for a single-threaded BLAS (or an
-    explicit GPUMLP_PAR_MIN). Unknown BLAS (MKL, Accelerate): assume a pool."""
-    return _BLAS_THREADS is not None and _BLAS_THREADS() == 1
+    explicit GPUMLP_PAR_MIN). Unknown BLAS (MKL, Accelerate): assume a pool. While a two-core
+    step session holds the cores (numba_pair), its worker spins on the other one: serial."""
+    return _BLAS_THREADS is not None and _BLAS_THREADS() == 1 and _PAIR.owner is None
 
 
 # One parallel region of these kernels at a time in the process (numba_graph.PARALLEL_REGION): a
@@ -169,15 +172,17 @@ def _blas_pool_idle() -> bool:
 
 
 def _run(par, serial, n: int, *args) -> None:
-    """Call the parallel variant (with the thread count) for big n, else the serial one."""
+    """Call the parallel variant (with the thread count) for big n, else the serial one. A step
+    graph records the chunk body too, which its two-core form splits (see numba_graph)."""
+    split = ("range", *_CHUNKS[serial], len(args))
     if n >= (_PAR_MIN_FLOOR if _PAR_MIN is None else _PAR_MIN) and (nt := numba.get_num_threads()) > 1:
         if n >= _par_min(nt) and (_PAR_MIN is not None or _blas_pool_idle()) and _PARALLEL.acquire(False):
             try:
-                _call(par, *args, nt)
+                _call_split(split, par, *args, nt)
             finally:
                 _PARALLEL.release()
             return
-    _call(serial, *args)
+    _call_split(split, serial, *args)
 
 
 def _split(body, rows: bool = False) -> tuple:
@@ -208,7 +213,11 @@ def _split(body, rows: bool = False) -> tuple:
     made: dict = {}
     exec(compile("\n" * (line - 1) + src, __file__, "exec"), globals(), made)
     serial = njit(cache=True, error_model="numpy")(made[f"{name}_serial"])
+    _CHUNKS[serial] = (body, rows)
     return serial, njit(cache=True, parallel=True, error_model="numpy")(made[f"{name}_par"])
+
+
+_CHUNKS: dict = {}  # serial variant -> (its chunk body, whether it bounds rows), for two-core step graphs
 
 
 # ======================================================================= dense
@@ -233,9 +242,9 @@ def matmul(
 def _load_openblas():
     """Make the OpenBLAS that NumPy's wheels bundle (CBLAS, 64-bit ints) callable from jitted code
     by symbol (``_cblas``): the GEMM then shares np.matmul's library and thread pool, and code
-    that calls it caches on disk (a ctypes address would change every process). -> its
-    ``get_num_threads`` as a ctypes function, or None elsewhere (NumPy on MKL/Accelerate:
-    ``matmul`` stays ``np.matmul`` and sgd_matmul_step forms the product, then steps)."""
+    that calls it caches on disk (a ctypes address would change every process). -> (the library,
+    its ``get_num_threads`` as a ctypes function), or (None, None) elsewhere (NumPy on
+    MKL/Accelerate: ``matmul`` stays ``np.matmul`` and sgd_matmul_step forms the product, then steps)."""
     root = os.path.dirname(np.__file__)
     pats = ("../numpy.libs/libscipy_openblas64_*", ".dylibs/libscipy_openblas64_*")
     for path in sorted(p for pat in pats for p in glob.glob(os.path.join(root, pat))):
@@ -248,8 +257,8 @@ def _load_openblas():
             continue
         llvm_binding.load_library_permanently(path)
         _alias_batched_gemms(lib)
-        return threads
-    return None
+        return lib, threads
+    return None, None
 
 
 def _alias_batched_gemms(lib) -> None:
@@ -278,12 +287,12 @@ _CBLAS_BATCHED = {
     numba.float32: "gpumlp_cblas_sgemm_batch_strided", numba.float64: "gpumlp_cblas_dgemm_batch_strided"
 }  # fmt: skip
 _SPLIT_K_DTYPES: set = set()  # the dtypes whose batched GEMM was found: only they split K
-_BLAS_THREADS = _load_openblas()
+_OPENBLAS_LIB, _BLAS_THREADS = _load_openblas()
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
 def _cblas(c, a, b, alpha, beta, ta, tb, m, n, k, lda, ldb):
-    """cblas_?gemm on C-contiguous c, row-major, transposes as flags (jitted code only)."""
+    """cblas_?gemm on c with unit-stride rows, row-major, transposes as flags (jitted code only)."""
     raise NotImplementedError("called from jitted code only")
 
 
@@ -295,7 +304,7 @@ def _cblas_typed(c, a, b, alpha, beta, ta, tb, m, n, k, lda, ldb):
 
     def impl(c, a, b, alpha, beta, ta, tb, m, n, k, lda, ldb):
         gemm(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS, m, n, k, cast(alpha),
-             a.ctypes, lda, b.ctypes, ldb, cast(beta), c.ctypes, n)  # fmt: skip
+             a.ctypes, lda, b.ctypes, ldb, cast(beta), c.ctypes, c.strides[0] // c.itemsize)  # fmt: skip
 
     return impl
 
@@ -357,12 +366,7 @@ def _gemm(c, a, b, alpha, beta, ta, tb, split_k):
     if split_k > 1:
         parts = np.empty((split_k, m, n), c.dtype)
         _cblas_split_k(parts, a, b, ta, tb, m, n, k, lda, ldb)
-        for i in range(m):
-            for j in range(n):
-                total = parts[0, i, j]
-                for p in range(1, split_k):
-                    total += parts[p, i, j]
-                c[i, j] = total
+        _sum_parts(c, parts, 0, m)
     elif m == 1 and n > 1:  # c[0] = op(b)ᵀ op(a)[0]; op(a)[0, j] is a[j, 0] (stride lda) when ta
         if tb:
             _cblas_gemv(c, 1, b, n, k, ldb, False, a, lda if ta else 1, alpha, beta)
@@ -375,6 +379,48 @@ def _gemm(c, a, b, alpha, beta, ta, tb, split_k):
             _cblas_gemv(c, 1, a, m, k, lda, False, b, 1 if tb else ldb, alpha, beta)
     else:
         _cblas(c, a, b, alpha, beta, ta, tb, m, n, k, lda, ldb)
+
+
+@njit(cache=True, error_model="numpy")
+def _sum_parts(c, parts, r0, r1):
+    """Rows [r0, r1) of c = the sum of the partial products parts (P, m, n), in part order."""
+    for i in range(r0, r1):
+        for j in range(c.shape[1]):
+            total = parts[0, i, j]
+            for p in range(1, parts.shape[0]):
+                total += parts[p, i, j]
+            c[i, j] = total
+
+
+@njit(cache=True, error_model="numpy")
+def _gemm_rows(c, a, b, alpha, beta, ta, tb, r0, r1):
+    """Rows [r0, r1) of _gemm(c, a, b, alpha, beta, ta, tb, 1): one core's band of a two-core GEMM."""
+    if ta:
+        _gemm(c[r0:r1], a[:, r0:r1], b, alpha, beta, ta, tb, 1)
+    else:
+        _gemm(c[r0:r1], a[r0:r1], b, alpha, beta, ta, tb, 1)
+
+
+@njit(cache=True, error_model="numpy")
+def _gemm_cols(c, a, b, alpha, beta, ta, tb, n0, n1):
+    """Columns [n0, n1) of _gemm(c, a, b, alpha, beta, ta, tb, 1): a core's band of a two-core GEMM
+    whose result is wider than tall (each core then reads half of op(b), the larger operand)."""
+    if tb:
+        _gemm(c[:, n0:n1], a, b[n0:n1], alpha, beta, ta, tb, 1)
+    else:
+        _gemm(c[:, n0:n1], a, b[:, n0:n1], alpha, beta, ta, tb, 1)
+
+
+@njit(cache=True, error_model="numpy")
+def _gemm_k_part(parts, a, b, ta, tb, p):
+    """parts[p] = op(a) @ op(b) over the p-th of len(parts) equal spans of K: one core's part of a
+    two-core split-K GEMM, as _cblas_split_k computes each part on a thread of OpenBLAS's pool."""
+    k = a.shape[0] if ta else a.shape[1]
+    h = k // parts.shape[0]
+    lda, ldb = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize
+    span_a = a[p * h : (p + 1) * h] if ta else a[:, p * h : (p + 1) * h]
+    span_b = b[:, p * h : (p + 1) * h] if tb else b[p * h : (p + 1) * h]
+    _cblas(parts[p], span_a, span_b, 1.0, 0.0, ta, tb, parts.shape[1], parts.shape[2], h, lda, ldb)
 
 
 SGD_IN_GEMM = _BLAS_THREADS is not None  # sgd_matmul_step is one cblas GEMM (else: product, then step)
@@ -784,7 +830,7 @@ def gather_rows(src: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None)
         out = np.empty((nb,) + src.shape[1:], dtype=src.dtype)
     if not (src.flags.c_contiguous and out.flags.c_contiguous):
         raise ValueError("gather_rows: src and out must be C-contiguous")
-    _call(_gather_k, src.reshape(src.shape[0], -1), idx, out.reshape(nb, -1))
+    _call_split(("rows", (1, 2)), _gather_k, src.reshape(src.shape[0], -1), idx, out.reshape(nb, -1))
     return out
 
 
@@ -824,7 +870,8 @@ def gather_pixels(
     codes: (N, F) uint8 C-contiguous, idx: (B,) int -> (B, F) dtype."""
     _check_pixel_codes(codes)
     out = _pixel_rows(out, idx.shape[0], codes.shape[1], dtype, "gather_pixels")
-    _call(_gather_pixels_k, codes, idx, out.dtype.type(divisor), out.dtype.type(offset), out)
+    scale = out.dtype.type(divisor), out.dtype.type(offset)
+    _call_split(("rows", (1, 4)), _gather_pixels_k, codes, idx, *scale, out)
     return out
 
 

@@ -37,6 +37,7 @@ from collections.abc import Callable
 import numba.core.registry
 import numpy as np
 
+from . import numba_pair
 from ._jit import njit
 from .common import StepNotCapturable
 
@@ -66,10 +67,18 @@ def _tape() -> list | None:
 
 def call(body, *args):
     """``body(*args)`` for a jitted kernel body; while a step is being captured, recorded instead."""
+    return call_split(None, body, *args)
+
+
+def call_split(split: tuple | None, body, *args):
+    """:func:`call`, recording also how a two-core step splits the call between its cores:
+    ``("range", chunk, rows, count)``: ``chunk(*args[:count], lo, hi)`` over a half of the elements
+    (of the rows with ``rows``) of ``args[0]`` each; ``("rows", positions)``: ``body`` on a half of the
+    rows of the arguments at ``positions`` each; None: on the calling core only."""
     tape = _tape()
     if tape is None:
         return body(*args)
-    tape.append((body, args, None))
+    tape.append((body, args, None, split))
     return None
 
 
@@ -85,7 +94,7 @@ def call_into(acc, body, *args, add: bool = True):
         else:
             acc[...] = value
     else:
-        tape.append((body, args, (acc.reshape(1), add)))
+        tape.append((body, args, (acc.reshape(1), add), None))
     return acc
 
 
@@ -115,7 +124,7 @@ def call_host(fn: Callable, *args, **kwargs) -> None:
     if tape is None:
         fn(*args, **kwargs)
     else:
-        tape.append((None, (fn, args, kwargs), None))
+        tape.append((None, (fn, args, kwargs), None, None))
 
 
 def capture(step: Callable[[], None]) -> Callable[[], None]:
@@ -129,62 +138,187 @@ def capture(step: Callable[[], None]) -> Callable[[], None]:
         step()
     finally:
         _RECORDING.tape = None
+    runs = [(host, list(run)) for host, run in itertools.groupby(tape, key=lambda entry: entry[0] is None)]
+    if len(runs) == 1 and not runs[0][0] and numba_pair.PAIR.possible():
+        return _compile(runs[0][1], pair=True)
     ops = []
-    for host, run in itertools.groupby(tape, key=lambda entry: entry[0] is None):
-        if host:  # (None, (fn, args, kwargs), None) from call_host
-            ops += [functools.partial(fn, *args, **kwargs) for _, (fn, args, kwargs), _ in run]
+    for host, run in runs:
+        if host:  # (None, (fn, args, kwargs), None, None) from call_host
+            ops += [functools.partial(fn, *args, **kwargs) for _, (fn, args, kwargs), _, _ in run]
         else:
-            ops.append(_compile(list(run)))
+            ops.append(_compile(run))
     if len(ops) == 1:
         return ops[0]
     return lambda: [op() for op in ops]
 
 
-def _compile(tape: list) -> Callable[[], None]:
-    """Kernel calls of the tape as one jitted function of a tuple of their arguments -> its call."""
-    from . import numba_cpu as module  # the kernel bodies' module (it imports this one)
+class _Source:
+    """The source of a graph function being written: its lines, and the tuple of arguments it reads."""
 
-    names = {id(v): k for k, v in vars(module).items() if isinstance(v, numba.core.registry.CPUDispatcher)}
-    flat, lines, slots = [], [], {}
+    def __init__(self):
+        from . import numba_cpu as module  # the kernel bodies' module (it imports this one)
 
-    def ref(a) -> str:
+        self.module, self.flat, self.lines, self.slots = module, [], [], {}
+        jitted = numba.core.registry.CPUDispatcher
+        self.names = {id(v): k for k, v in vars(module).items() if isinstance(v, jitted)}
+
+    def ref(self, a) -> str:
+        """``P[i]``, the slot of argument a."""
         # Views of the same memory, as each call's reshape makes them, share one slot: every slot
         # is unboxed on every replay (about 0.1 us an array), and a step passes its arrays ~4 times.
         key = _view_key(a) if isinstance(a, np.ndarray) else None
-        if key is None or key not in slots:
-            flat.append(a)
+        if key is None or key not in self.slots:
+            self.flat.append(a)
             if key is not None:
-                slots[key] = len(flat) - 1
-        return f"P[{len(flat) - 1 if key is None else slots[key]}]"
+                self.slots[key] = len(self.flat) - 1
+        return f"P[{len(self.flat) - 1 if key is None else self.slots[key]}]"
 
-    for body, args, acc in tape:
-        if id(body) not in names:
-            raise StepNotCapturable(f"a kernel body of {module.__name__} is not one of its jitted functions")
-        call_src = f"{names[id(body)]}({', '.join(map(ref, args))})"
+    def name(self, body) -> str:
+        if id(body) not in self.names:
+            raise StepNotCapturable(f"a kernel body of {self.module.__name__} is not one of its jitted ones")
+        return self.names[id(body)]
+
+    def call(self, body, args, acc=None) -> str:
+        """The line of one recorded call (into its accumulator when acc is given)."""
+        call_src = f"{self.name(body)}({', '.join(map(self.ref, args))})"
         if acc is None:
-            lines.append(f"    {call_src}")
-        else:
-            into, op = ref(acc[0]), "+=" if acc[1] else "="
-            lines.append(f"    {into}[0] {op} {into}.dtype.type({call_src})")
-    body_src = "\n".join(lines)
-    name = "_step_graph_" + hashlib.sha1(body_src.encode()).hexdigest()[:16]
-    fn = _COMPILED.get(name)
-    if fn is None:
-        namespace = dict(vars(module))
-        # cached on disk under this file's name; numba keys the cache by the function's (unique) name
-        exec(compile(f"def {name}(P):\n{body_src}\n", __file__, "exec"), namespace)
-        fn = _COMPILED[name] = njit(cache=True, error_model="numpy")(namespace[name])
-    replay = functools.partial(fn, tuple(flat))
-    if not any(body.targetoptions.get("parallel") for body, _, _ in tape):
-        return replay
+            return call_src
+        into, op = self.ref(acc[0]), "+=" if acc[1] else "="
+        return f"{into}[0] {op} {into}.dtype.type({call_src})"
 
-    def replay_in_the_parallel_region():
-        with PARALLEL_REGION:
+    def compiled(self, prefix: str, header: str, extra: str = "") -> tuple[str, dict]:
+        """Compile ``def {name}{header}:`` over the lines (and ``extra`` source after it) once per
+        process, cached on disk. -> (name, the namespace holding it and extra's functions)."""
+        body_src = "\n".join(f"    {line}" for line in self.lines)
+        name = prefix + hashlib.sha1(body_src.encode()).hexdigest()[:16]
+        if name not in _COMPILED:
+            namespace = dict(vars(self.module), **_PAIR_NAMES)
+            # cached on disk under this file's name; numba keys the cache by the function's (unique) name
+            src = f"def {name}{header}:\n{body_src}\n" + extra.format(name=name)
+            exec(compile(src, __file__, "exec"), namespace)
+            options = dict(cache=True, error_model="numpy", nogil=prefix == _PAIR_PREFIX)
+            for fn in [k for k in namespace if k.startswith(name)]:
+                namespace[fn] = njit(**options)(namespace[fn])
+            _COMPILED[name] = namespace
+        return name, _COMPILED[name]
+
+
+def _compile(tape: list, pair: bool = False) -> Callable[[], None]:
+    """Kernel calls of the tape as one jitted function of a tuple of their arguments -> its call.
+    With ``pair``, also as the two-core step (:func:`_compile_pair`), which runs whenever the
+    cores are free and falls back to the one-core function otherwise."""
+    src = _Source()
+    src.lines = [src.call(body, args, acc) for body, args, acc, _ in tape]
+    name, namespace = src.compiled("_step_graph_", "(P)")
+    replay = functools.partial(namespace[name], tuple(src.flat))
+    if any(body.targetoptions.get("parallel") for body, _, _, _ in tape):
+        one_core = replay
+
+        def replay():
+            with PARALLEL_REGION:
+                one_core()
+
+    if not pair or not _pays_on_two_cores(tape, src.module._gemm):
+        return replay
+    step, serve, args = _compile_pair(tape)
+    pair_step = numba_pair.PAIR.step
+
+    def replay_on_two_cores():
+        if not pair_step(step, serve, args):
             replay()
 
-    return replay_in_the_parallel_region
+    return replay_on_two_cores
 
 
 def _view_key(a: np.ndarray) -> tuple:
     """What makes two arrays the same argument: memory, shape, strides, dtype and writability."""
     return (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str, a.flags.writeable)
+
+
+# The two-core step (numba_pair): each call of the tape on both cores, a half each, or on the calling
+# core only, with a barrier wherever the other core's half must be done before the next call.
+_PAIR_PREFIX = "_pair_step_"
+_PAIR_NAMES = {f"_pair_{fn.__name__}": fn for fn in (numba_pair.barrier, numba_pair.go, numba_pair.next_step)}
+_PAIR_MIN = 4096  # elements from which an elementwise pass is split between the cores
+_PAIR_MIN_ROWS = 8  # rows from which a GEMM or a gather is
+_PAIR_MAX_MNK = 1 << 26  # a step with a GEMM this large stays on one core (see _pays_on_two_cores)
+_PAIR_ALIGN = 16  # an element range is cut at a multiple of this: no cache line written by both cores
+_PAIR_BARRIER = "if not _pair_barrier(ctl, c):\n        return"  # a stopped step ends at its next barrier
+_PAIR_EXTRA = """
+def {name}_step(P, ctl):
+    _pair_go(ctl)
+    {name}(P, ctl, 0)
+def {name}_serve(P, ctl, seen):
+    while _pair_next_step(ctl, seen):
+        seen += 1
+        {name}(P, ctl, 1)
+"""
+
+
+def _pays_on_two_cores(tape: list, gemm) -> bool:
+    """Whether the step has something to split and no GEMM of _PAIR_MAX_MNK or more: OpenBLAS's own
+    2-thread GEMM shares its packed operands between the threads, and on deep1024 (its largest
+    GEMM 256 x 1024 x 1024) the two-core step read 1.06-1.07x the floor against 0.97-1.00x on one
+    core, while adam256 (largest 128 x 784 x 256) went from 1.28-1.31x to 1.16-1.17x."""
+    gemms = [args for body, args, _, _ in tape if body is gemm]
+    largest = max((c.shape[0] * c.shape[1] * (a.shape[0] if ta else a.shape[1])
+                   for c, a, _, _, _, ta, _, _ in gemms), default=0)  # fmt: skip
+    return largest < _PAIR_MAX_MNK and (bool(gemms) or any(split for _, _, _, split in tape))
+
+
+def _compile_pair(tape: list) -> tuple[Callable, Callable, tuple]:
+    """The tape as a two-core step -> (step(P, ctl), run by the caller; serve(P, ctl, seen), run by
+    the worker until parked; P). Core c runs ``graph(P, ctl, c)``: GEMMs by bands of rows of their
+    result (a split-K GEMM by halves of K, then the sum by rows), elementwise passes and gathers by
+    halves, everything else on core 0. Each core does the arithmetic the one-core step does on its
+    half, so the result is the same bit for bit where OpenBLAS computes a band of rows as it
+    computes them in the whole product."""
+    src, bounds, phases = _Source(), [], []
+
+    def halves(n: int, align: int = 1, split: bool = True) -> tuple[str, str]:
+        """Core c's [lo, hi) of n (all of it on core 0 without ``split``), as source."""
+        mid = n // 2 // align * align or n // 2
+        bounds.append(((0, mid), (mid, n)) if split else ((0, n), (0, 0)))
+        return f"B[{len(bounds) - 1}, c, 0]", f"B[{len(bounds) - 1}, c, 1]"
+
+    for body, args, acc, split in tape:
+        phases += _pair_phases(src, halves, body, args, acc, split)
+    lines, previous = [], None
+    for both, line in phases:
+        if previous is not None and (both or previous):
+            lines.append(_PAIR_BARRIER)
+        lines.append(line if both else f"if c == 0:\n        {line}")
+        previous = both
+    table = np.array(bounds, np.int64).reshape(-1, 2, 2)
+    src.lines = [f"B = {src.ref(table)}", *lines, _PAIR_BARRIER]
+    name, namespace = src.compiled(_PAIR_PREFIX, "(P, ctl, c)", _PAIR_EXTRA)
+    return namespace[f"{name}_step"], namespace[f"{name}_serve"], tuple(src.flat)
+
+
+def _pair_phases(src: _Source, halves, body, args, acc, split) -> list[tuple[bool, str]]:
+    """One recorded call as (on both cores?, line) phases of the two-core step."""
+    refs = [src.ref(a) for a in args]
+    if acc is None and body is src.module._gemm and args[0].shape[0] >= _PAIR_MIN_ROWS:
+        c, a, b, alpha, beta, ta, tb, split_k = refs
+        if args[-1] == 2:
+            parts = src.ref(np.empty((2, *args[0].shape), args[0].dtype))
+            lo, hi = halves(args[0].shape[0])
+            part = f"_gemm_k_part({parts}, {a}, {b}, {ta}, {tb}, c)"
+            return [(True, part), (True, f"_sum_parts({c}, {parts}, {lo}, {hi})")]
+        if args[-1] == 1:  # a band of rows, or of columns when wider than tall: each core reads less
+            rows, cols = args[0].shape
+            by_cols = cols > rows and cols >= _PAIR_MIN_ROWS * 2
+            lo, hi = halves(cols if by_cols else rows, _PAIR_ALIGN if by_cols else 1)
+            kernel = "_gemm_cols" if by_cols else "_gemm_rows"
+            return [(True, f"{kernel}({c}, {a}, {b}, {alpha}, {beta}, {ta}, {tb}, {lo}, {hi})")]
+    if split is not None and split[0] == "range":
+        _, chunk, rows, count = split
+        both = args[0].size >= _PAIR_MIN
+        lo, hi = halves(args[0].shape[0] if rows else args[0].size, 1 if rows else _PAIR_ALIGN, both)
+        return [(both, f"{src.name(chunk)}({', '.join(refs[:count])}, np.uint64({lo}), np.uint64({hi}))")]
+    if split is not None and split[0] == "rows" and args[split[1][0]].shape[0] >= _PAIR_MIN_ROWS:
+        lo, hi = halves(args[split[1][0]].shape[0])
+        banded = [f"{r}[{lo}:{hi}]" if i in split[1] else r for i, r in enumerate(refs)]
+        return [(True, f"{src.name(body)}({', '.join(banded)})")]
+    return [(False, src.call(body, args, acc))]
+

@@ -30,9 +30,9 @@ def compiled(monkeypatch):
     tapes = []
     real = numba_graph._compile
 
-    def spy(tape):
+    def spy(tape, **kw):
         tapes.append(tape)
-        return real(tape)
+        return real(tape, **kw)
 
     monkeypatch.setattr(numba_graph, "_compile", spy)
     return tapes
@@ -97,7 +97,8 @@ FLOAT64_CASES = (
 @pytest.mark.parametrize(
     "case, dtype", [(c, "float32") for c in CASES] + [(c, "float64") for c in FLOAT64_CASES]
 )
-def test_step_graphs_train_bit_for_bit_like_the_per_kernel_step(compiled, case, dtype):
+def test_step_graphs_train_bit_for_bit_like_the_per_kernel_step(compiled, case, dtype, monkeypatch):
+    monkeypatch.setenv("GPUMLP_STEP_GRAPHS", "1")  # on one core (two: tests/test_numba_pair.py)
     spec, fit_kw, model_kw = CASES[case]
     with_graphs = _train(True, spec, fit_kw, model_kw, dtype)
     assert compiled, "no step was replayed as a graph"
@@ -246,7 +247,7 @@ def test_step_graphs_env_switch(monkeypatch):
     monkeypatch.setenv("GPUMLP_STEP_GRAPHS", "0")
     assert backend._REGISTRY["numba"]().replays_steps is False
     monkeypatch.setenv("GPUMLP_STEP_GRAPHS", "yes")
-    with pytest.raises(ValueError, match="GPUMLP_STEP_GRAPHS must be 0 .* or 1"):
+    with pytest.raises(ValueError, match="GPUMLP_STEP_GRAPHS must be 0 .*, 1 .* or 2"):
         backend._REGISTRY["numba"]()
 
 
@@ -257,8 +258,8 @@ from gpumlp.model import MLP
 rng = np.random.default_rng(0)
 X, y = rng.uniform(-1, 1, (300, 20)).astype(np.float32), rng.integers(0, 3, 300)
 MLP("20-8-3", act="relu", backend="numba", seed=0).fit(X, y, epochs=1, batch_size=100)
-(fn,) = numba_graph._COMPILED.values()
-print(sum(fn.stats.cache_hits.values()), sum(fn.stats.cache_misses.values()))
+fns = [ns[k] for name, ns in numba_graph._COMPILED.items() for k in ns if k.startswith(name)]
+print(*(sum(sum(getattr(fn.stats, kind).values()) for fn in fns) for kind in ("cache_hits", "cache_misses")))
 """
 
 
@@ -270,15 +271,15 @@ def test_a_step_graph_compiles_once_and_loads_from_the_disk_cache_after():
     for r in runs:
         assert r.returncode == 0, r.stderr[-2000:]
     hits, misses = map(int, runs[1].stdout.split())
-    assert (hits, misses) == (1, 0)
+    assert hits >= 1 and misses == 0  # the step graph (one core), or the two-core step and its worker loop
 
 
 _THREADS_TRAINING = three_threads_training(
     setup="""
 recorded, compile_tape = [], numba_graph._compile
-def spy(tape):  # whether the step graph holds a parallel variant
-    recorded.append(any(body.targetoptions.get("parallel") for body, _, _ in tape))
-    return compile_tape(tape)
+def spy(tape, **kw):  # whether the step graph holds a parallel variant
+    recorded.append(any(body.targetoptions.get("parallel") for body, _, _, _ in tape))
+    return compile_tape(tape, **kw)
 numba_graph._compile = spy""",
     check_first='assert numba.threading_layer() == "workqueue" and any(recorded)',
 )

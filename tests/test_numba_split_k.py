@@ -75,8 +75,10 @@ def test_a_split_product_is_the_product(two_blas_threads, dtype, trans_a, trans_
 def test_a_step_graph_replays_the_split_bit_for_bit(two_blas_threads, monkeypatch):
     """A 784-64-10 model on batches of 100: its first layer's forward product is split."""
     assert numba_cpu._split_k(np.empty((100, 64), np.float32), 784) == 2
+    monkeypatch.setenv("GPUMLP_STEP_GRAPHS", "1")  # on one core (two: tests/test_numba_pair.py)
     compiled, compile_tape = [], numba_graph._compile
-    monkeypatch.setattr(numba_graph, "_compile", lambda tape: (compiled.append(tape), compile_tape(tape))[1])
+    spy = lambda tape, **kw: (compiled.append(tape), compile_tape(tape, **kw))[1]  # noqa: E731
+    monkeypatch.setattr(numba_graph, "_compile", spy)
     rng = np.random.default_rng(0)
     X, y = rng.uniform(-1, 1, (700, 784)).astype(np.float32), rng.integers(0, 10, 700)
     results = []
@@ -102,7 +104,7 @@ def test_split_products_train_from_several_threads_at_once():
     batched GEMM while the others do: every thread's weights equal a lone run's bit for bit."""
     if not numba_cpu._SPLIT_K_DTYPES:
         pytest.skip("NumPy's bundled OpenBLAS with a batched GEMM is not loaded")
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="2")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2", GPUMLP_STEP_GRAPHS="1")  # one core: bit for bit
     out = subprocess.run([sys.executable, "-c", _THREADS_TRAINING], env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]

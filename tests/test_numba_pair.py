@@ -1,0 +1,152 @@
+"""Two-core step graphs (gpumlp.kernels.numba_pair): a step split between the calling thread and
+a spinning worker trains like the per-kernel step (to rounding: OpenBLAS may round a band of a
+product differently from the whole), gives the cores and OpenBLAS's threads back after every
+epoch, stops cleanly when a half fails, and stays on one core where it should."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from threaded_training import three_threads_training  # noqa: E402
+
+from gpumlp import backend  # noqa: E402
+from gpumlp.kernels import numba_cpu, numba_graph, numba_pair  # noqa: E402
+from gpumlp.model import MLP  # noqa: E402
+
+PAIR = numba_pair.PAIR
+needs_pair = pytest.mark.skipif(not PAIR.available(), reason="two cores and NumPy's bundled OpenBLAS needed")
+
+
+@pytest.fixture
+def pair_steps(monkeypatch):
+    """Counts the steps that ran on two cores in this test."""
+    ran = []
+    real = PAIR.step
+
+    def counting(*args):
+        done = real(*args)
+        ran.append(done)
+        return done
+
+    monkeypatch.setattr(PAIR, "step", counting)
+    monkeypatch.setenv("GPUMLP_STEP_GRAPHS", "2")
+    return ran
+
+
+def _train(mode: str, spec: str, fit_kw: dict, model_kw: dict, n: int = 1050, features: int = 64):
+    rng = np.random.default_rng(0)
+    X, y = rng.uniform(-1, 1, (n, features)).astype(np.float32), rng.integers(0, 10, n)
+    os.environ["GPUMLP_STEP_GRAPHS"] = mode
+    try:
+        be = backend._REGISTRY["numba"]()
+        model = MLP(spec, backend=be, seed=3, **model_kw)
+        hist = model.fit(X, y, epochs=3, seed=5, **fit_kw)
+    finally:
+        os.environ["GPUMLP_STEP_GRAPHS"] = "2"
+    return model.state_arrays(), [r["loss"] for r in hist.records]
+
+
+CASES = {
+    "adam256-like: ReLU, softmax, Adam (GEMMs by columns and rows, Adam by halves)": (
+        "64-256-10", dict(batch_size=128, optimizer="adam", lr=1e-3), dict(act="relu")),
+    "seed-like: sigmoid, logistic, SGD + L2 in the GEMM, a split-K first layer": (
+        "784-64-10", dict(batch_size=100, optimizer="sgd", lr=0.05, l2=1e-3),
+        dict(act="sigmoid", loss="logistic")),
+    "dropout, momentum, clipping": (
+        "64-96-48-10", dict(batch_size=64, optimizer="momentum", lr=0.02, clip_norm=1.0),
+        dict(act="relu", dropout=0.2)),
+    # not RMSProp or Adam here: the bias before a batch norm has a gradient of rounding noise only,
+    # which they scale up to steps of lr
+    "batch norm, shifts, momentum": (
+        "64-64-10", dict(batch_size=100, optimizer="momentum", lr=0.02, augment_shift=1),
+        dict(act="relu", batchnorm=True)),
+}  # fmt: skip
+
+
+@needs_pair
+@pytest.mark.parametrize("case", CASES)
+def test_two_core_steps_train_like_the_per_kernel_step(pair_steps, case):
+    spec, fit_kw, model_kw = CASES[case]
+    features = int(spec.split("-")[0])
+    two = _train("2", spec, fit_kw, model_kw, features=features)
+    assert pair_steps and all(pair_steps), "the steps did not run on two cores"
+    plain = _train("0", spec, fit_kw, model_kw, features=features)
+    np.testing.assert_allclose(two[1], plain[1], rtol=1e-5)
+    for name in plain[0]:
+        np.testing.assert_allclose(two[0][name], plain[0][name], rtol=1e-4, atol=1e-6, err_msg=name)
+    assert PAIR.owner is None and PAIR.serving is None  # parked after the last epoch
+    assert numba_cpu._BLAS_THREADS() >= 2  # OpenBLAS has its threads back
+
+
+@needs_pair
+def test_a_wide_step_stays_on_one_core(pair_steps):
+    """A GEMM of 2^26 multiply-adds or more: OpenBLAS's own two threads do better (deep1024)."""
+    fit_kw = dict(batch_size=128, optimizer="sgd", lr=0.01)
+    _train("2", "512-1024-10", fit_kw, dict(act="relu"), n=300, features=512)
+    assert not any(pair_steps)
+
+
+def test_replays_outside_a_session_stay_on_one_core(pair_steps):
+    """A step graph replayed outside the training loop's session never takes the worker."""
+    rng = np.random.default_rng(0)
+    a, b, out = rng.standard_normal((64, 32)), rng.standard_normal((32, 48)), np.empty((64, 48))
+    numba_graph.capture(lambda: numba_cpu.matmul(a, b, out=out))()
+    np.testing.assert_allclose(out, a @ b)
+    assert pair_steps == [False] and PAIR.owner is None
+
+
+@needs_pair
+@pytest.mark.parametrize("bad_row", [3, 17], ids=["calling core's half", "worker's half"])
+def test_a_failing_half_stops_the_step_and_frees_the_pair(pair_steps, bad_row):
+    """An error in either core's half (a gather's row index out of range: rows 0-9 are the calling
+    core's, 10-19 the worker's) reaches the caller; the worker parks, and the next step runs on two
+    cores again."""
+    rng = np.random.default_rng(0)
+    src, idx, out = rng.standard_normal((50, 9)), rng.integers(0, 50, 20), np.empty((20, 9))
+    replay = numba_graph.capture(lambda: numba_cpu.gather_rows(src, idx, out=out))
+    with numba_pair.session():
+        replay()
+        np.testing.assert_array_equal(out, src[idx])
+        idx[bad_row] = 10**6
+        with pytest.raises(IndexError, match="row index out of range"):
+            replay()
+        assert PAIR.serving is None  # parked
+        idx[bad_row] = 7
+        replay()
+        np.testing.assert_array_equal(out, src[idx])
+    assert pair_steps == [True, True] and PAIR.owner is None  # the failed step raised through the count
+
+
+@needs_pair
+def test_three_threads_train_at_once_one_of_them_on_two_cores():
+    """One thread's epoch holds the pair; the others replay on their own core meanwhile (no
+    deadlock, no error), each to within rounding of a lone run."""
+    script = three_threads_training().replace(
+        "print(errors, len(got), all(all(np.array_equal(g[k], want[k]) for k in want) for g in got))",
+        "print(errors, len(got), all(all(np.allclose(g[k], want[k], rtol=1e-4, atol=1e-6) for k in want)"
+        " for g in got))",
+    )
+    env = dict(os.environ, GPUMLP_STEP_GRAPHS="2")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[] 3 True", out.stdout
+
+
+def test_one_core_settings_keep_training_on_one_core():
+    """OMP_NUM_THREADS=1 (one OpenBLAS thread) or GPUMLP_STEP_GRAPHS=1: no two-core step."""
+    script = """
+from gpumlp.kernels import numba_pair
+print(numba_pair.PAIR.possible(), numba_pair.PAIR.available())
+"""
+    for env, want in ((dict(OPENBLAS_NUM_THREADS="1"), "False"), (dict(GPUMLP_STEP_GRAPHS="1"), "False False")):  # noqa: E501
+        out = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, **env), capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-1] == "False" and out.stdout.strip().endswith(want), out.stdout
