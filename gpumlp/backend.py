@@ -44,10 +44,13 @@ class Backend:
     numba's ``capture`` records the step's kernel calls and replays them as one compiled
     function (``gpumlp.kernels.numba_graph``), split over two cores where there are two
     (``gpumlp.kernels.numba_pair``); ``replays_steps``: the training step uses ``capture`` for
-    its full-size steps without being asked (numba: its replay matches the per-kernel step bit
-    for bit; ``GPUMLP_STEP_GRAPHS=0`` turns it off, ``=1`` keeps it on one core);
-    ``steps()`` is the context of an epoch's steps (numba: their replays may take a second core,
-    released on exit).
+    its full-size steps without being asked (numba: on one core its replay matches the per-kernel
+    step bit for bit, on two to rounding; ``GPUMLP_STEP_GRAPHS=0`` turns it off, ``=1`` keeps it
+    on one core); ``capture_first``: a capture runs nothing and needs nothing run before it
+    (numba), so a graph's first step is its first replay, like every later one (a resumed fit
+    replays the steps an uninterrupted one replays); else the step runs once for real before its
+    capture (CUDA: everything it needs is then compiled and allocated). ``steps()`` is the context
+    of an epoch's steps (numba: their replays may take a second core, released on exit).
     ``set_precision`` (CUDA backends) switches the float32 GEMM compute type;
     ``warmup(dtype) -> seconds`` (JIT backends) compiles every kernel ahead of use."""
 
@@ -59,6 +62,7 @@ class Backend:
     stream: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     capture: Callable[[Callable[[], None]], Callable[[], None]] | None = None
     replays_steps: bool = False
+    capture_first: bool = False
     steps: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     set_precision: Callable[[str], None] | None = None
     warmup: Callable[[Any], float] | None = None
@@ -127,6 +131,7 @@ def _load_numba() -> Backend:
         capture=numba_graph.capture,
         warmup=numba_cpu._warmup,  # the one place that binds numba's JIT warm-up
         replays_steps=graphs != "0",
+        capture_first=True,
         steps=numba_pair.session,
     )
 

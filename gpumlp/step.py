@@ -236,11 +236,16 @@ class TrainStep:
         if made_for is not None and made_for[0] is Xd and made_for[1:] == (lr, seed):
             self.graph()
             return
-        # Run the step for real first: everything it needs is then compiled and allocated.
-        self._run(Xd, idx, labels, lr, self.t_buf, seed)
+        be = self.model.be
+        if not be.capture_first:  # then everything the step needs is compiled and allocated
+            self._run(Xd, idx, labels, lr, self.t_buf, seed)
         try:
-            self.graph = self.model.be.capture(lambda: self._run(Xd, idx, labels, lr, self.t_buf, seed))
+            self.graph = be.capture(lambda: self._run(Xd, idx, labels, lr, self.t_buf, seed))
         except StepNotCapturable:  # a kernel a numba step graph cannot replay: kernel by kernel from now on
             self.use_graphs = False
+            if be.capture_first:  # the capture ran nothing
+                self._run(Xd, idx, labels, lr, self.t_buf, seed)
             return
         self.graph_key = (Xd, lr, seed)
+        if be.capture_first:
+            self.graph()

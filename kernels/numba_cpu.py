@@ -174,7 +174,8 @@ def _blas_pool_idle() -> bool:
 def _run(par, serial, n: int, *args) -> None:
     """Call the parallel variant (with the thread count) for big n, else the serial one. A step
     graph records the chunk body too, which its two-core form splits (see numba_graph)."""
-    split = ("range", *_CHUNKS[serial], len(args))
+    chunk = _CHUNKS.get(serial)  # (body, rows); absent for a stand-in (tests)
+    split = ("range", *chunk, len(args)) if chunk else None
     if n >= (_PAR_MIN_FLOOR if _PAR_MIN is None else _PAR_MIN) and (nt := numba.get_num_threads()) > 1:
         if n >= _par_min(nt) and (_PAR_MIN is not None or _blas_pool_idle()) and _PARALLEL.acquire(False):
             try:

@@ -241,7 +241,7 @@ _PAIR_PREFIX = "_pair_step_"
 _PAIR_NAMES = {f"_pair_{fn.__name__}": fn for fn in (numba_pair.barrier, numba_pair.go, numba_pair.next_step)}
 _PAIR_MIN = 4096  # elements from which an elementwise pass is split between the cores
 _PAIR_MIN_ROWS = 8  # rows from which a GEMM or a gather is
-_PAIR_MAX_MNK = 1 << 26  # a step with a GEMM this large stays on one core (see _pays_on_two_cores)
+_PAIR_MIN_MNK, _PAIR_MAX_MNK = 1 << 19, 1 << 26  # the sizes of a step's largest GEMM that use two cores
 _PAIR_ALIGN = 16  # an element range is cut at a multiple of this: no cache line written by both cores
 _PAIR_BARRIER = "if not _pair_barrier(ctl, c):\n        return"  # a stopped step ends at its next barrier
 _PAIR_EXTRA = """
@@ -256,14 +256,16 @@ def {name}_serve(P, ctl, seen):
 
 
 def _pays_on_two_cores(tape: list, gemm) -> bool:
-    """Whether the step has something to split and no GEMM of _PAIR_MAX_MNK or more: OpenBLAS's own
-    2-thread GEMM shares its packed operands between the threads, and on deep1024 (its largest
-    GEMM 256 x 1024 x 1024) the two-core step read 1.06-1.07x the floor against 0.97-1.00x on one
-    core, while adam256 (largest 128 x 784 x 256) went from 1.28-1.31x to 1.16-1.17x."""
+    """Whether the step's largest GEMM has from _PAIR_MIN_MNK to _PAIR_MAX_MNK multiply-adds.
+    Smaller, the barriers cost more than the halves save (Adam steps, two cores over one: 1.24x
+    the time at 100 x 64 x 32, 0.96x at 100 x 128 x 64, 0.89-0.92x from 2.5M). Larger, OpenBLAS's
+    own 2-thread GEMM wins, as it shares its packed operands between the threads: on deep1024 (256
+    x 1024 x 1024) the two-core step read 1.06-1.07x the floor against 0.97-1.00x on one core,
+    while adam256 (128 x 784 x 256) went from 1.28-1.31x to 1.16-1.17x."""
     gemms = [args for body, args, _, _ in tape if body is gemm]
     largest = max((c.shape[0] * c.shape[1] * (a.shape[0] if ta else a.shape[1])
                    for c, a, _, _, _, ta, _, _ in gemms), default=0)  # fmt: skip
-    return largest < _PAIR_MAX_MNK and (bool(gemms) or any(split for _, _, _, split in tape))
+    return _PAIR_MIN_MNK <= largest < _PAIR_MAX_MNK
 
 
 def _compile_pair(tape: list) -> tuple[Callable, Callable, tuple]:

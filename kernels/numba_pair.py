@@ -170,9 +170,10 @@ class _Pair:
         return self.blas is not None and cpus >= 2 and two
 
     def available(self) -> bool:
-        """Two cores to use now: :meth:`possible`, and at least 2 threads allowed to OpenBLAS and
-        to Numba (OMP_NUM_THREADS=1 or NUMBA_NUM_THREADS=1 keep training on one core)."""
-        return self.possible() and numba.get_num_threads() >= 2 and self.blas[1]() >= 2
+        """Two cores to use now: :meth:`possible`, at least 2 Numba threads, and OpenBLAS on exactly
+        2 threads. One (OMP_NUM_THREADS=1, NUMBA_NUM_THREADS=1) keeps training on one core; more
+        (a bigger CPU) are OpenBLAS's to use, as two cores of ours would idle the rest (unmeasured)."""
+        return self.possible() and numba.get_num_threads() >= 2 and self.blas[1]() == 2
 
     def step(self, step_fn: Callable, serve_fn: Callable, args: tuple) -> bool:
         """Run one step of a pair graph on both cores -> False (having run nothing) when the pair

@@ -1000,8 +1000,9 @@ def test_numba_parallel_variants_are_vectorised(monkeypatch):
     import re
 
     k = backend.get_backend("numba").k
-    calls, call = {}, k._call
-    monkeypatch.setattr(k, "_call", lambda fn, *a: (calls.setdefault(fn.__name__, (fn, a)), call(fn, *a))[1])
+    calls, call = {}, k._call_split
+    spy = lambda split, fn, *a: (calls.setdefault(fn.__name__, (fn, a)), call(split, fn, *a))[1]  # noqa: E731
+    monkeypatch.setattr(k, "_call_split", spy)
     monkeypatch.setattr(k, "_PAR_MIN", 1)
     shape = (37, 65)
     z, b = _data(shape, np.float32, 30, 3.0), _data(shape[1:], np.float32, 31)

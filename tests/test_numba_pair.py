@@ -60,12 +60,12 @@ CASES = {
         "784-64-10", dict(batch_size=100, optimizer="sgd", lr=0.05, l2=1e-3),
         dict(act="sigmoid", loss="logistic")),
     "dropout, momentum, clipping": (
-        "64-96-48-10", dict(batch_size=64, optimizer="momentum", lr=0.02, clip_norm=1.0),
+        "64-96-48-10", dict(batch_size=128, optimizer="momentum", lr=0.02, clip_norm=1.0),
         dict(act="relu", dropout=0.2)),
     # not RMSProp or Adam here: the bias before a batch norm has a gradient of rounding noise only,
     # which they scale up to steps of lr
     "batch norm, shifts, momentum": (
-        "64-64-10", dict(batch_size=100, optimizer="momentum", lr=0.02, augment_shift=1),
+        "64-128-10", dict(batch_size=100, optimizer="momentum", lr=0.02, augment_shift=1),
         dict(act="relu", batchnorm=True)),
 }  # fmt: skip
 
@@ -96,32 +96,57 @@ def test_a_wide_step_stays_on_one_core(pair_steps):
 def test_replays_outside_a_session_stay_on_one_core(pair_steps):
     """A step graph replayed outside the training loop's session never takes the worker."""
     rng = np.random.default_rng(0)
-    a, b, out = rng.standard_normal((64, 32)), rng.standard_normal((32, 48)), np.empty((64, 48))
+    a, b, out = rng.standard_normal((128, 64)), rng.standard_normal((64, 128)), np.empty((128, 128))
     numba_graph.capture(lambda: numba_cpu.matmul(a, b, out=out))()
     np.testing.assert_allclose(out, a @ b)
     assert pair_steps == [False] and PAIR.owner is None
 
 
 @needs_pair
-@pytest.mark.parametrize("bad_row", [3, 17], ids=["calling core's half", "worker's half"])
+@pytest.mark.parametrize("bad_row", [3, 100], ids=["calling core's half", "worker's half"])
 def test_a_failing_half_stops_the_step_and_frees_the_pair(pair_steps, bad_row):
-    """An error in either core's half (a gather's row index out of range: rows 0-9 are the calling
-    core's, 10-19 the worker's) reaches the caller; the worker parks, and the next step runs on two
+    """An error in either core's half (a gather's row index out of range: rows 0-63 are the calling
+    core's, 64-127 the worker's) reaches the caller; the worker parks, and the next step runs on two
     cores again."""
     rng = np.random.default_rng(0)
-    src, idx, out = rng.standard_normal((50, 9)), rng.integers(0, 50, 20), np.empty((20, 9))
-    replay = numba_graph.capture(lambda: numba_cpu.gather_rows(src, idx, out=out))
+    src, idx, x = rng.standard_normal((200, 64)), rng.integers(0, 200, 128), np.empty((128, 64))
+    w, out = rng.standard_normal((64, 128)), np.empty((128, 128))
+
+    def step():
+        numba_cpu.gather_rows(src, idx, out=x)
+        numba_cpu.matmul(x, w, out=out)
+
+    replay = numba_graph.capture(step)
     with numba_pair.session():
         replay()
-        np.testing.assert_array_equal(out, src[idx])
+        np.testing.assert_allclose(out, src[idx] @ w)
         idx[bad_row] = 10**6
         with pytest.raises(IndexError, match="row index out of range"):
             replay()
         assert PAIR.serving is None  # parked
         idx[bad_row] = 7
         replay()
-        np.testing.assert_array_equal(out, src[idx])
+        np.testing.assert_allclose(out, src[idx] @ w)
     assert pair_steps == [True, True] and PAIR.owner is None  # the failed step raised through the count
+
+
+@needs_pair
+def test_a_resumed_fit_continues_bit_for_bit_on_two_cores(pair_steps, tmp_path):
+    """Every full-size step of a graph is a replay, the first one too (capture_first): a fit resumed
+    from a checkpoint replays the steps an uninterrupted one replays, on the same cores."""
+    rng = np.random.default_rng(0)
+    X, y = rng.uniform(-1, 1, (450, 784)).astype(np.float32), rng.integers(0, 10, 450)
+    fit_kw = dict(batch_size=100, optimizer="adam", lr=1e-3, seed=7)
+    straight = MLP("784-64-10", backend="numba", seed=1, act="relu")
+    h_straight = straight.fit(X, y, epochs=3, **fit_kw)
+    ckpt = tmp_path / "ck.npz"
+    MLP("784-64-10", backend="numba", seed=1, act="relu").fit(X, y, epochs=1, checkpoint_path=ckpt, **fit_kw)
+    resumed = MLP("784-64-10", backend="numba", seed=1, act="relu")
+    h_resumed = resumed.fit(X, y, epochs=3, checkpoint_path=ckpt, resume=True, **fit_kw)
+    assert all(pair_steps)
+    assert h_resumed["loss"] == h_straight["loss"]
+    for name, a in straight.state_arrays().items():
+        np.testing.assert_array_equal(resumed.state_arrays()[name], a, err_msg=name)
 
 
 @needs_pair
