@@ -175,3 +175,32 @@ print(numba_pair.PAIR.possible(), numba_pair.PAIR.available())
                              text=True, timeout=120)  # fmt: skip
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split()[-1] == "False" and out.stdout.strip().endswith(want), out.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_the_bands_of_a_two_core_gemm_make_the_product(dtype, trans_a, trans_b):
+    """Each core's part of a GEMM (a band of rows, of columns, or a half of K and a band of the
+    sum), both parts together, against np.matmul within a GEMM's rounding. (Not bit for bit
+    against the one-core GEMM: under the OPENBLAS_CORETYPE=Haswell pin neither a band nor a
+    plain GEMM of a K half rounds as the whole / the batched GEMM's part does.)"""
+    if numba_cpu._BLAS_THREADS is None:
+        pytest.skip("needs NumPy's bundled OpenBLAS")
+    rng = np.random.default_rng(1)
+    m, k, n, alpha, beta = 100, 784, 60, 0.5, 0.25
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    c0 = rng.standard_normal((m, n)).astype(dtype)
+    want = alpha * np.matmul(a.T if trans_a else a, b.T if trans_b else b) + beta * c0
+    tol = dict(rtol=0, atol=50 * np.finfo(dtype).eps * np.abs(want).max())
+    for band, size in ((numba_cpu._gemm_rows, m), (numba_cpu._gemm_cols, n)):
+        c = c0.copy()
+        for lo, hi in ((0, size // 2), (size // 2, size)):
+            band(c, a, b, alpha, beta, trans_a, trans_b, lo, hi)
+        np.testing.assert_allclose(c, want, **tol, err_msg=band.__name__)
+    parts, c = np.empty((2, m, n), dtype), np.empty((m, n), dtype)
+    for p in (0, 1):
+        numba_cpu._gemm_k_part(parts, a, b, trans_a, trans_b, p)
+    numba_cpu._sum_parts(c, parts, 0, m // 2)
+    numba_cpu._sum_parts(c, parts, m // 2, m)
+    np.testing.assert_allclose(c, (want - beta * c0) / alpha, **tol)
