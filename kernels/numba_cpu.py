@@ -800,7 +800,7 @@ def bias_grad(grad_z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Column sums (float64 accumulation). grad_z: (B,N) -> (N,), grad_z's dtype."""
     if out is None:
         out = np.empty(grad_z.shape[1], grad_z.dtype)
-    _call(_bias_grad_k, grad_z, out)
+    _call_split(("bands", ((0, 1), (1, 0))), _bias_grad_k, grad_z, out)  # a half of the columns per core
     return out
 
 
@@ -831,7 +831,8 @@ def gather_rows(src: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None)
         out = np.empty((nb,) + src.shape[1:], dtype=src.dtype)
     if not (src.flags.c_contiguous and out.flags.c_contiguous):
         raise ValueError("gather_rows: src and out must be C-contiguous")
-    _call_split(("rows", (1, 2)), _gather_k, src.reshape(src.shape[0], -1), idx, out.reshape(nb, -1))
+    rows = ("bands", ((1, 0), (2, 0)))  # a half of idx and out per core
+    _call_split(rows, _gather_k, src.reshape(src.shape[0], -1), idx, out.reshape(nb, -1))
     return out
 
 
@@ -872,7 +873,7 @@ def gather_pixels(
     _check_pixel_codes(codes)
     out = _pixel_rows(out, idx.shape[0], codes.shape[1], dtype, "gather_pixels")
     scale = out.dtype.type(divisor), out.dtype.type(offset)
-    _call_split(("rows", (1, 4)), _gather_pixels_k, codes, idx, *scale, out)
+    _call_split(("bands", ((1, 0), (4, 0))), _gather_pixels_k, codes, idx, *scale, out)
     return out
 
 

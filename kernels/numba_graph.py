@@ -73,8 +73,9 @@ def call(body, *args):
 def call_split(split: tuple | None, body, *args):
     """:func:`call`, recording also how a two-core step splits the call between its cores:
     ``("range", chunk, rows, count)``: ``chunk(*args[:count], lo, hi)`` over a half of the elements
-    (of the rows with ``rows``) of ``args[0]`` each; ``("rows", positions)``: ``body`` on a half of the
-    rows of the arguments at ``positions`` each; None: on the calling core only."""
+    (of the rows with ``rows``) of ``args[0]`` each; ``("bands", ((position, axis), ...))``: ``body`` on
+    a half each of the arguments at those positions, cut along those axes (the first one's length
+    is halved); None: on the calling core only."""
     tape = _tape()
     if tape is None:
         return body(*args)
@@ -318,9 +319,12 @@ def _pair_phases(src: _Source, halves, body, args, acc, split) -> list[tuple[boo
         both = args[0].size >= _PAIR_MIN
         lo, hi = halves(args[0].shape[0] if rows else args[0].size, 1 if rows else _PAIR_ALIGN, both)
         return [(both, f"{src.name(chunk)}({', '.join(refs[:count])}, np.uint64({lo}), np.uint64({hi}))")]
-    if split is not None and split[0] == "rows" and args[split[1][0]].shape[0] >= _PAIR_MIN_ROWS:
-        lo, hi = halves(args[split[1][0]].shape[0])
-        banded = [f"{r}[{lo}:{hi}]" if i in split[1] else r for i, r in enumerate(refs)]
-        return [(True, f"{src.name(body)}({', '.join(banded)})")]
+    if split is not None and split[0] == "bands":
+        cuts = dict(split[1])
+        first, axis = split[1][0]
+        if args[first].shape[axis] >= _PAIR_MIN_ROWS and max(args[i].size for i in cuts) >= _PAIR_MIN:
+            lo, hi = halves(args[first].shape[axis])
+            banded = [f"{r}[{':, ' * cuts[i]}{lo}:{hi}]" if i in cuts else r for i, r in enumerate(refs)]
+            return [(True, f"{src.name(body)}({', '.join(banded)})")]
     return [(False, src.call(body, args, acc))]
 

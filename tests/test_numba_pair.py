@@ -204,3 +204,46 @@ def test_the_bands_of_a_two_core_gemm_make_the_product(dtype, trans_a, trans_b):
     numba_cpu._sum_parts(c, parts, 0, m // 2)
     numba_cpu._sum_parts(c, parts, m // 2, m)
     np.testing.assert_allclose(c, (want - beta * c0) / alpha, **tol)
+
+
+def _elementwise_calls(rng):
+    """(name, fresh arguments, call(args)) for kernels a two-core step splits by halves."""
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    empty = lambda *shape: np.empty(shape, np.float32)  # noqa: E731
+    codes = rng.integers(0, 256, (300, 784), dtype=np.uint8)
+    step = np.array([3], np.int64)
+    k = numba_cpu
+    return [
+        ("gather_rows", lambda: (f(300, 784), rng.integers(-300, 300, 128), empty(128, 784)),
+         lambda a: k.gather_rows(a[0], a[1], out=a[2])),
+        ("gather_pixels", lambda: (codes, rng.integers(0, 300, 128), empty(128, 784)),
+         lambda a: k.gather_pixels(a[0], a[1], 127.5, -1.0, np.float32, out=a[2])),
+        ("bias_act", lambda: (f(128, 256), f(256), empty(128, 256), empty(128, 256)),
+         lambda a: k.bias_act(a[0], a[1], "sigmoid", out=a[2], pre=a[3])),
+        ("act_grad", lambda: (f(128, 256), np.abs(f(128, 256)) % 1, empty(128, 256)),
+         lambda a: k.act_grad(a[0], a[1], "sigmoid", out=a[2])),
+        ("bias_grad", lambda: (f(128, 256), empty(256)), lambda a: k.bias_grad(a[0], out=a[1])),
+        ("adam_step", lambda: (f(784, 256), f(784, 256), np.abs(f(784, 256)), np.abs(f(784, 256))),
+         lambda a: k.adam_step(*a, 1e-3, t=step, l2=1e-4)),
+    ]  # fmt: skip
+
+
+@needs_pair
+@pytest.mark.parametrize("index", range(6), ids=[c[0] for c in _elementwise_calls(np.random.default_rng(0))])
+def test_elementwise_halves_on_two_cores_are_bit_for_bit(pair_steps, index):
+    """A kernel split by halves of its elements, rows or columns does on each core the arithmetic
+    it does on the whole (the chunk bodies of the parallel variants; a column sum keeps its row
+    order), so the two-core replay equals the direct call bit for bit. (A GEMM of 2^19
+    multiply-adds rides along: a step without one stays on one core.)"""
+    rng = np.random.default_rng(index)
+    name, make, call = _elementwise_calls(rng)[index]
+    direct = make()
+    recorded = [a.copy() for a in direct]
+    a, b, out = rng.standard_normal((128, 64)), rng.standard_normal((64, 128)), np.empty((128, 128))
+    replay = numba_graph.capture(lambda: (call(recorded), numba_cpu.matmul(a, b, out=out)))
+    call(direct)
+    with numba_pair.session():
+        replay()
+    assert pair_steps == [True]
+    for got, want in zip(recorded, direct):
+        np.testing.assert_array_equal(got, want, err_msg=name)
