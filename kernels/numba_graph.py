@@ -187,19 +187,17 @@ class _Source:
         into, op = self.ref(acc[0]), "+=" if acc[1] else "="
         return f"{into}[0] {op} {into}.dtype.type({call_src})"
 
-    def compiled(self, prefix: str, header: str, extra: str = "") -> tuple[str, dict]:
-        """Compile ``def {name}{header}:`` over the lines (and ``extra`` source after it) once per
-        process, cached on disk. -> (name, the namespace holding it and extra's functions)."""
+    def compiled(self, prefix: str, header: str) -> tuple[str, dict]:
+        """Compile ``def {name}{header}:`` over the lines once per process, cached on disk.
+        -> (name, the namespace holding it)."""
         body_src = "\n".join(f"    {line}" for line in self.lines)
         name = prefix + hashlib.sha1(body_src.encode()).hexdigest()[:16]
         if name not in _COMPILED:
             namespace = dict(vars(self.module), **_PAIR_NAMES)
             # cached on disk under this file's name; numba keys the cache by the function's (unique) name
-            src = f"def {name}{header}:\n{body_src}\n" + extra.format(name=name)
-            exec(compile(src, __file__, "exec"), namespace)
+            exec(compile(f"def {name}{header}:\n{body_src}\n", __file__, "exec"), namespace)
             options = dict(cache=True, error_model="numpy", nogil=prefix == _PAIR_PREFIX)
-            for fn in [k for k in namespace if k.startswith(name)]:
-                namespace[fn] = njit(**options)(namespace[fn])
+            namespace[name] = njit(**options)(namespace[name])
             _COMPILED[name] = namespace
         return name, _COMPILED[name]
 
@@ -221,11 +219,11 @@ def _compile(tape: list, pair: bool = False) -> Callable[[], None]:
 
     if not pair or not _pays_on_two_cores(tape, src.module._gemm):
         return replay
-    step, serve, args = _compile_pair(tape)
+    step, args = _compile_pair(tape)
     pair_step = numba_pair.PAIR.step
 
     def replay_on_two_cores():
-        if not pair_step(step, serve, args):
+        if not pair_step(step, args):
             replay()
 
     return replay_on_two_cores
@@ -244,16 +242,12 @@ _PAIR_MIN = 4096  # elements from which an elementwise pass is split between the
 _PAIR_MIN_ROWS = 8  # rows from which a GEMM or a gather is
 _PAIR_MIN_MNK, _PAIR_MAX_MNK = 1 << 19, 1 << 26  # the sizes of a step's largest GEMM that use two cores
 _PAIR_ALIGN = 16  # an element range is cut at a multiple of this: no cache line written by both cores
-_PAIR_BARRIER = "if not _pair_barrier(ctl, c):\n        return"  # a stopped step ends at its next barrier
-_PAIR_EXTRA = """
-def {name}_step(P, ctl):
-    _pair_go(ctl)
-    {name}(P, ctl, 0)
-def {name}_serve(P, ctl, seen):
-    while _pair_next_step(ctl, seen):
-        seen += 1
-        {name}(P, ctl, 1)
-"""
+_PAIR_BARRIER = "    if not _pair_barrier(ctl, c):\n            return seen"  # a stopped step ends there
+# Core 0 (the caller) starts one step and runs its part; core 1 (the worker) runs its part of each
+# step the caller starts, until it is parked. One function: its body is compiled once.
+_PAIR_HEAD = ["if c == 0:", "    _pair_go(ctl)", "while c == 0 or _pair_next_step(ctl, seen):",
+              "    seen += 1"]  # fmt: skip
+_PAIR_TAIL = ["    if c == 0:", "        return seen", "return seen"]
 
 
 def _pays_on_two_cores(tape: list, gemm) -> bool:
@@ -269,13 +263,13 @@ def _pays_on_two_cores(tape: list, gemm) -> bool:
     return _PAIR_MIN_MNK <= largest < _PAIR_MAX_MNK
 
 
-def _compile_pair(tape: list) -> tuple[Callable, Callable, tuple]:
-    """The tape as a two-core step -> (step(P, ctl), run by the caller; serve(P, ctl, seen), run by
-    the worker until parked; P). Core c runs ``graph(P, ctl, c)``: GEMMs by bands of rows of their
-    result (a split-K GEMM by halves of K, then the sum by rows), elementwise passes and gathers by
-    halves, everything else on core 0. Each core does the arithmetic the one-core step does on its
-    half, so the result is the same bit for bit where OpenBLAS computes a band of rows as it
-    computes them in the whole product."""
+def _compile_pair(tape: list) -> tuple[Callable, tuple]:
+    """The tape as a two-core step -> (``step(P, ctl, c, seen)``: c=0 runs one step on the calling
+    core, c=1 serves the steps on the worker until it is parked; P). Core c runs its part of each
+    call: GEMMs by bands of rows or columns of their result (a split-K GEMM by halves of K, then the
+    sum by rows), elementwise passes, gathers and bias sums by halves, everything else on core 0.
+    Each core does the arithmetic the one-core step does on its half, so the result is the same
+    bit for bit where OpenBLAS computes a band of a product as it computes it in the whole."""
     src, bounds, phases = _Source(), [], []
 
     def halves(n: int, align: int = 1, split: bool = True) -> tuple[str, str]:
@@ -290,12 +284,12 @@ def _compile_pair(tape: list) -> tuple[Callable, Callable, tuple]:
     for both, line in phases:
         if previous is not None and (both or previous):
             lines.append(_PAIR_BARRIER)
-        lines.append(line if both else f"if c == 0:\n        {line}")
+        lines.append(f"    {line}" if both else f"    if c == 0:\n            {line}")
         previous = both
     table = np.array(bounds, np.int64).reshape(-1, 2, 2)
-    src.lines = [f"B = {src.ref(table)}", *lines, _PAIR_BARRIER]
-    name, namespace = src.compiled(_PAIR_PREFIX, "(P, ctl, c)", _PAIR_EXTRA)
-    return namespace[f"{name}_step"], namespace[f"{name}_serve"], tuple(src.flat)
+    src.lines = [f"B = {src.ref(table)}", *_PAIR_HEAD, *lines, _PAIR_BARRIER, *_PAIR_TAIL]
+    name, namespace = src.compiled(_PAIR_PREFIX, "(P, ctl, c, seen)")
+    return namespace[name], tuple(src.flat)
 
 
 def _pair_phases(src: _Source, halves, body, args, acc, split) -> list[tuple[bool, str]]:

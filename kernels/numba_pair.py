@@ -11,7 +11,7 @@ round trip). Each core writes the same rows of a weight's gradient, optimizer st
 weights every step, so those stay in its own cache.
 
 Protocol (``ctl``, int64, each counter on its own 64-byte line): the caller bumps GO and runs
-the step with c=0; the worker, spinning in ``serve``, sees GO move and runs it with c=1. A
+the step with c=0; the worker, spinning in ``next_step``, sees GO move and runs it with c=1. A
 step ends with a barrier, so when the caller returns the worker is done. Parking: the caller
 sets PARK and bumps GO; the worker returns to Python and waits for its next graph.
 
@@ -175,17 +175,18 @@ class _Pair:
         (a bigger CPU) are OpenBLAS's to use, as two cores of ours would idle the rest (unmeasured)."""
         return self.possible() and numba.get_num_threads() >= 2 and self.blas[1]() == 2
 
-    def step(self, step_fn: Callable, serve_fn: Callable, args: tuple) -> bool:
-        """Run one step of a pair graph on both cores -> False (having run nothing) when the pair
-        is another thread's, or not available: the caller replays on its own core."""
+    def step(self, step_fn: Callable, args: tuple) -> bool:
+        """Run one step of a two-core graph, ``step_fn(args, ctl, c, seen)``, on both cores -> False
+        (having run nothing) when the pair is another thread's, or not available: the caller replays
+        on its own core."""
         me = threading.get_ident()
         if self.owner != me and not (getattr(_SESSION, "open", False) and self._begin(me)):
             return False
-        if self.serving is None or self.serving[0] is not serve_fn or self.serving[1] is not args:
+        if self.serving is None or self.serving[0] is not step_fn or self.serving[1] is not args:
             self._park()
-            self._serve(serve_fn, args)
+            self._serve(step_fn, args)
         try:
-            step_fn(args, self.ctl)
+            step_fn(args, self.ctl, 0, 0)
         except BaseException:  # the worker leaves its barrier and parks, then the error goes on
             self._park()
             raise
@@ -208,18 +209,18 @@ class _Pair:
         self.owner = me
         return True
 
-    def _serve(self, serve_fn: Callable, args: tuple) -> None:
+    def _serve(self, step_fn: Callable, args: tuple) -> None:
         if self.worker is None:
             self.worker = threading.Thread(target=self._work, name="gpumlp-pair", daemon=True)
             self.worker.start()
-        self.serving = (serve_fn, args)
-        self.jobs.put((serve_fn, args, int(self.ctl[GO])))
+        self.serving = (step_fn, args)
+        self.jobs.put((step_fn, args, int(self.ctl[GO])))
 
     def _work(self) -> None:
         while True:
-            serve_fn, args, seen = self.jobs.get()
+            step_fn, args, seen = self.jobs.get()
             try:
-                serve_fn(args, self.ctl, seen)
+                step_fn(args, self.ctl, 1, seen)
             except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
                 self.error = e
                 self.ctl[PARK] = 1
