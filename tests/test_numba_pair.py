@@ -40,14 +40,14 @@ def pair_steps(monkeypatch):
     return ran
 
 
-def _train(mode: str, spec: str, fit_kw: dict, model_kw: dict, n: int = 1050, features: int = 64):
+def _train(mode: str, spec: str, fit_kw: dict, model_kw: dict, n: int = 700, features: int = 64):
     rng = np.random.default_rng(0)
     X, y = rng.uniform(-1, 1, (n, features)).astype(np.float32), rng.integers(0, 10, n)
     os.environ["GPUMLP_STEP_GRAPHS"] = mode
     try:
         be = backend._REGISTRY["numba"]()
         model = MLP(spec, backend=be, seed=3, **model_kw)
-        hist = model.fit(X, y, epochs=3, seed=5, **fit_kw)
+        hist = model.fit(X, y, epochs=2, seed=5, **fit_kw)
     finally:
         os.environ["GPUMLP_STEP_GRAPHS"] = "2"
     return model.state_arrays(), [r["loss"] for r in hist.records]
