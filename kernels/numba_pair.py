@@ -250,7 +250,17 @@ class _Pair:
             self.lock.release()
 
 
+    def after_fork_in_child(self) -> None:
+        """A forked child has no worker thread (only the forking thread comes along): forget it,
+        and a session's single-threaded OpenBLAS, so the child's steps start a pair of their own."""
+        if self.owner is not None:
+            self.blas[0](self.blas_threads)
+        self.__init__()
+
+
 PAIR = _Pair()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=PAIR.after_fork_in_child)
 _SESSION = threading.local()  # .open: the calling thread's replays may take the pair
 
 

@@ -247,3 +247,33 @@ def test_elementwise_halves_on_two_cores_are_bit_for_bit(pair_steps, index):
     assert pair_steps == [True]
     for got, want in zip(recorded, direct):
         np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def _train_and_report(queue) -> None:
+    rng = np.random.default_rng(0)
+    X, y = rng.uniform(-1, 1, (450, 784)).astype(np.float32), rng.integers(0, 10, 450)
+    ran = []
+    real = PAIR.step
+    PAIR.step = lambda *args: ran.append(real(*args)) or ran[-1]
+    MLP("784-64-10", backend="numba", seed=1, act="relu").fit(X, y, epochs=1, batch_size=100)
+    queue.put((bool(ran) and all(ran), PAIR.owner is None))
+
+
+@needs_pair
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_trains_on_two_cores_of_its_own(pair_steps):
+    """The worker thread does not survive a fork: the child forgets it (os.register_at_fork) and
+    starts its own, instead of waiting forever at a barrier for a thread that is not there."""
+    import multiprocessing
+
+    _train("2", "784-64-10", dict(batch_size=100, optimizer="sgd", lr=0.05), dict(act="relu"), features=784)
+    assert PAIR.worker is not None and all(pair_steps)  # the parent has its worker
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_train_and_report, args=(queue,))
+    child.start()
+    child.join(120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung")
+    assert child.exitcode == 0 and queue.get(timeout=5) == (True, True)
