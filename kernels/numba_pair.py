@@ -13,12 +13,15 @@ weights every step, so those stay in its own cache.
 Protocol (``ctl``, int64, each counter on its own 64-byte line): the caller bumps GO and runs
 the step with c=0; the worker, spinning in ``next_step``, sees GO move and runs it with c=1. A
 step ends with a barrier, so when the caller returns the worker is done. Parking: the caller
-sets PARK and bumps GO; the worker returns to Python and waits for its next graph.
+sets PARK and bumps GO; the worker returns to Python and waits for its next graph. A core whose
+half raises stops the step: the other leaves its barrier when it sees PARK, and the error
+reaches the caller.
 
-A session (:func:`session`, the steps of one epoch) holds the pair: OpenBLAS is set to one thread and its pool
-shut down for it (a pool thread left spinning after a 2-thread GEMM took the worker's core for
-~0.1 s: measured two-core epochs 1.8x slower right after a 2-thread GEMM), and restored after.
-One thread's session at a time; another thread's steps replay on their own core meanwhile.
+A session (:func:`session`, the steps of one epoch) holds the pair: OpenBLAS is set to one thread
+and its pool shut down for it (a pool thread left spinning after a 2-thread GEMM took the
+worker's core for ~0.1 s: two-core epochs ran 1.8x slower right after a 2-thread GEMM), and
+restored after. One thread's session at a time; another thread's steps replay on their own core
+meanwhile. A forked child forgets the parent's worker (which did not come along) and starts its own.
 """
 
 from __future__ import annotations
@@ -83,9 +86,15 @@ def _spin_pause(typingctx):
     return numba.types.void(), codegen
 
 
+if os.name == "posix":
+    _sched_yield = numba.types.ExternalFunction("sched_yield", numba.types.int32())
+else:  # no sched_yield to call: the waits only spin
 
-_YIELD = numba.types.ExternalFunction("sched_yield", numba.types.int32())
-_sched_yield = _YIELD if os.name == "posix" else None
+    @njit(cache=True, nogil=True)
+    def _sched_yield():
+        return 0
+
+
 _SPINS_BEFORE_YIELD = 1 << 12  # ~0.1 ms of pauses; then yield the core at every turn
 
 
@@ -95,7 +104,7 @@ def _wait(spins):
     away (the other thread of the pair may be waiting for it, when the OS put both on one core).
     -> spins + 1."""
     _spin_pause()
-    if spins >= _SPINS_BEFORE_YIELD and _sched_yield is not None:
+    if spins >= _SPINS_BEFORE_YIELD:
         _sched_yield()
     return spins + 1
 
@@ -224,6 +233,7 @@ class _Pair:
             except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
                 self.error = e
                 self.ctl[PARK] = 1
+            del step_fn, args  # parked: hold no model's buffers
             self.parked.release()
 
     def _park(self) -> None:
