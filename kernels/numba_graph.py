@@ -293,10 +293,10 @@ def _compile_pair(tape: list) -> tuple[Callable, tuple]:
 
 
 def _pair_phases(src: _Source, halves, body, args, acc, split) -> list[tuple[bool, str]]:
-    """One recorded call as (on both cores?, line) phases of the two-core step."""
-    refs = [src.ref(a) for a in args]
+    """One recorded call as (on both cores?, line) phases of the two-core step. Only the arguments a
+    line reads get a slot: every slot is unboxed on every replay."""
     if acc is None and body is src.module._gemm and args[0].shape[0] >= _PAIR_MIN_ROWS:
-        c, a, b, alpha, beta, ta, tb, split_k = refs
+        c, a, b, alpha, beta, ta, tb = map(src.ref, args[:7])  # the last, split_k, chooses the line
         if args[-1] == 2:
             parts = src.ref(np.empty((2, *args[0].shape), args[0].dtype))
             lo, hi = halves(args[0].shape[0])
@@ -312,12 +312,14 @@ def _pair_phases(src: _Source, halves, body, args, acc, split) -> list[tuple[boo
         _, chunk, rows, count = split
         both = args[0].size >= _PAIR_MIN
         lo, hi = halves(args[0].shape[0] if rows else args[0].size, 1 if rows else _PAIR_ALIGN, both)
-        return [(both, f"{src.name(chunk)}({', '.join(refs[:count])}, np.uint64({lo}), np.uint64({hi}))")]
+        refs = ", ".join(map(src.ref, args[:count]))  # not the parallel variant's thread count
+        return [(both, f"{src.name(chunk)}({refs}, np.uint64({lo}), np.uint64({hi}))")]
     if split is not None and split[0] == "bands":
         cuts = dict(split[1])
         first, axis = split[1][0]
         if args[first].shape[axis] >= _PAIR_MIN_ROWS and max(args[i].size for i in cuts) >= _PAIR_MIN:
             lo, hi = halves(args[first].shape[axis])
+            refs = map(src.ref, args)
             banded = [f"{r}[{':, ' * cuts[i]}{lo}:{hi}]" if i in cuts else r for i, r in enumerate(refs)]
             return [(True, f"{src.name(body)}({', '.join(banded)})")]
     return [(False, src.call(body, args, acc))]

@@ -200,7 +200,7 @@ class _Pair:
             self._park()
             raise
         if self.ctl[PARK]:  # the worker's half raised: the step stopped at its next barrier
-            error, self.error = self.error, None
+            error = self.error
             self._park()
             raise error
         return True
@@ -245,7 +245,7 @@ class _Pair:
         go(self.ctl)
         self.parked.acquire()
         self.ctl[PARK] = self.ctl[BARRIER] = self.ctl[BARRIER + 8] = 0
-        self.serving = None
+        self.serving = self.error = None
 
     def end(self) -> None:
         """End the calling thread's session, if it holds one: park the worker, give OpenBLAS its
