@@ -252,8 +252,9 @@ _PAIR_TAIL = ["    if c == 0:", "        return seen", "return seen"]
 
 def _pays_on_two_cores(tape: list, gemm) -> bool:
     """Whether the step's largest GEMM has from _PAIR_MIN_MNK to _PAIR_MAX_MNK multiply-adds.
-    Smaller, the barriers cost more than the halves save (Adam steps, two cores over one: 1.24x
-    the time at 100 x 64 x 32, 0.96x at 100 x 128 x 64, 0.89-0.92x from 2.5M). Larger, OpenBLAS's
+    Smaller, the barriers cost more than the halves save (Adam steps, two cores over one, in
+    bench/results/two_core_sizes.md: 1.21x the time at 100 x 64 x 32, 0.93x at 100 x 128 x 64,
+    0.87-0.94x from 2.5M). Larger, OpenBLAS's
     own 2-thread GEMM wins, as it shares its packed operands between the threads: on deep1024 (256
     x 1024 x 1024) the two-core step read 1.06-1.07x the floor against 0.97-1.00x on one core,
     while adam256 (128 x 784 x 256) went from 1.28-1.31x to 1.16-1.17x."""

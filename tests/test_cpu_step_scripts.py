@@ -120,3 +120,15 @@ def test_cross_core_samples_adam_alone_and_after_a_two_thread_gemm(tmp_path):
     rows = [[float(c) for c in line.split("|")[2:6]] for line in samples]
     assert rows and all(alone > 0 and after > 0 and forward > 0 for alone, after, _, forward in rows)
     assert all(abs(ratio - after / alone) < 0.01 for alone, after, ratio, _ in rows)
+
+
+def test_two_core_sizes_times_both_modes_per_model(tmp_path):
+    """The script behind the lower size limit of the two-core step: each model's row with its
+    largest GEMM, both modes' epochs and their ratio."""
+    out = tmp_path / "sizes.md"
+    models = "64-32-10:100,128-64-10:100"
+    text = _run("two_core_sizes.py", "--models", models, "--rows", "600", "--rounds", "1", "--out", str(out))
+    assert out.read_text().strip() == text.strip()
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| ") and "model" not in line]
+    assert [(r[1].strip(), r[3].strip()) for r in rows] == [("64-32-10", "0.20M"), ("128-64-10", "0.82M")]
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 and float(r[6]) > 0 for r in rows)
