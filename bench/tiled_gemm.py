@@ -40,7 +40,7 @@ MIXED_MAX_B_BYTES = 1 << 20  # engine "mixed": tiled where b fits a core's L2, e
 
 @njit(cache=True, error_model="numpy")
 def _rows(c, a, b, alpha, beta, i0, i1):
-    tile_rows(c, i0, a, i0, i1 - i0, b, alpha, beta)
+    tile_rows(c, i0, a, i0, i1 - i0, b, alpha, beta, np.empty((0, a.shape[1]), c.dtype))  # vector tiles only
 
 
 @njit(cache=True, error_model="numpy", parallel=True)

@@ -118,7 +118,7 @@ class MLP:
         # the layers of a dense_chain eval forward (Dropout is the identity in eval mode), if any
         chained = all(isinstance(la, (Dense, Dropout)) for la in self.layers)
         self._chain_layers = dense if chained else None
-        self._chain_bytes = max(la.params["W"].nbytes for la in dense)
+        self._chain_bytes = dense[-1].params["W"].nbytes  # the layer dense_chain always tiles
         self._groups = self._pack_parameters()
 
     def _pack_parameters(self) -> list[tuple[str, object, object, bool]]:
@@ -222,8 +222,9 @@ class MLP:
 
     def _chain(self) -> tuple[list, list, list] | None:
         """(weights, biases, activations) when the backend runs this model's eval forward as one
-        fused ``dense_chain`` (every layer Dense, or Dropout: the identity in eval mode; every
-        weight matrix within the backend's ``CHAIN_MAX_WEIGHT_BYTES``), else None."""
+        fused ``dense_chain`` (every layer Dense, or Dropout: the identity in eval mode; the last
+        weight matrix within the backend's ``CHAIN_MAX_WEIGHT_BYTES``: bigger ones before it run
+        on its GEMM inside the chain), else None."""
         dense = self._chain_layers
         if dense is None or not 0 < self._chain_bytes <= self.be.k.CHAIN_MAX_WEIGHT_BYTES:
             return None

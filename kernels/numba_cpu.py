@@ -100,9 +100,15 @@ from .numba_math import log1p as _log1p
 from .numba_math import sigmoid as _sigmoid
 from .numba_math import tanh as _tanh
 from .numba_pair import PAIR as _PAIR
+from .numba_pair import barrier as _pair_barrier
+from .numba_pair import go as _pair_go
+from .numba_pair import next_step as _pair_next_step
+from .numba_pair import session as _pair_session
 from .numba_prefetch import prefetch_gather as _prefetch_gather
 from .numba_tiles import MR as _MR
 from .numba_tiles import SIMD_TILES as _SIMD_TILES
+from .numba_tiles import dot_columns as _dot_columns
+from .numba_tiles import pack_dot_panel as _pack_dot_panel
 from .numba_tiles import tile_rows as _tile_rows
 from .reference import ACTIVATIONS, LEAKY_SLOPE, LOG_EPS
 
@@ -601,6 +607,10 @@ _CHAIN_BLOCK = 8 * _MR  # rows a thread carries through every layer at a time (i
 # Below: the calling thread alone. A parallel region costs a few microseconds, and right after
 # BLAS calls (a training step) it waited 80 us for a batch of 1 whose work takes 6 us.
 _CHAIN_PAR_MIN_FLOPS = 4_000_000
+# From these flops a dense_chain with layers on OpenBLAS runs on two cores of ours (numba_pair), each
+# core's rows through single-threaded OpenBLAS and the tiles; below, on OpenBLAS's pool but the last
+# layer (the pool's threads spin after a GEMM: tiles in parallel then lost). A session costs ~0.1 ms.
+_CHAIN_PAIR_MIN_FLOPS = 2_000_000_000
 
 
 @njit(error_model="numpy")
@@ -613,26 +623,34 @@ def _any_nonfinite(z):
 
 
 @njit(cache=True, error_model="numpy")
-def _chain_rows(x, weights, biases, codes, out, labels, work, r0, r1):
-    # rows [r0, r1) through every layer, _CHAIN_BLOCK rows at a time, in one thread's work (2, >= block
+def _chain_rows(x, lead_b, weights, panels, biases, codes, out, labels, work, r0, r1):
+    # rows [r0, r1) through every layer, _CHAIN_BLOCK rows at a time, in one thread's work (3, >= block
     # * widest): the tiles' product in work[0], the activations in work[1] (or out, for the last
     # layer): separate arrays, so that bias_act's loop vectorises; labels (unless empty): the rows'
-    # arg-max, taken while they are in cache. -> x @ weights[0] not finite.
+    # arg-max, taken while they are in cache. codes[0] >= 0: x is the input, -> x @ weights[0] not
+    # finite; else x is a product before the chain, whose act(x + lead_b) (code -1 - codes[0]) is
+    # the input, taken into work[2] block by block, -> x not finite.
     nonfinite = False
     last = len(weights) - 1
     keep = r1 < r0  # False, typed bool: a literal False would compile _bias_act_rows a second time (6 s)
+    lead = codes[0] < 0
     for i0 in range(r0, r1, _CHAIN_BLOCK):
         m = min(_CHAIN_BLOCK, r1 - i0)
         src, s0 = x, i0
+        if lead:
+            n = x.shape[1]
+            src, s0 = work[2, : m * n].reshape((m, n)), 0
+            nonfinite |= _any_nonfinite(x[i0 : i0 + m])
+            _bias_act_rows(x[i0 : i0 + m], lead_b, src, src, keep, -1 - codes[0], 0, m)
         for layer in range(last + 1):
             w = weights[layer]
             n = w.shape[1]
             z = work[0, : m * n].reshape((m, n))
-            _tile_rows(z, 0, src, s0, m, w, 1.0, 0.0)
-            if layer == 0:
+            _tile_rows(z, 0, src, s0, m, w, 1.0, 0.0, panels[layer])
+            if layer == 0 and not lead:
                 nonfinite |= _any_nonfinite(z)
             dst = out[i0 : i0 + m] if layer == last else work[1, : m * n].reshape((m, n))
-            _bias_act_rows(z, biases[layer], dst, dst, keep, codes[layer], 0, m)
+            _bias_act_rows(z, biases[layer], dst, dst, keep, codes[layer + lead], 0, m)
             src, s0 = dst, 0
         if labels.size:
             for r in range(m):
@@ -641,45 +659,134 @@ def _chain_rows(x, weights, biases, codes, out, labels, work, r0, r1):
 
 
 @njit(cache=True, error_model="numpy")
-def _chain_serial(x, weights, biases, codes, out, labels, work, flags):
-    return _chain_rows(x, weights, biases, codes, out, labels, work[0], 0, x.shape[0])
+def _pack_panels(weights, panels):
+    for layer in range(len(weights)):
+        _pack_dot_panel(weights[layer], panels[layer])
+
+
+@njit(cache=True, error_model="numpy")
+def _chain_serial(x, lead_b, weights, panels, biases, codes, out, labels, work, flags):
+    _pack_panels(weights, panels)
+    return _chain_rows(x, lead_b, weights, panels, biases, codes, out, labels, work[0], 0, x.shape[0])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _chain_par(x, weights, biases, codes, out, labels, work, flags):
+def _chain_par(x, lead_b, weights, panels, biases, codes, out, labels, work, flags):
     # one slice of rows per thread (flags.size of them), whole tiles each: results do not depend on it
+    _pack_panels(weights, panels)
     nt, m = flags.size, x.shape[0]
     share = (m + nt - 1) // nt
     step = (share + _MR - 1) // _MR * _MR
     for t in numba.prange(nt):
         lo, hi = min(m, t * step), min(m, (t + 1) * step)
-        flags[t] = _chain_rows(x, weights, biases, codes, out, labels, work[t], lo, hi)
+        flags[t] = _chain_rows(x, lead_b, weights, panels, biases, codes, out, labels, work[t], lo, hi)
     return flags.any()
 
 
-_CHAIN_CODES: dict = {}  # activation names -> their codes (int64 arrays, never written), per chain seen
+@njit(cache=True, error_model="numpy")
+def _bias_act_checked(z, b, out, code, r0, r1):
+    # rows [r0, r1) of out = act(z + b), block by block, -> whether they hold a NaN or inf in z
+    # (tested while the block is in cache)
+    bad = False
+    keep = r1 < r0
+    for i0 in range(r0, r1, _CHAIN_BLOCK):
+        i1 = min(r1, i0 + _CHAIN_BLOCK)
+        bad |= _any_nonfinite(z[i0:i1])
+        _bias_act_rows(z, b, out, out, keep, code, i0, i1)
+    return bad
+
+
+@njit(cache=True, error_model="numpy")
+def _head_rows(x, head_ws, head_bs, head_codes, bufs, r0, r1):
+    # rows [r0, r1) through the layers before dense_chain's tiles, on OpenBLAS: each product into
+    # bufs[0] (2, >= B * widest), act(z + b) into bufs[1] but the last layer's (the tiles' lead).
+    # -> x @ head_ws[0] not finite, as tested in the first layer's bias_act (False with one layer)
+    m, last = x.shape[0], len(head_ws) - 1
+    src, bad = x, False
+    for i in range(last + 1):
+        n = head_ws[i].shape[1]
+        z = bufs[0, : m * n].reshape((m, n))
+        if r1 > r0:
+            _gemm(z[r0:r1], src[r0:r1], head_ws[i], 1.0, 0.0, False, False, 1)
+        if i < last:
+            src = bufs[1, : m * n].reshape((m, n))
+            flag = _bias_act_checked(z, head_bs[i], src, head_codes[i], r0, r1)
+            bad |= flag and i == 0
+    return bad
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _chain_pair(P, ctl, c, seen):
+    # dense_chain with a head on two cores (numba_pair's protocol): core c's rows [bounds[c],
+    # bounds[c + 1]) through the head (single-threaded OpenBLAS) and the tiles; flags[0, c]: the
+    # head's flag, flags[1, c]: the tiles'
+    if c == 0:
+        _pair_go(ctl)
+    while c == 0 or _pair_next_step(ctl, seen):
+        seen += 1
+        x, head_ws, head_bs, head_codes, bufs = P[:5]
+        lead, lead_b, weights, panels, biases, codes, out, labels, work, flags, bounds = P[5:]
+        r0, r1 = bounds[c], bounds[c + 1]
+        flags[0, c] = _head_rows(x, head_ws, head_bs, head_codes, bufs, r0, r1)
+        flags[1, c] = _chain_rows(lead, lead_b, weights, panels, biases, codes, out, labels, work[c], r0, r1)
+        if not _pair_barrier(ctl, c) or c == 0:
+            return seen
+    return seen
+
+
+_CHAIN_CODES: dict = {}  # (activation names, split) -> their codes (see _chain_codes), per chain seen
 _NO_LABELS = np.empty(0, np.int64)  # dense_chain without labels: the kernels skip an empty array
 _CHAIN_COMPILED: set = set()  # (layers, dtype char) whose serial and parallel variants are compiled
 _CHAIN_SCRATCH = threading.local()  # per calling thread: (work, flags), grown to the largest need
 
 
 def _chain_scratch(dtype: np.dtype, nt: int, widest: int) -> tuple:
-    """dense_chain's work (>= nt, 2, block * widest) and flags (nt,), reused across calls."""
+    """dense_chain's work (>= nt, 3, block * widest) and flags (nt,), reused across calls."""
     work, flags = getattr(_CHAIN_SCRATCH, "arrays", (None, None))
     if work is None or work.dtype != dtype or work.shape[0] < nt or work.shape[2] < _CHAIN_BLOCK * widest:
         rows = max(nt, numba.get_num_threads())  # one slot per thread: batch sizes may alternate
         width = max(widest, 0 if work is None or work.dtype != dtype else work.shape[2] // _CHAIN_BLOCK)
-        work, flags = np.empty((rows, 2, _CHAIN_BLOCK * width), dtype), np.zeros(rows, np.bool_)
+        work, flags = np.empty((rows, 3, _CHAIN_BLOCK * width), dtype), np.zeros(rows, np.bool_)
         _CHAIN_SCRATCH.arrays = work, flags
     return work, flags[:nt]
+
+
+def _chain_panels(weights: tuple, dtype: np.dtype) -> tuple:
+    """Per weight (K, N), the dot tiles' panel (``dot_columns(N)``, K), which the chain packs on each
+    call: buffers kept per calling thread and chain of shapes."""
+    panels = getattr(_CHAIN_SCRATCH, "panels", None)
+    if panels is None:
+        panels = _CHAIN_SCRATCH.panels = {}
+    key = (dtype.char, *(w.shape for w in weights))
+    if key not in panels:
+        panels[key] = tuple(np.empty((_dot_columns(w.shape[1], dtype), w.shape[0]), dtype) for w in weights)
+    return panels[key]
+
+
+def _head_buffers(dtype: np.dtype, rows: int, widest: int) -> np.ndarray:
+    """dense_chain's head buffers (2, >= rows * widest), kept per calling thread."""
+    buffers = getattr(_CHAIN_SCRATCH, "head", None)
+    if buffers is None or buffers.dtype != dtype or buffers.shape[1] < rows * widest:
+        buffers = _CHAIN_SCRATCH.head = np.empty((2, rows * widest), dtype)
+    return buffers
+
+
+def _chain_split(weights: tuple) -> int:
+    """How many leading layers dense_chain runs on OpenBLAS: up to the last weight matrix beyond
+    CHAIN_MAX_WEIGHT_BYTES (the tiles lose to OpenBLAS there), the last layer always in the tiles."""
+    big = [i + 1 for i, w in enumerate(weights) if w.nbytes > CHAIN_MAX_WEIGHT_BYTES]
+    return min(big[-1] if big else 0, len(weights) - 1)
 
 
 def dense_chain(x, weights, biases, acts, out=None, labels=None):
     """Eval forward of a stack of dense layers, fused: each thread carries a block of rows through
     every layer (register-tiled products, ``numba_tiles``; bias and activation on the block while
-    it is in cache; the arg-max too, into ``labels``), no OpenBLAS call. -> (a (B, N_last),
-    x_nonfinite) as the reference; x: (B, K0) C-contiguous, weights (K_l, N_l) C-contiguous,
-    biases (N_l,), one float dtype; labels: (B,) int64."""
+    it is in cache; the arg-max too, into ``labels``). With a weight matrix beyond
+    CHAIN_MAX_WEIGHT_BYTES, layers run on OpenBLAS first (up to the last such one on two cores of
+    ours for big batches, else all but the last layer), the tiles taking the last one's bias and
+    activation as they read its product. -> (a (B, N_last), x_nonfinite) as the reference; x: (B,
+    K0) C-contiguous, weights (K_l, N_l) C-contiguous, biases (N_l,), one float dtype; labels:
+    (B,) int64."""
     _check_chain(x, weights, biases, acts)
     dt = x.dtype
     weights, biases = tuple(weights), tuple(biases)
@@ -699,27 +806,76 @@ def dense_chain(x, weights, biases, acts, out=None, labels=None):
         raise ValueError(f"dense_chain: labels must be a contiguous int64 array of shape {(m,)}")
     if m == 0:
         return out, False
-    codes = _CHAIN_CODES.get(tuple(acts))
-    if codes is None:
-        codes = _CHAIN_CODES[tuple(acts)] = np.array([activation(a).code for a in acts], np.int64)
-    flops = 2 * m * sum(w.size for w in weights)
-    nt = numba.get_num_threads() if flops >= _CHAIN_PAR_MIN_FLOPS else 1
+    split = _chain_split(weights)
+    if split and 2 * m * sum(w.size for w in weights) >= _CHAIN_PAIR_MIN_FLOPS and _PAIR.possible():
+        flags = _chain_on_pair(x, weights, biases, acts, split, out, labels)
+        if flags is not None:
+            return out, bool(flags[0 if split > 1 else 1].any())
+    if split:  # OpenBLAS's pool, then the last layer on this thread (its pool threads spin after it)
+        split = len(weights) - 1
+    head, tail = _chain_parts(x, weights, biases, acts, split, out, labels)
+    n_tiled = 2 * m * sum(w.size for w in tail[2])
+    nt = numba.get_num_threads() if n_tiled >= _CHAIN_PAR_MIN_FLOPS and not split else 1
     nt = max(1, min(nt, -(-m // _MR)))
-    work, flags = _chain_scratch(dt, nt, max(w.shape[1] for w in weights))
-    key = (len(weights), dt.char)
+    work, flags = _chain_scratch(dt, nt, max(w.shape[1] for w in (tail[0], *tail[2])))
+    head_flag = _head_rows(*head, 0, m) if split else False
+    key = (len(tail[2]), dt.char)
     if key not in _CHAIN_COMPILED:  # both variants at once: no compile (cache load) on a later batch size
+        empty = (tail[0][:0], *tail[1:6], out[:0], labels[:0], work, flags)
         with _PARALLEL:
-            _chain_par(x[:0], weights, biases, codes, out[:0], labels[:0], work, flags)
-        _chain_serial(x[:0], weights, biases, codes, out[:0], labels[:0], work, flags)
+            _chain_par(*empty)
+        _chain_serial(*empty)
         _CHAIN_COMPILED.add(key)
     if nt > 1 and _PARALLEL.acquire(False):
         try:
-            nonfinite = _chain_par(x, weights, biases, codes, out, labels, work, flags)
+            tail_flag = _chain_par(*tail, work, flags)
         finally:
             _PARALLEL.release()
     else:
-        nonfinite = _chain_serial(x, weights, biases, codes, out, labels, work, flags)
-    return out, bool(nonfinite)
+        tail_flag = _chain_serial(*tail, work, flags)
+    return out, bool(head_flag if split > 1 else tail_flag)
+
+
+def _chain_parts(x, weights: tuple, biases: tuple, acts, split: int, out, labels) -> tuple:
+    """dense_chain's arguments, cut after ``split`` layers run on OpenBLAS -> (the head's for
+    _head_rows, () without one; the tiles' for _chain_rows up to its work: (lead, lead_b, weights,
+    panels, biases, codes, out, labels), lead the head's last product, or x)."""
+    m, dt = x.shape[0], x.dtype
+    lead, lead_b, head = x, biases[0], ()
+    if split:
+        n = weights[split - 1].shape[1]
+        bufs = _head_buffers(dt, m, max(w.shape[1] for w in weights[:split]))
+        head = (x, weights[:split], biases[:split], _chain_codes(acts[:split], 0), bufs)
+        lead, lead_b = bufs[0, : m * n].reshape((m, n)), biases[split - 1]
+    codes = _chain_codes(acts, split)
+    tiled = weights[split:]
+    return head, (lead, lead_b, tiled, _chain_panels(tiled, dt), biases[split:], codes, out, labels)
+
+
+def _chain_on_pair(x, weights: tuple, biases: tuple, acts, split: int, out, labels) -> np.ndarray | None:
+    """dense_chain on two cores of ours (numba_pair), each core's half of the rows through the head
+    (single-threaded OpenBLAS) and the tiles -> flags (2, 2): [0] the head's per core, [1] the
+    tiles'; None (having run nothing) when the pair is not free."""
+    head, tail = _chain_parts(x, weights, biases, acts, split, out, labels)
+    work, _ = _chain_scratch(x.dtype, 2, max(w.shape[1] for w in (tail[0], *tail[2])))
+    flags = np.zeros((2, 2), np.bool_)
+    _pack_panels(tail[2], tail[3])
+    with _pair_session():
+        if _PAIR.step(_chain_pair, (*head, *tail, work, flags, np.array([0, x.shape[0] // 2, x.shape[0]]))):
+            return flags
+    return None
+
+
+def _chain_codes(acts, split: int) -> np.ndarray:
+    """dense_chain's activation codes (int64, never written), kept per chain: with ``split`` layers
+    on OpenBLAS, -1 - the last one's code (the tiles' lead), then the tiled layers' codes."""
+    key = (tuple(acts), split)
+    codes = _CHAIN_CODES.get(key)
+    if codes is None:
+        tiled = [activation(a).code for a in acts[split:]]
+        lead = [-1 - activation(acts[split - 1]).code] if split else []
+        codes = _CHAIN_CODES[key] = np.array(lead + tiled, np.int64)
+    return codes
 
 
 @njit(cache=True, error_model="numpy")

@@ -276,12 +276,15 @@ _SESSION = threading.local()  # .open: the calling thread's replays may take the
 
 @contextlib.contextmanager
 def session():
-    """The training loop's steps inside: their step graphs may run on two cores (the first one that
-    finds the pair free takes it for the rest of the session). On exit the worker parks and OpenBLAS
-    gets its threads back. Replays outside a session stay on the calling core."""
+    """The training loop's steps inside (or a big predict's chunk): their step graphs may run on two
+    cores (the first one that finds the pair free takes it for the rest of the session). On exit
+    the worker parks and OpenBLAS gets its threads back. Replays outside a session stay on the
+    calling core. A session inside another one of the same thread is the outer one's."""
+    outer = getattr(_SESSION, "open", False)
     _SESSION.open = True
     try:
         yield
     finally:
-        _SESSION.open = False
-        PAIR.end()
+        _SESSION.open = outer
+        if not outer:
+            PAIR.end()

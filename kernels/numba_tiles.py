@@ -32,7 +32,8 @@ from numba.extending import intrinsic
 
 from ._jit import njit  # numba.njit, without the disk cache where none can be written
 
-__all__ = ["AVX512", "MR", "NV", "SIMD_TILES", "SMALL_ROWS_MAX", "TILE_ROWS", "lanes", "tile_rows"]
+__all__ = ["AVX512", "DOT_MR", "DOT_NC", "MR", "NV", "SIMD_TILES", "SMALL_ROWS_MAX", "TILE_ROWS",
+           "dot_columns", "dot_panel", "lanes", "pack_dot_panel", "tile_rows"]  # fmt: skip
 
 
 def _targets(feature: str) -> bool:
@@ -167,6 +168,110 @@ def _tile_function(module: ir.Module, real: ir.Type, itemsize: int, nv: int, mr:
     return fn
 
 
+def _dot_function(module: ir.Module, real: ir.Type, itemsize: int, mr: int, nc: int) -> ir.Function:
+    """The dot tile as a noinline LLVM function of ``module``: void(a*, lda, bt*, ldbt, c*, ldc, k,
+    nrows, alpha, beta) computes c[r*ldc + j] = alpha * sum_k a[r*lda + k] bt[j*ldbt + k] + beta *
+    c[r*ldc + j] for r < nrows <= mr, j < nc: vectors along k (W partial sums per element, added
+    pairwise at the end), for the columns a vector along n would mostly waste (see tile_rows)."""
+    w = _VEC_BYTES // itemsize
+    fptr = real.as_pointer()
+    args = [fptr, _I64, fptr, _I64, fptr, _I64, _I64, _I64, real, real]
+    name = f"gpumlp_dot_{mr}x{nc}x{w}_f{itemsize * 8}"
+    fn = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), args), name)
+    if not fn.is_declaration:
+        return fn
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    pa, lda, pbt, ldbt, pc, ldc, k, nrows, alpha, beta = fn.args
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    vec, vptr = ir.VectorType(real, w), ir.VectorType(real, w).as_pointer()
+    fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.{_name(vec)}")
+    load = _masked(module, vec, False)
+    align, zero = ir.Constant(_I32, itemsize), ir.Constant(vec, [0.0] * w)
+    i64 = lambda n: ir.Constant(_I64, n)  # noqa: E731
+    last_row = builder.sub(nrows, i64(1))
+    rows = []  # rows past nrows read the last valid row (their results are not stored)
+    for r in range(mr):
+        row = builder.select(builder.icmp_signed("<", i64(r), nrows), i64(r), last_row)
+        rows.append(builder.gep(pa, [builder.mul(row, lda)]))
+    cols = [builder.gep(pbt, [builder.mul(i64(j), ldbt)]) for j in range(nc)]
+    k_main = builder.and_(k, i64(-w))  # whole vectors; the rest of k: one masked step
+
+    def step(kk, acc, mask=None):
+        def vector(base):
+            ptr = builder.bitcast(builder.gep(base, [kk]), vptr)
+            if mask is None:
+                return builder.load(ptr, align=itemsize)
+            return builder.call(load, [ptr, align, mask, zero])
+
+        av, bv = [vector(p) for p in rows], [vector(p) for p in cols]
+        return [builder.call(fma, [av[r], bv[j], acc[r * nc + j]]) for r in range(mr) for j in range(nc)]
+
+    entry = builder.block
+    loop, tail, reduce = (builder.append_basic_block(n) for n in ("k", "tail", "reduce"))
+    builder.cbranch(builder.icmp_signed(">", k_main, i64(0)), loop, tail)
+    builder.position_at_end(loop)
+    kk = builder.phi(_I64)
+    acc = [builder.phi(vec) for _ in range(mr * nc)]
+    new = step(kk, acc)
+    k_next = builder.add(kk, i64(w))
+    kk.add_incoming(i64(0), entry)
+    kk.add_incoming(k_next, loop)
+    for p, n in zip(acc, new):
+        p.add_incoming(zero, entry)
+        p.add_incoming(n, loop)
+    builder.cbranch(builder.icmp_signed("<", k_next, k_main), loop, tail)
+
+    builder.position_at_end(tail)
+    acc = []
+    for n in new:
+        p = builder.phi(vec)
+        p.add_incoming(zero, entry)
+        p.add_incoming(n, loop)
+        acc.append(p)
+    lane_ids = ir.Constant(ir.VectorType(_I64, w), list(range(w)))
+    left = _splat(builder, builder.sub(k, k_main), ir.VectorType(_I64, w))
+    mask = builder.icmp_signed("<", lane_ids, left)  # all false when w divides k: the step adds zeros
+    sums = step(k_main, acc, mask)
+    builder.branch(reduce)
+
+    builder.position_at_end(reduce)
+    keep_c = builder.fcmp_ordered("!=", beta, ir.Constant(real, 0.0))  # beta 0: c is not read (NaN?)
+    for r in range(mr):
+        with builder.if_then(builder.icmp_signed("<", i64(r), nrows)):
+            crow = builder.gep(pc, [builder.mul(i64(r), ldc)])
+            for j in range(nc):
+                res = builder.fmul(alpha, _pairwise_sum(builder, sums[r * nc + j]))
+                ptr = builder.gep(crow, [i64(j)])
+                with builder.if_else(keep_c) as (then, otherwise):
+                    with then:
+                        upd = builder.call(_scalar_fma(module, real), [beta, builder.load(ptr), res])
+                        from_then = builder.block
+                    with otherwise:
+                        from_else = builder.block
+                value = builder.phi(real)
+                value.add_incoming(upd, from_then)
+                value.add_incoming(res, from_else)
+                builder.store(value, ptr)
+    builder.ret_void()
+    return fn
+
+
+def _pairwise_sum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """The lanes of float vector v added pairwise (halves until one lane is left): a scalar."""
+    width = v.type.count
+    while width > 1:
+        width //= 2
+        lo, hi = (ir.Constant(ir.VectorType(_I32, width), list(range(s, s + width))) for s in (0, width))
+        v = builder.fadd(builder.shuffle_vector(v, v, lo), builder.shuffle_vector(v, v, hi))
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _scalar_fma(module: ir.Module, real: ir.Type) -> ir.Function:
+    suffix = "f32" if isinstance(real, ir.FloatType) else "f64"
+    return cgutils.get_or_insert_function(module, ir.FunctionType(real, [real] * 3), f"llvm.fma.{suffix}")
+
+
 SMALL_ROWS_MAX = 3  # up to this many rows take a tile of exactly as many rows (see tile_rows)
 TILE_ROWS = (*range(1, SMALL_ROWS_MAX + 1), MR)  # the row counts of the tiles built
 
@@ -208,18 +313,87 @@ def _tile(typingctx, mr, nv, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, nc
     return sig, codegen
 
 
+DOT_MR = 4 if AVX512 else 2  # rows per dot tile: DOT_MR * DOT_NC accumulators + a and bt vectors
+DOT_NC = 4  # columns per dot tile
+
+
+@intrinsic
+def _dot(typingctx, mr, nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta):
+    """``_dot(mr, nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta)``: the dot tile
+    of mr (1..DOT_MR) rows by nc (1..DOT_NC) columns on the arrays' data from element offsets a0,
+    bt0, c0 (row strides in elements, unit column strides), chosen by a switch on (mr, nc)."""
+    sig = types.void(mr, nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta)
+
+    def codegen(context, builder, signature, args):
+        mr, nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta = args
+        dt = signature.args[2].dtype
+        real, itemsize = context.get_value_type(dt), np.dtype(str(dt)).itemsize
+
+        def data(i, value, offset):
+            ptr = context.make_array(signature.args[i])(context, builder, value).data
+            return builder.gep(ptr, [offset])
+
+        alpha = context.cast(builder, alpha, signature.args[13], dt)
+        beta = context.cast(builder, beta, signature.args[14], dt)
+        operands = [data(2, a, a0), lda, data(5, bt, bt0), ldbt, data(8, c, c0), ldc, k, nrows, alpha, beta]
+        mr = context.cast(builder, mr, signature.args[0], types.int64)
+        nc = context.cast(builder, nc, signature.args[1], types.int64)
+        done = builder.append_basic_block("dot_done")
+        switch = builder.switch(builder.add(builder.mul(mr, ir.Constant(_I64, 8)), nc), done)
+        for rows in range(1, DOT_MR + 1):
+            for cols in range(1, DOT_NC + 1):
+                block = builder.append_basic_block(f"dot_{rows}x{cols}")
+                switch.add_case(ir.Constant(_I64, rows * 8 + cols), block)
+                with builder.goto_block(block):
+                    builder.call(_dot_function(builder.module, real, itemsize, rows, cols), operands)
+                    builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def dot_columns(n: int, dtype) -> int:
+    """How many of a product's n columns (the last ones) the dot tiles take: all of them when n is
+    under a vector (4096 x 1024 @ (1024, 10) float32, one thread: 0.63 ms against 0.94 ms for a
+    masked vector), else the part of a vector left over, n % W, when at most a quarter of one
+    (a vector tile spends a whole vector's FMAs on them: a 4096-row 784-100-10 predict 1.47
+    against 1.62 ms; 8 of 24 columns lost, bench/results/dot_tiles.md)."""
+    w = lanes(dtype)
+    return n if n < w else (n % w if 4 * (n % w) <= w else 0)
+
+
+def dot_panel(b: np.ndarray) -> np.ndarray:
+    """The dot tiles' operand of b (K, N): its last ``dot_columns(N)`` columns, transposed and
+    contiguous, (nd, K), b's dtype."""
+    out = np.empty((dot_columns(b.shape[1], b.dtype), b.shape[0]), b.dtype)
+    pack_dot_panel(b, out)
+    return out
+
+
 @njit(cache=True, error_model="numpy")
-def tile_rows(c, c0, a, a0, m, b, alpha, beta):
+def pack_dot_panel(b, out):
+    """out (nd, K) = b[:, N - nd:].T for b (K, N): the dot tiles' operand, into a buffer."""
+    nd, n = out.shape[0], b.shape[1]
+    for j in range(nd):
+        for k in range(b.shape[0]):
+            out[j, k] = b[k, n - nd + j]
+
+
+@njit(cache=True, error_model="numpy")
+def tile_rows(c, c0, a, a0, m, b, alpha, beta, bt):
     """c[c0 + r] = alpha * a[a0 + r] @ b + beta * c[c0 + r] for r < m, panel by panel (NV vectors
-    of b's columns), MR rows at a time (1-3 rows left: a smaller tile). a: (>= a0 + m, K), any
-    strides; b: (K, N) and c: (>= c0 + m, N), unit column stride; one float dtype; m, N, K > 0 (the
-    caller checks). beta 0: c is only written."""
+    of b's columns), MR rows at a time (1-3 rows left: a smaller tile); b's last bt.shape[0]
+    columns (``dot_panel(b)``: bt is them transposed) by dot tiles where a's rows are contiguous.
+    a: (>= a0 + m, K), any strides; b: (K, N) and c: (>= c0 + m, N), unit column stride; one float
+    dtype; m, N, K > 0 (the caller checks). beta 0: c is only written."""
     n, k = c.shape[1], a.shape[1]
     rs, ks = a.strides[0] // a.itemsize, a.strides[1] // a.itemsize
     ldb, ldc = b.strides[0] // b.itemsize, c.strides[0] // c.itemsize
     w = _VEC_BYTES // c.itemsize
-    for j0 in range(0, n, NV * w):
-        ncols = min(NV * w, n - j0)
+    nd = bt.shape[0] if ks == 1 or k == 1 else 0
+    for j0 in range(0, n - nd, NV * w):
+        ncols = min(NV * w, n - nd - j0)
         nv = (ncols + w - 1) // w
         for r in range(0, m, MR):
             # 1-3 rows left: a tile of that many. An MR-row tile costs the same for 1 row as for MR (its
@@ -229,3 +403,9 @@ def tile_rows(c, c0, a, a0, m, b, alpha, beta):
             tile = nrows if nrows <= SMALL_ROWS_MAX else MR
             ao, co = (a0 + r) * rs, (c0 + r) * ldc + j0
             _tile(tile, nv, a, ao, rs, ks, b, j0, ldb, c, co, ldc, k, nrows, ncols, alpha, beta)
+    ldbt = bt.strides[0] // bt.itemsize
+    for r in range(0, m, DOT_MR):  # each element the same sum whatever its tile: rows stay independent
+        nrows = min(DOT_MR, m - r)
+        for j in range(0, nd, DOT_NC):
+            ao, co = (a0 + r) * rs, (c0 + r) * ldc + n - nd + j
+            _dot(nrows, min(DOT_NC, nd - j), a, ao, rs, bt, j * ldbt, ldbt, c, co, ldc, k, nrows, alpha, beta)

@@ -60,9 +60,10 @@ LOG_EPS = 1e-12
 # True when sgd_matmul_step is one GEMM (alpha/beta), never forming the gradient; here and on the
 # GPU it forms the product, then steps: one update per weight matrix instead of one per flat buffer.
 SGD_IN_GEMM = False
-# The largest weight matrix (bytes) up to which ``dense_chain`` is the backend's fastest eval
-# forward of a stack of dense layers, so the framework uses it instead of its layers one by one;
-# 0: never (here dense_chain is the definition, no faster than the layers).
+# The largest last weight matrix (bytes) up to which ``dense_chain`` is the backend's fastest eval
+# forward of a stack of dense layers (it may run bigger ones before it layer by layer), so the
+# framework uses it instead of its layers one by one; 0: never (here dense_chain is the
+# definition, no faster than the layers).
 CHAIN_MAX_WEIGHT_BYTES = 0
 _M32 = 0xFFFFFFFF
 

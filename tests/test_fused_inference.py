@@ -67,11 +67,11 @@ FUSED = [
     pytest.param({"dropout": 0.2}, id="seed with dropout"),
     pytest.param({"spec": "784-64-32-10", "act": "tanh", "loss": "mse", "dropout": 0.5}, id="mse dropout"),
     pytest.param({"dtype": "float64"}, id="seed float64"),
+    pytest.param({"spec": "784-1024-1024-10", "act": "relu", "loss": "softmax_xent"}, id="4 MiB then 40 KiB"),
 ]
 LAYERS = [
     pytest.param({"batchnorm": True}, id="seed with batchnorm"),
     pytest.param({"spec": "784-64-32-10", "act": "relu", "batchnorm": True, "dropout": 0.1}, id="bn dropout"),
-    pytest.param({"spec": "784-1024-1024-10", "act": "relu", "loss": "softmax_xent"}, id="4 MiB weight"),
 ]
 
 
@@ -106,14 +106,14 @@ def test_the_other_backends_take_the_layers(config):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_the_weight_limit_is_inclusive(dtype):
-    """A weight matrix of exactly CHAIN_MAX_WEIGHT_BYTES fuses, one input more does not (any
-    layer's: here the second one)."""
+    """A last weight matrix of exactly CHAIN_MAX_WEIGHT_BYTES fuses, one input more does not
+    (bigger ones before it run on the GEMM inside the chain)."""
     limit, itemsize = _fused_limit(), np.dtype(dtype).itemsize
-    rows = limit // (itemsize * 256)
-    if rows * itemsize * 256 != limit:
+    cols = limit // (itemsize * 256)
+    if cols * itemsize * 256 != limit:
         pytest.skip(f"CHAIN_MAX_WEIGHT_BYTES = {limit} is no multiple of a 256-wide {dtype} row")
-    at = MLP(f"20-{rows}-256-10", dtype=dtype, backend="numba")
-    over = MLP(f"20-{rows + 1}-256-10", dtype=dtype, backend="numba")
+    at = MLP(f"20-256-{cols}", dtype=dtype, backend="numba")
+    over = MLP(f"20-257-{cols}", dtype=dtype, backend="numba")
     assert at.inference_path == "dense_chain" and over.inference_path == "layers"
 
 

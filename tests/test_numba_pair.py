@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -277,3 +278,23 @@ def test_a_forked_child_trains_on_two_cores_of_its_own(pair_steps):
         child.kill()
         pytest.fail("the forked child hung")
     assert child.exitcode == 0 and queue.get(timeout=5) == (True, True)
+
+
+def test_a_session_inside_a_session_is_the_outer_ones():
+    """A big predict opens a session of its own; inside the training loop's session (same thread)
+    that one is the outer's: the pair stays held until the outer session ends."""
+    if not numba_pair.PAIR.available():
+        pytest.skip("no two cores of ours here")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 40))
+    ws = [rng.standard_normal((40, 30)), rng.standard_normal((30, 10))]
+    bs = [np.zeros(30), np.zeros(10)]
+    threads = numba_cpu._BLAS_THREADS()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(numba_cpu, "CHAIN_MAX_WEIGHT_BYTES", 1)
+        mp.setattr(numba_cpu, "_CHAIN_PAIR_MIN_FLOPS", 0)
+        with numba_pair.session():
+            got = numba_cpu.dense_chain(x, ws, bs, ["relu", "identity"])[0]
+            assert numba_pair.PAIR.owner == threading.get_ident() and numba_cpu._BLAS_THREADS() == 1
+        assert numba_pair.PAIR.owner is None and numba_cpu._BLAS_THREADS() == threads
+    np.testing.assert_allclose(got, np.maximum(x @ ws[0], 0) @ ws[1], rtol=1e-12, atol=1e-12)

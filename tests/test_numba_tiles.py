@@ -33,7 +33,7 @@ def check_product(c, a, b, alpha=1.0, beta=0.0, c0=None):
 
 
 def tile(c, a, b, alpha=1.0, beta=0.0):
-    numba_tiles.tile_rows(c, 0, a, 0, a.shape[0], b, alpha, beta)
+    numba_tiles.tile_rows(c, 0, a, 0, a.shape[0], b, alpha, beta, numba_tiles.dot_panel(b))
 
 
 EDGES_M = (1, 2, 3, 5, 6, 7, 8, 13, 100)  # every row count left over: 1-3 rows take a tile of that size
@@ -89,11 +89,38 @@ def test_row_offsets_write_only_their_rows():
     a, b = operands(rng, 20, 20, 37, np.float32)
     host = np.full((15, 60), 7.0, np.float32)
     c = host[1:14, 3:40]
-    numba_tiles.tile_rows(c, 2, a, 5, 9, b, 1.0, 0.0)
+    numba_tiles.tile_rows(c, 2, a, 5, 9, b, 1.0, 0.0, np.ascontiguousarray(b[:, 31:].T))  # 6 by dot tiles
     check_product(c[2:11], a[5:14], b)
     mask = np.ones_like(host, bool)
     mask[3:12, 3:40] = False
     assert np.all(host[mask] == 7.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dot_tiles_any_share_of_the_columns(dtype):
+    """b's last nd columns by the dot tiles (vectors along k, a masked step for the rest of k),
+    for every nd from none to all, row and column counts past a dot tile's, alpha/beta."""
+    rng = np.random.default_rng(5)
+    w = numba_tiles.lanes(dtype)
+    for m, k, n in ((1, 1, 1), (5, 3, 6), (numba_tiles.DOT_MR + 1, 2 * w + 3, 11), (13, 784, 100), (9, w, 2)):
+        a, b = operands(rng, m, k, n, dtype)
+        for nd in sorted({0, 1, n // 2, n - 1, n}):
+            c0 = rng.standard_normal((m, n)).astype(dtype)
+            c = c0.copy()
+            numba_tiles.tile_rows(c, 0, a, 0, m, b, 0.5, -1.5, np.ascontiguousarray(b[:, n - nd :].T))
+            check_product(c, a, b, 0.5, -1.5, c0)
+
+
+def test_dot_columns_rule():
+    """All columns of a product narrower than a vector, else the part of a vector left over when
+    it is at most a quarter of one; dot_panel packs exactly those, transposed."""
+    w = numba_tiles.lanes(np.float32)
+    assert [numba_tiles.dot_columns(n, np.float32) for n in (1, w - 1, w, w + 1, 2 * w + w // 4)] == [
+        1, w - 1, 0, 1, w // 4]  # fmt: skip
+    assert numba_tiles.dot_columns(2 * w + w // 4 + 1, np.float32) == 0
+    b = np.arange(12.0 * 100, dtype=np.float32).reshape(12, 100)
+    nd = numba_tiles.dot_columns(100, np.float32)
+    assert np.array_equal(numba_tiles.dot_panel(b), b[:, 100 - nd :].T)
 
 
 def test_nonfinite_inputs_propagate_like_numpy():
@@ -110,16 +137,18 @@ def test_nonfinite_inputs_propagate_like_numpy():
 
 
 def test_the_tile_is_a_function_of_its_own():
-    """The tile is called, not inlined: inlined into a bigger kernel its K loop lost its register
-    allocation (the fused predict ran at 2.56 instead of 1.6 ms per 4096 rows)."""
+    """The tiles (vector and dot) are called, not inlined: inlined into a bigger kernel the vector
+    tile's K loop lost its register allocation (the fused predict ran at 2.56 instead of 1.6 ms per
+    4096 rows)."""
     import numba
 
     fresh = numba.njit(error_model="numpy")(numba_tiles.tile_rows.py_func)  # not from the disk cache
     a, b, c = np.ones((6, 8), np.float32), np.ones((8, 16), np.float32), np.empty((6, 16), np.float32)
-    fresh(c, 0, a, 0, 6, b, 1.0, 0.0)
+    fresh(c, 0, a, 0, 6, b, 1.0, 0.0, np.ascontiguousarray(b[:, 12:].T))
     check_product(c, a, b)
     ir = "\n".join(fresh.inspect_llvm().values())
     assert "noinline" in ir and re.search(r"call (fastcc )?void @gpumlp_tile_", ir)
+    assert re.search(r"call (fastcc )?void @gpumlp_dot_", ir)
 
 
 def test_the_other_vector_layout_in_a_subprocess(tmp_path):
@@ -137,7 +166,7 @@ def test_the_other_vector_layout_in_a_subprocess(tmp_path):
         "for dt, tol in ((np.float32, 2e-5), (np.float64, 1e-12)):\n"
         "    for m, kk, n in ((7, 5, 3), (13, 37, 17), (100, 784, 100), (6, 3, 33)):\n"
         "        a = rng.standard_normal((m, kk)).astype(dt); b = rng.standard_normal((kk, n)).astype(dt)\n"
-        "        c = np.empty((m, n), dt); t.tile_rows(c, 0, a, 0, m, b, 1.0, 0.0)\n"
+        "        c = np.empty((m, n), dt); t.tile_rows(c, 0, a, 0, m, b, 1.0, 0.0, t.dot_panel(b))\n"
         "        s = np.abs(a).astype(float) @ np.abs(b).astype(float)\n"
         "        assert np.max(np.abs(c - a.astype(float) @ b.astype(float)) / s) < tol, (dt, m, kk, n)\n"
         "    x = rng.standard_normal((300, 40)).astype(dt)\n"
