@@ -609,8 +609,10 @@ _CHAIN_BLOCK = 8 * _MR  # rows a thread carries through every layer at a time (i
 _CHAIN_PAR_MIN_FLOPS = 4_000_000
 # From these flops a dense_chain with layers on OpenBLAS runs on two cores of ours (numba_pair), each
 # core's rows through single-threaded OpenBLAS and the tiles; below, on OpenBLAS's pool but the last
-# layer (the pool's threads spin after a GEMM: tiles in parallel then lost). A session costs ~0.1 ms.
-_CHAIN_PAIR_MIN_FLOPS = 2_000_000_000
+# layer (the pool's threads spin after a GEMM: tiles in parallel then lost, 37-39 against 35 ms for a
+# 4096-row 784-1024-1024-10). A session costs ~0.15 ms; two cores gained 2-5 % from 2048 rows of
+# that model (7.6 GFLOP), and won or lost a few % at 1024 (bench/results/predict_paths.md).
+_CHAIN_PAIR_MIN_FLOPS = 4_000_000_000
 
 
 @njit(error_model="numpy")

@@ -355,10 +355,11 @@ def _dot(typingctx, mr, nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alp
 
 def dot_columns(n: int, dtype) -> int:
     """How many of a product's n columns (the last ones) the dot tiles take: all of them when n is
-    under a vector (4096 x 1024 @ (1024, 10) float32, one thread: 0.63 ms against 0.94 ms for a
-    masked vector), else the part of a vector left over, n % W, when at most a quarter of one
-    (a vector tile spends a whole vector's FMAs on them: a 4096-row 784-100-10 predict 1.47
-    against 1.62 ms; 8 of 24 columns lost, bench/results/dot_tiles.md)."""
+    under a vector, else the part of a vector left over, n % W, when at most a quarter of one (a
+    vector tile spends a whole vector's FMAs on them). Measured (float32, AVX-512, one thread,
+    ``bench/predict_paths.py``): 4096 x 1024 @ (1024, 10) 0.71 against 1.00 ms in a masked vector;
+    4 of 100 columns, 1.07x; 24 or 40 columns all in dot tiles lost (1.05 against 0.89 ms); and a
+    fused 4096-row 784-100-10 predict 1.44 against 1.62 ms."""
     w = lanes(dtype)
     return n if n < w else (n % w if 4 * (n % w) <= w else 0)
 

@@ -132,3 +132,25 @@ def test_two_core_sizes_times_both_modes_per_model(tmp_path):
     rows = [line.split("|") for line in text.splitlines() if line.startswith("| ") and "model" not in line]
     assert [(r[1].strip(), r[3].strip()) for r in rows] == [("64-32-10", "0.20M"), ("128-64-10", "0.82M")]
     assert all(float(r[4]) > 0 and float(r[5]) > 0 and float(r[6]) > 0 for r in rows)
+
+
+def test_predict_paths_times_the_dot_tiles_and_the_three_paths(tmp_path):
+    """The script behind dense_chain's dot-tile rule and its two-core limit: a row per product
+    shape with the rule's dot columns, and a row per model and batch with all three paths timed."""
+    import numpy as np
+
+    from gpumlp.kernels import numba_tiles
+
+    if not numba_tiles.SIMD_TILES:
+        pytest.skip("no tiles on this CPU")
+    out = tmp_path / "paths.md"
+    text = _run("predict_paths.py", "--rounds", "1", "--models", "784-2048-10", "--batches", "1,300",
+                "--out", str(out))  # fmt: skip
+    assert out.read_text().strip() == text.strip()
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
+    dots = {r[0].strip(): int(r[1]) for r in rows if r[0].startswith(" 4096 x") and r[1].strip().isdigit()}
+    assert dots["4096 x 784 x 100"] == numba_tiles.dot_columns(100, np.float32)
+    assert dots["4096 x 100 x 10"] == 10 and len(dots) == 6
+    paths = [r for r in rows if r[0].strip() == "784-2048-10"]
+    assert [int(r[1]) for r in paths] == [1, 300]
+    assert all(float(v) > 0 for r in paths for v in r[2:5])
