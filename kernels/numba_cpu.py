@@ -812,16 +812,25 @@ def dense_chain(x, weights, biases, acts, out=None, labels=None):
     if split and 2 * m * sum(w.size for w in weights) >= _CHAIN_PAIR_MIN_FLOPS and _PAIR.possible():
         flags = _chain_on_pair(x, weights, biases, acts, split, out, labels)
         if flags is not None:
+            if (len(weights), dt.char, "pool") not in _CHAIN_COMPILED:  # smaller batches: no compile then
+                _chain_on_pool(x[:0], weights, biases, acts, len(weights) - 1, out[:0], labels[:0])
+                _CHAIN_COMPILED.add((len(weights), dt.char, "pool"))
             return out, bool(flags[0 if split > 1 else 1].any())
-    if split:  # OpenBLAS's pool, then the last layer on this thread (its pool threads spin after it)
-        split = len(weights) - 1
+    # else OpenBLAS's pool, then the last layer on this thread (its pool threads spin after a GEMM)
+    return out, _chain_on_pool(x, weights, biases, acts, len(weights) - 1 if split else 0, out, labels)
+
+
+def _chain_on_pool(x, weights: tuple, biases: tuple, acts, split: int, out, labels) -> bool:
+    """dense_chain with ``split`` layers on OpenBLAS's pool, then the tiles on this thread (or, with
+    no layer on OpenBLAS, on Numba's threads) -> x @ weights[0] not finite."""
+    m = x.shape[0]
     head, tail = _chain_parts(x, weights, biases, acts, split, out, labels)
     n_tiled = 2 * m * sum(w.size for w in tail[2])
     nt = numba.get_num_threads() if n_tiled >= _CHAIN_PAR_MIN_FLOPS and not split else 1
     nt = max(1, min(nt, -(-m // _MR)))
-    work, flags = _chain_scratch(dt, nt, max(w.shape[1] for w in (tail[0], *tail[2])))
+    work, flags = _chain_scratch(x.dtype, nt, max(w.shape[1] for w in (tail[0], *tail[2])))
     head_flag = _head_rows(*head, 0, m) if split else False
-    key = (len(tail[2]), dt.char)
+    key = (len(tail[2]), x.dtype.char)
     if key not in _CHAIN_COMPILED:  # both variants at once: no compile (cache load) on a later batch size
         empty = (tail[0][:0], *tail[1:6], out[:0], labels[:0], work, flags)
         with _PARALLEL:
@@ -835,7 +844,7 @@ def dense_chain(x, weights, biases, acts, out=None, labels=None):
             _PARALLEL.release()
     else:
         tail_flag = _chain_serial(*tail, work, flags)
-    return out, bool(head_flag if split > 1 else tail_flag)
+    return bool(head_flag if split > 1 else tail_flag)
 
 
 def _chain_parts(x, weights: tuple, biases: tuple, acts, split: int, out, labels) -> tuple:
@@ -860,10 +869,13 @@ def _chain_on_pair(x, weights: tuple, biases: tuple, acts, split: int, out, labe
     tiles'; None (having run nothing) when the pair is not free."""
     head, tail = _chain_parts(x, weights, biases, acts, split, out, labels)
     work, _ = _chain_scratch(x.dtype, 2, max(w.shape[1] for w in (tail[0], *tail[2])))
-    flags = np.zeros((2, 2), np.bool_)
+    if not hasattr(_CHAIN_SCRATCH, "pair"):
+        _CHAIN_SCRATCH.pair = np.zeros((2, 2), np.bool_), np.zeros(3, np.int64)
+    flags, bounds = _CHAIN_SCRATCH.pair
+    flags[:], bounds[1:] = False, (x.shape[0] // 2, x.shape[0])
     _pack_panels(tail[2], tail[3])
     with _pair_session():
-        if _PAIR.step(_chain_pair, (*head, *tail, work, flags, np.array([0, x.shape[0] // 2, x.shape[0]]))):
+        if _PAIR.step(_chain_pair, (*head, *tail, work, flags, bounds)):
             return flags
     return None
 
