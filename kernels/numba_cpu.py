@@ -609,9 +609,9 @@ _CHAIN_BLOCK = 8 * _MR  # rows a thread carries through every layer at a time (i
 _CHAIN_PAR_MIN_FLOPS = 4_000_000
 # From these flops a dense_chain with layers on OpenBLAS runs on two cores of ours (numba_pair), each
 # core's rows through single-threaded OpenBLAS and the tiles; below, on OpenBLAS's pool but the last
-# layer (the pool's threads spin after a GEMM: tiles in parallel then lost, 37-39 against 35 ms for a
-# 4096-row 784-1024-1024-10). A session costs ~0.15 ms; two cores gained 2-5 % from 2048 rows of
-# that model (7.6 GFLOP), and won or lost a few % at 1024 (bench/results/predict_paths.md).
+# layer (the pool's threads spin after a GEMM: tiles in parallel then lost to tiles on one thread).
+# A session costs ~0.15 ms; two cores gained 2-3.5 % at 4096 rows of three models (5-15 GFLOP), and
+# won or lost up to 4 % at 1024 rows (1.4-3.8 GFLOP; bench/results/predict_paths.md).
 _CHAIN_PAIR_MIN_FLOPS = 4_000_000_000
 
 

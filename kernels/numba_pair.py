@@ -1,6 +1,7 @@
 """Two cores for one training step: a worker thread of our own that spins beside the calling
 thread while a step graph replays, each core taking its half of every GEMM and every large
-elementwise pass (``numba_graph`` generates the step; this module runs it).
+elementwise pass (``numba_graph`` generates the step; this module runs it). A big fused predict
+(``numba_cpu.dense_chain`` with layers on OpenBLAS) runs on the same pair, half the rows a core.
 
 Why not the thread pools we have: OpenBLAS's and Numba's pools each spin on the cores for a while
 after their parallel region, so an alternating GEMM / elementwise step made the two teams starve

@@ -48,12 +48,14 @@ def _extra_bytes(fn) -> int:
     return peak - result.nbytes
 
 
-@pytest.mark.parametrize("kind", ["float32", "float64", "uint8"])
+SMALL = [("784-100-10", "sigmoid", "logistic"), ("784-64-10", "relu", "softmax_xent")]
+BIG = ("784-2048-10", "relu", "softmax_xent")  # its first layer on OpenBLAS; 4096 rows: two cores
+
+
 @pytest.mark.parametrize(
-    "spec,act,loss",
-    [("784-100-10", "sigmoid", "logistic"), ("784-64-10", "relu", "softmax_xent"),
-     ("784-2048-10", "relu", "softmax_xent")],  # its first layer on OpenBLAS; 4096 rows: two cores
-)  # fmt: skip
+    "kind,spec,act,loss",
+    [(kind, *model) for kind in ("float32", "float64", "uint8") for model in SMALL] + [("float32", *BIG)],
+)
 def test_predict_allocates_only_its_result_after_warm_up(kind, spec, act, loss):
     """After one call at the largest chunk, predict / predict_proba on any number of rows (a short
     last chunk, batch 1, batch 64) allocate only the array they return: no per-size workspaces, no

@@ -8,8 +8,9 @@ the machine's load hit all of them alike) and the best round counts; the warm-up
 A ``matmul floor`` runner times the model's matmuls alone at the batch shape (``numpy.matmul``
 into preallocated outputs, the BLAS the CPU backends use): a runner's time over the floor is what
 it spends beyond those GEMMs, and ONNX Runtime's shows how its own GEMM compares with that BLAS.
-Where the numba backend's predict is one fused ``dense_chain`` (its own register-tiled products on
-Numba's threads, no BLAS: the row's ``inference_path``), it can go below that floor.
+Where the numba backend's predict is one fused ``dense_chain`` (its own register-tiled products, the
+row's ``inference_path``; a model's weights beyond the tiles' limit on OpenBLAS inside it), it can go
+below that floor.
 
 Peers, given the threads a fair peer gets: ONNX Runtime (``CPUExecutionProvider``,
 ``intra_op_num_threads`` = the core count, default graph optimisations) runs the ONNX export;
