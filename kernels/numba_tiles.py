@@ -318,35 +318,34 @@ DOT_NC = 4  # columns per dot tile
 
 
 @intrinsic
-def _dot(typingctx, mr, nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta):
-    """``_dot(mr, nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta)``: the dot tile
-    of mr (1..DOT_MR) rows by nc (1..DOT_NC) columns on the arrays' data from element offsets a0,
-    bt0, c0 (row strides in elements, unit column strides), chosen by a switch on (mr, nc)."""
-    sig = types.void(mr, nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta)
+def _dot(typingctx, nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta):
+    """``_dot(nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta)``: the dot tile of
+    DOT_MR rows (nrows of them stored) by nc (1..DOT_NC) columns on the arrays' data from element
+    offsets a0, bt0, c0 (row strides in elements, unit column strides), chosen by a switch on nc.
+    One row count only: four columns of one row take ~K/4 FMAs, so fewer rows would save little."""
+    sig = types.void(nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta)
 
     def codegen(context, builder, signature, args):
-        mr, nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta = args
-        dt = signature.args[2].dtype
+        nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta = args
+        dt = signature.args[1].dtype
         real, itemsize = context.get_value_type(dt), np.dtype(str(dt)).itemsize
 
         def data(i, value, offset):
             ptr = context.make_array(signature.args[i])(context, builder, value).data
             return builder.gep(ptr, [offset])
 
-        alpha = context.cast(builder, alpha, signature.args[13], dt)
-        beta = context.cast(builder, beta, signature.args[14], dt)
-        operands = [data(2, a, a0), lda, data(5, bt, bt0), ldbt, data(8, c, c0), ldc, k, nrows, alpha, beta]
-        mr = context.cast(builder, mr, signature.args[0], types.int64)
-        nc = context.cast(builder, nc, signature.args[1], types.int64)
+        alpha = context.cast(builder, alpha, signature.args[12], dt)
+        beta = context.cast(builder, beta, signature.args[13], dt)
+        operands = [data(1, a, a0), lda, data(4, bt, bt0), ldbt, data(7, c, c0), ldc, k, nrows, alpha, beta]
+        nc = context.cast(builder, nc, signature.args[0], types.int64)
         done = builder.append_basic_block("dot_done")
-        switch = builder.switch(builder.add(builder.mul(mr, ir.Constant(_I64, 8)), nc), done)
-        for rows in range(1, DOT_MR + 1):
-            for cols in range(1, DOT_NC + 1):
-                block = builder.append_basic_block(f"dot_{rows}x{cols}")
-                switch.add_case(ir.Constant(_I64, rows * 8 + cols), block)
-                with builder.goto_block(block):
-                    builder.call(_dot_function(builder.module, real, itemsize, rows, cols), operands)
-                    builder.branch(done)
+        switch = builder.switch(nc, done)
+        for cols in range(1, DOT_NC + 1):
+            block = builder.append_basic_block(f"dot_{cols}")
+            switch.add_case(ir.Constant(_I64, cols), block)
+            with builder.goto_block(block):
+                builder.call(_dot_function(builder.module, real, itemsize, DOT_MR, cols), operands)
+                builder.branch(done)
         builder.position_at_end(done)
         return context.get_dummy_value()
 
@@ -409,4 +408,4 @@ def tile_rows(c, c0, a, a0, m, b, alpha, beta, bt):
         nrows = min(DOT_MR, m - r)
         for j in range(0, nd, DOT_NC):
             ao, co = (a0 + r) * rs, (c0 + r) * ldc + n - nd + j
-            _dot(nrows, min(DOT_NC, nd - j), a, ao, rs, bt, j * ldbt, ldbt, c, co, ldc, k, nrows, alpha, beta)
+            _dot(min(DOT_NC, nd - j), a, ao, rs, bt, j * ldbt, ldbt, c, co, ldc, k, nrows, alpha, beta)
