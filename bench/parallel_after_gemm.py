@@ -5,7 +5,7 @@ float32 arithmetic buys: the numbers behind the README's "Threads" paragraph, in
 
 Each case is timed alone and right after a GEMM (OpenBLAS's workers then spin on the other cores),
 serial and parallel variant interleaved round by round; the best round counts. The last table
-times ``predict`` of 784-1024-1024-10 at batch 4096 under the rule (parallel only beside a
+times ``predict`` of 784-1024-1024-10 at batch 4096, layer by layer, under the rule (parallel only beside a
 single-threaded BLAS) and with the parallel variants allowed everywhere (the rule before).
 """
 
@@ -80,10 +80,11 @@ def bias_act_cases(rounds: int) -> list[tuple]:
 
 
 def predict_case(rounds: int) -> tuple:
-    """predict of 784-1024-1024-10 at batch 4096: the rule vs parallel variants everywhere."""
+    """predict of 784-1024-1024-10 at batch 4096, layer by layer (its fused path is timed by
+    bench/predict_paths.py): the rule vs parallel variants everywhere."""
     net = MLP("784-1024-1024-10", act="relu", loss="softmax_xent", backend="numba", dtype="float32")
     x = np.random.default_rng(2).random((4096, 784), dtype=np.float32)
-    rule = k._blas_pool_idle
+    rule, fused = k._blas_pool_idle, k.CHAIN_MAX_WEIGHT_BYTES
 
     def everywhere():
         k._blas_pool_idle = lambda: True
@@ -92,8 +93,12 @@ def predict_case(rounds: int) -> tuple:
         finally:
             k._blas_pool_idle = rule
 
-    t = best_us({"parallel everywhere": everywhere, "rule": lambda: net.predict(x)}, rounds, 1)
-    return ("predict 784-1024-1024-10, batch 4096", t["parallel everywhere"], t["rule"])
+    k.CHAIN_MAX_WEIGHT_BYTES = 0  # layer by layer
+    try:
+        t = best_us({"parallel everywhere": everywhere, "rule": lambda: net.predict(x)}, rounds, 1)
+    finally:
+        k.CHAIN_MAX_WEIGHT_BYTES = fused
+    return ("predict 784-1024-1024-10 layer by layer, batch 4096", t["parallel everywhere"], t["rule"])
 
 
 def render(rows: list[tuple], header: str) -> str:

@@ -3,7 +3,8 @@
 1. Dot tiles (``numba_tiles.dot_columns``): one thread's ``tile_rows`` over a 4096-row product with
    every column in vector tiles, with the rule's last columns in dot tiles, and with every column
    in dot tiles. Behind the rule: the columns left over a vector, when few, and products narrower
-   than a vector.
+   than a vector. Then the seed model's fused predict (``dense_chain``, both threads) with and
+   without them (the script swaps ``numba_cpu._dot_columns`` for a rule that takes none).
 2. Models with a weight matrix beyond ``CHAIN_MAX_WEIGHT_BYTES``: ``predict`` layer by layer
    (``CHAIN_MAX_WEIGHT_BYTES = 0``), as one chain on OpenBLAS's pool with the last layer tiled
    (the pair's limit raised out of reach), and as one chain on two cores of ours (the limit 0).
@@ -65,6 +66,30 @@ def _dot_table(rounds: int) -> list[str]:
     return lines
 
 
+def _seed_table(rounds: int) -> list[str]:
+    rng = np.random.default_rng(2)
+    ws = [(rng.standard_normal(s) / 28).astype(np.float32) for s in ((784, 100), (100, 10))]
+    bs, acts = [np.zeros(100, np.float32), np.zeros(10, np.float32)], ["sigmoid", "identity"]
+    X = rng.random((4096, 784), dtype=np.float32)
+    rule = numba_cpu._dot_columns
+    variants = {"vector tiles only": lambda n, dtype: 0, "dot tiles (the rule)": rule}
+    lines = ["| batch | " + " | ".join(f"{v} µs" for v in variants) + " | speed-up |", "|---|---|---|---|"]
+    try:
+        for batch in (1, 64, 4096):
+            x, labels, times = X[:batch], np.empty(batch, np.int64), {v: [] for v in variants}
+            call = lambda x=x, labels=labels: numba_cpu.dense_chain(x, ws, bs, acts, labels=labels)  # noqa: E731
+            for _ in range(rounds):
+                for name, columns in variants.items():
+                    numba_cpu._dot_columns, numba_cpu._CHAIN_SCRATCH.panels = columns, {}  # panels repacked
+                    call()
+                    times[name].append(_best(call, 1, max(3, 20000 // batch)))
+            vec, dot = (min(t) * 1e6 for t in times.values())
+            lines.append(f"| {batch} | {vec:.1f} | {dot:.1f} | {vec / dot:.2f} |")
+    finally:
+        numba_cpu._dot_columns, numba_cpu._CHAIN_SCRATCH.panels = rule, {}
+    return lines
+
+
 def _path_table(models: str, batches: list[int], rounds: int) -> list[str]:
     limit, pair_limit = numba_cpu.CHAIN_MAX_WEIGHT_BYTES, numba_cpu._CHAIN_PAIR_MIN_FLOPS
     settings = {PATHS[0]: (0, pair_limit), PATHS[1]: (limit, float("inf")), PATHS[2]: (limit, 0)}
@@ -102,7 +127,8 @@ def main(argv=None) -> int:
         return 1
     batches = [int(b) for b in args.batches.split(",")]
     text = "\n".join(["### Dot tiles (float32, one thread)", "", *_dot_table(args.rounds), "",
-                      "### Models with weights beyond the tiles' limit: predict paths (float32)", "",
+                      "### Fused seed predict, 784-100-10 sigmoid (float32)", "", *_seed_table(args.rounds),
+                      "", "### Models with weights beyond the tiles' limit: predict paths (float32)", "",
                       *_path_table(args.models, batches, args.rounds)])  # fmt: skip
     print(text)
     if args.out:

@@ -610,8 +610,8 @@ _CHAIN_PAR_MIN_FLOPS = 4_000_000
 # From these flops a dense_chain with layers on OpenBLAS runs on two cores of ours (numba_pair), each
 # core's rows through single-threaded OpenBLAS and the tiles; below, on OpenBLAS's pool but the last
 # layer (the pool's threads spin after a GEMM: tiles in parallel then lost to tiles on one thread).
-# A session costs ~0.15 ms; two cores gained 2-3.5 % at 4096 rows of three models (5-15 GFLOP), and
-# won or lost up to 4 % at 1024 rows (1.4-3.8 GFLOP; bench/results/predict_paths.md).
+# A session costs ~0.15 ms; two cores gained 2-4 % at 4096 rows of three models (5-15 GFLOP); at 1024
+# rows (1.4-3.8 GFLOP) they won 1-10 % in one run, lost up to 4 % in another (bench/predict_paths.py).
 _CHAIN_PAIR_MIN_FLOPS = 4_000_000_000
 
 

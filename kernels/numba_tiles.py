@@ -356,9 +356,9 @@ def dot_columns(n: int, dtype) -> int:
     """How many of a product's n columns (the last ones) the dot tiles take: all of them when n is
     under a vector, else the part of a vector left over, n % W, when at most a quarter of one (a
     vector tile spends a whole vector's FMAs on them). Measured (float32, AVX-512, one thread,
-    ``bench/predict_paths.py``): 4096 x 1024 @ (1024, 10) 0.71 against 1.00 ms in a masked vector;
-    4 of 100 columns, 1.07x; 24 or 40 columns all in dot tiles lost (1.05 against 0.89 ms); and a
-    fused 4096-row 784-100-10 predict 1.44 against 1.62 ms."""
+    ``bench/predict_paths.py``): 4096 x 1024 @ (1024, 10) 0.68 against 0.90 ms in a masked vector;
+    4 of 100 columns, 1.08x; 24 or 40 columns all in dot tiles lost (0.81 against 0.78 ms, 1.27
+    against 1.16); a fused 4096-row 784-100-10 predict 1.50 against 1.58 ms."""
     w = lanes(dtype)
     return n if n < w else (n % w if 4 * (n % w) <= w else 0)
 

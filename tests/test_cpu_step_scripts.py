@@ -68,7 +68,7 @@ def test_parallel_after_gemm_measures_every_case(tmp_path):
     assert names == [
         "Adam 203k, arithmetic", "Adam 203k, alone", "Adam 203k, after a 128x784x256 GEMM",
         "bias+ReLU 4M, alone", "bias+ReLU 4M, after a 4096x1024x1024 GEMM",
-        "predict 784-1024-1024-10, batch 4096",
+        "predict 784-1024-1024-10 layer by layer, batch 4096",
     ]  # fmt: skip
     assert all(float(row.split("|")[2]) > 0 and float(row.split("|")[3]) > 0 for row in rows)
 
@@ -151,6 +151,8 @@ def test_predict_paths_times_the_dot_tiles_and_the_three_paths(tmp_path):
     dots = {r[0].strip(): int(r[1]) for r in rows if r[0].startswith(" 4096 x") and r[1].strip().isdigit()}
     assert dots["4096 x 784 x 100"] == numba_tiles.dot_columns(100, np.float32)
     assert dots["4096 x 100 x 10"] == 10 and len(dots) == 6
+    seed = {int(r[0]): float(r[3]) for r in rows if r[0].strip() in ("1", "64", "4096")}
+    assert sorted(seed) == [1, 64, 4096] and all(v > 0 for v in seed.values())
     paths = [r for r in rows if r[0].strip() == "784-2048-10"]
     assert [int(r[1]) for r in paths] == [1, 300]
     assert all(float(v) > 0 for r in paths for v in r[2:5])

@@ -153,8 +153,8 @@ def test_the_tile_is_a_function_of_its_own():
 
 def test_the_other_vector_layout_in_a_subprocess(tmp_path):
     """The AVX2 layout (8-lane float32, 2 vectors a row) on a CPU with AVX-512, where the other
-    tests run the AVX-512 one: Numba compiles for Haswell, in a fresh cache; the tiles and the
-    numba backend's dense_chain against NumPy there."""
+    tests run the AVX-512 one: Numba compiles for Haswell, in a fresh cache; the tiles (vector and
+    dot, both dtypes) and the numba backend's float32 dense_chain against NumPy there."""
     if not numba_tiles.AVX512:
         pytest.skip("this CPU has no AVX-512: the other tests already run the AVX2 layout")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="")
@@ -169,12 +169,12 @@ def test_the_other_vector_layout_in_a_subprocess(tmp_path):
         "        c = np.empty((m, n), dt); t.tile_rows(c, 0, a, 0, m, b, 1.0, 0.0, t.dot_panel(b))\n"
         "        s = np.abs(a).astype(float) @ np.abs(b).astype(float)\n"
         "        assert np.max(np.abs(c - a.astype(float) @ b.astype(float)) / s) < tol, (dt, m, kk, n)\n"
-        "    x = rng.standard_normal((300, 40)).astype(dt)\n"
-        "    ws = [rng.standard_normal(s).astype(dt) for s in ((40, 33), (33, 10))]\n"
-        "    bs = [rng.standard_normal(w.shape[1]).astype(dt) for w in ws]\n"
-        "    acts = ['tanh', 'identity']\n"
-        "    got, want = k.dense_chain(x, ws, bs, acts), r.dense_chain(x, ws, bs, acts)\n"
-        "    assert got[1] == want[1] == False and np.allclose(got[0], want[0], rtol=1e-4, atol=1e-5)\n"
+        "x = rng.standard_normal((300, 40)).astype(np.float32)\n"  # one dtype: each compiles ~7 s
+        "ws = [rng.standard_normal(s).astype(np.float32) for s in ((40, 33), (33, 10))]\n"
+        "bs = [rng.standard_normal(w.shape[1]).astype(np.float32) for w in ws]\n"
+        "acts = ['tanh', 'identity']\n"
+        "got, want = k.dense_chain(x, ws, bs, acts), r.dense_chain(x, ws, bs, acts)\n"
+        "assert got[1] == want[1] == False and np.allclose(got[0], want[0], rtol=1e-4, atol=1e-5)\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
