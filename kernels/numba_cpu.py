@@ -700,19 +700,21 @@ def _bias_act_checked(z, b, out, code, r0, r1):
 
 @njit(cache=True, error_model="numpy")
 def _head_rows(x, head_ws, head_bs, head_codes, bufs, r0, r1):
-    # rows [r0, r1) through the layers before dense_chain's tiles, on OpenBLAS: each product into
-    # bufs[0] (2, >= B * widest), act(z + b) into bufs[1] but the last layer's (the tiles' lead).
+    # x's rows [r0, r1) through the layers before dense_chain's tiles, on OpenBLAS, in this call's
+    # own bufs (2, >= (r1 - r0) * widest), from its start: each product into bufs[0], act(z + b)
+    # into bufs[1] but the last layer's (the tiles' lead, bufs[0] as (r1 - r0, N)). A buffer of its
+    # own: the layers' views of one buffer differ in width, so two cores' rows would overlap.
     # -> x @ head_ws[0] not finite, as tested in the first layer's bias_act (False with one layer)
-    m, last = x.shape[0], len(head_ws) - 1
-    src, bad = x, False
+    m, last = r1 - r0, len(head_ws) - 1
+    src, bad = x[r0:r1], False
     for i in range(last + 1):
         n = head_ws[i].shape[1]
         z = bufs[0, : m * n].reshape((m, n))
-        if r1 > r0:
-            _gemm(z[r0:r1], src[r0:r1], head_ws[i], 1.0, 0.0, False, False, 1)
+        if m > 0:
+            _gemm(z, src, head_ws[i], 1.0, 0.0, False, False, 1)
         if i < last:
             src = bufs[1, : m * n].reshape((m, n))
-            flag = _bias_act_checked(z, head_bs[i], src, head_codes[i], r0, r1)
+            flag = _bias_act_checked(z, head_bs[i], src, head_codes[i], 0, m)
             bad |= flag and i == 0
     return bad
 
@@ -720,17 +722,20 @@ def _head_rows(x, head_ws, head_bs, head_codes, bufs, r0, r1):
 @njit(cache=True, nogil=True, error_model="numpy")
 def _chain_pair(P, ctl, c, seen):
     # dense_chain with a head on two cores (numba_pair's protocol): core c's rows [bounds[c],
-    # bounds[c + 1]) through the head (single-threaded OpenBLAS) and the tiles; flags[0, c]: the
-    # head's flag, flags[1, c]: the tiles'
+    # bounds[c + 1]) through the head (single-threaded OpenBLAS, in its own bufs[c]) and the tiles;
+    # flags[0, c]: the head's flag, flags[1, c]: the tiles'
     if c == 0:
         _pair_go(ctl)
     while c == 0 or _pair_next_step(ctl, seen):
         seen += 1
-        x, head_ws, head_bs, head_codes, bufs = P[:5]
-        lead, lead_b, weights, panels, biases, codes, out, labels, work, flags, bounds = P[5:]
+        x, head_ws, head_bs, head_codes, bufs, lead_b, weights, panels, biases, codes = P[:10]
+        out, labels, work, flags, bounds = P[10:]
         r0, r1 = bounds[c], bounds[c + 1]
-        flags[0, c] = _head_rows(x, head_ws, head_bs, head_codes, bufs, r0, r1)
-        flags[1, c] = _chain_rows(lead, lead_b, weights, panels, biases, codes, out, labels, work[c], r0, r1)
+        flags[0, c] = _head_rows(x, head_ws, head_bs, head_codes, bufs[c], r0, r1)
+        m, n = r1 - r0, head_ws[len(head_ws) - 1].shape[1]
+        lead = bufs[c, 0, : m * n].reshape((m, n))
+        flags[1, c] = _chain_rows(lead, lead_b, weights, panels, biases, codes, out[r0:r1], labels[r0:r1],
+                                  work[c], 0, m)  # fmt: skip
         if not _pair_barrier(ctl, c) or c == 0:
             return seen
     return seen
@@ -765,12 +770,13 @@ def _chain_panels(weights: tuple, dtype: np.dtype) -> tuple:
     return panels[key]
 
 
-def _head_buffers(dtype: np.dtype, rows: int, widest: int) -> np.ndarray:
-    """dense_chain's head buffers (2, >= rows * widest), kept per calling thread."""
-    buffers = getattr(_CHAIN_SCRATCH, "head", None)
-    if buffers is None or buffers.dtype != dtype or buffers.shape[1] < rows * widest:
-        buffers = _CHAIN_SCRATCH.head = np.empty((2, rows * widest), dtype)
-    return buffers
+def _head_buffers(dtype: np.dtype, parts: int, size: int) -> np.ndarray:
+    """dense_chain's head buffers, (parts, 2, size) (one part per core), from one flat array kept per
+    calling thread."""
+    flat = getattr(_CHAIN_SCRATCH, "head", None)
+    if flat is None or flat.dtype != dtype or flat.size < parts * 2 * size:
+        flat = _CHAIN_SCRATCH.head = np.empty(parts * 2 * size, dtype)
+    return flat[: parts * 2 * size].reshape((parts, 2, size))
 
 
 def _chain_split(weights: tuple) -> int:
@@ -847,17 +853,19 @@ def _chain_on_pool(x, weights: tuple, biases: tuple, acts, split: int, out, labe
     return bool(head_flag if split > 1 else tail_flag)
 
 
-def _chain_parts(x, weights: tuple, biases: tuple, acts, split: int, out, labels) -> tuple:
+def _chain_parts(x, weights: tuple, biases: tuple, acts, split: int, out, labels, parts: int = 1) -> tuple:
     """dense_chain's arguments, cut after ``split`` layers run on OpenBLAS -> (the head's for
-    _head_rows, () without one; the tiles' for _chain_rows up to its work: (lead, lead_b, weights,
-    panels, biases, codes, out, labels), lead the head's last product, or x)."""
+    _head_rows, () without one, its buffers one part per core, a part for the whole batch; the tiles'
+    for _chain_rows up to its work: (lead, lead_b, weights, panels, biases, codes, out, labels),
+    lead the head's last product for one part, or x)."""
     m, dt = x.shape[0], x.dtype
     lead, lead_b, head = x, biases[0], ()
     if split:
-        n = weights[split - 1].shape[1]
-        bufs = _head_buffers(dt, m, max(w.shape[1] for w in weights[:split]))
-        head = (x, weights[:split], biases[:split], _chain_codes(acts[:split], 0), bufs)
-        lead, lead_b = bufs[0, : m * n].reshape((m, n)), biases[split - 1]
+        n, rows = weights[split - 1].shape[1], -(-m // parts)
+        bufs = _head_buffers(dt, parts, rows * max(w.shape[1] for w in weights[:split]))
+        mine = bufs[0] if parts == 1 else bufs
+        head = (x, weights[:split], biases[:split], _chain_codes(acts[:split], 0), mine)
+        lead, lead_b = bufs[0, 0, : m * n].reshape((m, n)) if parts == 1 else None, biases[split - 1]
     codes = _chain_codes(acts, split)
     tiled = weights[split:]
     return head, (lead, lead_b, tiled, _chain_panels(tiled, dt), biases[split:], codes, out, labels)
@@ -867,15 +875,15 @@ def _chain_on_pair(x, weights: tuple, biases: tuple, acts, split: int, out, labe
     """dense_chain on two cores of ours (numba_pair), each core's half of the rows through the head
     (single-threaded OpenBLAS) and the tiles -> flags (2, 2): [0] the head's per core, [1] the
     tiles'; None (having run nothing) when the pair is not free."""
-    head, tail = _chain_parts(x, weights, biases, acts, split, out, labels)
-    work, _ = _chain_scratch(x.dtype, 2, max(w.shape[1] for w in (tail[0], *tail[2])))
+    head, tail = _chain_parts(x, weights, biases, acts, split, out, labels, parts=2)
+    work, _ = _chain_scratch(x.dtype, 2, max(w.shape[1] for w in (weights[split - 1], *tail[2])))
     if not hasattr(_CHAIN_SCRATCH, "pair"):
         _CHAIN_SCRATCH.pair = np.zeros((2, 2), np.bool_), np.zeros(3, np.int64)
     flags, bounds = _CHAIN_SCRATCH.pair
     flags[:], bounds[1:] = False, (x.shape[0] // 2, x.shape[0])
     _pack_panels(tail[2], tail[3])
     with _pair_session():
-        if _PAIR.step(_chain_pair, (*head, *tail, work, flags, bounds)):
+        if _PAIR.step(_chain_pair, (*head, *tail[1:], work, flags, bounds)):
             return flags
     return None
 

@@ -86,6 +86,70 @@ def _masked(module: ir.Module, vec: ir.VectorType, store: bool) -> ir.Function:
                                           f"llvm.masked.load.{suffix}")  # fmt: skip
 
 
+def _declare(module: ir.Module, name: str, args: list) -> tuple[ir.Function, bool]:
+    """The internal, noinline void function ``name(*args)`` of ``module`` -> (it, True when its body
+    is still to be written)."""
+    fn = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), args), name)
+    if not fn.is_declaration:
+        return fn, False
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    return fn, True
+
+
+def _plus_beta_c(builder: ir.IRBuilder, keep_c: ir.Value, res: ir.Value, old, fma: ir.Function,
+                 beta: ir.Value) -> ir.Value:  # fmt: skip
+    """res, or fma(beta, old(), res) where keep_c: c is read (``old`` emits its load) only then."""
+    with builder.if_else(keep_c) as (then, otherwise):
+        with then:
+            upd, from_then = builder.call(fma, [beta, old(), res]), builder.block
+        with otherwise:
+            from_else = builder.block
+    value = builder.phi(res.type)
+    value.add_incoming(upd, from_then)
+    value.add_incoming(res, from_else)
+    return value
+
+
+def _row_pointers(builder: ir.IRBuilder, base: ir.Value, stride: ir.Value, nrows: ir.Value, mr: int) -> list:
+    """Pointers to rows 0..mr-1 of ``base`` (``stride`` elements apart); rows past nrows point at the
+    last valid row (a tile reads them, and does not store their results)."""
+    last_row, rows = builder.sub(nrows, ir.Constant(_I64, 1)), []
+    for r in (ir.Constant(_I64, r) for r in range(mr)):
+        row = builder.select(builder.icmp_signed("<", r, nrows), r, last_row)
+        rows.append(builder.gep(base, [builder.mul(row, stride)]))
+    return rows
+
+
+def _k_loop(builder: ir.IRBuilder, vec: ir.VectorType, count: int, stride: int, bound: ir.Value,
+            step) -> list:  # fmt: skip
+    """A loop kk = 0, stride, ... while kk < bound (skipped when bound <= 0) over ``count``
+    accumulators of type vec from zero: ``step(kk, acc)`` emits one step -> the new ones. Leaves
+    the builder after the loop -> the final accumulators (zero when the loop did not run)."""
+    entry, zero = builder.block, ir.Constant(vec, [0.0] * vec.count)
+    loop, after = builder.append_basic_block("k"), builder.append_basic_block("after_k")
+    builder.cbranch(builder.icmp_signed(">", bound, ir.Constant(_I64, 0)), loop, after)
+    builder.position_at_end(loop)
+    kk = builder.phi(_I64)
+    acc = [builder.phi(vec) for _ in range(count)]
+    new = step(kk, acc)
+    k_next, latch = builder.add(kk, ir.Constant(_I64, stride)), builder.block
+    kk.add_incoming(ir.Constant(_I64, 0), entry)
+    kk.add_incoming(k_next, latch)
+    for p, n in zip(acc, new):
+        p.add_incoming(zero, entry)
+        p.add_incoming(n, latch)
+    builder.cbranch(builder.icmp_signed("<", k_next, bound), loop, after)
+    builder.position_at_end(after)
+    out = []
+    for n in new:
+        p = builder.phi(vec)
+        p.add_incoming(zero, entry)
+        p.add_incoming(n, latch)
+        out.append(p)
+    return out
+
+
 def _tile_function(module: ir.Module, real: ir.Type, itemsize: int, nv: int, mr: int) -> ir.Function:
     """The tile as a noinline LLVM function of ``module``: void(a*, rs, ks, b*, ldb, c*, ldc, k,
     nrows, ncols, alpha, beta) computes c[r, j] = alpha * sum_k a[r*rs + k*ks] b[k*ldb + j]
@@ -93,12 +157,9 @@ def _tile_function(module: ir.Module, real: ir.Type, itemsize: int, nv: int, mr:
     w = _VEC_BYTES // itemsize
     fptr = real.as_pointer()
     args = [fptr, _I64, _I64, fptr, _I64, fptr, _I64, _I64, _I64, _I64, real, real]
-    name = f"gpumlp_tile_{mr}x{nv}x{w}_f{itemsize * 8}"
-    fn = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), args), name)
-    if not fn.is_declaration:
+    fn, new = _declare(module, f"gpumlp_tile_{mr}x{nv}x{w}_f{itemsize * 8}", args)
+    if not new:
         return fn
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")
     pa, rs, ks, pb, ldb, pc, ldc, k, nrows, ncols, alpha, beta = fn.args
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     vec, vptr = ir.VectorType(real, w), ir.VectorType(real, w).as_pointer()
@@ -106,46 +167,24 @@ def _tile_function(module: ir.Module, real: ir.Type, itemsize: int, nv: int, mr:
     load, store = _masked(module, vec, False), _masked(module, vec, True)
     align, zero = ir.Constant(_I32, itemsize), ir.Constant(vec, [0.0] * w)
     i64 = lambda n: ir.Constant(_I64, n)  # noqa: E731
-    last_row = builder.sub(nrows, i64(1))
-    rows = []  # rows past nrows read the last valid row (their results are not stored)
-    for r in range(mr):
-        row = builder.select(builder.icmp_signed("<", i64(r), nrows), i64(r), last_row)
-        rows.append(builder.gep(pa, [builder.mul(row, rs)]))
+    rows = _row_pointers(builder, pa, rs, nrows, mr)
     lanes_i64 = ir.VectorType(_I64, w)
     lane_ids, valid = ir.Constant(lanes_i64, list(range(w))), _splat(builder, ncols, lanes_i64)
     # lane j of vector v is loaded and stored where column v*w + j < ncols
     firsts = [_splat(builder, i64(v * w), lanes_i64) for v in range(nv)]
     masks = [builder.icmp_signed("<", builder.add(lane_ids, first), valid) for first in firsts]
 
-    entry = builder.block
-    loop, done = builder.append_basic_block("k"), builder.append_basic_block("store")
-    builder.cbranch(builder.icmp_signed(">", k, i64(0)), loop, done)
-    builder.position_at_end(loop)
-    kk = builder.phi(_I64)
-    acc = [builder.phi(vec) for _ in range(mr * nv)]
-    brow = builder.gep(pb, [builder.mul(kk, ldb)])
-    bv = [builder.call(load, [builder.bitcast(builder.gep(brow, [i64(v * w)]), vptr), align, masks[v], zero])
-          for v in range(nv)]  # fmt: skip
-    koff = builder.mul(kk, ks)
-    new = []
-    for r in range(mr):
-        x = _splat(builder, builder.load(builder.gep(rows[r], [koff])), vec)
-        new += [builder.call(fma, [x, bv[v], acc[r * nv + v]]) for v in range(nv)]
-    k_next = builder.add(kk, i64(1))
-    kk.add_incoming(i64(0), entry)
-    kk.add_incoming(k_next, loop)
-    for p, n in zip(acc, new):
-        p.add_incoming(zero, entry)
-        p.add_incoming(n, loop)
-    builder.cbranch(builder.icmp_signed("<", k_next, k), loop, done)
+    def step(kk, acc):
+        brow = builder.gep(pb, [builder.mul(kk, ldb)])
+        bv = [builder.call(load, [builder.bitcast(builder.gep(brow, [i64(v * w)]), vptr), align, mask, zero])
+              for v, mask in enumerate(masks)]  # fmt: skip
+        koff, new = builder.mul(kk, ks), []
+        for r in range(mr):
+            x = _splat(builder, builder.load(builder.gep(rows[r], [koff])), vec)
+            new += [builder.call(fma, [x, bv[v], acc[r * nv + v]]) for v in range(nv)]
+        return new
 
-    builder.position_at_end(done)
-    out = []
-    for n in new:
-        p = builder.phi(vec)
-        p.add_incoming(zero, entry)
-        p.add_incoming(n, loop)
-        out.append(p)
+    out = _k_loop(builder, vec, mr * nv, 1, k, step)
     va, vb = _splat(builder, alpha, vec), _splat(builder, beta, vec)
     keep_c = builder.fcmp_ordered("!=", beta, ir.Constant(real, 0.0))  # beta 0: c is not read (NaN?)
     for r in range(mr):
@@ -154,15 +193,8 @@ def _tile_function(module: ir.Module, real: ir.Type, itemsize: int, nv: int, mr:
             for v in range(nv):
                 ptr = builder.bitcast(builder.gep(crow, [i64(v * w)]), vptr)
                 res = builder.fmul(va, out[r * nv + v])
-                with builder.if_else(keep_c) as (then, otherwise):
-                    with then:
-                        old = builder.call(load, [ptr, align, masks[v], zero])
-                        upd, from_then = builder.call(fma, [vb, old, res]), builder.block
-                    with otherwise:
-                        from_else = builder.block
-                value = builder.phi(vec)
-                value.add_incoming(upd, from_then)
-                value.add_incoming(res, from_else)
+                old = lambda ptr=ptr, mask=masks[v]: builder.call(load, [ptr, align, mask, zero])  # noqa: E731
+                value = _plus_beta_c(builder, keep_c, res, old, fma, vb)
                 builder.call(store, [value, ptr, align, masks[v]])
     builder.ret_void()
     return fn
@@ -176,12 +208,9 @@ def _dot_function(module: ir.Module, real: ir.Type, itemsize: int, mr: int, nc: 
     w = _VEC_BYTES // itemsize
     fptr = real.as_pointer()
     args = [fptr, _I64, fptr, _I64, fptr, _I64, _I64, _I64, real, real]
-    name = f"gpumlp_dot_{mr}x{nc}x{w}_f{itemsize * 8}"
-    fn = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), args), name)
-    if not fn.is_declaration:
+    fn, new = _declare(module, f"gpumlp_dot_{mr}x{nc}x{w}_f{itemsize * 8}", args)
+    if not new:
         return fn
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")
     pa, lda, pbt, ldbt, pc, ldc, k, nrows, alpha, beta = fn.args
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     vec, vptr = ir.VectorType(real, w), ir.VectorType(real, w).as_pointer()
@@ -189,11 +218,7 @@ def _dot_function(module: ir.Module, real: ir.Type, itemsize: int, mr: int, nc: 
     load = _masked(module, vec, False)
     align, zero = ir.Constant(_I32, itemsize), ir.Constant(vec, [0.0] * w)
     i64 = lambda n: ir.Constant(_I64, n)  # noqa: E731
-    last_row = builder.sub(nrows, i64(1))
-    rows = []  # rows past nrows read the last valid row (their results are not stored)
-    for r in range(mr):
-        row = builder.select(builder.icmp_signed("<", i64(r), nrows), i64(r), last_row)
-        rows.append(builder.gep(pa, [builder.mul(row, lda)]))
+    rows = _row_pointers(builder, pa, lda, nrows, mr)
     cols = [builder.gep(pbt, [builder.mul(i64(j), ldbt)]) for j in range(nc)]
     k_main = builder.and_(k, i64(-w))  # whole vectors; the rest of k: one masked step
 
@@ -207,35 +232,11 @@ def _dot_function(module: ir.Module, real: ir.Type, itemsize: int, mr: int, nc: 
         av, bv = [vector(p) for p in rows], [vector(p) for p in cols]
         return [builder.call(fma, [av[r], bv[j], acc[r * nc + j]]) for r in range(mr) for j in range(nc)]
 
-    entry = builder.block
-    loop, tail, reduce = (builder.append_basic_block(n) for n in ("k", "tail", "reduce"))
-    builder.cbranch(builder.icmp_signed(">", k_main, i64(0)), loop, tail)
-    builder.position_at_end(loop)
-    kk = builder.phi(_I64)
-    acc = [builder.phi(vec) for _ in range(mr * nc)]
-    new = step(kk, acc)
-    k_next = builder.add(kk, i64(w))
-    kk.add_incoming(i64(0), entry)
-    kk.add_incoming(k_next, loop)
-    for p, n in zip(acc, new):
-        p.add_incoming(zero, entry)
-        p.add_incoming(n, loop)
-    builder.cbranch(builder.icmp_signed("<", k_next, k_main), loop, tail)
-
-    builder.position_at_end(tail)
-    acc = []
-    for n in new:
-        p = builder.phi(vec)
-        p.add_incoming(zero, entry)
-        p.add_incoming(n, loop)
-        acc.append(p)
+    acc = _k_loop(builder, vec, mr * nc, w, k_main, step)
     lane_ids = ir.Constant(ir.VectorType(_I64, w), list(range(w)))
     left = _splat(builder, builder.sub(k, k_main), ir.VectorType(_I64, w))
     mask = builder.icmp_signed("<", lane_ids, left)  # all false when w divides k: the step adds zeros
     sums = step(k_main, acc, mask)
-    builder.branch(reduce)
-
-    builder.position_at_end(reduce)
     keep_c = builder.fcmp_ordered("!=", beta, ir.Constant(real, 0.0))  # beta 0: c is not read (NaN?)
     for r in range(mr):
         with builder.if_then(builder.icmp_signed("<", i64(r), nrows)):
@@ -243,16 +244,8 @@ def _dot_function(module: ir.Module, real: ir.Type, itemsize: int, mr: int, nc: 
             for j in range(nc):
                 res = builder.fmul(alpha, _pairwise_sum(builder, sums[r * nc + j]))
                 ptr = builder.gep(crow, [i64(j)])
-                with builder.if_else(keep_c) as (then, otherwise):
-                    with then:
-                        upd = builder.call(_scalar_fma(module, real), [beta, builder.load(ptr), res])
-                        from_then = builder.block
-                    with otherwise:
-                        from_else = builder.block
-                value = builder.phi(real)
-                value.add_incoming(upd, from_then)
-                value.add_incoming(res, from_else)
-                builder.store(value, ptr)
+                old = lambda ptr=ptr: builder.load(ptr)  # noqa: E731
+                builder.store(_plus_beta_c(builder, keep_c, res, old, _scalar_fma(module, real), beta), ptr)
     builder.ret_void()
     return fn
 
@@ -276,6 +269,38 @@ SMALL_ROWS_MAX = 3  # up to this many rows take a tile of exactly as many rows (
 TILE_ROWS = (*range(1, SMALL_ROWS_MAX + 1), MR)  # the row counts of the tiles built
 
 
+def _operands(context, builder: ir.IRBuilder, signature, args, first: int) -> tuple[list, ir.Type, int]:
+    """A tile function's operands from an intrinsic's arguments from ``first`` on: each array and the
+    element offset after it become a pointer to that element, alpha and beta (the last two) are cast
+    to the arrays' dtype, the rest pass as they are. -> (operands, LLVM float type, itemsize)."""
+    kinds, values = signature.args[first:], args[first:]
+    dt = next(t.dtype for t in kinds if isinstance(t, types.Array))
+    out, i = [], 0
+    while i < len(values) - 2:
+        if isinstance(kinds[i], types.Array):
+            data = context.make_array(kinds[i])(context, builder, values[i]).data
+            out.append(builder.gep(data, [values[i + 1]]))
+            i += 2
+        else:
+            out.append(values[i])
+            i += 1
+    out += [context.cast(builder, v, t, dt) for v, t in zip(values[-2:], kinds[-2:])]
+    return out, context.get_value_type(dt), np.dtype(str(dt)).itemsize
+
+
+def _switch_call(builder: ir.IRBuilder, selector: ir.Value, functions: dict, operands: list) -> None:
+    """Call ``functions[value](*operands)`` for the int64 selector's value (nothing for another)."""
+    done = builder.append_basic_block("tile_done")
+    switch = builder.switch(selector, done)
+    for value, fn in functions.items():
+        block = builder.append_basic_block(f"tile_{value}")
+        switch.add_case(ir.Constant(_I64, value), block)
+        with builder.goto_block(block):
+            builder.call(fn, operands)
+            builder.branch(done)
+    builder.position_at_end(done)
+
+
 @intrinsic
 def _tile(typingctx, mr, nv, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta):
     """``_tile(mr, nv, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta)``: the
@@ -284,30 +309,11 @@ def _tile(typingctx, mr, nv, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, nc
     sig = types.void(mr, nv, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta)
 
     def codegen(context, builder, signature, args):
-        mr, nv, a, a0, rs, ks, b, b0, ldb, c, c0, ldc, k, nrows, ncols, alpha, beta = args
-        dt = signature.args[2].dtype
-        real, itemsize = context.get_value_type(dt), np.dtype(str(dt)).itemsize
-
-        def data(i, value, offset):
-            ptr = context.make_array(signature.args[i])(context, builder, value).data
-            return builder.gep(ptr, [offset])
-
-        alpha = context.cast(builder, alpha, signature.args[15], dt)
-        beta = context.cast(builder, beta, signature.args[16], dt)
-        operands = [data(2, a, a0), rs, ks, data(6, b, b0), ldb, data(9, c, c0), ldc, k, nrows, ncols, alpha,
-                    beta]  # fmt: skip
-        mr = context.cast(builder, mr, signature.args[0], types.int64)
-        nv = context.cast(builder, nv, signature.args[1], types.int64)
-        done = builder.append_basic_block("tile_done")
-        switch = builder.switch(builder.add(builder.mul(mr, ir.Constant(_I64, 8)), nv), done)
-        for rows in TILE_ROWS:
-            for vectors in range(1, NV + 1):
-                block = builder.append_basic_block(f"tile_{rows}x{vectors}")
-                switch.add_case(ir.Constant(_I64, rows * 8 + vectors), block)
-                with builder.goto_block(block):
-                    builder.call(_tile_function(builder.module, real, itemsize, vectors, rows), operands)
-                    builder.branch(done)
-        builder.position_at_end(done)
+        operands, real, itemsize = _operands(context, builder, signature, args, 2)
+        mr, nv = (context.cast(builder, v, t, types.int64) for v, t in zip(args[:2], signature.args[:2]))
+        functions = {rows * 8 + vectors: _tile_function(builder.module, real, itemsize, vectors, rows)
+                     for rows in TILE_ROWS for vectors in range(1, NV + 1)}  # fmt: skip
+        _switch_call(builder, builder.add(builder.mul(mr, ir.Constant(_I64, 8)), nv), functions, operands)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -326,27 +332,11 @@ def _dot(typingctx, nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, 
     sig = types.void(nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta)
 
     def codegen(context, builder, signature, args):
-        nc, a, a0, lda, bt, bt0, ldbt, c, c0, ldc, k, nrows, alpha, beta = args
-        dt = signature.args[1].dtype
-        real, itemsize = context.get_value_type(dt), np.dtype(str(dt)).itemsize
-
-        def data(i, value, offset):
-            ptr = context.make_array(signature.args[i])(context, builder, value).data
-            return builder.gep(ptr, [offset])
-
-        alpha = context.cast(builder, alpha, signature.args[12], dt)
-        beta = context.cast(builder, beta, signature.args[13], dt)
-        operands = [data(1, a, a0), lda, data(4, bt, bt0), ldbt, data(7, c, c0), ldc, k, nrows, alpha, beta]
-        nc = context.cast(builder, nc, signature.args[0], types.int64)
-        done = builder.append_basic_block("dot_done")
-        switch = builder.switch(nc, done)
-        for cols in range(1, DOT_NC + 1):
-            block = builder.append_basic_block(f"dot_{cols}")
-            switch.add_case(ir.Constant(_I64, cols), block)
-            with builder.goto_block(block):
-                builder.call(_dot_function(builder.module, real, itemsize, DOT_MR, cols), operands)
-                builder.branch(done)
-        builder.position_at_end(done)
+        operands, real, itemsize = _operands(context, builder, signature, args, 1)
+        nc = context.cast(builder, args[0], signature.args[0], types.int64)
+        module = builder.module
+        functions = {n: _dot_function(module, real, itemsize, DOT_MR, n) for n in range(1, DOT_NC + 1)}
+        _switch_call(builder, nc, functions, operands)
         return context.get_dummy_value()
 
     return sig, codegen
