@@ -1097,4 +1097,9 @@ def test_numba_dense_chain_with_layers_on_blas_first(monkeypatch, pair, limit, s
     with np.errstate(over="ignore", invalid="ignore"):
         assert k.dense_chain(x, huge, bs, acts)[1] is ref.dense_chain(x, huge, bs, acts)[1] is False
     assert len(ran) == (3 if pair else 0) and all(flags is not None for flags in ran)
+    if pair:  # the cores' buffers once overlapped: a flag or a row from the other core, now and then
+        with np.errstate(over="ignore", invalid="ignore"):
+            for _ in range(100):
+                assert k.dense_chain(x, huge, bs, acts)[1] is False
+                np.testing.assert_array_equal(k.dense_chain(x, ws, bs, acts)[0], got)
     assert k._PAIR.owner is None  # each call's session ended
