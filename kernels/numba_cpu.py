@@ -625,6 +625,19 @@ def _any_nonfinite(z):
 
 
 @njit(cache=True, error_model="numpy")
+def _bias_act_checked(z, b, out, code, r0, r1):
+    # rows [r0, r1) of out = act(z + b), block by block, -> whether they hold a NaN or inf in z
+    # (tested while the block is in cache)
+    bad = False
+    keep = r1 < r0
+    for i0 in range(r0, r1, _CHAIN_BLOCK):
+        i1 = min(r1, i0 + _CHAIN_BLOCK)
+        bad |= _any_nonfinite(z[i0:i1])
+        _bias_act_rows(z, b, out, out, keep, code, i0, i1)
+    return bad
+
+
+@njit(cache=True, error_model="numpy")
 def _chain_rows(x, lead_b, weights, panels, biases, codes, out, labels, work, r0, r1):
     # rows [r0, r1) through every layer, _CHAIN_BLOCK rows at a time, in one thread's work (3, >= block
     # * widest): the tiles' product in work[0], the activations in work[1] (or out, for the last
@@ -642,8 +655,7 @@ def _chain_rows(x, lead_b, weights, panels, biases, codes, out, labels, work, r0
         if lead:
             n = x.shape[1]
             src, s0 = work[2, : m * n].reshape((m, n)), 0
-            nonfinite |= _any_nonfinite(x[i0 : i0 + m])
-            _bias_act_rows(x[i0 : i0 + m], lead_b, src, src, keep, -1 - codes[0], 0, m)
+            nonfinite |= _bias_act_checked(x[i0 : i0 + m], lead_b, src, -1 - codes[0], 0, m)
         for layer in range(last + 1):
             w = weights[layer]
             n = w.shape[1]
@@ -683,19 +695,6 @@ def _chain_par(x, lead_b, weights, panels, biases, codes, out, labels, work, fla
         lo, hi = min(m, t * step), min(m, (t + 1) * step)
         flags[t] = _chain_rows(x, lead_b, weights, panels, biases, codes, out, labels, work[t], lo, hi)
     return flags.any()
-
-
-@njit(cache=True, error_model="numpy")
-def _bias_act_checked(z, b, out, code, r0, r1):
-    # rows [r0, r1) of out = act(z + b), block by block, -> whether they hold a NaN or inf in z
-    # (tested while the block is in cache)
-    bad = False
-    keep = r1 < r0
-    for i0 in range(r0, r1, _CHAIN_BLOCK):
-        i1 = min(r1, i0 + _CHAIN_BLOCK)
-        bad |= _any_nonfinite(z[i0:i1])
-        _bias_act_rows(z, b, out, out, keep, code, i0, i1)
-    return bad
 
 
 @njit(cache=True, error_model="numpy")
@@ -743,8 +742,12 @@ def _chain_pair(P, ctl, c, seen):
 
 _CHAIN_CODES: dict = {}  # (activation names, split) -> their codes (see _chain_codes), per chain seen
 _NO_LABELS = np.empty(0, np.int64)  # dense_chain without labels: the kernels skip an empty array
-_CHAIN_COMPILED: set = set()  # (layers, dtype char) whose serial and parallel variants are compiled
-_CHAIN_SCRATCH = threading.local()  # per calling thread: (work, flags), grown to the largest need
+# (tiled layers, dtype char) whose serial and parallel variants are compiled; (layers, dtype char,
+# "pool"): a chain whose pool path is compiled too (see dense_chain)
+_CHAIN_COMPILED: set = set()
+# per calling thread: arrays (work, flags), panels, head (buffers) and pair (flags, bounds), grown to
+# the largest need
+_CHAIN_SCRATCH = threading.local()
 
 
 def _chain_scratch(dtype: np.dtype, nt: int, widest: int) -> tuple:
